@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+# Ray and MLflow settings without which they hang or phone home in a sandbox (see README).
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_AUTH_MODE := disabled
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+
+.PHONY: venv demo test bench lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/retain-asd demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/encoder.py
+	$(BIN)/python benchmarks/knn.py
+	$(BIN)/python benchmarks/stream.py
+	$(BIN)/python benchmarks/train_step.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check retain_asd pipelines tune tests benchmarks
+
+clean:
+	rm -rf runs benchmarks/results .pytest_cache

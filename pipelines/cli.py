@@ -1,0 +1,50 @@
+"""`retain-asd`: one console script, a thin dispatcher to the job entry points in pipelines/.
+
+Each subcommand lives in its own module with ``build_parser()`` and ``main(argv) -> int``; the same module
+is what ``ray job submit -- python -m pipelines.<name>`` runs on a cluster.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from retain_asd.runtime import apply_env_defaults
+
+COMMANDS = {
+    "config": ("pipelines.config_cmd", "show or list configs and presets"),
+    "synth": ("pipelines.synth", "write the synthetic machine + noise corpus (the embedded default)"),
+    "ingest": ("pipelines.ingest", "raw corpus folders -> Parquet shards, manifest, rejects, labels"),
+    "pretrain": ("pipelines.pretrain", "retain-not-denoise pre-training on Ray Train"),
+    "evalsets": ("pipelines.evalsets", "build the Factory A / B / Mismatch evaluation sets"),
+    "evaluate": ("pipelines.evaluate", "score checkpoints on the evaluation sets, log to MLflow"),
+    "score": ("pipelines.score", "save a reference bank and score new clips (a deployable detector)"),
+    "dcase-score": ("pipelines.dcase_score", "score evaluator-format CSVs against ground truth"),
+    "sweep": ("pipelines.sweep", "Ray Tune search over SNR ranges and alpha/beta"),
+    "demo": ("pipelines.demo", "the embedded default end to end: synth -> shards -> pretrain -> evaluate"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: retain-asd COMMAND [options]   (retain-asd COMMAND --help for its options)", "",
+             "commands:"]
+    lines += [f"  {name:<12} {doc}" for name, (_, doc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"retain-asd: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    apply_env_defaults()
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

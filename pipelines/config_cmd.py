@@ -1,0 +1,39 @@
+"""`retain-asd config show PRESET|--config FILE [KEY=VALUE ...]` and `retain-asd config list`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from retain_asd.config import ConfigError, list_presets, load_config, to_yaml
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="retain-asd config", description=__doc__)
+    sub = p.add_subparsers(dest="action", required=True)
+    show = sub.add_parser("show", help="print a resolved config as YAML")
+    show.add_argument("preset", nargs="?", help=f"one of: {', '.join(list_presets())}")
+    show.add_argument("--config", help="a YAML file merged over the preset")
+    show.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=3e-4")
+    sub.add_parser("list", help="list the presets")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.action == "list":
+        print("\n".join(list_presets()))
+        return 0
+    preset, overrides = args.preset, list(args.overrides)
+    if preset is not None and "=" in preset:  # `config show train.lr=1` without a preset
+        preset, overrides = None, [preset, *overrides]
+    try:
+        print(to_yaml(load_config(preset, args.config, overrides)), end="")
+    except ConfigError as err:
+        print(f"retain-asd config: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

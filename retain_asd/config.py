@@ -1,0 +1,359 @@
+"""Run configuration: frozen dataclasses whose defaults are the paper's, YAML in and out.
+
+Every field has the paper's value (or the value its reference code uses) as default, with a short comment.
+A preset (``retain_asd/presets/<name>.yaml``) is a partial YAML merged over these defaults: presets are data,
+not code paths. Loading is strict: an unknown key is an error naming the key and the allowed ones, a value of
+the wrong type or out of range is an error naming the field (``train.lr``) and what it must be.
+
+Modules never read a ``Config``: builders (pipelines, train/launch.py) turn it into flat arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A configuration value, key or file is wrong; the message names the field and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class DataConfig:
+    machine_root: str = ""  # raw machine corpus (DCASE / MIMII DG / ToyADMOS2 tree); "" = synthetic corpus
+    noise_root: str = ""  # noise folders <root>/<category>/*.wav + categories.yaml; "" = synthetic noise
+    work_dir: str = "runs/data"  # shards, manifests, eval sets, embedding cache live here
+    sample_rate_hz: int = 16000  # BEATs is trained on 16 kHz audio
+    clip_s: float = 10.0  # DCASE clips are 10 s; everything is padded / cropped to this
+    min_clip_s: float = 1.0  # shorter files are rejected rather than padded
+    channel: str = "mean"  # "mean" or a channel index as a string ("0"): DCASE 2026 is stereo near/far mic
+    rows_per_shard: int = 256  # Parquet rows per shard file
+    audio_dtype: str = "float32"  # "float32" or "int16" audio column
+    synth_seed: int = 0  # seed of the synthetic corpus (embedded default)
+    synth_machines: tuple[str, ...] = ("fan", "pump", "gearbox")
+
+
+@dataclass(frozen=True)
+class MixingConfig:
+    snr_sampler: str = "uniform"  # "fixed" | "uniform" | "discrete"
+    snr_low_db: float = -5.0  # paper: SNR ~ U[-5, 5] dB
+    snr_high_db: float = 5.0
+    snr_db: float = 0.0  # used by "fixed" (0 dB fixed is the paper's best Table-4 row)
+    snr_values_db: tuple[float, ...] = ()  # used by "discrete"
+    seed: int = 0  # pairing permutation and SNR draws
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    size: str = "base"  # "base" (BEATs iter3 sizes) or "tiny" (tests, smoke runs)
+    checkpoint: str = ""  # official BEATs .pt (BEATs_iter3.pt ...); "" = random init (only for smoke runs)
+    layerdrop: bool = False  # iter3 trains with layerdrop 0.05; off for the student: alignment needs every layer
+    grad_decay: bool = False  # iter3's per-layer gradient decay (0.6); off: the student must move its layers
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    name: str = "tagging_mixture"  # frozen | denoise | linear_mixup | snr_mixup | tagging | mixture | tagging_mixture
+    alpha: float = 1.0  # Eq. 7 weight of the tagging loss
+    beta: float = 1.0  # Eq. 7 weight of the mixture loss
+    lam: float = 0.5  # Eq. 5 lambda: weight of teacher(clean) in the mixture target
+    lam_mode: str = "fixed"  # "fixed" (paper) or "snr": lambda = R / (1 + R) from the sample's SNR
+    align_layer: int = 12  # student/teacher layer aligned by the mixture loss (1-based)
+    teacher_inputs: str = "scaled"  # "scaled": teacher sees a1*x1, a2*x2 (what is in the mixture); or "unit"
+    mixup_beta: float = 0.5  # linear mixup ratio ~ Beta(a, a)
+    specaugment: bool = True  # on the student's mixture input only
+    freq_mask_bins: int = 24
+    time_mask_frames: int = 80
+    num_masks: int = 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 1e-4  # AdamW
+    weight_decay: float = 1e-3
+    warmup_steps: int = 200  # linear warm-up, then cosine
+    total_steps: int = 20000  # optimiser steps
+    batch_size: int = 64  # global batch per optimiser micro-step, split across workers
+    grad_accum: int = 2  # micro-batches per optimiser step
+    grad_clip: float = 0.0  # max grad norm; 0 = off
+    class_weighted: bool = True  # sample clips with weight 1 / count(class)
+    num_workers: int = 2  # DDP workers (Ray Train)
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # fractional so Ray Data read tasks keep a CPU (see README)
+    log_every: int = 10  # steps between ray.train.report of losses
+    checkpoint_every: int = 500  # steps between checkpoints
+    keep_checkpoints: int = 2
+    max_failures: int = 0  # Ray Train FailureConfig
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    conditions: tuple[str, ...] = ("factory_a", "factory_b", "mismatch")
+    snrs_db: tuple[float, ...] = (-10.0, -5.0, 0.0, 5.0, 10.0, 20.0, 30.0)
+    source_refs: int = 990  # normal source references per machine
+    target_refs: int = 10  # normal target references per machine
+    test_normal: int = 50  # normal test clips per domain
+    test_anomaly: int = 50  # anomalous test clips per domain
+    layer: int = 6  # student embeddings from layer 6; frozen SSL baselines use 12
+    pooling: str = "genrep"  # "genrep" (mean over time, flatten F*D) | "mean" | "spectral"
+    k: int = 1  # kNN neighbours
+    metric: str = "euclidean"  # or "cosine"
+    memmixup: bool = False
+    batch_size: int = 16
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    num_samples: int = 8
+    snr_ranges_db: tuple[tuple[float, float], ...] = ((-5.0, 5.0), (0.0, 0.0), (-10.0, 10.0), (-5.0, 15.0))
+    alphas: tuple[float, ...] = (0.5, 1.0, 2.0)
+    betas: tuple[float, ...] = (0.5, 1.0, 2.0)
+    metric: str = "hmean_all"
+    max_concurrent: int = 1
+    grace_steps: int = 1  # ASHA grace period (in reported evaluations)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    tracking_uri: str = ""  # "" = sqlite:///<abs work dir>/mlflow.db
+    experiment: str = "retain-asd"
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "default"
+    data: DataConfig = field(default_factory=DataConfig)
+    mixing: MixingConfig = field(default_factory=MixingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self):
+        validate(self)
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+OBJECTIVES = ("frozen", "denoise", "linear_mixup", "snr_mixup", "tagging", "mixture", "tagging_mixture")
+_CHOICES = {
+    "data.audio_dtype": ("float32", "int16"),
+    "mixing.snr_sampler": ("fixed", "uniform", "discrete"),
+    "model.size": ("base", "tiny"),
+    "objective.name": OBJECTIVES,
+    "objective.lam_mode": ("fixed", "snr"),
+    "objective.teacher_inputs": ("scaled", "unit"),
+    "eval.pooling": ("genrep", "mean", "spectral"),
+    "eval.metric": ("euclidean", "cosine"),
+}
+_CONDITIONS = ("factory_a", "factory_b", "mismatch")
+
+
+def _check(ok: bool, name: str, must: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{name} = {value!r}: must be {must}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and choice checks that a type alone cannot express; raises ConfigError naming the field."""
+    for name, allowed in _CHOICES.items():
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        _check(value in allowed, name, f"one of {list(allowed)}", value)
+    d, m, o, t, e = cfg.data, cfg.mixing, cfg.objective, cfg.train, cfg.eval
+    _check(d.sample_rate_hz > 0, "data.sample_rate_hz", "> 0", d.sample_rate_hz)
+    _check(d.clip_s > 0, "data.clip_s", "> 0", d.clip_s)
+    _check(0 < d.min_clip_s <= d.clip_s, "data.min_clip_s", "in (0, data.clip_s]", d.min_clip_s)
+    _check(d.channel == "mean" or d.channel.isdigit(), "data.channel", '"mean" or a channel index', d.channel)
+    _check(d.rows_per_shard > 0, "data.rows_per_shard", "> 0", d.rows_per_shard)
+    _check(m.snr_low_db <= m.snr_high_db, "mixing.snr_low_db",
+           f"<= mixing.snr_high_db ({m.snr_high_db})", m.snr_low_db)
+    if m.snr_sampler == "discrete":
+        _check(len(m.snr_values_db) > 0, "mixing.snr_values_db", "non-empty for the discrete sampler", ())
+    _check(t.lr > 0, "train.lr", "> 0", t.lr)
+    _check(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
+    _check(t.total_steps > 0, "train.total_steps", "> 0", t.total_steps)
+    _check(0 <= t.warmup_steps <= t.total_steps, "train.warmup_steps", "in [0, train.total_steps]",
+           t.warmup_steps)
+    _check(t.batch_size > 0, "train.batch_size", "> 0", t.batch_size)
+    _check(t.batch_size % t.num_workers == 0 if t.num_workers > 0 else False, "train.batch_size",
+           f"a multiple of train.num_workers ({t.num_workers})", t.batch_size)
+    _check(t.grad_accum >= 1, "train.grad_accum", ">= 1", t.grad_accum)
+    _check(t.grad_clip >= 0, "train.grad_clip", ">= 0 (0 = off)", t.grad_clip)
+    _check(t.cpus_per_worker > 0, "train.cpus_per_worker", "> 0", t.cpus_per_worker)
+    _check(t.log_every > 0 and t.checkpoint_every > 0, "train.log_every/checkpoint_every", "> 0",
+           (t.log_every, t.checkpoint_every))
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", t.keep_checkpoints)
+    _check(0.0 <= o.lam <= 1.0, "objective.lam", "in [0, 1]", o.lam)
+    _check(o.alpha >= 0 and o.beta >= 0, "objective.alpha/beta", ">= 0", (o.alpha, o.beta))
+    _check(1 <= o.align_layer <= 48, "objective.align_layer", "a 1-based layer index", o.align_layer)
+    _check(o.mixup_beta > 0, "objective.mixup_beta", "> 0", o.mixup_beta)
+    _check(all(c in _CONDITIONS for c in e.conditions) and len(e.conditions) > 0, "eval.conditions",
+           f"a non-empty subset of {list(_CONDITIONS)}", e.conditions)
+    _check(len(e.snrs_db) > 0, "eval.snrs_db", "non-empty", e.snrs_db)
+    _check(e.source_refs > 0 and e.target_refs > 0, "eval.source_refs/target_refs", "> 0",
+           (e.source_refs, e.target_refs))
+    _check(e.test_normal > 0 and e.test_anomaly > 0, "eval.test_normal/test_anomaly", "> 0",
+           (e.test_normal, e.test_anomaly))
+    _check(e.layer >= 1, "eval.layer", ">= 1 (layers are 1-based)", e.layer)
+    _check(e.k >= 1, "eval.k", ">= 1", e.k)
+    _check(all(lo <= hi for lo, hi in cfg.tune.snr_ranges_db), "tune.snr_ranges_db",
+           "pairs (low, high) with low <= high", cfg.tune.snr_ranges_db)
+    _check(cfg.tune.num_samples >= 1, "tune.num_samples", ">= 1", cfg.tune.num_samples)
+
+
+# ---------------------------------------------------------------------------------------------------- dict / YAML
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise ConfigError naming the field."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping of {tp.__name__} fields, got {type(value).__name__}")
+        return _build(tp, value, name)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} = {value!r}: expected a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{name} = {value!r}: expected a list of {len(args)} values")
+        return tuple(_coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{name}: union types are not supported in the config")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} = {value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} = {value!r}: expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name} = {value!r}: expected a number")
+    if tp is str:
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name} = {value!r}: expected a string")
+    raise ConfigError(f"{name}: unsupported type {tp}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in values if k not in allowed]
+    if unknown:
+        where = f"in '{prefix}'" if prefix else "at the top level"
+        raise ConfigError(f"unknown key {unknown[0]!r} {where}; allowed keys: {', '.join(allowed)}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict (tuples as lists) for YAML / MLflow params."""
+
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def from_dict(values: dict) -> Config:
+    if not isinstance(values, dict):
+        raise ConfigError(f"a config must be a mapping, got {type(values).__name__}")
+    return _build(Config, values)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def dump_yaml(cfg: Config, path: str | os.PathLike) -> Path:
+    """Write the resolved config atomically (written next to every checkpoint and run)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+    return path
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping at the top level")
+    return values
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def parse_override(text: str) -> dict:
+    """'train.lr=3e-4' -> {'train': {'lr': 3e-4}} (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw)
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(preset: str | None = None, path: str | os.PathLike | None = None,
+                overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults <- preset <- file <- KEY=VALUE overrides; validated once at the end."""
+    values: dict = {}
+    if preset is not None:
+        preset_path = PRESETS_DIR / f"{preset}.yaml"
+        if not preset_path.is_file():
+            raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(list_presets())}")
+        values = _merge(values, _read_yaml(preset_path))
+        values.setdefault("name", preset)
+    if path is not None:
+        values = _merge(values, _read_yaml(Path(path)))
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    try:
+        return from_dict(values)
+    except ConfigError as err:
+        source = f"{path}: " if path is not None else (f"preset {preset}: " if preset else "")
+        raise ConfigError(f"{source}{err}") from None
