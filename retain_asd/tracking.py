@@ -1,0 +1,86 @@
+"""MLflow helpers: one place that knows the tracking URI rules, run naming and parameter flattening.
+
+Local default: an SQLite store at an *absolute* path (Ray Tune trials change directory, and a relative URI
+would give each trial its own database). On a cluster: an ``mlflow server`` URI (``http://host:port``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from retain_asd.runtime import apply_env_defaults
+
+
+def resolve_tracking_uri(uri: str, work_dir: str | os.PathLike) -> str:
+    """'' -> ``sqlite:///<abs work_dir>/mlflow.db``; a relative sqlite path is made absolute; else as given."""
+    if not uri:
+        path = Path(work_dir).resolve() / "mlflow.db"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return uri
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1e-4}} -> {'train.lr': 1e-4}; lists become strings (MLflow params are strings)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            out[name] = str(list(value))
+        else:
+            out[name] = value
+    return out
+
+
+def ensure_experiment(uri: str, experiment: str) -> str:
+    """Create the experiment when missing (Tune trials need it to exist); returns its id."""
+    apply_env_defaults()
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    return found.experiment_id if found else mlflow.create_experiment(experiment)
+
+
+@contextlib.contextmanager
+def mlflow_run(uri: str, experiment: str, run_name: str, params: Mapping[str, Any] | None = None,
+               tags: Mapping[str, str] | None = None, run_id: str | None = None) -> Iterator[Any]:
+    """Start (or resume, with ``run_id``) an MLflow run and make it active inside the block."""
+    import mlflow
+
+    ensure_experiment(uri, experiment)
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=dict(tags or {})) as run:
+        if params:
+            mlflow.log_params(flatten(params))
+        yield run
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Log to the active run; MLflow metric keys may not contain '=' or spaces, so those are replaced."""
+    import mlflow
+
+    clean = {k.replace("=", "_").replace(" ", "_"): float(v) for k, v in metrics.items()}
+    mlflow.log_metrics(clean, step=step)
+
+
+def compare_runs(uri: str, experiment: str, metrics: list[str]) -> list[dict[str, Any]]:
+    """Runs of an experiment side by side: name, objective and the requested metrics (for ablation tables)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    frame = mlflow.search_runs(experiment_names=[experiment], output_format="pandas")
+    rows = []
+    for _, r in frame.iterrows():
+        row = {"run_name": r.get("tags.mlflow.runName"), "run_id": r["run_id"]}
+        row.update({m: r.get(f"metrics.{m}") for m in metrics})
+        rows.append(row)
+    return rows
