@@ -70,12 +70,12 @@ class ObjectiveConfig:
     lam: float = 0.5  # Eq. 5 lambda: weight of teacher(clean) in the mixture target
     lam_mode: str = "fixed"  # "fixed" (paper) or "snr": lambda = R / (1 + R) from the sample's SNR
     align_layer: int = 12  # student/teacher layer aligned by the mixture loss (1-based)
-    teacher_inputs: str = "scaled"  # "scaled": teacher sees a1*x1, a2*x2 (what is in the mixture); or "unit"
+    teacher_inputs: str = "scaled"  # "scaled": teacher sees a1*x1, a2*x2 (what is in the mixture); or "unit_power"
     mixup_beta: float = 0.5  # linear mixup ratio ~ Beta(a, a)
     specaugment: bool = True  # on the student's mixture input only
-    freq_mask_bins: int = 24
-    time_mask_frames: int = 80
-    num_masks: int = 2
+    freq_mask_bins: int = 48  # the paper gives none: AST's AudioSet recipe (48 bins, 192 frames, 1 mask each)
+    time_mask_frames: int = 192
+    num_masks: int = 1
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ _CHOICES = {
     "model.size": ("base", "tiny"),
     "objective.name": OBJECTIVES,
     "objective.lam_mode": ("fixed", "snr"),
-    "objective.teacher_inputs": ("scaled", "unit"),
+    "objective.teacher_inputs": ("scaled", "unit_power"),
     "eval.pooling": ("genrep", "mean", "spectral"),
     "eval.metric": ("euclidean", "cosine"),
 }
