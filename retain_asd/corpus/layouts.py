@@ -1,0 +1,517 @@
+"""Raw corpus layouts -> one ``ClipRecord`` per audio file (names and folders only; no audio is decoded).
+
+Supported machine-sound layouts (``scan_dcase``)
+-------------------------------------------------
+``<root>`` is one of
+
+* ``<root>/<machine>/<split_dir>/<file>``
+* ``<root>/{dev_data,eval_data}/<machine>/<split_dir>/<file>``
+* ``<root>/{dev_data,eval_data}/raw/<machine>/<split_dir>/<file>`` (the DCASE 2023-2025 baseline layout)
+
+with ``<split_dir>`` one of ``train``, ``test``, ``source_test``, ``target_test``, ``supplemental``. Other
+folders are ignored; a root with no ``<machine>/<split_dir>`` folder at all is a ``LayoutError``.
+
+File names (audio: ``.wav`` / ``.flac``, any case; other files are ignored):
+
+==========================  ===============================================================  ============
+family                       name                                                             label
+==========================  ===============================================================  ============
+DCASE 2020 dev              ``normal_id_00_00000000.wav`` / ``anomaly_id_00_00000000.wav``   from name
+DCASE 2020 eval test        ``id_05_00000000.wav``                                           unknown
+DCASE 2021-2025, MIMII DG,  ``section_00_source_train_normal_0000[_<attrs>].wav``            from name
+ToyADMOS2 (2022 style)
+DCASE 2021 eval test        ``section_03_source_test_0000.wav``                              via GT
+DCASE 2022-2025 eval test   ``section_03_0000.wav``                                          via GT
+==========================  ===============================================================  ============
+
+``<attrs>`` is ``noAttribute``, ``key_value`` pairs (``m-n_W``, ``car_A1_spd_28V_mic_1_noise_1``), or a
+free-form 2021 suffix (``strength_1_ambient``, ``0_g_25_mm_2000_mV_none``, ``A1Spd28VMic1``) that does not
+split into pairs; such a suffix is kept whole as ``(("raw", suffix),)``.
+
+MIMII DG and ToyADMOS2 releases use the same 2022-style names; we support them as a DCASE tree whose split
+folders may be ``source_test`` / ``target_test`` (MIMII DG's Zenodo layout). ``dataset`` is "mimii_dg"
+for MIMII DG machine types (fan, gearbox, bearing, slider, valve) and "toyadmos2" for ``Toy*`` machines
+when such folders are present, or when ``scan_dcase(..., dataset=...)`` says so; otherwise a 2021+ tree
+is "dcase2021+". The split and domain in a name must agree with its folder, or the file is a reject.
+
+Anonymised eval names are resolved through the official evaluators' ground truth (``ground_truth_dir``):
+
+* 2021 (y-kawagu/dcase2021_task2_evaluator): ``ground_truth_data/ground_truth_<m>_section_<NN>_{source,
+  target}_test.csv`` rows ``wav_name,0|1`` (0 normal, 1 anomaly); the domain is in the name.
+* 2022 (Kota-Dohi/dcase2022_evaluator): ``ground_truth_data/ground_truth_<m>_section_<NN>_test.csv``
+  (label), ``ground_truth_domain/...`` (0 source, 1 target), ``ground_truth_attributes/<m>/
+  attributes_<NN>.csv`` (``file_name,d1p,d1v,...,file_name_with_full_attributes``).
+* 2023+ (nttcslab/dcase2023_task2_evaluator): data and domain as 2022, and ``ground_truth_attributes/
+  ground_truth_<m>_section_<NN>_test.csv`` rows ``wav_name,<full name without .wav>``.
+
+Label and domain always come from ``ground_truth_data`` / ``ground_truth_domain`` (what the evaluators
+score with). Attributes come from the 2022 ``dNp,dNv`` columns, or from the 2023 full name. The 2022
+``file_name_with_full_attributes`` column is *not* trusted: for ToyCar and ToyTrain about half of its
+domain/normal-anomaly tokens contradict the official label files, and in ``valve/attributes_05.csv`` it
+says ``v2pat`` where the columns say ``v1pat``.
+
+Class names (the paper's machine-attribute classes, 231 for DCASE 2023 dev+eval train data)
+-------------------------------------------------------------------------------------------
+``<machine>_sec<NN>_<attr string>`` where the attr string is the name's suffix after the clip index
+(``fan_sec00_m-n_X``, ``fan_sec00_noAttribute``); a name with no suffix (2021 dev test clips, anonymised
+eval clips whose attributes are unknown) gives ``<machine>_sec<NN>``. DCASE 2020: ``<machine>_id<XX>``.
+Noise: ``noise_<category>``.
+
+Noise layout (``scan_noise``)
+-----------------------------
+``<root>/<category>/*.wav`` plus ``<root>/categories.yaml``::
+
+    dishes: {stationary: false}
+    running_tap: {stationary: true}
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
+
+AUDIO_EXTENSIONS = (".wav", ".flac")
+SPLIT_DIRS = ("train", "test", "source_test", "target_test", "supplemental")
+WRAPPER_DIRS = ("dev_data", "eval_data")
+MIMII_DG_MACHINES = ("fan", "gearbox", "bearing", "slider", "valve")
+DATASETS = ("dcase2020", "dcase2021+", "mimii_dg", "toyadmos2")
+
+Attributes = tuple[tuple[str, str], ...]
+
+
+class LayoutError(ValueError):
+    """A folder or file name matches no supported layout; the message names the path and what was expected."""
+
+
+@dataclass(frozen=True)
+class ClipRecord:
+    """One audio file of a raw corpus, described by its path and name only."""
+
+    path: str  # absolute
+    kind: str  # "machine" | "noise"
+    dataset: str  # "dcase2020" | "dcase2021+" | "mimii_dg" | "toyadmos2" | "noise"
+    machine: str  # machine type ("fan"), "" for noise
+    section: str  # "00"; DCASE 2020: the machine id; "" for noise
+    domain: str  # "source" | "target" | "" (unknown, or noise); DCASE 2020 has none -> "source"
+    split: str  # "train" | "test"
+    label: str  # "normal" | "anomaly" | "unknown" (eval without ground truth)
+    attributes: Attributes  # ordered (key, value) pairs, () if none
+    class_name: str  # see the module docstring
+    noise_category: str = ""
+    stationary: bool | None = None
+
+
+@dataclass
+class ScanResult:
+    """Records of the files that parsed, and ``(path, reason)`` for those that did not."""
+
+    records: list[ClipRecord] = field(default_factory=list)
+    rejects: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ParsedName:
+    """What a file name says. Empty strings mean "the name does not say" (split comes from the folder)."""
+
+    section: str
+    domain: str
+    split: str
+    label: str
+    index: str
+    attr_string: str = ""
+    attributes: Attributes = ()
+
+
+# ----------------------------------------------------------------------------------------------- names
+
+_DCASE2020 = re.compile(r"^(?:(?P<label>normal|anomaly)_)?id_(?P<id>\d{2})_(?P<index>\d+)$")
+_DCASE = re.compile(
+    r"^section_(?P<section>\d{2})_(?P<domain>source|target)_(?P<split>train|test)_"
+    r"(?P<label>normal|anomaly)_(?P<index>\d+)(?:_(?P<attrs>.+))?$"
+)
+_DCASE2021_EVAL = re.compile(r"^section_(?P<section>\d{2})_(?P<domain>source|target)_test_(?P<index>\d+)$")
+_DCASE_ANON = re.compile(r"^section_(?P<section>\d{2})_(?P<index>\d+)$")
+
+_DCASE2020_EXPECTED = "'{normal|anomaly}_id_XX_NNNNNNNN.wav' (or eval 'id_XX_NNNNNNNN.wav')"
+_DCASE_EXPECTED = (
+    "'section_XX_{source|target}_{train|test}_{normal|anomaly}_NNNN[_<attributes>].wav', "
+    "or an eval name 'section_XX_NNNN.wav' / 'section_XX_{source|target}_test_NNNN.wav'"
+)
+
+
+def is_audio_file(path: str | Path) -> bool:
+    """True for ``.wav`` / ``.flac`` in any case."""
+    return Path(path).suffix.lower() in AUDIO_EXTENSIONS
+
+
+def _stem(name: str) -> str:
+    """File name without folders and without an audio extension (ground-truth CSVs list names both ways)."""
+    base = Path(name).name
+    return base[: -len(Path(base).suffix)] if is_audio_file(base) else base
+
+
+def parse_attribute_string(attr_string: str) -> Attributes:
+    """``"spd_28V_mic_1"`` -> ``(("spd", "28V"), ("mic", "1"))``; ``""``/``"noAttribute"`` -> ``()``.
+
+    A suffix with an odd number of ``_``-tokens (DCASE 2021 ``strength_1_ambient``) is not a list of
+    pairs; it is kept whole as ``(("raw", suffix),)`` rather than guessed apart.
+    """
+    if attr_string in ("", "noAttribute"):
+        return ()
+    tokens = attr_string.split("_")
+    if len(tokens) % 2 or any(t == "" for t in tokens):
+        return (("raw", attr_string),)
+    return tuple(zip(tokens[0::2], tokens[1::2], strict=True))
+
+
+def parse_dcase2020_name(name: str) -> ParsedName:
+    """Parse a DCASE 2020 Task 2 name; ``section`` holds the machine id, domain is "source".
+
+    ``normal_id_00_00000000.wav`` -> label "normal"; eval test ``id_05_00000000.wav`` -> label "unknown".
+    """
+    match = _DCASE2020.match(_stem(name))
+    if match is None:
+        raise LayoutError(f"{name!r}: not a DCASE 2020 name; expected {_DCASE2020_EXPECTED}")
+    return ParsedName(section=match["id"], domain="source", split="", label=match["label"] or "unknown",
+                      index=match["index"])
+
+
+def parse_dcase_name(name: str) -> ParsedName:
+    """Parse a DCASE 2021-2025 / MIMII DG / ToyADMOS2 name (with or without folders and extension).
+
+    Anonymised eval names give label "unknown" and, for 2022+ (``section_03_0000``), domain "" and split
+    "test"; resolve them with ``load_ground_truth``.
+    """
+    stem = _stem(name)
+    match = _DCASE.match(stem)
+    if match is not None:
+        attr_string = match["attrs"] or ""
+        return ParsedName(section=match["section"], domain=match["domain"], split=match["split"],
+                          label=match["label"], index=match["index"], attr_string=attr_string,
+                          attributes=parse_attribute_string(attr_string))
+    match = _DCASE2021_EVAL.match(stem)
+    if match is not None:
+        return ParsedName(section=match["section"], domain=match["domain"], split="test", label="unknown",
+                          index=match["index"])
+    match = _DCASE_ANON.match(stem)
+    if match is not None:
+        return ParsedName(section=match["section"], domain="", split="test", label="unknown",
+                          index=match["index"])
+    raise LayoutError(f"{name!r}: not a DCASE 2021-2025 name; expected {_DCASE_EXPECTED}")
+
+
+def machine_class_name(machine: str, section: str, attr_string: str) -> str:
+    """``fan, 00, m-n_X`` -> ``fan_sec00_m-n_X``; no attribute string -> ``fan_sec00``."""
+    base = f"{machine}_sec{section}"
+    return f"{base}_{attr_string}" if attr_string else base
+
+
+def dcase2020_class_name(machine: str, machine_id: str) -> str:
+    """DCASE 2020 has no attributes: one class per machine id, ``fan_id00``."""
+    return f"{machine}_id{machine_id}"
+
+
+# --------------------------------------------------------------------------------------- attribute CSVs
+
+def _read_csv_rows(path: Path) -> list[list[str]]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+
+
+def _read_attributes_rows(path: str | Path) -> dict[str, tuple[Attributes, str]]:
+    """``file_name -> (pairs, file_name_with_full_attributes or "")`` for one ``attributes_XX.csv``."""
+    path = Path(path)
+    rows = _read_csv_rows(path)
+    if not rows or rows[0][0].strip() != "file_name":
+        first = ",".join(rows[0]) if rows else "<empty file>"
+        raise LayoutError(f"{path}: expected a header 'file_name,d1p,d1v,d2p,d2v,...' but found {first!r}")
+    table: dict[str, tuple[Attributes, str]] = {}
+    for row in rows[1:]:
+        cells = [cell.strip() for cell in row]
+        file_name, rest = cells[0], cells[1:]
+        # 2022 eval ground truth appends the full name; it ends in .wav, an attribute value never does.
+        full_name = rest.pop() if rest and is_audio_file(rest[-1]) else ""
+        # Ragged rows (valve/attributes_05.csv has 4- and 6-column rows): take the pairs that are there;
+        # a key with its value missing gets "", an empty padding pair is dropped.
+        pairs = []
+        for i in range(0, len(rest), 2):
+            key = rest[i]
+            value = rest[i + 1] if i + 1 < len(rest) else ""
+            if key or value:
+                pairs.append((key, value))
+        table[file_name] = (tuple(pairs), full_name)
+    return table
+
+
+def read_attributes_csv(path: str | Path) -> dict[str, Attributes]:
+    """Read a DCASE ``attributes_XX.csv``: ``file_name -> ((d1p, d1v), (d2p, d2v), ...)``.
+
+    Keys are the ``file_name`` cells as written (``fan/train/section_00_...wav``). Ragged rows are read
+    as far as they go; a 2022 ``file_name_with_full_attributes`` last column is not an attribute.
+    """
+    return {name: pairs for name, (pairs, _) in _read_attributes_rows(path).items()}
+
+
+# ------------------------------------------------------------------------------------------ ground truth
+
+_GT_DATA = re.compile(
+    r"^ground_truth_(?P<machine>[^_]+)_section_(?P<section>\d{2})_(?:(?P<domain>source|target)_)?test$")
+_GT_ATTRS_2022 = re.compile(r"^attributes_(?P<section>\d{2})$")
+
+GroundTruth = dict[tuple[str, str, str], ParsedName]  # (machine, section, stem) -> resolved name
+
+
+def _read_binary_csv(path: Path, meaning: str) -> dict[str, str]:
+    """``wav_name,0|1`` rows (no header) -> ``stem -> "0"|"1"``."""
+    out = {}
+    for row in _read_csv_rows(path):
+        if len(row) < 2 or row[1].strip() not in ("0", "1"):
+            raise LayoutError(f"{path}: expected rows 'wav_name,0|1' ({meaning}) but found {','.join(row)!r}")
+        out[_stem(row[0].strip())] = row[1].strip()
+    return out
+
+
+def load_ground_truth(ground_truth_dir: str | Path) -> GroundTruth:
+    """Index the evaluator ground truth under ``ground_truth_dir`` (2021, 2022 and 2023+ layouts).
+
+    Returns ``(machine, section, anonymised stem) -> ParsedName`` with the official label and domain and,
+    where published, the attributes.
+    """
+    gt_dir = Path(ground_truth_dir)
+    data_dir = gt_dir / "ground_truth_data"
+    if not data_dir.is_dir():
+        raise LayoutError(f"{gt_dir}: expected a ground-truth folder holding 'ground_truth_data/"
+                          "ground_truth_<machine>_section_<NN>[_source|_target]_test.csv'")
+    labels: dict[tuple[str, str, str], str] = {}
+    domains: dict[tuple[str, str, str], str] = {}
+    for csv_path in sorted(data_dir.glob("*.csv")):
+        match = _GT_DATA.match(csv_path.stem)
+        if match is None:
+            raise LayoutError(f"{csv_path}: expected 'ground_truth_<machine>_section_<NN>[_source|_target]"
+                              "_test.csv'")
+        machine, section = match["machine"], match["section"]
+        for stem, value in _read_binary_csv(csv_path, "0 normal, 1 anomaly").items():
+            key = (machine, section, stem)
+            labels[key] = "anomaly" if value == "1" else "normal"
+            if match["domain"]:  # 2021: the domain is in the file name
+                domains[key] = match["domain"]
+    domain_dir = gt_dir / "ground_truth_domain"
+    for csv_path in sorted(domain_dir.glob("*.csv")) if domain_dir.is_dir() else ():
+        match = _GT_DATA.match(csv_path.stem)
+        if match is None:
+            raise LayoutError(f"{csv_path}: expected 'ground_truth_<machine>_section_<NN>_test.csv'")
+        for stem, value in _read_binary_csv(csv_path, "0 source, 1 target").items():
+            domains[(match["machine"], match["section"], stem)] = "target" if value == "1" else "source"
+    attr_strings = _load_ground_truth_attributes(gt_dir / "ground_truth_attributes")
+
+    truth: GroundTruth = {}
+    for key, label in labels.items():
+        attr_string = attr_strings.get(key, "")
+        truth[key] = ParsedName(section=key[1], domain=domains.get(key, ""), split="test", label=label,
+                                index=key[2].rsplit("_", 1)[-1], attr_string=attr_string,
+                                attributes=parse_attribute_string(attr_string))
+    return truth
+
+
+def _load_ground_truth_attributes(attr_dir: Path) -> dict[tuple[str, str, str], str]:
+    """``(machine, section, stem) -> attribute string`` from the 2022 or the 2023+ attributes layout."""
+    out: dict[tuple[str, str, str], str] = {}
+    if not attr_dir.is_dir():
+        return out
+    # 2022: ground_truth_attributes/<machine>/attributes_<NN>.csv; the dNp/dNv columns are the attributes.
+    for csv_path in sorted(attr_dir.glob("*/attributes_*.csv")):
+        match = _GT_ATTRS_2022.match(csv_path.stem)
+        if match is None:
+            continue
+        machine = csv_path.parent.name
+        for file_name, pairs in read_attributes_csv(csv_path).items():
+            attr_string = "_".join(f"{k}_{v}" for k, v in pairs) if pairs else "noAttribute"
+            out[(machine, match["section"], _stem(file_name))] = attr_string
+    # 2023+: ground_truth_attributes/ground_truth_<m>_section_<NN>_test.csv, rows 'wav_name,<full name>'.
+    for csv_path in sorted(attr_dir.glob("ground_truth_*.csv")):
+        match = _GT_DATA.match(csv_path.stem)
+        if match is None:
+            raise LayoutError(f"{csv_path}: expected 'ground_truth_<machine>_section_<NN>_test.csv'")
+        for row in _read_csv_rows(csv_path):
+            if len(row) < 2:
+                raise LayoutError(f"{csv_path}: expected rows 'wav_name,<full file name>' but found {row!r}")
+            full = parse_dcase_name(row[1].strip())
+            out[(match["machine"], match["section"], _stem(row[0].strip()))] = full.attr_string
+    return out
+
+
+# -------------------------------------------------------------------------------------------- scanning
+
+def _audio_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_audio_file(p))
+
+
+def _machine_dirs(root: Path) -> list[Path]:
+    """Folders ``<machine>`` holding at least one split folder, through ``dev_data``/``eval_data``/``raw``."""
+    parents = [root]
+    for wrapper in WRAPPER_DIRS:
+        if (root / wrapper).is_dir():
+            parents.append(root / wrapper)
+            if (root / wrapper / "raw").is_dir():
+                parents.append(root / wrapper / "raw")
+    found = []
+    for parent in parents:
+        for child in sorted(p for p in parent.iterdir() if p.is_dir()):
+            if child.name not in WRAPPER_DIRS and any((child / s).is_dir() for s in SPLIT_DIRS):
+                found.append(child)
+    return found
+
+
+def _family_dataset(machine: str, split_dirs: Iterable[str]) -> str:
+    """Name a 2021+ tree: MIMII DG / ToyADMOS2 releases are told apart by their source_test/target_test."""
+    if {"source_test", "target_test"} & set(split_dirs):
+        return "toyadmos2" if machine.startswith("Toy") else "mimii_dg"
+    return "dcase2021+"
+
+
+def scan_dcase(root: str | Path, ground_truth_dir: str | Path | None = None,
+               dataset: str | None = None) -> ScanResult:
+    """Scan a DCASE 2020-2025 / MIMII DG / ToyADMOS2 tree (see the module docstring) into records.
+
+    Files whose names cannot be parsed, or whose name contradicts their folder, are returned as rejects;
+    the scan itself only fails (``LayoutError``) when ``root`` holds no supported layout at all.
+    ``dataset`` overrides the detected dataset name of 2021+ style files.
+    """
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise LayoutError(f"{root}: corpus folder does not exist")
+    if dataset is not None and dataset not in DATASETS:
+        raise LayoutError(f"dataset={dataset!r}: expected one of {DATASETS}")
+    machine_dirs = _machine_dirs(root)
+    if not machine_dirs:
+        found = sorted(p.name for p in root.iterdir())[:10]
+        raise LayoutError(
+            f"{root}: no machine folders found (it holds {found}); expected '<root>/<machine>/{{"
+            f"{','.join(SPLIT_DIRS)}}}/<file>.wav', optionally under '<root>/{{dev_data,eval_data}}[/raw]/'")
+    truth = load_ground_truth(ground_truth_dir) if ground_truth_dir is not None else {}
+    truth_sections = {(m, s) for m, s, _ in truth}
+    result = ScanResult()
+    for machine_dir in machine_dirs:
+        machine = machine_dir.name
+        split_dirs = [s for s in SPLIT_DIRS if (machine_dir / s).is_dir()]
+        family = dataset or _family_dataset(machine, split_dirs)
+        for split_dir in split_dirs:
+            for path in _audio_files(machine_dir / split_dir):
+                try:
+                    record = _machine_record(path, machine, split_dir, family, truth, truth_sections)
+                except LayoutError as err:
+                    result.rejects.append((str(path), str(err)))
+                else:
+                    result.records.append(record)
+    result.records.sort(key=lambda r: r.path)
+    result.rejects.sort()
+    return result
+
+
+def _machine_record(path: Path, machine: str, split_dir: str, family: str, truth: GroundTruth,
+                    truth_sections: set[tuple[str, str]]) -> ClipRecord:
+    """One machine clip; raises ``LayoutError`` with the reason when the file must be rejected."""
+    name = path.name
+    if split_dir == "supplemental":
+        raise LayoutError(f"{name!r}: supplemental data (DCASE 2025 clean-machine / noise-only clips) is not "
+                          "ingested as machine clips")
+    folder_split = "train" if split_dir == "train" else "test"
+    folder_domain = split_dir.split("_")[0] if split_dir in ("source_test", "target_test") else ""
+    stem = _stem(name)
+    if _DCASE2020.match(stem):
+        parsed = parse_dcase2020_name(name)
+        return ClipRecord(path=str(path), kind="machine", dataset="dcase2020", machine=machine,
+                          section=parsed.section, domain="source", split=folder_split, label=parsed.label,
+                          attributes=(), class_name=dcase2020_class_name(machine, parsed.section))
+    parsed = parse_dcase_name(name)
+    if parsed.split and parsed.split != folder_split:
+        raise LayoutError(f"{name!r}: the name says split {parsed.split!r} but the file is in {split_dir}/")
+    if folder_domain and parsed.domain and parsed.domain != folder_domain:
+        raise LayoutError(f"{name!r}: the name says domain {parsed.domain!r} but the file is in {split_dir}/")
+    if parsed.label == "unknown" and (machine, parsed.section) in truth_sections:
+        resolved = truth.get((machine, parsed.section, stem))
+        if resolved is None:
+            raise LayoutError(f"{name!r}: anonymised eval name not listed in the ground truth of "
+                              f"{machine} section {parsed.section}")
+        if parsed.domain and resolved.domain and resolved.domain != parsed.domain:
+            raise LayoutError(f"{name!r}: the name says domain {parsed.domain!r} but the ground truth says "
+                              f"{resolved.domain!r}")
+        parsed = replace(resolved, domain=resolved.domain or parsed.domain)
+    return ClipRecord(path=str(path), kind="machine", dataset=family, machine=machine, section=parsed.section,
+                      domain=parsed.domain or folder_domain, split=folder_split, label=parsed.label,
+                      attributes=parsed.attributes,
+                      class_name=machine_class_name(machine, parsed.section, parsed.attr_string))
+
+
+# ---------------------------------------------------------------------------------------------- noise
+
+def _yaml_hint(categories: Iterable[str]) -> str:
+    return "\n".join(f"  {c}: {{stationary: false}}   # or true" for c in categories)
+
+
+def read_noise_categories(path: str | Path) -> dict[str, bool]:
+    """Read ``categories.yaml`` (``<category>: {stationary: true|false}``) -> ``category -> stationary``."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise LayoutError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(data, dict) or not data:
+        raise LayoutError(f"{path}: expected a mapping '<category>: {{stationary: true|false}}', "
+                          f"found {type(data).__name__}")
+    out = {}
+    for category, entry in data.items():
+        if not isinstance(entry, dict) or set(entry) != {"stationary"} or not isinstance(entry["stationary"],
+                                                                                          bool):
+            raise LayoutError(f"{path}: category {category!r} must be '{{stationary: true}}' or "
+                              f"'{{stationary: false}}', found {entry!r}")
+        out[str(category)] = entry["stationary"]
+    return out
+
+
+def scan_noise(root: str | Path, categories_yaml: str | Path | None = None) -> ScanResult:
+    """Scan ``<root>/<category>/*.{wav,flac}``; each category must be marked in ``categories.yaml``.
+
+    A category folder missing from the YAML, or a YAML category with no folder, is a ``LayoutError`` that
+    shows the line to add (or remove). Audio files lying directly in ``root`` are rejects.
+    """
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise LayoutError(f"{root}: noise folder does not exist; expected '<root>/<category>/*.wav'")
+    yaml_path = Path(categories_yaml) if categories_yaml is not None else root / "categories.yaml"
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not yaml_path.is_file():
+        raise LayoutError(f"{yaml_path}: missing; mark each noise category stationary or not, e.g.\n"
+                          + _yaml_hint(folders or ["<category>"]))
+    stationary = read_noise_categories(yaml_path)
+    missing = [c for c in folders if c not in stationary]
+    if missing:
+        raise LayoutError(f"{yaml_path}: noise folder(s) {missing} under {root} are not listed; add:\n"
+                          + _yaml_hint(missing))
+    absent = sorted(c for c in stationary if c not in folders)
+    if absent:
+        raise LayoutError(f"{yaml_path}: lists {absent} but {root} has no such folder(s); create them or "
+                          "remove those lines")
+    result = ScanResult()
+    for path in _audio_files(root):
+        result.rejects.append((str(path), "noise file not inside a category folder; expected "
+                                          "'<root>/<category>/<file>'"))
+    for category in folders:
+        for path in _audio_files(root / category):
+            result.records.append(ClipRecord(
+                path=str(path), kind="noise", dataset="noise", machine="", section="", domain="",
+                split="train", label="normal", attributes=(), class_name=f"noise_{category}",
+                noise_category=category, stationary=stationary[category]))
+    result.records.sort(key=lambda r: r.path)
+    return result
+
+
+def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+    """The candidates closest to ``name`` (for error messages)."""
+    return difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)

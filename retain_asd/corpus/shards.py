@@ -1,0 +1,276 @@
+"""Parquet shards: the on-disk form of a decoded corpus, written by a Ray Data job.
+
+One folder per corpus (``machine/``, ``noise/``) holds ``part-*.parquet`` shards, ``manifest.json`` and
+``rejects.csv``. The audio column is a plain Arrow list (``fixed_size_list<float32|int16>[n]`` for
+fixed-length clips, ``list<float32>`` for full-length noise), so ``pyarrow.parquet.read_table`` reads the
+shards with no Ray extension types. A folder is written under a temporary name and renamed into place, so
+a reader never sees half a corpus; its manifest's fingerprint (input paths, sizes, mtimes and the decode
+settings) makes a re-run on the same input a no-op and a changed input a rebuild.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retain_asd.audio import AudioError, load_clip
+from retain_asd.corpus.layouts import ClipRecord
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+REJECTS = "rejects.csv"
+META_COLUMNS = ("clip_id", "path", "kind", "dataset", "machine", "section", "domain", "split", "label",
+                "class_name", "attributes", "noise_category", "stationary")
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How raw files become rows; part of the fingerprint (a change rebuilds the shards)."""
+
+    sample_rate_hz: int = 16000
+    clip_s: float | None = 10.0  # None keeps full length (noise banks)
+    min_clip_s: float = 1.0
+    channel: str = "mean"
+    audio_dtype: str = "float32"  # "float32" or "int16"
+
+    @property
+    def num_samples(self) -> int | None:
+        return None if self.clip_s is None else int(round(self.clip_s * self.sample_rate_hz))
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """A written corpus folder: where it is, what is in it, and whether this call built it."""
+
+    root: Path
+    manifest: dict
+    rejects: list[tuple[str, str]]
+    rebuilt: bool
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.root / name for name in self.manifest["shards"]]
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.manifest["counts"]["written"])
+
+
+# ---------------------------------------------------------------------------------------------------- rows
+def _record_row(record: ClipRecord) -> dict:
+    row = asdict(record)
+    row["attributes"] = json.dumps([list(kv) for kv in record.attributes])
+    row["stationary"] = record.stationary
+    return row
+
+
+def _file_sha1(path: str) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _audio_array(clips: list[np.ndarray], settings: DecodeSettings) -> pa.Array:
+    if settings.audio_dtype == "int16":
+        clips = [np.clip(np.round(c * 32768.0), -32768, 32767).astype(np.int16) for c in clips]
+        value_type = pa.int16()
+    else:
+        value_type = pa.float32()
+    flat = pa.array(np.concatenate(clips) if clips else np.zeros(0), type=value_type)
+    n = settings.num_samples
+    if n is not None:
+        return pa.FixedSizeListArray.from_arrays(flat, n)
+    offsets = np.concatenate([[0], np.cumsum([len(c) for c in clips])]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), flat)
+
+
+def decode_batch(batch: pa.Table, settings: DecodeSettings) -> pa.Table:
+    """Ray Data UDF: decode each row's file; bad files become rows with a ``reject_reason`` and no audio."""
+    rows = batch.to_pylist()
+    channel = settings.channel if settings.channel == "mean" else int(settings.channel)
+    empty = np.zeros(settings.num_samples or 0, np.float32)
+    clips, reasons, repairs, hashes = [], [], [], []
+    for row in rows:
+        sha, reason, samples, repaired = "", "", empty, ""
+        try:
+            sha = _file_sha1(row["path"])
+            clip = load_clip(row["path"], sample_rate_hz=settings.sample_rate_hz, channel=channel,
+                             clip_s=settings.clip_s, min_clip_s=settings.min_clip_s)
+            samples, repaired = clip.samples.astype(np.float32, copy=False), ";".join(clip.repairs)
+        except AudioError as err:
+            reason = err.reason
+        except OSError as err:
+            reason = f"cannot read file ({err.strerror or err})"
+        hashes.append(sha)
+        reasons.append(reason)
+        clips.append(samples)
+        repairs.append(repaired)
+    columns = {k: pa.array([r[k] for r in rows], type=pa.string()) for k in META_COLUMNS
+               if k not in ("clip_id", "stationary")}
+    columns["clip_id"] = pa.array([h[:16] for h in hashes], type=pa.string())
+    columns["stationary"] = pa.array([r["stationary"] for r in rows], type=pa.bool_())
+    columns["sha1"] = pa.array(hashes, type=pa.string())
+    columns["repairs"] = pa.array(repairs, type=pa.string())
+    columns["reject_reason"] = pa.array(reasons, type=pa.string())
+    columns["audio"] = _audio_array(clips, settings)
+    return pa.table({k: columns[k] for k in (*META_COLUMNS, "repairs", "sha1", "reject_reason", "audio")})
+
+
+# ---------------------------------------------------------------------------------------------------- writer
+def fingerprint(records: Sequence[ClipRecord], scan_rejects: Sequence[tuple[str, str]],
+                settings: DecodeSettings, rows_per_shard: int) -> str:
+    h = hashlib.sha1(json.dumps({"schema": SCHEMA_VERSION, "settings": asdict(settings),
+                                 "rows_per_shard": rows_per_shard}, sort_keys=True).encode())
+    for path in sorted([r.path for r in records] + [p for p, _ in scan_rejects]):
+        try:
+            st = os.stat(path)
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{path}\0missing\n".encode())
+    return h.hexdigest()
+
+
+def read_manifest(root: str | os.PathLike) -> dict | None:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def read_rejects(root: str | os.PathLike) -> list[tuple[str, str]]:
+    path = Path(root) / REJECTS
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [(row["path"], row["reason"]) for row in csv.DictReader(f)]
+
+
+def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
+                 settings: DecodeSettings = DecodeSettings(), rows_per_shard: int = 256,
+                 scan_rejects: Sequence[tuple[str, str]] = (), force: bool = False) -> ShardSet:
+    """Decode ``records`` in parallel with Ray Data and write them as Parquet shards into ``out_dir``.
+
+    ``scan_rejects`` are files the layout scan could not name; they are listed in ``rejects.csv`` with the
+    decode rejects, so ``inputs == written + rejected`` in the manifest. Needs Ray (``runtime.init_ray``).
+    """
+    import ray
+
+    out_dir = Path(out_dir)
+    if rows_per_shard <= 0:
+        raise ValueError(f"rows_per_shard = {rows_per_shard}: must be > 0")
+    fp = fingerprint(records, scan_rejects, settings, rows_per_shard)
+    old = read_manifest(out_dir)
+    if not force and old is not None and old.get("fingerprint") == fp:
+        log.info("%s: shards up to date (%d rows), nothing to do", out_dir, old["counts"]["written"])
+        return ShardSet(out_dir, old, read_rejects(out_dir), rebuilt=False)
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        rejects = list(scan_rejects)
+        written: list[dict] = []
+        if records:
+            items = [_record_row(r) for r in records]
+            ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 8, 64)))
+            decoded = ds.map_batches(decode_batch, batch_size=8, batch_format="pyarrow",
+                                     fn_kwargs={"settings": settings}).materialize()
+            meta = decoded.select_columns(["path", "class_name", "sha1", "repairs", "reject_reason"]).take_all()
+            rejects += [(m["path"], m["reject_reason"]) for m in meta if m["reject_reason"]]
+            written = [m for m in meta if not m["reject_reason"]]
+            good = decoded.filter(expr="reject_reason == ''").drop_columns(["reject_reason", "sha1"])
+            if written:
+                good.write_parquet(str(tmp), max_rows_per_file=rows_per_shard, min_rows_per_file=rows_per_shard)
+        for path, reason in rejects:
+            log.warning("rejected %s: %s", path, reason)
+        shards = sorted(p.name for p in tmp.glob("*.parquet"))
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "fingerprint": fp,
+            "settings": asdict(settings),
+            "rows_per_shard": rows_per_shard,
+            "shards": shards,
+            "counts": {
+                "inputs": len(records) + len(scan_rejects),
+                "written": len(written),
+                "rejected": len(rejects),
+                "per_class": dict(sorted(Counter(m["class_name"] for m in written).items())),
+            },
+            "sources": sorted(({"path": m["path"], "sha1": m["sha1"], "repairs": m["repairs"]}
+                               for m in written), key=lambda s: s["path"]),
+        }
+        with open(tmp / REJECTS, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "reason"])
+            w.writerows(sorted(rejects))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _swap_in(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ShardSet(out_dir, manifest, sorted(rejects), rebuilt=True)
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by ``tmp`` with renames only (a reader sees the old or the new folder)."""
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
+# ---------------------------------------------------------------------------------------------------- readers
+def read_table(root: str | os.PathLike, columns: Sequence[str] | None = None) -> pa.Table:
+    """All shards of a corpus folder as one Arrow table (plain pyarrow, no Ray)."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise FileNotFoundError(f"{root}: no {MANIFEST}; run `retain-asd ingest` first")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{root}: shard schema {manifest.get('schema_version')} != {SCHEMA_VERSION}; "
+                         "re-run `retain-asd ingest --force`")
+    if not manifest["shards"]:
+        raise ValueError(f"{root}: the corpus has no rows ({manifest['counts']['rejected']} rejected, "
+                         f"see {root / REJECTS})")
+    tables = [pq.read_table(root / name, columns=list(columns) if columns else None)
+              for name in manifest["shards"]]
+    return pa.concat_tables(tables).sort_by("path")
+
+
+def audio_matrix(table: pa.Table) -> np.ndarray:
+    """The fixed-length audio column as a float32 (rows, samples) array (int16 shards are rescaled)."""
+    col = table.column("audio").combine_chunks()
+    if not pa.types.is_fixed_size_list(col.type):
+        raise ValueError("audio_matrix needs fixed-length clips; use audio_list for full-length noise")
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    x = flat.reshape(len(col), col.type.list_size)
+    return x.astype(np.float32) / 32768.0 if x.dtype == np.int16 else x.astype(np.float32, copy=False)
+
+
+def audio_list(table: pa.Table) -> list[np.ndarray]:
+    """The audio column as a list of float32 arrays (fixed or variable length)."""
+    col = table.column("audio").combine_chunks()
+    out = []
+    for i in range(len(col)):
+        x = col[i].values.to_numpy(zero_copy_only=False)
+        out.append(x.astype(np.float32) / 32768.0 if x.dtype == np.int16 else x.astype(np.float32))
+    return out
