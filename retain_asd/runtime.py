@@ -42,6 +42,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
         ray.init(address=address, log_to_driver=not quiet)
     else:
         ray.init(
+            address="local",  # always a fresh embedded cluster, never a stale `ray start` one
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
             object_store_memory=LOCAL_OBJECT_STORE_BYTES,

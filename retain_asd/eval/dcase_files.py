@@ -1,0 +1,317 @@
+"""Evaluator-format files: anomaly scores, decisions and ground truth (DCASE 2021-2025 Task 2).
+
+Submission files (one per machine and section, no header):
+  anomaly_score_<machine>_section_<NN>_test.csv    wav_name,score
+  decision_result_<machine>_section_<NN>_test.csv  wav_name,0|1
+The 2021 evaluator wants one pair per domain (`..._section_<NN>_{source,target}_test.csv`); the
+readers accept either.
+
+Ground-truth folder, as the official evaluators read it:
+  2022+ (Kota-Dohi/dcase2022_evaluator, nttcslab/dcase2023_task2_evaluator):
+    ground_truth_data/ground_truth_<machine>_section_<NN>_test.csv    wav_name,0 normal|1 anomaly
+    ground_truth_domain/ground_truth_<machine>_section_<NN>_test.csv  wav_name,0 source|1 target
+    ground_truth_attributes/ (optional) anonymised -> full names, either the 2022 layout
+      <machine>/attributes_<NN>.csv (header; first column anonymised, last column full name; rows
+      may be ragged) or the 2023 layout ground_truth_<machine>_section_<NN>_test.csv (anon, full
+      name without .wav, no header).
+  2021 (y-kawagu/dcase2021_task2_evaluator):
+    ground_truth_data/ground_truth_<machine>_section_<NN>_{source,target}_test.csv (the domain is
+    in the file name; both files form one section here).
+
+The evaluators align scores with ground truth by sorting both files by name; we match rows by
+file name instead, so any row order works, full names map through the attributes files, and a
+missing or extra name is an error that names it. All sections are scored with the 2022+ rules
+(`metrics.py`), including 2021 ground truth (the 2021 challenge itself scored AUC and pAUC per
+domain without cross-domain anomalies).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from retain_asd.eval.metrics import MachineScore, machine_scores
+
+_GT_2022 = re.compile(r"^ground_truth_(?P<machine>.+)_section_(?P<section>\d+)_test\.csv$")
+_GT_2021 = re.compile(
+    r"^ground_truth_(?P<machine>.+)_section_(?P<section>\d+)_(?P<domain>source|target)_test\.csv$"
+)
+
+
+def section_id(section: int | str) -> str:
+    """Two-digit section id from 3, "3", "03" or "section_03"."""
+    text = str(section).removeprefix("section_")
+    if not text.isdigit():
+        raise ValueError(f"section must be a number like 3, '03' or 'section_03', got {section!r}")
+    return f"{int(text):02d}"
+
+
+def anomaly_score_path(out_dir, machine: str, section: int | str) -> Path:
+    return Path(out_dir) / f"anomaly_score_{machine}_section_{section_id(section)}_test.csv"
+
+
+def decision_result_path(out_dir, machine: str, section: int | str) -> Path:
+    return Path(out_dir) / f"decision_result_{machine}_section_{section_id(section)}_test.csv"
+
+
+def _write_rows_atomic(path: Path, rows: Sequence[tuple[str, str]]) -> Path:
+    """Write CSV rows to a temporary file in the same folder, then rename (no half-written files)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _check_names(wav_names: Sequence[str], n_values: int, what: str) -> list[str]:
+    names = [str(n) for n in wav_names]
+    if len(names) != n_values:
+        raise ValueError(f"{what}: {len(names)} wav names but {n_values} values")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what}: duplicate wav names")
+    if any(("," in n) or ("\n" in n) for n in names):
+        raise ValueError(f"{what}: wav names must not contain commas or newlines")
+    return names
+
+
+def write_anomaly_scores(out_dir, machine: str, section: int | str, wav_names: Sequence[str], scores) -> Path:
+    """Write `anomaly_score_<machine>_section_<NN>_test.csv` (wav_name,score; no header)."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    path = anomaly_score_path(out_dir, machine, section)
+    names = _check_names(wav_names, scores.size, str(path))
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(f"{path}: scores contain NaN or inf")
+    return _write_rows_atomic(path, [(n, repr(float(s))) for n, s in zip(names, scores)])
+
+
+def write_decisions(out_dir, machine: str, section: int | str, wav_names: Sequence[str], decisions) -> Path:
+    """Write `decision_result_<machine>_section_<NN>_test.csv` (wav_name,0|1; no header)."""
+    decisions = np.asarray(decisions).reshape(-1)
+    path = decision_result_path(out_dir, machine, section)
+    names = _check_names(wav_names, decisions.size, str(path))
+    if not np.all(np.isin(decisions, (0, 1))):
+        raise ValueError(f"{path}: decisions must be 0 or 1")
+    return _write_rows_atomic(path, [(n, str(int(d))) for n, d in zip(names, decisions)])
+
+
+def _read_two_columns(path: Path) -> list[tuple[str, str]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    rows = []
+    with open(path, newline="") as f:
+        for line_no, row in enumerate(csv.reader(f), start=1):
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) < 2:
+                raise ValueError(f"{path}:{line_no}: expected 'wav_name,value', got {row!r}")
+            rows.append((row[0].strip(), row[1].strip()))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def _read_named_values(path: Path, parse, what: str) -> dict[str, float | int]:
+    out: dict[str, float | int] = {}
+    for line_no, (name, value) in enumerate(_read_two_columns(path), start=1):
+        try:
+            parsed = parse(value)
+        except ValueError:
+            raise ValueError(f"{path}: row {line_no} ({name!r}): {value!r} is not a valid {what} "
+                             f"(these files have no header row)") from None
+        key = Path(name).name  # the evaluators use bare names; tolerate 'machine/test/x.wav'
+        if key in out:
+            raise ValueError(f"{path}: {key!r} appears twice")
+        out[key] = parsed
+    return out
+
+
+def _parse_score(value: str) -> float:
+    x = float(value)
+    if not np.isfinite(x):
+        raise ValueError(value)
+    return x
+
+
+def _parse_01(value: str) -> int:
+    x = float(value)
+    if x not in (0.0, 1.0):
+        raise ValueError(value)
+    return int(x)
+
+
+def read_score_file(path) -> dict[str, float]:
+    """{wav_name: score} from an anomaly_score file."""
+    return _read_named_values(Path(path), _parse_score, "score")
+
+
+def read_decision_file(path) -> dict[str, int]:
+    """{wav_name: 0|1} from a decision_result file."""
+    return _read_named_values(Path(path), _parse_01, "decision (0 or 1)")
+
+
+@dataclass(frozen=True)
+class SectionTruth:
+    """Ground truth of one machine/section, rows sorted by wav name."""
+
+    machine: str
+    section: str  # "03"
+    wav_names: tuple[str, ...]
+    is_anomaly: np.ndarray  # (N,) bool
+    is_target: np.ndarray  # (N,) bool
+    aliases: dict[str, str] = field(default_factory=dict)  # full name -> wav name (attributes files)
+
+
+def _read_attribute_aliases(gt_dir: Path, machine: str, section: str) -> dict[str, str]:
+    candidates = [
+        gt_dir / "ground_truth_attributes" / machine / f"attributes_{section}.csv",  # 2022
+        gt_dir / "ground_truth_attributes" / f"ground_truth_{machine}_section_{section}_test.csv",  # 2023+
+    ]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        return {}
+    aliases = {}
+    with open(path, newline="") as f:
+        for row in csv.reader(f):
+            if len(row) < 2 or row[0].strip() == "file_name":
+                continue  # header of the 2022 layout
+            anon, full = Path(row[0].strip()).name, Path(row[-1].strip()).name
+            full = full if full.endswith(".wav") else full + ".wav"  # 2023 stores it without .wav
+            aliases[full] = anon
+    return aliases
+
+
+def read_ground_truth(gt_dir) -> list[SectionTruth]:
+    """Every machine/section of an evaluator ground-truth folder (2021 or 2022+ layout)."""
+    gt_dir = Path(gt_dir)
+    data_dir = gt_dir / "ground_truth_data"
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"{data_dir}: not found; --ground-truth must be the evaluator folder "
+                                f"holding ground_truth_data/ (and ground_truth_domain/ for 2022+)")
+    # (machine, section) -> {name: (is_anomaly, is_target)}
+    sections: dict[tuple[str, str], dict[str, tuple[int, int]]] = {}
+
+    def add(key, name, label, domain, path):
+        rows = sections.setdefault(key, {})
+        if name in rows:
+            raise ValueError(f"{path}: {name!r} appears twice in section {key[0]} {key[1]}")
+        rows[name] = (label, domain)
+
+    for path in sorted(data_dir.glob("ground_truth_*.csv")):
+        labels = _read_named_values(path, _parse_01, "ground-truth label (0 normal, 1 anomaly)")
+        if m := _GT_2021.match(path.name):
+            key = (m["machine"], section_id(m["section"]))
+            for name, label in labels.items():
+                add(key, name, label, int(m["domain"] == "target"), path)
+        elif m := _GT_2022.match(path.name):
+            key = (m["machine"], section_id(m["section"]))
+            domain_path = gt_dir / "ground_truth_domain" / path.name
+            domains = _read_named_values(domain_path, _parse_01, "domain (0 source, 1 target)")
+            if set(domains) != set(labels):
+                diff = sorted(set(domains) ^ set(labels))
+                raise ValueError(f"{domain_path} and {path} list different wav names, e.g. {diff[:3]}")
+            for name, label in labels.items():
+                add(key, name, label, domains[name], path)
+        else:
+            warnings.warn(f"{path}: not a ground-truth file name, ignored", stacklevel=2)
+    if not sections:
+        raise ValueError(f"{data_dir}: no ground_truth_<machine>_section_<NN>_test.csv files")
+    out = []
+    for (machine, section), rows in sorted(sections.items()):
+        names = tuple(sorted(rows))
+        out.append(SectionTruth(
+            machine, section, names,
+            np.array([rows[n][0] for n in names], dtype=bool),
+            np.array([rows[n][1] for n in names], dtype=bool),
+            _read_attribute_aliases(gt_dir, machine, section),
+        ))
+    return out
+
+
+def align(truth: SectionTruth, named_values: Mapping[str, float], source: str) -> np.ndarray:
+    """Values in the order of `truth.wav_names`, matched by (anonymised or full) file name."""
+    index = {n: i for i, n in enumerate(truth.wav_names)}
+    out = np.full(len(index), np.nan)
+    seen = np.zeros(len(index), dtype=bool)
+    extra = []
+    for name, value in named_values.items():
+        key = Path(name).name
+        i = index.get(key, index.get(truth.aliases.get(key, ""), -1))
+        if i < 0:
+            extra.append(key)
+            continue
+        if seen[i]:
+            raise ValueError(f"{source}: two rows name the clip {truth.wav_names[i]!r}")
+        seen[i] = True
+        out[i] = value
+    if extra:
+        hint = "" if truth.aliases else " (full names need ground_truth_attributes/ to map them)"
+        raise ValueError(f"{source}: {len(extra)} names are not in the ground truth of {truth.machine} "
+                         f"section {truth.section}, e.g. {extra[:3]}{hint}")
+    if not seen.all():
+        missing = [n for n, s in zip(truth.wav_names, seen) if not s]
+        raise ValueError(f"{source}: {len(missing)} clips of {truth.machine} section {truth.section} "
+                         f"have no row, e.g. {missing[:3]}")
+    return out
+
+
+def section_score_files(scores_dir, machine: str, section: str) -> list[Path]:
+    """The score file(s) of a section: one `_test.csv`, or the 2021 `_source_test`/`_target_test` pair."""
+    scores_dir = Path(scores_dir)
+    single = anomaly_score_path(scores_dir, machine, section)
+    if single.is_file():
+        return [single]
+    pair = [scores_dir / f"anomaly_score_{machine}_section_{section}_{domain}_test.csv"
+            for domain in ("source", "target")]
+    return pair if all(p.is_file() for p in pair) else []
+
+
+def read_section_scores(scores_dir, truth: SectionTruth) -> np.ndarray:
+    """Scores of one section aligned with `truth.wav_names`."""
+    files = section_score_files(scores_dir, truth.machine, truth.section)
+    if not files:
+        raise FileNotFoundError(f"{anomaly_score_path(scores_dir, truth.machine, truth.section)}: not found")
+    merged: dict[str, float] = {}
+    for path in files:
+        part = read_score_file(path)
+        if dup := set(part) & set(merged):
+            raise ValueError(f"{path}: names also in the other domain's file, e.g. {sorted(dup)[:3]}")
+        merged.update(part)
+    return align(truth, merged, " + ".join(str(p) for p in files))
+
+
+@dataclass(frozen=True)
+class SectionResult:
+    machine: str
+    section: str
+    score: MachineScore
+
+
+def score_submission(scores_dir, gt_dir) -> list[SectionResult]:
+    """Score every ground-truth section from a folder of anomaly_score files (2022+ rules)."""
+    scores_dir = Path(scores_dir)
+    if not scores_dir.is_dir():
+        raise FileNotFoundError(f"{scores_dir}: scores folder not found")
+    truths = read_ground_truth(gt_dir)
+    missing = [t for t in truths if not section_score_files(scores_dir, t.machine, t.section)]
+    if missing:
+        names = [anomaly_score_path(scores_dir, t.machine, t.section).name for t in missing]
+        raise FileNotFoundError(f"{scores_dir}: {len(missing)} of {len(truths)} sections have no score file, "
+                                f"e.g. {names[:3]}")
+    results = []
+    for t in truths:
+        scores = read_section_scores(scores_dir, t)
+        results.append(SectionResult(t.machine, t.section, machine_scores(scores, t.is_anomaly, t.is_target)))
+    return results

@@ -1,0 +1,234 @@
+"""Evaluator-format files and `retain-asd dcase-score` on the real DCASE 2021/2022 ground truth."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.dcase_score import main
+from retain_asd.eval.dcase_files import (
+    read_decision_file,
+    read_ground_truth,
+    read_score_file,
+    write_anomaly_scores,
+    write_decisions,
+)
+from retain_asd.eval.metrics import machine_scores, official_score
+
+REPO = Path(__file__).resolve().parents[2]
+CSV_DIR = REPO.parent / "shared" / "data" / "csv"
+GT_2022 = CSV_DIR / "dcase2022_eval_ground_truth"
+GT_2021 = CSV_DIR / "dcase2021_eval_ground_truth"
+needs_data = pytest.mark.skipif(not CSV_DIR.is_dir(),
+                                reason=f"real DCASE ground truth not found at {CSV_DIR}")
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return [row for row in csv.reader(f) if row]
+
+
+def truth_2022():
+    """{(machine, 'NN'): (names, is_anomaly, is_target, {anon: full})} read with plain csv."""
+    out = {}
+    for path in sorted((GT_2022 / "ground_truth_data").glob("*.csv")):
+        machine, section = path.stem.removeprefix("ground_truth_").removesuffix("_test").split("_section_")
+        labels = dict(read_csv(path))
+        domains = dict(read_csv(GT_2022 / "ground_truth_domain" / path.name))
+        attributes = GT_2022 / "ground_truth_attributes" / machine / f"attributes_{section}.csv"
+        full = {Path(r[0]).name: Path(r[-1]).name for r in read_csv(attributes)[1:]}
+        names = sorted(labels)
+        out[(machine, section)] = (names, np.array([int(labels[n]) for n in names]),
+                                   np.array([int(domains[n]) for n in names]), full)
+    return out
+
+
+def truth_2021():
+    out = {}
+    for path in sorted((GT_2021 / "ground_truth_data").glob("*.csv")):
+        stem = path.stem.removeprefix("ground_truth_").removesuffix("_test")
+        machine, rest = stem.split("_section_")
+        section, domain = rest.split("_")
+        names, labels, domains = out.setdefault((machine, section), ([], [], []))
+        for name, label in read_csv(path):
+            names.append(name)
+            labels.append(int(label))
+            domains.append(int(domain == "target"))
+    return {k: (n, np.array(a), np.array(d), {}) for k, (n, a, d) in out.items()}
+
+
+def made_up_scores(truth, seed):
+    rng = np.random.default_rng(seed)
+    return {key: rng.normal(size=len(names)) + 0.7 * is_anomaly + 0.2 * is_target
+            for key, (names, is_anomaly, is_target, _) in sorted(truth.items())}
+
+
+def expected_json(truth, scores):
+    sections, per = [], []
+    for key, (_names, is_anomaly, is_target, _) in sorted(truth.items()):
+        s = machine_scores(scores[key], is_anomaly, is_target)
+        per.append(s)
+        sections.append({"machine": key[0], "section": key[1], "auc_source": s.auc_source,
+                         "auc_target": s.auc_target, "pauc": s.pauc})
+    return {"official_score": official_score(per), "sections": sections}
+
+
+def run_json(capsys, scores_dir, gt_dir):
+    assert main(["--scores", str(scores_dir), "--ground-truth", str(gt_dir), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1  # exactly one JSON object
+    return json.loads(out)
+
+
+def write_scores(folder, truth, scores, name_of=lambda key, name: name, shuffle_seed=None):
+    rng = np.random.default_rng(shuffle_seed)
+    for key, (names, *_rest) in truth.items():
+        order = rng.permutation(len(names)) if shuffle_seed is not None else np.arange(len(names))
+        renamed = [name_of(key, names[i]) for i in order]
+        write_anomaly_scores(folder, key[0], key[1], renamed, scores[key][order])
+
+
+def test_writers_format_and_readback(tmp_path):
+    path = write_anomaly_scores(tmp_path, "fan", 3, ["a.wav", "b.wav"], [0.5, -1.25])
+    assert path.name == "anomaly_score_fan_section_03_test.csv"
+    assert path.read_text() == "a.wav,0.5\nb.wav,-1.25\n"
+    dec = write_decisions(tmp_path, "fan", "section_03", ["a.wav", "b.wav"], np.array([0, 1]))
+    assert dec.name == "decision_result_fan_section_03_test.csv"
+    assert dec.read_text() == "a.wav,0\nb.wav,1\n"
+    assert read_score_file(path) == {"a.wav": 0.5, "b.wav": -1.25}
+    assert read_decision_file(dec) == {"a.wav": 0, "b.wav": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, dec.name])  # no temp files left
+    with pytest.raises(ValueError, match="duplicate"):
+        write_anomaly_scores(tmp_path, "fan", 3, ["a.wav", "a.wav"], [1, 2])
+    with pytest.raises(ValueError, match="0 or 1"):
+        write_decisions(tmp_path, "fan", 3, ["a.wav"], [2])
+
+
+@needs_data
+def test_real_2022_ground_truth_layout():
+    truths = read_ground_truth(GT_2022)
+    assert len(truths) == 21 and {t.machine for t in truths} == {
+        "ToyCar", "ToyTrain", "bearing", "fan", "gearbox", "slider", "valve"}
+    t = truths[0]
+    assert (t.machine, t.section, len(t.wav_names)) == ("ToyCar", "03", 200)
+    assert len(t.aliases) == 200  # attributes map every full name
+    # The ragged valve/attributes_05.csv (rows of 6 and 4 columns) still maps all 200 clips.
+    valve05 = next(t for t in truths if (t.machine, t.section) == ("valve", "05"))
+    assert sorted(valve05.aliases.values()) == list(valve05.wav_names)
+
+
+@needs_data
+def test_dcase_score_2022_equals_the_definitions(tmp_path, capsys):
+    truth = truth_2022()
+    scores = made_up_scores(truth, seed=0)
+    write_scores(tmp_path / "anon", truth, scores)
+    got = run_json(capsys, tmp_path / "anon", GT_2022)
+    want = expected_json(truth, scores)
+    assert [(s["machine"], s["section"]) for s in got["sections"]] == [
+        (s["machine"], s["section"]) for s in want["sections"]]
+    for g, w in zip(got["sections"], want["sections"]):
+        assert g == {k: (pytest.approx(v, abs=1e-12) if isinstance(v, float) else v) for k, v in w.items()}
+    assert got["official_score"] == pytest.approx(want["official_score"], abs=1e-12)
+    assert set(got) == {"official_score", "sections"}
+
+    # Full names through ground_truth_attributes, rows shuffled: identical figures.
+    write_scores(tmp_path / "full", truth, scores, name_of=lambda key, name: truth[key][3][name],
+                 shuffle_seed=1)
+    assert run_json(capsys, tmp_path / "full", GT_2022) == got
+
+
+@needs_data
+def test_dcase_score_2021_equals_the_definitions(tmp_path, capsys):
+    truth = truth_2021()
+    scores = made_up_scores(truth, seed=2)
+    write_scores(tmp_path / "single", truth, scores, shuffle_seed=3)
+    got = run_json(capsys, tmp_path / "single", GT_2021)
+    want = expected_json(truth, scores)
+    assert len(got["sections"]) == 21
+    for g, w in zip(got["sections"], want["sections"]):
+        assert g == {k: (pytest.approx(v, abs=1e-12) if isinstance(v, float) else v) for k, v in w.items()}
+    assert got["official_score"] == pytest.approx(want["official_score"], abs=1e-12)
+
+    # The 2021 submission layout: one file per domain.
+    pair_dir = tmp_path / "pairs"
+    pair_dir.mkdir()
+    for (machine, section), (names, _, is_target, _) in truth.items():
+        for domain, flag in (("source", 0), ("target", 1)):
+            rows = [f"{n},{float(s)!r}\n"
+                    for n, s, d in zip(names, scores[(machine, section)], is_target) if d == flag]
+            path = pair_dir / f"anomaly_score_{machine}_section_{section}_{domain}_test.csv"
+            path.write_text("".join(rows[::-1]))
+    assert run_json(capsys, pair_dir, GT_2021) == got
+
+
+@needs_data
+def test_module_entry_point_prints_the_same_json(tmp_path, capsys):
+    truth = truth_2022()
+    scores = made_up_scores(truth, seed=4)
+    write_scores(tmp_path, truth, scores)
+    in_process = run_json(capsys, tmp_path, GT_2022)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "pipelines.dcase_score", "--scores", str(tmp_path),
+                           "--ground-truth", str(GT_2022), "--json"],
+                          cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert json.loads(proc.stdout) == in_process
+    table = subprocess.run([sys.executable, "-m", "pipelines.dcase_score", "--scores", str(tmp_path),
+                            "--ground-truth", str(GT_2022)],
+                           cwd=REPO, env=env, capture_output=True, text=True)
+    assert table.returncode == 0
+    assert f"{in_process['official_score']:.4f}" in table.stdout.splitlines()[-1]
+
+
+def make_unbalanced_gt(root: Path, rng):
+    """A 2022/2023-layout folder with one machine: 67/40 source, 60/33 target normal/anomaly."""
+    is_target = np.r_[np.zeros(107), np.ones(93)].astype(int)
+    is_anomaly = np.r_[np.zeros(67), np.ones(40), np.zeros(60), np.ones(33)].astype(int)
+    perm = rng.permutation(200)
+    is_target, is_anomaly = is_target[perm], is_anomaly[perm]
+    names = [f"section_00_{i:04d}.wav" for i in range(200)]
+    full = [f"section_00_{'target' if d else 'source'}_test_{'anomaly' if a else 'normal'}_{i:04d}_x_1"
+            for i, (d, a) in enumerate(zip(is_target, is_anomaly))]
+    for sub, values in (("ground_truth_data", is_anomaly), ("ground_truth_domain", is_target)):
+        (root / sub).mkdir(parents=True)
+        (root / sub / "ground_truth_gadget_section_00_test.csv").write_text(
+            "".join(f"{n},{v}\n" for n, v in zip(names, values)))
+    (root / "ground_truth_attributes").mkdir()  # 2023 layout: anonymised, full name without .wav
+    (root / "ground_truth_attributes" / "ground_truth_gadget_section_00_test.csv").write_text(
+        "".join(f"{n},{f}\n" for n, f in zip(names, full)))
+    return names, [f + ".wav" for f in full], is_anomaly, is_target
+
+
+def test_unbalanced_machine_and_clear_errors(tmp_path, capsys):
+    rng = np.random.default_rng(9)
+    names, full, is_anomaly, is_target = make_unbalanced_gt(tmp_path / "gt", rng)
+    scores = rng.normal(size=200) + is_anomaly
+    write_anomaly_scores(tmp_path / "s", "gadget", 0, full[::-1], scores[::-1])
+    got = run_json(capsys, tmp_path / "s", tmp_path / "gt")
+    want = machine_scores(scores, is_anomaly, is_target)
+    assert got["sections"] == [{"machine": "gadget", "section": "00",
+                                "auc_source": pytest.approx(want.auc_source),
+                                "auc_target": pytest.approx(want.auc_target),
+                                "pauc": pytest.approx(want.pauc)}]
+    assert got["official_score"] == pytest.approx(want.hmean)
+
+    def error_of(score_names, score_values):
+        write_anomaly_scores(tmp_path / "bad", "gadget", 0, score_names, score_values)
+        assert main(["--scores", str(tmp_path / "bad"), "--ground-truth", str(tmp_path / "gt")]) == 2
+        return capsys.readouterr().err
+
+    assert "section_00_0199.wav" in error_of(names[:-1], scores[:-1])  # a missing clip is named
+    assert "stray.wav" in error_of(names + ["stray.wav"], np.r_[scores, 0.0])  # an extra one too
+    assert "two rows name" in error_of(names[:-1] + [full[0]], scores)  # anonymised and full name of one clip
+    (tmp_path / "bad" / "anomaly_score_gadget_section_00_test.csv").write_text("file,score\n")
+    assert main(["--scores", str(tmp_path / "bad"), "--ground-truth", str(tmp_path / "gt")]) == 2
+    assert "header" in capsys.readouterr().err
+    assert main(["--scores", str(tmp_path / "empty"), "--ground-truth", str(tmp_path / "gt")]) == 2
+    assert "not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["--scores", str(tmp_path / "empty"), "--ground-truth", str(tmp_path / "gt")]) == 2
+    assert "anomaly_score_gadget_section_00_test.csv" in capsys.readouterr().err

@@ -1,0 +1,139 @@
+"""kNN against sklearn NearestNeighbors and hand-computed GenRep scores (DN, MemMixup)."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.neighbors import NearestNeighbors
+
+from retain_asd.eval.knn import (
+    MemoryBank,
+    bank_distance,
+    domain_normalise,
+    knn_distance,
+    memmixup,
+    score_clips,
+)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(300, 384)) * 2 + 1
+    queries = rng.normal(size=(57, 384)) * 2 + 1
+    return queries, bank
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_equals_sklearn(data, metric, k):
+    queries, bank = data
+    nn = NearestNeighbors(n_neighbors=k, algorithm="brute", metric=metric).fit(bank)
+    want_d, want_i = nn.kneighbors(queries)
+    got_d, got_i = knn_distance(queries, bank, k=k, metric=metric, chunk_size=16)
+    assert got_d.dtype == torch.float64 and got_d.shape == (57, k)
+    np.testing.assert_array_equal(got_i.numpy(), want_i)
+    np.testing.assert_allclose(got_d.numpy(), want_d, rtol=1e-10, atol=1e-12)
+
+
+def test_float32_candidates_still_match_sklearn(data):
+    queries, bank = data
+    want_d, want_i = NearestNeighbors(n_neighbors=3, algorithm="brute").fit(bank).kneighbors(queries)
+    got_d, got_i = knn_distance(torch.as_tensor(queries), torch.as_tensor(bank), k=3, dtype=torch.float32)
+    np.testing.assert_array_equal(got_i.numpy(), want_i)
+    np.testing.assert_allclose(got_d.numpy(), want_d, rtol=1e-10)
+
+
+def test_chunking_does_not_change_results(data):
+    queries, bank = data
+    a = knn_distance(queries, bank, k=2, chunk_size=5)
+    b = knn_distance(queries, bank, k=2, chunk_size=1000)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_distances_exact_where_the_dot_product_formula_cancels():
+    # Points far from the origin, close to each other: ||q||^2 + ||b||^2 - 2 q.b loses ~8 digits.
+    rng = np.random.default_rng(3)
+    bank = 1e4 + rng.normal(size=(50, 64)) * 1e-3
+    queries = 1e4 + rng.normal(size=(10, 64)) * 1e-3
+    exact = np.linalg.norm(queries[:, None, :] - bank[None, :, :], axis=2)  # (10, 50) direct differences
+    got_d, got_i = knn_distance(queries, bank, k=1)
+    np.testing.assert_array_equal(got_i[:, 0].numpy(), exact.argmin(1))
+    np.testing.assert_allclose(got_d[:, 0].numpy(), exact.min(1), rtol=1e-9)
+
+
+def test_cosine_zero_vector_is_at_distance_one_like_sklearn():
+    bank = np.array([[1.0, 0.0], [0.0, 2.0]])
+    d, _ = knn_distance(np.zeros((1, 2)), bank, metric="cosine")
+    assert d.item() == 1.0
+
+
+def test_bad_inputs_are_clear_errors(data):
+    queries, bank = data
+    with pytest.raises(ValueError, match="k must be"):
+        knn_distance(queries, bank[:2], k=3)
+    with pytest.raises(ValueError, match="D="):
+        knn_distance(queries[:, :10], bank)
+    with pytest.raises(ValueError, match="metric"):
+        knn_distance(queries, bank, metric="manhattan")
+
+
+# 1-D hand example: source refs 0 and 10, target ref 4, tests at 1, 6, 12.
+SOURCE, TARGET, TESTS = [[0.0], [10.0]], [[4.0]], [[1.0], [6.0], [12.0]]
+
+
+def test_score_is_min_over_banks_by_hand():
+    # d_source = 1, 4, 2 ; d_target = 3, 2, 8.
+    np.testing.assert_array_equal(score_clips(TESTS, SOURCE, TARGET), [1.0, 2.0, 2.0])
+    # k = 2: mean of the two smallest source distances: (1+9)/2, (6+4)/2, (12+2)/2.
+    np.testing.assert_array_equal(bank_distance(TESTS, SOURCE, k=2), [5.0, 5.0, 7.0])
+
+
+def test_domain_normalisation_equals_its_formula():
+    d_s, d_t = np.array([1.0, 4.0, 2.0]), np.array([3.0, 2.0, 8.0])
+
+    def z(d):
+        return (d - d.mean()) / np.sqrt(np.mean((d - d.mean()) ** 2))  # population std
+
+    np.testing.assert_allclose(score_clips(TESTS, SOURCE, TARGET, domain_norm=True),
+                               np.minimum(z(d_s), z(d_t)), rtol=1e-12)
+    # Per-machine statistics when the test clips of two machines are scored together.
+    rng = np.random.default_rng(5)
+    d = rng.normal(size=10)
+    group = np.array(["fan"] * 4 + ["pump"] * 6)
+    got = domain_normalise(d, group)
+    np.testing.assert_allclose(got[:4], z(d[:4]), rtol=1e-12)
+    np.testing.assert_allclose(got[4:], z(d[4:]), rtol=1e-12)
+
+
+def test_domain_normalisation_rejects_zero_spread():
+    with pytest.raises(ValueError, match="zero spread"):
+        domain_normalise([1.0, 1.0, 1.0])
+
+
+def test_memmixup_count_and_values():
+    source = [[0.0, 0.0], [10.0, 0.0], [0.0, 20.0]]
+    target = [[1.0, 0.0]]
+    # Nearest sources of (1, 0): (0, 0) at 1, then (10, 0) at 9.
+    got = memmixup(source, target, K=2, ratio=0.9)
+    np.testing.assert_allclose(got.numpy(), [[1.0, 0.0], [0.9, 0.0], [1.9, 0.0]], rtol=1e-15)
+    rng = np.random.default_rng(1)
+    big = memmixup(rng.normal(size=(40, 8)), rng.normal(size=(6, 8)), K=5)
+    assert big.shape == (6 * (1 + 5), 8)
+
+
+def test_memory_bank_reference_scores_and_roundtrip(tmp_path):
+    bank = MemoryBank("fan", torch.tensor([[0.0], [3.0], [10.0]]), torch.tensor([[5.0], [6.0]]), {"layer": 6})
+    # Source refs: leave-one-out source 3, 3, 7; to target 5, 2, 4 -> 3, 2, 4.
+    # Target refs: leave-one-out target 1, 1; to source 2, 3 -> 1, 1.
+    np.testing.assert_array_equal(bank.reference_scores(), [3.0, 2.0, 4.0, 1.0, 1.0])
+    loaded = MemoryBank.load(bank.save(tmp_path / "banks" / "fan.pt"))
+    assert loaded.machine == "fan" and loaded.meta == {"layer": 6}
+    assert torch.equal(loaded.source, bank.source) and torch.equal(loaded.target, bank.target)
+    np.testing.assert_array_equal(loaded.score(TESTS), score_clips(TESTS, bank.source, bank.target))
+    mixed = bank.with_memmixup(K=2)
+    assert mixed.target.shape == (2 * 3, 1) and mixed.meta["memmixup"] == [2, 0.9]
+
+
+def test_leave_one_out_with_duplicate_references():
+    bank = MemoryBank("fan", torch.tensor([[0.0], [0.0], [5.0]]), torch.tensor([[20.0], [21.0]]))
+    np.testing.assert_array_equal(bank.reference_scores()[:3], [0.0, 0.0, 5.0])
