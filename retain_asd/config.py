@@ -123,7 +123,6 @@ class TuneConfig:
     betas: tuple[float, ...] = (0.5, 1.0, 2.0)
     metric: str = "hmean_all"
     max_concurrent: int = 1
-    grace_steps: int = 1  # ASHA grace period (in reported evaluations)
 
 
 @dataclass(frozen=True)

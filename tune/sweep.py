@@ -1,0 +1,73 @@
+"""Ray Tune around the library's pretrain + evaluate: one trial = pre-train a student with the trial's SNR
+range and alpha/beta, score it on the eval sets, report the Table-2 harmonic means.
+
+Three layers as in Ray's train/tune interop example: the loop (retain_asd.train.loop) runs per worker,
+``pretrain`` builds the TorchTrainer, and the Tuner below runs one ``pretrain`` per trial. Trial folders
+and run names come from trial ids (no timestamps), so a restarted sweep resumes its trials.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from retain_asd.config import Config, from_dict, to_dict
+from retain_asd.tracking import ensure_experiment, resolve_tracking_uri
+from tune.space import search_space, trial_config
+
+log = logging.getLogger(__name__)
+
+REPORTED = ("hmean_all", "hmean_low", "hmean_all_dn", "hmean_low_dn")
+
+
+def run_trial(choices: dict[str, Any], *, base: dict, corpus_root: str, out_dir: str) -> None:
+    """Tune function trainable: pretrain + evaluate one choice of (SNR range, alpha, beta)."""
+    from ray import tune
+
+    from retain_asd.corpus.ingest import load_corpus
+    from retain_asd.eval.run import evaluate_from_config
+    from retain_asd.train.launch import pretrain
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(from_dict(base), choices, name=f"{base['name']}-{trial_id}")
+    trial_dir = Path(out_dir) / "trials" / trial_id
+    result = pretrain(cfg, trial_dir / "pretrain", corpus=load_corpus(corpus_root))
+    (scores,) = evaluate_from_config(cfg, [str(result.student_path)], trial_dir / "evaluate")
+    figures = scores.metrics()
+    tune.report({k: figures[k] for k in REPORTED if k in figures} | {"step": result.step})
+
+
+def run_sweep(cfg: Config, out_dir: str | Path, *, trial_cpus: float = 0.0):
+    """Run the sweep of ``cfg.tune`` and return the ResultGrid (best trial by ``cfg.tune.metric``)."""
+    from ray import tune
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.tune.search import BasicVariantGenerator
+
+    from retain_asd.corpus.ingest import corpus_from_config
+    from retain_asd.eval.evalsets import evalsets_from_config
+
+    out_dir = Path(out_dir).resolve()
+    corpus = corpus_from_config(cfg.data)  # once, on the driver: trials only read it
+    evalsets_from_config(cfg)  # built once and cached; trials reuse them
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
+    experiment = f"{cfg.tracking.experiment}-sweep"
+    ensure_experiment(uri, experiment)
+    trainable = tune.with_parameters(run_trial, base=to_dict(cfg), corpus_root=str(corpus.root),
+                                     out_dir=str(out_dir))
+    trainable = tune.with_resources(trainable, {"CPU": trial_cpus})
+    previous = out_dir / "ray" / f"{cfg.name}-sweep"
+    if tune.Tuner.can_restore(previous):  # a restarted sweep resumes its unfinished trials
+        log.info("resuming the sweep in %s", previous)
+        return tune.Tuner.restore(str(previous), trainable, resume_errored=True).fit()
+    tuner = tune.Tuner(
+        trainable,
+        param_space=search_space(cfg.tune),
+        tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="max", num_samples=cfg.tune.num_samples,
+                                    max_concurrent_trials=cfg.tune.max_concurrent,
+                                    search_alg=BasicVariantGenerator(random_state=cfg.train.seed)),
+        run_config=tune.RunConfig(name=f"{cfg.name}-sweep", storage_path=str(out_dir / "ray"),
+                                  callbacks=[MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment,
+                                                                  save_artifact=False)]),
+    )
+    return tuner.fit()
