@@ -1,0 +1,479 @@
+"""Synthetic machine sounds and noises: the embedded default corpus (no file outside the project).
+
+Machines are rotating sources. An attribute changes the sound the way it would on a real machine:
+
+* ``spd`` (revolutions per second) sets the harmonic series: fundamental = spd x events per revolution
+  (fan blades, pump pistons, gear teeth);
+* ``ld`` (load level) sets the depth and rate of an amplitude modulation;
+* each machine type has its own timbre (harmonic amplitudes, broadband noise colour and level), and the
+  gearbox adds shaft-rate sidebands.
+
+Domains follow DCASE 2022-2025: the target domain runs at a speed never seen in the source domain and
+has few training clips. Anomalies: ``shift`` (upper harmonics moved off the harmonic grid), ``rattle``
+(an impulsive click train, as from a loose part), ``missing`` (one of the two strongest harmonics
+gone).
+
+The tree is DCASE-2023 style, so ingestion takes the same path as real data::
+
+    <root>/machines/dev_data/raw/<machine>/train/section_00_source_train_normal_0000_spd_20_ld_1.wav
+    <root>/machines/dev_data/raw/<machine>/test/section_00_target_test_anomaly_0003_spd_36_ld_2.wav
+    <root>/machines/dev_data/raw/<machine>/attributes_00.csv      (file_name,d1p,d1v,d2p,d2v)
+    <root>/noise/<category>/<category>_0000.wav
+    <root>/noise/categories.yaml                                  (<category>: {stationary: true|false})
+
+Deterministic: every clip draws from its own generator seeded by (seed, machine, section, domain,
+split, label, index), so the same seed gives byte-identical files, and a clip of a given name is the
+same whatever the other counts.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import os
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+from scipy.fft import next_fast_len
+
+from retain_asd.audio import write_audio
+
+SYNTH_VERSION = 1  # bump when the generated audio changes, so stale trees are rewritten
+DOMAINS = ("source", "target")
+ANOMALY_KINDS = ("shift", "rattle", "missing")
+_RMS_LEVEL = 0.08  # clips are written as PCM_16 well inside [-1, 1]
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """A synthetic machine type. Speeds in revolutions per second; the attribute values are strings."""
+
+    name: str
+    events_per_rev: float  # blades / pistons / teeth: fundamental = spd * events_per_rev
+    harmonic_amps: tuple[float, ...]  # timbre: amplitude of harmonics 1..H
+    noise_level: float  # broadband RMS relative to the harmonic RMS
+    noise_exponent: float  # broadband power spectrum ~ 1 / f^exponent (0 white, 1 pink, 2 brown)
+    source_speeds: tuple[str, ...]
+    target_speeds: tuple[str, ...]  # unseen in the source domain: the domain shift
+    loads: tuple[str, ...]
+    shaft_sidebands: float = 0.0  # depth of the shaft-rate modulation (gear mesh sidebands)
+
+
+MACHINES: dict[str, MachineSpec] = {
+    spec.name: spec
+    for spec in (
+        # Airflow-dominated: blade-pass harmonics with 1/k roll-off over strong pink noise.
+        MachineSpec("fan", 5, (1.0, 0.5, 0.33, 0.25, 0.2, 0.17, 0.14, 0.12), 0.6, 1.0,
+                    ("20", "24", "28"), ("36",), ("1", "2")),
+        # Reciprocating: low fundamental, strong odd harmonics, some fluid hiss.
+        MachineSpec("pump", 3, (1.0, 0.25, 0.7, 0.15, 0.45, 0.1, 0.3, 0.08, 0.2), 0.3, 0.5,
+                    ("15", "18", "21"), ("26",), ("1", "2")),
+        # Gear mesh at spd x 23 teeth, shaft-rate sidebands, little broadband noise.
+        MachineSpec("gearbox", 23, (1.0, 0.6, 0.3, 0.15), 0.15, 2.0,
+                    ("10", "12", "14"), ("17",), ("1", "2"), shaft_sidebands=0.4),
+    )
+}
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    name: str
+    stationary: bool
+
+
+NOISES: dict[str, NoiseSpec] = {
+    spec.name: spec
+    for spec in (
+        NoiseSpec("pink_hum", True),  # pink noise + mains hum (50 or 60 Hz and harmonics)
+        NoiseSpec("brown_fan", True),  # brown noise + a steady ventilation tone + hiss
+        NoiseSpec("bursts", False),  # band-limited noise switched on and off
+        NoiseSpec("clatter", False),  # random impacts of resonant objects
+    )
+}
+
+
+@dataclass(frozen=True)
+class SynthClip:
+    """One written machine clip and how it was made (the anomaly kind is not in the DCASE name)."""
+
+    path: str
+    machine: str
+    section: str
+    domain: str
+    split: str
+    label: str  # "normal" | "anomaly"
+    attributes: tuple[tuple[str, str], ...]
+    anomaly_kind: str | None = None  # "shift" | "rattle" | "missing" for anomalies
+    index: int = 0  # the clip number in its name
+
+
+@dataclass(frozen=True)
+class SynthCorpus:
+    """What `write_synthetic_corpus` wrote (or found already written), ready for ingestion."""
+
+    root: str
+    machine_root: str  # <root>/machines: a DCASE tree (dev_data/raw/<machine>/...)
+    noise_root: str  # <root>/noise: <category>/*.wav + categories.yaml
+    clips: tuple[SynthClip, ...]
+    noise_files: tuple[tuple[str, str], ...]  # (category, path)
+    written: bool  # False when an identical tree was already there
+    counts: dict[str, int] = field(default_factory=dict)  # "<machine>/<split>/<domain>/<label>" -> n
+
+
+# --- signal building blocks (vectorised numpy) -------------------------------------------------------
+
+
+def coloured_noise(rng: np.random.Generator, num_samples: int, exponent: float, sample_rate_hz: int,
+                   low_hz: float = 20.0) -> np.ndarray:
+    """Gaussian noise with power spectrum ~ 1/f^exponent above `low_hz` (nothing below), unit RMS.
+
+    Cutting below `low_hz` keeps brown noise from drifting, which would make it non-stationary.
+    """
+    spectrum = np.fft.rfft(rng.standard_normal(num_samples))
+    freqs_hz = np.fft.rfftfreq(num_samples, 1.0 / sample_rate_hz)
+    gain = np.zeros_like(freqs_hz)
+    keep = freqs_hz >= low_hz
+    gain[keep] = freqs_hz[keep] ** (-exponent / 2.0)  # amplitude ~ f^(-exponent/2)
+    x = np.fft.irfft(spectrum * gain, num_samples)
+    return x / np.sqrt(np.mean(x**2))
+
+
+def band_noise(rng: np.random.Generator, num_samples: int, low_hz: float, high_hz: float,
+               sample_rate_hz: int) -> np.ndarray:
+    """White noise restricted to [low_hz, high_hz], unit RMS."""
+    spectrum = np.fft.rfft(rng.standard_normal(num_samples))
+    freqs_hz = np.fft.rfftfreq(num_samples, 1.0 / sample_rate_hz)
+    spectrum[(freqs_hz < low_hz) | (freqs_hz > high_hz)] = 0.0
+    x = np.fft.irfft(spectrum, num_samples)
+    return x / np.sqrt(np.mean(x**2))
+
+
+def convolve_fft(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Linear convolution cut to len(x)."""
+    n = next_fast_len(x.shape[0] + kernel.shape[0] - 1, real=True)  # a prime length would be 10x slower
+    return np.fft.irfft(np.fft.rfft(x, n) * np.fft.rfft(kernel, n), n)[: x.shape[0]]
+
+
+def decaying_resonance(freq_hz: float, decay_s: float, sample_rate_hz: int) -> np.ndarray:
+    """An impulse response exp(-t/decay) sin(2 pi f t), 5 decay constants long."""
+    t = np.arange(int(5 * decay_s * sample_rate_hz)) / sample_rate_hz
+    return np.exp(-t / decay_s) * np.sin(2 * np.pi * freq_hz * t)
+
+
+def impulse_train(rng: np.random.Generator, num_samples: int, rate_hz: float, sample_rate_hz: int,
+                  jitter: float) -> np.ndarray:
+    """Indices of roughly periodic events at `rate_hz` with relative timing jitter."""
+    count = int(num_samples / sample_rate_hz * rate_hz) + 2
+    periods_s = (1.0 / rate_hz) * (1.0 + jitter * rng.uniform(-1, 1, count))
+    onsets = np.cumsum(periods_s * sample_rate_hz) - rng.uniform(0, sample_rate_hz / rate_hz)
+    onsets = onsets.astype(np.int64)
+    return onsets[(onsets >= 0) & (onsets < num_samples)]
+
+
+def _normalise(x: np.ndarray, rms: float) -> np.ndarray:
+    """Scale to `rms`, then down if needed so the peak stays below 0.99 (PCM_16 without clipping)."""
+    x = x * (rms / np.sqrt(np.mean(x**2)))
+    peak = np.max(np.abs(x))
+    return x * (0.99 / peak) if peak > 0.99 else x
+
+
+# --- machines -------------------------------------------------------------------------------------
+
+
+def machine_clip(
+    spec: MachineSpec,
+    speed_rps: float,
+    load: int,
+    rng: np.random.Generator,
+    *,
+    num_samples: int,
+    sample_rate_hz: int,
+    timbre: np.ndarray,
+    anomaly_kind: str | None = None,
+) -> np.ndarray:
+    """One clip of `spec` at `speed_rps` and `load`; `timbre` (H,) scales the harmonic amplitudes for
+    the section. Normal clips vary in speed (+-1.5 %), slow speed wander, phases, harmonic amplitudes
+    (+-10 %), noise and gain, so that a detector has to learn the attribute's sound, not one clip."""
+    nyquist_hz = sample_rate_hz / 2
+    t_s = np.arange(num_samples) / sample_rate_hz  # (T,)
+    jitter = np.clip(1 + 0.1 * rng.standard_normal(timbre.size), 0.5, 1.5)
+    amps = np.asarray(spec.harmonic_amps) * timbre * jitter  # (H,)
+    f0_hz = spec.events_per_rev * speed_rps * (1 + 0.015 * rng.uniform(-1, 1))
+    wander = 1 + 0.003 * np.sin(2 * np.pi * rng.uniform(0.1, 0.5) * t_s + rng.uniform(0, 2 * np.pi))  # (T,)
+    k = np.arange(1, amps.size + 1, dtype=np.float64)  # harmonic numbers (H,)
+    offsets_hz = np.zeros_like(k)
+
+    if anomaly_kind == "shift":
+        # Upper harmonics leave the harmonic grid (a bent shaft, a worn bearing race).
+        # Towards mid-way between harmonics, and at least 20 Hz so a 25 ms analysis frame resolves it.
+        offsets_hz[1:] = max(rng.uniform(0.3, 0.45) * f0_hz, 20.0)
+    elif anomaly_kind == "missing":
+        amps = amps.copy()
+        amps[rng.choice(np.argsort(amps)[-2:])] = 0.0  # one of the two strongest
+    elif anomaly_kind not in (None, "rattle"):
+        raise ValueError(f"anomaly_kind={anomaly_kind!r}: expected None or one of {ANOMALY_KINDS}")
+
+    # Harmonic series with phase 2 pi cumsum(f_inst) / sr. Harmonic k is Im(a_k e^(i phi_k) z^k) with
+    # z = e^(i phase): powers by repeated complex multiplication, much cheaper than H calls to np.sin.
+    z = np.exp(1j * 2 * np.pi * np.cumsum(f0_hz * wander) / sample_rate_hz)  # (T,)
+    freqs_hz = k * f0_hz + offsets_hz  # (H,)
+    weights = amps * (freqs_hz < 0.9 * nyquist_hz) * np.exp(1j * rng.uniform(0, 2 * np.pi, k.size))  # (H,)
+    fundamental, upper, z_k = weights[0] * z, np.zeros_like(z), z
+    for w in weights[1:]:
+        z_k = z_k * z
+        upper += w * z_k
+    if offsets_hz[1:].any():  # every upper harmonic moved by the same offset
+        upper *= np.exp(1j * 2 * np.pi * offsets_hz[1] * t_s)
+    harmonic = (fundamental + upper).imag  # (T,)
+
+    if spec.shaft_sidebands > 0:  # gear mesh modulated by the shaft rate -> sidebands at +-spd
+        harmonic = harmonic * (1 + spec.shaft_sidebands * np.sin(2 * np.pi * speed_rps * t_s))
+    harmonic = harmonic / np.sqrt(np.mean(harmonic**2))
+
+    # Load: amplitude modulation, deeper and faster under more load.
+    depth, rate_hz = 0.15 * load, 1.5 * load
+    envelope = 1 + depth * np.sin(2 * np.pi * rate_hz * t_s + rng.uniform(0, 2 * np.pi))
+    broadband = spec.noise_level * coloured_noise(rng, num_samples, spec.noise_exponent, sample_rate_hz)
+    x = envelope * harmonic + broadband
+
+    if anomaly_kind == "rattle":
+        # A loose part: clicks at 6-14 Hz, each a short ringing resonance at 2-4 kHz.
+        onsets = impulse_train(rng, num_samples, rng.uniform(6, 14), sample_rate_hz, jitter=0.3)
+        clicks = np.zeros(num_samples)
+        clicks[onsets] = rng.uniform(0.5, 1.0, onsets.size)
+        ring = decaying_resonance(min(rng.uniform(2000, 4000), 0.8 * nyquist_hz), 0.003, sample_rate_hz)
+        x = x + rng.uniform(6, 10) * convolve_fft(clicks, ring)
+
+    return _normalise(x, _RMS_LEVEL * rng.uniform(0.8, 1.25))
+
+
+def _timbre(spec: MachineSpec, seed: int, machine_id: int, section: str) -> np.ndarray:
+    """Per-section harmonic weights: sections are different units of the same machine type."""
+    rng = np.random.default_rng([seed, 3, machine_id, int(section)])
+    return rng.uniform(0.7, 1.3, len(spec.harmonic_amps))
+
+
+def dcase_file_name(section: str, domain: str, split: str, label: str, index: int,
+                    attributes: Sequence[tuple[str, str]]) -> str:
+    """DCASE 2023 name: section_00_source_train_normal_0000_<k1>_<v1>_<k2>_<v2>.wav (or noAttribute)."""
+    attr_string = "_".join(f"{k}_{v}" for k, v in attributes) or "noAttribute"
+    return f"section_{section}_{domain}_{split}_{label}_{index:04d}_{attr_string}.wav"
+
+
+def plan_machine_clips(raw_root: Path, spec: MachineSpec, section: str, *, train_source_per_attr: int,
+                       train_target_per_attr: int, test_per_domain: int) -> list[SynthClip]:
+    """Every clip of one machine section, before any audio exists.
+
+    Training clips take each of the domain's (speed, load) combinations `per_attr` times; test
+    clip i takes combination i (mod count) and, for anomalies, kind i (mod 3), so every kind occurs.
+    """
+    clips = []
+    for domain, speeds, per_attr in (("source", spec.source_speeds, train_source_per_attr),
+                                     ("target", spec.target_speeds, train_target_per_attr)):
+        combos = [(("spd", s), ("ld", ld)) for s, ld in itertools.product(speeds, spec.loads)]
+        entries = [("train", "normal", i, attrs, None)
+                   for i, attrs in enumerate(c for c in combos for _ in range(per_attr))]
+        for label in ("normal", "anomaly"):
+            entries += [("test", label, i, combos[i % len(combos)],
+                         ANOMALY_KINDS[i % len(ANOMALY_KINDS)] if label == "anomaly" else None)
+                        for i in range(test_per_domain)]
+        for split, label, index, attrs, kind in entries:
+            path = raw_root / spec.name / split / dcase_file_name(section, domain, split, label, index, attrs)
+            clips.append(SynthClip(str(path), spec.name, section, domain, split, label, attrs, kind, index))
+    return clips
+
+
+def _write_machine(clips: Sequence[SynthClip], *, seed: int, clip_s: float, sample_rate_hz: int) -> None:
+    """Write the planned clips of one machine section and its attributes_<NN>.csv."""
+    spec, section = MACHINES[clips[0].machine], clips[0].section
+    machine_id = list(MACHINES).index(spec.name)
+    timbre = _timbre(spec, seed, machine_id, section)
+    rows = []
+    for clip in clips:
+        rng = np.random.default_rng([seed, 1, machine_id, int(section), DOMAINS.index(clip.domain),
+                                     int(clip.split == "test"), int(clip.label == "anomaly"), clip.index])
+        (speed, load) = (value for _, value in clip.attributes)
+        x = machine_clip(spec, float(speed), int(load), rng, num_samples=int(round(clip_s * sample_rate_hz)),
+                         sample_rate_hz=sample_rate_hz, timbre=timbre, anomaly_kind=clip.anomaly_kind)
+        path = Path(clip.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_audio(path, x.astype(np.float32), sample_rate_hz)
+        rows.append([f"{spec.name}/{clip.split}/{path.name}"] + [v for pair in clip.attributes for v in pair])
+
+    # attributes_<NN>.csv as in the DCASE 2023 dev set: file_name,d1p,d1v,d2p,d2v (train and test rows).
+    num_attrs = max(len(r) - 1 for r in rows) // 2
+    header = ["file_name"] + [c for i in range(1, num_attrs + 1) for c in (f"d{i}p", f"d{i}v")]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(sorted(rows))
+    _write_text(Path(clips[0].path).parents[1] / f"attributes_{section}.csv", buf.getvalue())
+
+
+# --- noises ---------------------------------------------------------------------------------------
+
+
+def noise_clip(category: str, rng: np.random.Generator, *, num_samples: int,
+               sample_rate_hz: int) -> np.ndarray:
+    """One noise clip of `category` (see NOISES)."""
+    t_s = np.arange(num_samples) / sample_rate_hz
+    top_hz = 0.45 * sample_rate_hz
+    if category == "pink_hum":
+        mains_hz = rng.choice([50.0, 60.0])
+        hum = sum(a * np.sin(2 * np.pi * h * mains_hz * t_s + rng.uniform(0, 2 * np.pi))
+                  for h, a in ((1, 1.0), (2, 0.5), (3, 0.7), (5, 0.3)))
+        x = coloured_noise(rng, num_samples, 1.0, sample_rate_hz) + rng.uniform(0.3, 0.8) * hum
+    elif category == "brown_fan":
+        blade_hz = rng.uniform(80, 160)
+        tone = np.sin(2 * np.pi * blade_hz * t_s) + 0.4 * np.sin(4 * np.pi * blade_hz * t_s + 1.0)
+        x = (coloured_noise(rng, num_samples, 2.0, sample_rate_hz, low_hz=60.0) + 0.3 * tone
+             + 0.1 * band_noise(rng, num_samples, 2000.0, top_hz, sample_rate_hz))
+    elif category == "bursts":
+        # Two band-limited carriers gated on for 0.1-1.5 s and off for 0.3-2 s, with 10 ms ramps.
+        x = np.zeros(num_samples)
+        ramp = np.sin(np.linspace(0, np.pi / 2, int(0.01 * sample_rate_hz))) ** 2
+        for _ in range(2):
+            low_hz = rng.uniform(100, 2000)
+            high_hz = min(low_hz * rng.uniform(1.5, 4), top_hz)
+            carrier = band_noise(rng, num_samples, low_hz, high_hz, sample_rate_hz)
+            gate = np.zeros(num_samples)
+            pos = int(rng.uniform(0, 1.0) * sample_rate_hz)
+            while pos < num_samples:
+                length = int(rng.uniform(0.1, 1.5) * sample_rate_hz)
+                seg = np.full(min(length, num_samples - pos), rng.uniform(0.3, 1.0))
+                n_ramp = min(ramp.size, seg.size // 2)
+                seg[:n_ramp] *= ramp[:n_ramp]
+                seg[seg.size - n_ramp:] *= ramp[:n_ramp][::-1]
+                gate[pos : pos + seg.size] = seg
+                pos += length + int(rng.uniform(0.3, 2.0) * sample_rate_hz)
+            x += gate * carrier
+        x += 0.01 * rng.standard_normal(num_samples)  # never exactly silent between bursts
+    elif category == "clatter":
+        # Impacts (about 3 per second, in clusters) on four resonant objects of 2-3 modes each.
+        x = 0.01 * rng.standard_normal(num_samples)
+        for _ in range(4):
+            onsets = impulse_train(rng, num_samples, rng.uniform(0.3, 1.2), sample_rate_hz, jitter=0.9)
+            hits = np.zeros(num_samples)
+            hits[onsets] = 10 ** rng.uniform(-1, 0, onsets.size)  # 20 dB of loudness spread
+            body = np.zeros(int(0.3 * sample_rate_hz))
+            for _ in range(3):  # modes; decays <= 60 ms, so 0.3 s holds the whole ring
+                mode = decaying_resonance(min(rng.uniform(800, 6000), top_hz), rng.uniform(0.01, 0.06),
+                                          sample_rate_hz)[: body.size]
+                body[: mode.size] += rng.uniform(0.3, 1.0) * mode
+            x += convolve_fft(hits, body)
+    else:
+        raise ValueError(f"noise category {category!r}: expected one of {tuple(NOISES)}")
+    return _normalise(x, _RMS_LEVEL * rng.uniform(0.8, 1.25))
+
+
+# --- the corpus -----------------------------------------------------------------------------------
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomic text write (temp file + os.replace)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_synthetic_corpus(
+    root: str | os.PathLike,
+    *,
+    seed: int = 0,
+    machines: Sequence[str] = ("fan", "pump", "gearbox"),
+    sections: Sequence[str] = ("00",),
+    train_source_per_attr: int = 4,
+    train_target_per_attr: int = 3,
+    test_per_domain: int = 6,
+    clip_s: float = 10.0,
+    sample_rate_hz: int = 16000,
+    noise_categories: Sequence[str] = tuple(NOISES),
+    noise_clips_per_category: int = 6,
+    noise_clip_s: float = 15.0,
+    force: bool = False,
+) -> SynthCorpus:
+    """Write the synthetic corpus under `root` and describe it.
+
+    Default size per machine: 3 speeds x 2 loads x 4 = 24 source and 1 x 2 x 3 = 6 target training clips,
+    `test_per_domain` normal and as many anomalous test clips per domain; noises are longer than a clip
+    so that random segments exist. A tree written earlier with the same arguments (recorded in
+    `<root>/synth.json`) is reused unless `force`; a different one is replaced. Folders this function
+    did not write are never deleted.
+    """
+    unknown = [m for m in machines if m not in MACHINES]
+    if unknown:
+        raise ValueError(f"machines: unknown {unknown}; choose from {tuple(MACHINES)}")
+    unknown = [c for c in noise_categories if c not in NOISES]
+    if unknown:
+        raise ValueError(f"noise_categories: unknown {unknown}; choose from {tuple(NOISES)}")
+    bad_sections = [s for s in sections if not (len(s) == 2 and s.isdigit())]
+    if bad_sections:
+        raise ValueError(f"sections: {bad_sections} are not two-digit strings like '00'")
+    sizes = dict(seed=seed, train_source_per_attr=train_source_per_attr,
+                 train_target_per_attr=train_target_per_attr, test_per_domain=test_per_domain,
+                 noise_clips_per_category=noise_clips_per_category)
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+            raise ValueError(f"{name}={value!r}: must be an integer >= 0")
+    if clip_s < 1.0 or noise_clip_s < clip_s:
+        raise ValueError(f"clip_s={clip_s}, noise_clip_s={noise_clip_s}: need 1 <= clip_s <= noise_clip_s")
+
+    root = Path(root)
+    machine_root, noise_root, stamp_path = root / "machines", root / "noise", root / "synth.json"
+    params = dict(version=SYNTH_VERSION, seed=seed, machines=list(machines), sections=list(sections),
+                  train_source_per_attr=train_source_per_attr, train_target_per_attr=train_target_per_attr,
+                  test_per_domain=test_per_domain, clip_s=clip_s, sample_rate_hz=sample_rate_hz,
+                  noise_categories=list(noise_categories), noise_clips_per_category=noise_clips_per_category,
+                  noise_clip_s=noise_clip_s)
+    stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() else None
+    ours = stamp is not None
+    if not ours and any(p.exists() and any(p.iterdir()) for p in (machine_root, noise_root)):
+        raise FileExistsError(f"{root}: holds machines/ or noise/ not written by write_synthetic_corpus "
+                              f"(no synth.json); pick an empty folder")
+
+    # The plan lists every file, so a reused tree can be checked for completeness.
+    raw_root = machine_root / "dev_data" / "raw"
+    groups = [plan_machine_clips(raw_root, MACHINES[name], section,
+                                 train_source_per_attr=train_source_per_attr,
+                                 train_target_per_attr=train_target_per_attr, test_per_domain=test_per_domain)
+              for name in machines for section in sections]
+    clips = [clip for group in groups for clip in group]
+    noise_files = [(c, str(noise_root / c / f"{c}_{i:04d}.wav"))
+                   for c in noise_categories for i in range(noise_clips_per_category)]
+
+    reuse = (not force and ours and stamp.get("params") == params and stamp.get("complete") is True
+             and all(os.path.exists(p) for p in [c.path for c in clips] + [p for _, p in noise_files]))
+    if not reuse:
+        if ours:  # replace our own earlier tree, so no stale clip survives a change of arguments
+            for p in (machine_root, noise_root):
+                shutil.rmtree(p, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+        # Claim the folder first (so an interrupted run is still ours to replace), complete it last.
+        _write_text(stamp_path, json.dumps({"params": params, "complete": False}, indent=2) + "\n")
+        for group in groups:
+            if group:
+                _write_machine(group, seed=seed, clip_s=clip_s, sample_rate_hz=sample_rate_hz)
+        noise_root.mkdir(parents=True, exist_ok=True)
+        num_noise_samples = int(round(noise_clip_s * sample_rate_hz))
+        for category in noise_categories:
+            (noise_root / category).mkdir(exist_ok=True)
+            for index in range(noise_clips_per_category):
+                rng = np.random.default_rng([seed, 2, list(NOISES).index(category), index])
+                x = noise_clip(category, rng, num_samples=num_noise_samples, sample_rate_hz=sample_rate_hz)
+                write_audio(noise_root / category / f"{category}_{index:04d}.wav", x.astype(np.float32),
+                            sample_rate_hz)
+        categories = {c: {"stationary": NOISES[c].stationary} for c in noise_categories}
+        _write_text(noise_root / "categories.yaml", yaml.safe_dump(categories, sort_keys=False))
+        _write_text(stamp_path, json.dumps({"params": params, "complete": True}, indent=2) + "\n")
+
+    counts = Counter(f"{c.machine}/{c.split}/{c.domain}/{c.label}" for c in clips)
+    counts.update(f"noise/{c}" for c, _ in noise_files)
+    return SynthCorpus(str(root), str(machine_root), str(noise_root), tuple(clips), tuple(noise_files),
+                       written=not reuse, counts=dict(sorted(counts.items())))

@@ -1,0 +1,257 @@
+"""Mixing clean machine sound with noise at a target SNR (the paper's Eq. 3), and SNR samplers.
+
+Eq. 3:  x = a1 x1 + a2 x2,  a2 = 1 / sqrt(P2),  a1 = sqrt(R / P1),  R = 10^(snr_db / 10),
+so the noise component has unit power and a1^2 P1 / (a2^2 P2) = R.
+
+Training mixes per instance (`mix_at_snr`). Evaluation sets instead scale every noise relative to
+the mean power of the machine's clean set (`mix_at_dataset_snr`), so the SNR holds on average over
+the set while single clips keep their natural loudness differences.
+
+Numerics: powers and gains are computed in float64; the returned arrays have the inputs' float
+dtype (float32 in, float32 out; float64 in, float64 out; integers give float64), and `mixture` is
+computed as `clean + noise` in that dtype, so `mixture == clean + noise` holds exactly. Rounding to
+float32 moves the component SNR by about 1e-6 dB.
+
+Numpy only: this module is pure maths, called from Ray Data workers and tests alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+
+class MixingError(ValueError):
+    """An input that cannot be mixed (silent, non-finite, mismatched)."""
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """Result of a mix. `clean` and `noise` are the scaled components: mixture == clean + noise."""
+
+    mixture: np.ndarray  # (T,)
+    clean: np.ndarray  # (T,) a1 * x1
+    noise: np.ndarray  # (T,) a2 * x2
+    a1: float  # gain applied to the clean input
+    a2: float  # gain applied to the noise input
+    snr_db: float  # the target SNR (instance-level for mix_at_snr, set-level for mix_at_dataset_snr)
+
+
+def power(x: np.ndarray) -> float:
+    """Mean square of `x`, accumulated in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    return float(np.mean(np.square(x)))
+
+
+def snr_to_ratio(snr_db: float) -> float:
+    """R = 10^(snr_db / 10), the power ratio of Eq. 3."""
+    return float(10.0 ** (snr_db / 10.0))
+
+
+def _out_dtype(*arrays: np.ndarray) -> np.dtype:
+    return np.result_type(*(a.dtype for a in arrays), np.float32)
+
+
+def _checked_power(x: np.ndarray, name: str) -> float:
+    """Power of a mixing input; a silent, empty or non-finite input is an error naming it."""
+    if x.size == 0:
+        raise MixingError(f"{name}: empty array")
+    if not np.isfinite(x).all():
+        raise MixingError(f"{name}: contains NaN or Inf; validate the clip (retain_asd.audio) first")
+    p = power(x)
+    if not p > 0.0:
+        raise MixingError(f"{name}: silent (power 0); an SNR is undefined, drop this clip")
+    if not np.isfinite(p):
+        raise MixingError(f"{name}: power overflows float64; the samples are not audio-scaled")
+    return p
+
+
+def _check_pair(clean: np.ndarray, noise: np.ndarray) -> None:
+    if clean.shape != noise.shape:
+        raise MixingError(
+            f"clean has shape {clean.shape}, noise {noise.shape}: equal lengths are required; "
+            "cut the noise with random_segment(noise, len(clean), rng)"
+        )
+
+
+def _check_snr(snr_db: float) -> float:
+    snr_db = float(snr_db)
+    if not np.isfinite(snr_db):
+        raise MixingError(f"snr_db={snr_db}: must be finite")
+    return snr_db
+
+
+def _scale(clean: np.ndarray, noise: np.ndarray, a1: float, a2: float, snr_db: float) -> Mixture:
+    dtype = _out_dtype(clean, noise)
+    clean_part = (a1 * clean.astype(np.float64)).astype(dtype)
+    noise_part = (a2 * noise.astype(np.float64)).astype(dtype)
+    if not (np.isfinite(clean_part).all() and np.isfinite(noise_part).all()):
+        raise MixingError(f"gains a1={a1:g}, a2={a2:g} overflow {dtype}; the inputs are not audio-scaled")
+    return Mixture(clean_part + noise_part, clean_part, noise_part, float(a1), float(a2), snr_db)
+
+
+def mix_at_snr(clean: np.ndarray, noise: np.ndarray, snr_db: float) -> Mixture:
+    """Eq. 3: noise to unit power, clean scaled so that P(a1 x1) / P(a2 x2) = 10^(snr_db/10)."""
+    clean, noise = np.asarray(clean), np.asarray(noise)
+    _check_pair(clean, noise)
+    snr_db = _check_snr(snr_db)
+    p_clean = _checked_power(clean, "clean")
+    p_noise = _checked_power(noise, "noise")
+    a2 = 1.0 / np.sqrt(p_noise)
+    a1 = np.sqrt(snr_to_ratio(snr_db) / p_clean)
+    return _scale(clean, noise, a1, a2, snr_db)
+
+
+# --- dataset-level scaling (evaluation sets) -------------------------------------------------------
+
+
+def mean_power(clips: Sequence[np.ndarray]) -> float:
+    """Mean of the clips' powers: the reference power of a machine's clean set."""
+    if len(clips) == 0:
+        raise MixingError("mean_power of an empty set of clips")
+    return float(np.mean([power(c) for c in clips]))
+
+
+def dataset_noise_gain(noise: np.ndarray, reference_power: float, snr_db: float) -> float:
+    """Gain g so that P(g * noise) = reference_power / R, i.e. g = sqrt(reference_power / (R P_noise)).
+
+    With reference_power the mean clean power of the machine's set, the set-level SNR equals snr_db.
+    """
+    if not (np.isfinite(reference_power) and reference_power > 0):
+        raise MixingError(f"reference_power={reference_power}: must be a positive mean clean power")
+    p_noise = _checked_power(np.asarray(noise), "noise")
+    return float(np.sqrt(reference_power / (snr_to_ratio(_check_snr(snr_db)) * p_noise)))
+
+
+def mix_at_dataset_snr(
+    clean: np.ndarray, noise: np.ndarray, snr_db: float, reference_power: float
+) -> Mixture:
+    """Eval-set mix: clean unscaled (a1 = 1), noise scaled by dataset_noise_gain.
+
+    The instance SNR is P(clean) / (reference_power / R): louder clips get a higher SNR, as in the
+    reference evaluation sets; `Mixture.snr_db` holds the set-level target.
+    """
+    clean, noise = np.asarray(clean), np.asarray(noise)
+    _check_pair(clean, noise)
+    _checked_power(clean, "clean")
+    a2 = dataset_noise_gain(noise, reference_power, snr_db)
+    return _scale(clean, noise, 1.0, a2, _check_snr(snr_db))
+
+
+def dataset_snr_db(clean_list: Sequence[np.ndarray], noise_list: Sequence[np.ndarray]) -> float:
+    """Set-level SNR: 10 log10(mean clean power / mean noise power), noise as mixed (scaled)."""
+    if len(clean_list) == 0 or len(noise_list) == 0:
+        raise MixingError("dataset_snr_db needs at least one clean and one noise clip")
+    p_noise = mean_power(noise_list)
+    if not p_noise > 0:
+        raise MixingError("noise set is silent (mean power 0)")
+    return float(10.0 * np.log10(mean_power(clean_list) / p_noise))
+
+
+# --- SNR samplers ----------------------------------------------------------------------------------
+# Small seeded callables; the caller owns the np.random.Generator, so its state can be saved and a
+# resumed run draws the same SNRs (as lhotse's mix transforms do).
+
+
+@dataclass(frozen=True)
+class FixedSNR:
+    """Always `snr_db` (the paper's best Table-4 row is 0 dB fixed)."""
+
+    snr_db: float
+
+    def __post_init__(self):
+        _check_snr(self.snr_db)
+
+    def sample(self, rng: np.random.Generator, size: int | None = None) -> float | np.ndarray:
+        if size is None:
+            return float(self.snr_db)
+        return np.full(size, float(self.snr_db))
+
+
+@dataclass(frozen=True)
+class UniformSNR:
+    """Uniform on [low_db, high_db] (paper default [-5, 5] dB)."""
+
+    low_db: float
+    high_db: float
+
+    def __post_init__(self):
+        _check_snr(self.low_db)
+        _check_snr(self.high_db)
+        if self.low_db > self.high_db:
+            raise ValueError(f"UniformSNR: low_db={self.low_db} > high_db={self.high_db}; swap them")
+
+    def sample(self, rng: np.random.Generator, size: int | None = None) -> float | np.ndarray:
+        x = rng.uniform(self.low_db, self.high_db, size)
+        return float(x) if size is None else x
+
+
+@dataclass(frozen=True)
+class DiscreteSNR:
+    """Uniform over a finite set of SNRs, e.g. (-5, 0, 5) dB."""
+
+    values_db: tuple[float, ...]
+
+    def __post_init__(self):
+        values = tuple(float(v) for v in self.values_db)
+        if not values:
+            raise ValueError("DiscreteSNR: values_db is empty; give at least one SNR")
+        for v in values:
+            _check_snr(v)
+        object.__setattr__(self, "values_db", values)
+
+    def sample(self, rng: np.random.Generator, size: int | None = None) -> float | np.ndarray:
+        idx = rng.integers(0, len(self.values_db), size)
+        values = np.asarray(self.values_db)
+        return float(values[idx]) if size is None else values[idx]
+
+
+SNRSampler = FixedSNR | UniformSNR | DiscreteSNR
+
+
+def make_snr_sampler(
+    kind: Literal["fixed", "uniform", "discrete"],
+    *,
+    snr_db: float | None = None,
+    low_db: float | None = None,
+    high_db: float | None = None,
+    values_db: Sequence[float] | None = None,
+) -> SNRSampler:
+    """Build a sampler from flat arguments; each kind needs exactly its own arguments."""
+    given = {"snr_db": snr_db, "low_db": low_db, "high_db": high_db, "values_db": values_db}
+    needed = {"fixed": ("snr_db",), "uniform": ("low_db", "high_db"), "discrete": ("values_db",)}
+    if kind not in needed:
+        raise ValueError(f"SNR sampler kind={kind!r}: expected one of {tuple(needed)}")
+    missing = [k for k in needed[kind] if given[k] is None]
+    extra = [k for k, v in given.items() if v is not None and k not in needed[kind]]
+    if missing or extra:
+        raise ValueError(
+            f"SNR sampler kind={kind!r} takes {needed[kind]}; missing {missing}, unexpected {extra}"
+        )
+    if kind == "fixed":
+        return FixedSNR(snr_db)
+    if kind == "uniform":
+        return UniformSNR(low_db, high_db)
+    return DiscreteSNR(tuple(values_db))
+
+
+# --- noise segments --------------------------------------------------------------------------------
+
+
+def random_segment(x: np.ndarray, num_samples: int, rng: np.random.Generator) -> np.ndarray:
+    """A random `num_samples` window of `x` (T,): a crop when longer, a loop from a random offset when
+    shorter (so a short noise still gives varied segments)."""
+    x = np.asarray(x)
+    n = x.shape[0]
+    if num_samples <= 0:
+        raise ValueError(f"num_samples={num_samples}: must be positive")
+    if n == 0:
+        raise MixingError("random_segment of an empty array")
+    if n >= num_samples:
+        start = int(rng.integers(0, n - num_samples + 1))
+        return x[start : start + num_samples].copy()
+    start = int(rng.integers(0, n))
+    return x[(start + np.arange(num_samples)) % n]
