@@ -1,0 +1,369 @@
+"""Controlled evaluation sets: Factory A / Factory B / Mismatch x SNR grid, stored as mixing *recipes*.
+
+Per machine type we pick (seeded) references from the train split (``source_refs`` source +
+``target_refs`` target normal clips, GenRep's 990 + 10) and tests from the test split
+(``test_normal`` normal + ``test_anomaly`` anomalous clips per domain, 50 + 50). The same clean
+clips are used by every condition and SNR, so rows differ only by their noise.
+
+Conditions (paper Sec. 4):
+  * factory_a: noise from the stationary categories, references and tests;
+  * factory_b: noise from the non-stationary categories, references and tests;
+  * mismatch: references of factory_b + tests of factory_a at the same SNR. These rows are *copies*
+    of those recipes (same clip, noise segment and gain), so their embeddings are cache hits.
+
+Noise (DESIGN "Mixing"): noise recordings are cut into disjoint clip-length segments
+(offsets 0, L, 2L, ...; a recording shorter than one clip is one looped segment). Each factory
+draws a seeded permutation of its segments and assigns them to the set's clips without replacement;
+the assignment is the same at every SNR (only the gain changes). Each segment is scaled with
+`mixing.dataset_noise_gain` relative to the mean clean power of the machine's selected clips, so
+10 log10(mean clean power / mean scaled-noise power) equals the target SNR for every machine and
+for the whole set, while single clips keep their natural loudness differences.
+
+Policy when data is short: fewer clips than asked -> use what there is and log a warning naming
+the counts. Fewer noise segments than clips in a set -> log a warning with both counts and cycle
+through the permutation, so each segment is used at most ceil(clips / segments) times (the manifest
+records ``max_segment_uses``); add noise recordings to get disjoint segments.
+
+On disk (``<work_dir>/evalsets/``): ``recipes.parquet`` (one row per clip x condition x SNR) and
+``manifest.json`` (parameters, corpus fingerprints, counts, warnings, sha1 of the recipes file).
+Mixtures are rebuilt from the shards on the fly (`MixtureSource`), so every model reuses the sets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retain_asd import mixing
+from retain_asd.corpus import shards
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+RECIPES = "recipes.parquet"
+MANIFEST = "manifest.json"
+CONDITIONS = ("factory_a", "factory_b", "mismatch")
+FACTORY_STATIONARY = {"factory_a": True, "factory_b": False}
+ROLES = ("ref_source", "ref_target", "test")
+RECIPE_COLUMNS = ("condition", "snr_db", "machine", "section", "role", "domain", "label", "clip_id", "wav_name",
+                  "noise_id", "noise_category", "noise_offset", "noise_gain", "clean_power", "reference_power")
+
+
+class EvalSetError(ValueError):
+    """The corpus cannot give the requested evaluation sets; the message names the counts and the fix."""
+
+
+@dataclass(frozen=True)
+class EvalSetParams:
+    """What a set is built from; part of the manifest (a change rebuilds the sets)."""
+
+    snrs_db: tuple[float, ...] = (-10.0, -5.0, 0.0, 5.0, 10.0, 20.0, 30.0)
+    source_refs: int = 990  # GenRep: 990 source + 10 target references per machine
+    target_refs: int = 10
+    test_normal: int = 50  # per domain
+    test_anomaly: int = 50  # per domain
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalSets:
+    """Built evaluation sets: the recipe table and its manifest."""
+
+    root: Path
+    manifest: dict
+    table: pa.Table
+
+    @property
+    def corpus_root(self) -> Path:
+        return Path(self.manifest["corpus_root"])
+
+    @property
+    def snrs_db(self) -> list[float]:
+        return [float(s) for s in self.manifest["params"]["snrs_db"]]
+
+    @property
+    def machines(self) -> list[str]:
+        return sorted(set(self.table.column("machine").to_pylist()))
+
+    def rows(self, condition: str, snr_db: float, machine: str | None = None) -> list[dict]:
+        """Recipe rows of one set (optionally one machine), in stored order."""
+        if condition not in CONDITIONS:
+            raise ValueError(f"condition {condition!r}: expected one of {CONDITIONS}")
+        out = [r for r in self._pylist() if r["condition"] == condition and r["snr_db"] == float(snr_db)
+               and (machine is None or r["machine"] == machine)]
+        if not out:
+            raise KeyError(f"{self.root}: no rows for {condition} at {snr_db} dB"
+                           + (f" for machine {machine!r}" if machine else "") + f"; SNRs built: {self.snrs_db}")
+        return out
+
+    def _pylist(self) -> list[dict]:
+        cached = self.__dict__.get("_rows")
+        if cached is None:
+            cached = self.table.to_pylist()
+            object.__setattr__(self, "_rows", cached)
+        return cached
+
+
+# ---------------------------------------------------------------------------------------------------- selection
+def _rng(seed: int, *names: str) -> np.random.Generator:
+    """Generator seeded by (seed, names): independent streams per machine / factory, stable across runs."""
+    return np.random.default_rng([seed, *(zlib.crc32(n.encode()) for n in names)])
+
+
+def _pick(rows: list[dict], n: int, rng: np.random.Generator, what: str, warnings: list[str]) -> list[dict]:
+    """n rows drawn without replacement (all of them, with a warning, when fewer exist)."""
+    if len(rows) < n:
+        msg = f"{what}: asked for {n} clips, the corpus has {len(rows)}; using {len(rows)}"
+        log.warning(msg)
+        warnings.append(msg)
+    order = rng.permutation(len(rows))[: min(n, len(rows))]
+    return [rows[i] for i in sorted(order)]  # corpus (path) order inside a role
+
+
+def select_clips(meta: list[dict], params: EvalSetParams, warnings: list[str]) -> list[dict]:
+    """Clean clips of every machine with their role; meta rows are shard rows without audio."""
+    out = []
+    for machine in sorted({r["machine"] for r in meta}):
+        rng = _rng(params.seed, "clips", machine)
+        mine = [r for r in meta if r["machine"] == machine]
+
+        def where(split, domain, label, rows=mine):
+            return [r for r in rows if r["split"] == split and r["domain"] == domain and r["label"] == label]
+
+        groups = [("ref_source", where("train", "source", "normal"), params.source_refs),
+                  ("ref_target", where("train", "target", "normal"), params.target_refs)]
+        for domain in ("source", "target"):
+            groups += [("test", where("test", domain, "normal"), params.test_normal),
+                       ("test", where("test", domain, "anomaly"), params.test_anomaly)]
+        for role, rows, n in groups:
+            what = f"{machine} {role} {rows[0]['domain'] + ' ' + rows[0]['label'] if rows else ''}".strip()
+            out += [{**r, "role": role} for r in _pick(rows, n, rng, what, warnings)]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- noise
+def noise_segments(noise_meta: list[dict], lengths: dict[str, int], num_samples: int) -> list[tuple[str, int]]:
+    """Disjoint clip-length segments (noise_id, offset) of each recording; a short one is one looped segment."""
+    out = []
+    for r in noise_meta:
+        n = lengths[r["clip_id"]]
+        out += [(r["clip_id"], k * num_samples) for k in range(max(1, n // num_samples))]
+    return out
+
+
+def cut_segment(recording: np.ndarray, offset: int, num_samples: int) -> np.ndarray:
+    """The segment at `offset`; recordings shorter than one clip loop (np.resize tiles cyclically)."""
+    if recording.shape[0] < num_samples:
+        return np.resize(recording, num_samples)
+    return recording[offset : offset + num_samples]
+
+
+def _iter_audio(root: Path, wanted: set[str]):
+    """(clip_id, float32 audio) of the wanted rows, shard by shard (never the whole corpus in memory)."""
+    manifest = shards.read_manifest(root)
+    for name in manifest["shards"]:
+        table = pq.read_table(root / name, columns=["clip_id", "audio"])
+        keep = [i for i, c in enumerate(table.column("clip_id").to_pylist()) if c in wanted]
+        if keep:
+            sub = table.take(keep)
+            yield from zip(sub.column("clip_id").to_pylist(), shards.audio_list(sub))
+
+
+# ---------------------------------------------------------------------------------------------------- build
+def _fingerprints(corpus_root: Path) -> dict:
+    out = {}
+    for name in ("machine", "noise"):
+        manifest = shards.read_manifest(corpus_root / name)
+        if manifest is None:
+            raise FileNotFoundError(f"{corpus_root / name}: no shards; run `retain-asd ingest` first")
+        out[name] = manifest["fingerprint"]
+    return out
+
+
+def _recipes(corpus_root: Path, params: EvalSetParams, warnings: list[str]) -> tuple[list[dict], dict]:
+    meta_cols = ["clip_id", "path", "machine", "section", "domain", "split", "label"]
+    meta = shards.read_table(corpus_root / "machine", columns=meta_cols).to_pylist()
+    clips = select_clips(meta, params, warnings)
+    if not clips:
+        raise EvalSetError(f"{corpus_root / 'machine'}: no clips to build evaluation sets from")
+    settings = shards.read_manifest(corpus_root / "machine")["settings"]
+    num_samples = int(round(settings["clip_s"] * settings["sample_rate_hz"]))
+    clean_power = {cid: mixing.power(x) for cid, x in _iter_audio(corpus_root / "machine",
+                                                                   {c["clip_id"] for c in clips})}
+    ref_power = {m: float(np.mean([clean_power[c["clip_id"]] for c in clips if c["machine"] == m]))
+                 for m in {c["machine"] for c in clips}}
+
+    noise_meta = shards.read_table(corpus_root / "noise", columns=["clip_id", "path", "noise_category", "stationary"])
+    noise_meta = noise_meta.to_pylist()
+    recordings = dict(_iter_audio(corpus_root / "noise", {r["clip_id"] for r in noise_meta}))
+    category = {r["clip_id"]: r["noise_category"] for r in noise_meta}
+    rows, counts = [], {"clips_per_set": len(clips)}
+    for factory, stationary in FACTORY_STATIONARY.items():
+        mine = [r for r in noise_meta if bool(r["stationary"]) == stationary]
+        segments = noise_segments(mine, {k: len(v) for k, v in recordings.items()}, num_samples)
+        if not segments:
+            kind = "stationary" if stationary else "non-stationary"
+            raise EvalSetError(f"{corpus_root / 'noise'}: no {kind} noise category for {factory}; mark one in "
+                               "categories.yaml and re-ingest")
+        order = _rng(params.seed, "noise", factory).permutation(len(segments))
+        uses = math.ceil(len(clips) / len(segments))
+        if uses > 1:
+            msg = (f"{factory}: {len(segments)} noise segments of {num_samples} samples for {len(clips)} clips "
+                   f"per set; segments are reused up to {uses} times (add noise recordings to avoid reuse)")
+            log.warning(msg)
+            warnings.append(msg)
+        counts[f"{factory}_segments"] = len(segments)
+        counts[f"{factory}_max_segment_uses"] = uses
+        seg_cache = {}
+        for i, clip in enumerate(clips):
+            noise_id, offset = segments[order[i % len(segments)]]
+            if (noise_id, offset) not in seg_cache:
+                seg = cut_segment(recordings[noise_id], offset, num_samples)
+                seg_cache[(noise_id, offset)] = seg
+            for snr_db in params.snrs_db:
+                gain = mixing.dataset_noise_gain(seg_cache[(noise_id, offset)], ref_power[clip["machine"]], snr_db)
+                rows.append(dict(condition=factory, snr_db=float(snr_db), machine=clip["machine"],
+                                 section=clip["section"], role=clip["role"], domain=clip["domain"],
+                                 label=clip["label"], clip_id=clip["clip_id"], wav_name=Path(clip["path"]).name,
+                                 noise_id=noise_id, noise_category=category[noise_id], noise_offset=int(offset),
+                                 noise_gain=gain, clean_power=clean_power[clip["clip_id"]],
+                                 reference_power=ref_power[clip["machine"]]))
+    # Mismatch: Factory B references + Factory A tests, copied row for row (identical identities).
+    rows += [{**r, "condition": "mismatch"} for r in rows
+             if (r["condition"] == "factory_b" and r["role"] != "test")
+             or (r["condition"] == "factory_a" and r["role"] == "test")]
+    rank = {c: i for i, c in enumerate(CONDITIONS)}
+    rows.sort(key=lambda r: (rank[r["condition"]], r["snr_db"], r["machine"], ROLES.index(r["role"]),
+                             r["domain"], r["label"], r["wav_name"]))
+    return rows, {**counts, "num_samples": num_samples}
+
+
+def _table(rows: list[dict]) -> pa.Table:
+    types = {"snr_db": pa.float64(), "noise_offset": pa.int64(), "noise_gain": pa.float64(),
+             "clean_power": pa.float64(), "reference_power": pa.float64()}
+    return pa.table({c: pa.array([r[c] for r in rows], type=types.get(c, pa.string())) for c in RECIPE_COLUMNS})
+
+
+def _file_sha1(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def build_evalsets(corpus_root: str | os.PathLike, out_dir: str | os.PathLike, params: EvalSetParams = EvalSetParams(),
+                   force: bool = False) -> EvalSets:
+    """Write (or reuse, when the corpus and parameters are unchanged) the recipe table and manifest."""
+    corpus_root, out_dir = Path(corpus_root).resolve(), Path(out_dir)
+    params = EvalSetParams(**{**asdict(params), "snrs_db": tuple(float(s) for s in params.snrs_db)})
+    identity = {"schema_version": SCHEMA_VERSION, "params": asdict(params), "corpus": _fingerprints(corpus_root)}
+    old = read_manifest(out_dir)
+    if not force and old is not None and all(old.get(k) == json.loads(json.dumps(v)) for k, v in identity.items()):
+        log.info("%s: evaluation sets up to date", out_dir)
+        return load_evalsets(out_dir)
+    warnings: list[str] = []
+    rows, counts = _recipes(corpus_root, params, warnings)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        pq.write_table(_table(rows), tmp / RECIPES)
+        per_machine = {}
+        for r in rows:
+            if r["condition"] == "factory_a" and r["snr_db"] == params.snrs_db[0]:
+                key = f"{r['role']}/{r['domain']}/{r['label']}"
+                per_machine.setdefault(r["machine"], {}).setdefault(key, 0)
+                per_machine[r["machine"]][key] += 1
+        manifest = {**identity, "corpus_root": str(corpus_root), "counts": counts, "per_machine": per_machine,
+                    "warnings": warnings, "recipes_sha1": _file_sha1(tmp / RECIPES), "rows": len(rows)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        if out_dir.exists():
+            trash = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(out_dir, trash)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_evalsets(out_dir)
+
+
+def read_manifest(root: str | os.PathLike) -> dict | None:
+    path = Path(root) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_evalsets(root: str | os.PathLike) -> EvalSets:
+    root = Path(root)
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise FileNotFoundError(f"{root}: no evaluation sets; run `retain-asd evalsets` first")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise EvalSetError(f"{root}: schema {manifest.get('schema_version')} != {SCHEMA_VERSION}; rebuild with "
+                           "`retain-asd evalsets --force`")
+    return EvalSets(root, manifest, pq.read_table(root / RECIPES))
+
+
+def evalsets_from_config(cfg, force: bool = False) -> EvalSets:
+    """Builder: a Config -> the sets of `<work_dir>/corpus` under `<work_dir>/evalsets`."""
+    e = cfg.eval
+    work = Path(cfg.data.work_dir)
+    params = EvalSetParams(snrs_db=tuple(e.snrs_db), source_refs=e.source_refs, target_refs=e.target_refs,
+                           test_normal=e.test_normal, test_anomaly=e.test_anomaly, seed=e.seed)
+    return build_evalsets(work / "corpus", work / "evalsets", params, force=force)
+
+
+# ---------------------------------------------------------------------------------------------------- mixtures
+def row_key(row: dict) -> str:
+    """Identity of a mixture (clip + noise segment + gain + SNR): the embedding cache key of a row."""
+    text = f"{row['clip_id']}|{row.get('noise_id', '')}|{row.get('noise_offset', 0)}|" \
+           f"{float(row.get('noise_gain', 0.0))!r}|{float(row.get('snr_db', math.inf))!r}"
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+class MixtureSource:
+    """Rebuilds clean clips and scaled noise segments of recipe rows from the shards (loaded on demand)."""
+
+    def __init__(self, corpus_root: str | os.PathLike):
+        self.corpus_root = Path(corpus_root)
+        self._clean: dict[str, np.ndarray] = {}
+        self._noise: dict[str, np.ndarray] = {}
+
+    def _load(self, rows: Sequence[dict]) -> None:
+        want = {r["clip_id"] for r in rows} - set(self._clean)
+        if want:
+            self._clean.update(_iter_audio(self.corpus_root / "machine", want))
+        want_noise = {r["noise_id"] for r in rows if r.get("noise_id")} - set(self._noise)
+        if want_noise:
+            self._noise.update(_iter_audio(self.corpus_root / "noise", want_noise))
+        missing = {r["clip_id"] for r in rows} - set(self._clean)
+        if missing:
+            raise EvalSetError(f"{self.corpus_root}: {len(missing)} clips of the recipes are not in the shards "
+                               f"(e.g. {sorted(missing)[:3]}); the corpus changed, rebuild the evaluation sets")
+
+    def parts(self, rows: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+        """(clean (B, S), scaled noise (B, S)) float32; the mixture is their sum (Eq. 3 with a1 = 1)."""
+        self._load(rows)
+        clean = np.stack([self._clean[r["clip_id"]] for r in rows])  # (B, S)
+        noise = np.zeros_like(clean)
+        for i, r in enumerate(rows):
+            if r.get("noise_id"):
+                seg = cut_segment(self._noise[r["noise_id"]], int(r["noise_offset"]), clean.shape[1])
+                noise[i] = (float(r["noise_gain"]) * seg.astype(np.float64)).astype(np.float32)
+        return clean, noise
+
+    def mixtures(self, rows: Sequence[dict]) -> np.ndarray:
+        clean, noise = self.parts(rows)
+        return clean + noise  # (B, S)

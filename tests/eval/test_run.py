@@ -1,0 +1,117 @@
+"""evaluate: forwards saved by the cache, figures equal to metrics/knn, end-to-end CLI with MLflow, DCASE mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retain_asd.eval import knn, metrics
+from retain_asd.eval.embed import Embedder
+from retain_asd.eval.evalsets import EvalSetParams, MixtureSource, build_evalsets
+from retain_asd.eval.run import evaluate_checkpoint, evaluate_dcase, write_score_files
+from retain_asd.models.beats import beats_tiny, write_random_checkpoint
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, ray_local) -> Path:
+    """A work dir with the smoke-sized synthetic corpus (2 s clips) ingested under work/corpus."""
+    from retain_asd.corpus.ingest import ingest
+    from retain_asd.corpus.shards import DecodeSettings
+    from retain_asd.corpus.synth import write_synthetic_corpus
+
+    root = tmp_path_factory.mktemp("run")
+    s = write_synthetic_corpus(root / "synth", machines=("fan", "pump"), train_source_per_attr=2,
+                               train_target_per_attr=2, test_per_domain=4, clip_s=2.0,
+                               noise_clips_per_category=2, noise_clip_s=20.0)
+    ingest(s.machine_root, s.noise_root, root / "corpus", settings=DecodeSettings(clip_s=2.0))
+    write_random_checkpoint(root / "ckpt.pt", beats_tiny(), seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def sets(work):
+    params = EvalSetParams(snrs_db=(-5.0, 5.0), source_refs=8, target_refs=2, test_normal=2, test_anomaly=2)
+    return build_evalsets(work / "corpus", work / "evalsets", params)
+
+
+def test_mismatch_costs_no_extra_forwards(work, sets, tmp_path):
+    ab = Embedder(work / "ckpt.pt", cache_dir=tmp_path / "ab", batch_size=4)
+    evaluate_checkpoint(None, sets, 2, conditions=("factory_a", "factory_b"), embedder=ab)
+    abm = Embedder(work / "ckpt.pt", cache_dir=tmp_path / "abm", batch_size=4)
+    evaluate_checkpoint(None, sets, 2, conditions=("factory_a", "factory_b", "mismatch"), embedder=abm)
+    assert ab.num_clips_encoded == 2 * 2 * 36  # 2 factories x 2 SNRs x 36 clips
+    assert (abm.num_clips_encoded, abm.num_forwards) == (ab.num_clips_encoded, ab.num_forwards)
+
+
+def test_figures_equal_knn_and_metrics(work, sets, tmp_path):
+    embedder = Embedder(work / "ckpt.pt", cache_dir=tmp_path, batch_size=8)
+    result = evaluate_checkpoint(None, sets, [2, 3], conditions=("factory_a",), embedder=embedder)
+    assert {(c.snr_db, c.layer, c.domain_norm) for c in result.cells} == {
+        (s, layer, dn) for s in (-5.0, 5.0) for layer in (2, 3) for dn in (False, True)}
+    cell = next(c for c in result.cells if c.snr_db == -5.0 and c.layer == 3 and c.domain_norm)
+    rows = sets.rows("factory_a", -5.0, "fan")
+    clips = MixtureSource(sets.corpus_root).mixtures(rows)
+    emb = Embedder(work / "ckpt.pt").embed_waveforms(clips, [3])[3].astype(np.float64)
+    role = np.array([r["role"] for r in rows])
+    tests = [r for r in rows if r["role"] == "test"]
+    scores = knn.score_clips(emb[role == "test"], emb[role == "ref_source"], emb[role == "ref_target"],
+                             domain_norm=True)
+    fig = metrics.machine_scores(scores, [r["label"] == "anomaly" for r in tests],
+                                 [r["domain"] == "target" for r in tests])
+    got = cell.machines["fan"]
+    np.testing.assert_allclose(got.scores, scores, rtol=1e-6)
+    assert got.figures == fig
+    assert cell.official == metrics.official_score([m.figures for m in cell.machines.values()])
+    m = result.metrics()
+    assert m["factory_a/snr_-5/official"] == next(c.official for c in result.cells
+                                                  if (c.snr_db, c.layer, c.domain_norm) == (-5.0, 2, False))
+    assert m["layer_3/factory_a/snr_-5/official_dn"] == cell.official
+    assert m["hmean_all"] == metrics.table2(result.official_by_set())[-1].hmean_all
+    files = write_score_files(result, tmp_path / "scores")
+    assert (tmp_path / "scores/factory_a/snr_-5/raw/anomaly_score_fan_section_00_test.csv") in files
+    assert (tmp_path / "scores/factory_a/snr_-5/raw/decision_result_fan_section_00_test.csv") in files
+    assert (tmp_path / "scores/factory_a/snr_-5/layer_3/dn/anomaly_score_pump_section_00_test.csv") in files
+
+
+def test_evaluate_cli_smoke_preset_writes_tables_and_mlflow_run(work, sets, tmp_path):
+    import mlflow
+
+    from pipelines.evaluate import main
+
+    db = tmp_path / "mlflow.db"
+    overrides = [f"data.work_dir={work}", f"tracking.tracking_uri=sqlite:///{db}", "eval.source_refs=8",
+                 "eval.target_refs=2", "eval.test_normal=2", "eval.test_anomaly=2", "eval.batch_size=8"]
+    argv = ["--preset", "smoke", "--checkpoint", str(work / "ckpt.pt"), "--checkpoint", "frozen",
+            "--out", str(tmp_path / "out")]
+    for o in overrides:
+        argv += ["--set", o]
+    with pytest.warns(UserWarning, match="RANDOM encoder"):
+        assert main(argv) == 0
+    for name in ("ckpt", "frozen"):
+        for f in ("table2.md", "table2.csv", "table2_dn.md", "score_vs_snr.png"):
+            assert (tmp_path / "out" / name / f).is_file()
+    assert (tmp_path / "out/table2.md").read_text().count("\n") == 4  # header, rule, 2 runs
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    runs = mlflow.search_runs(experiment_names=["retain-asd"], output_format="list")
+    assert sorted(r.info.run_name for r in runs) == ["evaluate-ckpt", "evaluate-frozen"]
+    keys = set(runs[0].data.metrics)
+    for k in ("factory_a/snr_-5/official", "factory_a/snr_-5/official_dn", "mismatch/snr_5/official",
+              "hmean_all", "hmean_all_dn", "factory_b/hmean_all", "factory_a/snr_5/fan/auc_source"):
+        assert k in keys
+    assert "hmean_low" not in keys  # the smoke grid has no -10 dB: the low-SNR hmean is undefined
+
+
+def test_dcase_mode_on_a_dcase2023_tree(work, tmp_path):
+    machine_root = work / "synth" / "machines"
+    embedder = Embedder(work / "ckpt.pt", cache_dir=tmp_path, batch_size=8)
+    result = evaluate_dcase(embedder, machine_root, [2], clip_s=2.0)
+    assert {c.condition for c in result.cells} == {"dcase"}
+    cell = next(c for c in result.cells if not c.domain_norm)
+    assert sorted(cell.machines) == ["fan_section_00", "pump_section_00"]
+    assert len(cell.machines["fan_section_00"].scores) == 16  # 4 normal + 4 anomaly per domain
+    assert embedder.num_clips_encoded == 2 * (12 + 4 + 16)
+    assert "dcase/official_dn" in result.metrics()
+    write_score_files(result, tmp_path / "scores")
+    assert (tmp_path / "scores/dcase/raw/anomaly_score_fan_section_00_test.csv").is_file()
