@@ -32,3 +32,19 @@ def ray_local():
     set_data_progress(False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory, ray_local) -> Path:
+    """A small ingested synthetic corpus shared by the eval tests: ``<root>/synth`` (DCASE tree + noise) and
+    ``<root>/corpus`` (shards). 2 machines x (12 + 4 train, 16 test) clips of 2 s; 2 x 2 noises of 20 s."""
+    from retain_asd.corpus.ingest import ingest
+    from retain_asd.corpus.shards import DecodeSettings
+    from retain_asd.corpus.synth import write_synthetic_corpus
+
+    root = tmp_path_factory.mktemp("small_corpus")
+    s = write_synthetic_corpus(root / "synth", machines=("fan", "pump"), train_source_per_attr=2,
+                               train_target_per_attr=2, test_per_domain=4, clip_s=2.0,
+                               noise_clips_per_category=2, noise_clip_s=20.0)
+    ingest(s.machine_root, s.noise_root, root / "corpus", settings=DecodeSettings(clip_s=2.0))
+    return root

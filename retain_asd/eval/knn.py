@@ -175,7 +175,7 @@ def memmixup(source_bank, target_bank, K: int, ratio: float = 0.9) -> torch.Tens
     return torch.cat([t, mixed.reshape(-1, t.shape[1])])
 
 
-def _knn_leave_one_out(bank: torch.Tensor, k: int, metric: str) -> np.ndarray:
+def leave_one_out_distance(bank: torch.Tensor, k: int, metric: str) -> np.ndarray:
     """Mean of the k smallest distances of each bank entry to the *other* entries. (M,)"""
     if bank.shape[0] <= k:
         raise ValueError(f"leave-one-out kNN needs more than k={k} references, got {bank.shape[0]}")
@@ -218,8 +218,8 @@ class MemoryBank:
         A source reference's d_source excludes itself; its d_target uses the whole target bank
         (and the other way round), so each is scored as a held-out normal clip would be.
         """
-        d_src_self = _knn_leave_one_out(self.source, k, metric)
-        d_tgt_self = _knn_leave_one_out(self.target, k, metric)
+        d_src_self = leave_one_out_distance(self.source, k, metric)
+        d_tgt_self = leave_one_out_distance(self.target, k, metric)
         d_src_other = bank_distance(self.source, self.target, k, metric)
         d_tgt_other = bank_distance(self.target, self.source, k, metric)
         return np.concatenate([np.minimum(d_src_self, d_src_other), np.minimum(d_tgt_self, d_tgt_other)])

@@ -401,7 +401,7 @@ def build_reference_bank(checkpoint: str | os.PathLike, normal_dir, *, layer: in
     embedder = Embedder(checkpoint, pooling=pooling, batch_size=batch_size)
     emb = torch.from_numpy(embedder.embed_waveforms(clips, [layer])[layer].astype(np.float64))
     # One folder = one domain: the target bank is the source bank, so the score is d_source.
-    ref_scores = knn._knn_leave_one_out(emb, k, metric)
+    ref_scores = knn.leave_one_out_distance(emb, k, metric)
     meta = {"files": [Path(p).name for p in good], "layer": layer, "pooling": pooling, "k": k, "metric": metric,
             "clip_s": clip_s, "checkpoint": str(Path(checkpoint).resolve()),
             "checkpoint_hash": embedder.checkpoint_hash, "percentile": percentile,

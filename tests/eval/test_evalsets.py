@@ -23,23 +23,13 @@ PARAMS = EvalSetParams(snrs_db=(-10.0, 0.0, 20.0), source_refs=8, target_refs=2,
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, ray_local) -> Path:
-    """2 machines x (12 + 4 train, 16 test) clips of 2 s; 2 x 2 noise recordings of 20 s per factory."""
-    from retain_asd.corpus.ingest import ingest
-    from retain_asd.corpus.shards import DecodeSettings
-    from retain_asd.corpus.synth import write_synthetic_corpus
-
-    root = tmp_path_factory.mktemp("evalsets")
-    s = write_synthetic_corpus(root / "synth", machines=("fan", "pump"), train_source_per_attr=2,
-                               train_target_per_attr=2, test_per_domain=4, clip_s=2.0,
-                               noise_clips_per_category=2, noise_clip_s=20.0)
-    ingest(s.machine_root, s.noise_root, root / "corpus", settings=DecodeSettings(clip_s=2.0))
-    return root / "corpus"
+def corpus(small_corpus) -> Path:
+    return small_corpus / "corpus"
 
 
 @pytest.fixture(scope="module")
-def sets(corpus):
-    return build_evalsets(corpus, corpus.parent / "evalsets", PARAMS)
+def sets(corpus, tmp_path_factory):
+    return build_evalsets(corpus, tmp_path_factory.mktemp("evalsets"), PARAMS)
 
 
 def test_noise_segments_are_disjoint_clip_length_cuts():

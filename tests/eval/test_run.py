@@ -15,17 +15,11 @@ from retain_asd.models.beats import beats_tiny, write_random_checkpoint
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, ray_local) -> Path:
-    """A work dir with the smoke-sized synthetic corpus (2 s clips) ingested under work/corpus."""
-    from retain_asd.corpus.ingest import ingest
-    from retain_asd.corpus.shards import DecodeSettings
-    from retain_asd.corpus.synth import write_synthetic_corpus
-
+def work(tmp_path_factory, small_corpus) -> Path:
+    """A work dir holding the shared small synthetic corpus (2 s clips) under work/corpus and a tiny BEATs."""
     root = tmp_path_factory.mktemp("run")
-    s = write_synthetic_corpus(root / "synth", machines=("fan", "pump"), train_source_per_attr=2,
-                               train_target_per_attr=2, test_per_domain=4, clip_s=2.0,
-                               noise_clips_per_category=2, noise_clip_s=20.0)
-    ingest(s.machine_root, s.noise_root, root / "corpus", settings=DecodeSettings(clip_s=2.0))
+    for name in ("synth", "corpus"):
+        (root / name).symlink_to(small_corpus / name)
     write_random_checkpoint(root / "ckpt.pt", beats_tiny(), seed=0)
     return root
 
