@@ -1,0 +1,261 @@
+"""The training stream: pairing plan (pure numpy) and the Ray Data dataset on a small synthetic corpus."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retain_asd import mixing, stream
+from retain_asd.corpus.labels import LabelVocab
+
+SNR = {"kind": "uniform", "low_db": -5.0, "high_db": 5.0}
+S = 160000  # 10 s at 16 kHz
+
+
+# ------------------------------------------------------------------------------------------ plan (no Ray)
+def _state(counts: dict[str, int], *, bank_lengths=(S + 100, S // 3, 2 * S), class_weighted=True, seed=0,
+           rows_per_file=7) -> stream.StreamState:
+    """A StreamState with fake metadata: `counts` clips per class, no audio needed for planning."""
+    classes = [c for c, n in counts.items() for _ in range(n)]
+    vocab = LabelVocab(tuple(sorted(counts)), ("noise_a", "noise_b"), dict(counts))
+    n = len(classes)
+    clean = stream.CleanIndex(
+        files=tuple(f"f{i}" for i in range(-(-n // rows_per_file))),
+        file_idx=np.arange(n) // rows_per_file, row_in_file=np.arange(n) % rows_per_file,
+        clip_ids=np.asarray([f"c{i}" for i in range(n)]),
+        machine_idx=np.asarray([vocab.index(c) for c in classes]),
+        weights=vocab.sampling_weights(classes), num_samples=S)
+    lengths = np.asarray(bank_lengths, dtype=np.int64)
+    bank = stream.NoiseBank(audio=np.zeros(0, np.float32), starts=np.zeros_like(lengths), lengths=lengths,
+                            noise_ids=np.asarray([f"n{j}" for j in range(len(lengths))]),
+                            noise_idx=np.asarray([len(counts) + j % 2 for j in range(len(lengths))]))
+    sampler = mixing.make_snr_sampler(**SNR)
+    return stream.StreamState(clean, bank, vocab.num_classes, sampler, seed, class_weighted)
+
+
+def test_noise_permutation_no_repeat_until_bank_exhausted():
+    rng = np.random.default_rng(0)
+    order = stream.noise_permutation(5, 13, rng)
+    assert len(order) == 13
+    # each aligned window of 5 draws is a permutation of the bank; the tail (3 draws) has no repeat
+    assert sorted(order[:5]) == sorted(order[5:10]) == [0, 1, 2, 3, 4]
+    assert len(set(order[10:].tolist())) == 3
+    with pytest.raises(stream.StreamError, match="empty"):
+        stream.noise_permutation(0, 3, rng)
+
+
+def test_noise_offsets_and_segments():
+    lengths = np.asarray([S + 10, S, S // 2] * 200)
+    off = stream.noise_offsets(lengths, S, np.random.default_rng(1))
+    assert off[0::3].min() >= 0 and off[0::3].max() <= 10 and len(set(off[0::3].tolist())) == 11  # crop
+    assert (off[1::3] == 0).all()  # exactly one clip long: the only segment
+    assert off[2::3].max() < S // 2 and off[2::3].max() > S // 4  # shorter: tiled from any start
+    audio = np.arange(S + 10 + 7, dtype=np.float32)
+    bank = stream.NoiseBank(audio, np.asarray([0, S + 10]), np.asarray([S + 10, 7]), np.asarray(["a", "b"]),
+                            np.asarray([3, 4]))
+    np.testing.assert_array_equal(stream.noise_segment(bank, 0, 4, S), np.arange(4, S + 4))
+    tiled = stream.noise_segment(bank, 1, 5, S)
+    np.testing.assert_array_equal(tiled[:9], S + 10 + np.asarray([5, 6, 0, 1, 2, 3, 4, 5, 6]))
+
+
+def test_class_weighted_plan_makes_classes_uniform():
+    counts = {"a": 60, "b": 30, "c": 6, "d": 3}  # imbalanced 20:10:2:1
+    weighted, plain = _state(counts), _state(counts, class_weighted=False)
+    n = sum(counts.values())
+    freq_w, freq_p = Counter(), Counter()
+    for epoch in range(40):  # 40 x 99 = 3960 draws
+        freq_w.update(weighted.clean.machine_idx[stream.plan_epoch(weighted, epoch).clean].tolist())
+        p = stream.plan_epoch(plain, epoch)
+        assert sorted(p.clean.tolist()) == list(range(n))  # plain: each clip exactly once per epoch
+        freq_p.update(weighted.clean.machine_idx[p.clean].tolist())
+    total = 40 * n
+    share_w = np.asarray([freq_w[i] / total for i in range(4)])
+    # binomial std of a 1/4 share over 3960 draws is 0.0069; 0.03 is > 4 sigma
+    np.testing.assert_allclose(share_w, 0.25, atol=0.03)
+    np.testing.assert_allclose([freq_p[i] / total for i in range(4)], np.asarray([60, 30, 6, 3]) / 99)
+
+
+def test_plan_is_a_function_of_seed_and_epoch():
+    st = _state({"a": 5, "b": 20})
+    p0, again, p1 = stream.plan_epoch(st, 0), stream.plan_epoch(st, 0), stream.plan_epoch(st, 1)
+    other = stream.plan_epoch(_state({"a": 5, "b": 20}, seed=1), 0)
+    for name in ("clean", "noise", "noise_offset", "snr_db", "file_order"):
+        np.testing.assert_array_equal(getattr(p0, name), getattr(again, name))
+    assert not np.array_equal(p0.snr_db, p1.snr_db) and not np.array_equal(p0.clean, p1.clean)
+    assert not np.array_equal(p0.snr_db, other.snr_db)
+    assert ((p0.snr_db >= -5) & (p0.snr_db <= 5)).all()
+    # noise lengths (S+100, S/3, 2S): offsets within each recording's valid range
+    lengths = st.bank.lengths[p0.noise]
+    assert (p0.noise_offset <= np.where(lengths >= S, lengths - S, lengths - 1)).all()
+
+
+def test_mix_batch_equals_mix_at_snr():
+    rng = np.random.default_rng(3)
+    clean = (0.05 * rng.standard_normal((3, 4000))).astype(np.float32)
+    noise = (2.0 * rng.standard_normal((3, 4000))).astype(np.float32)
+    snr_db = np.asarray([-5.0, 0.0, 7.5])
+    mixture, c, n = stream.mix_batch(clean, noise, snr_db)
+    for b in range(3):
+        ref = mixing.mix_at_snr(clean[b], noise[b], snr_db[b])
+        np.testing.assert_allclose(c[b], ref.clean, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(n[b], ref.noise, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(mixture, c + n)
+    clean[1] = 0.0
+    with pytest.raises(mixing.MixingError, match=r"clean row\(s\) \[1\]"):
+        stream.mix_batch(clean, noise, snr_db)
+
+
+# ------------------------------------------------------------------------------------------ Ray stream
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, ray_local):
+    from retain_asd.corpus.ingest import ingest
+    from retain_asd.corpus.synth import write_synthetic_corpus
+
+    root = tmp_path_factory.mktemp("stream")
+    # fan: 6 source classes x 3 clips, 2 target classes x 1 clip (imbalanced); 4 noise categories x 2
+    synth = write_synthetic_corpus(root / "synth", seed=0, machines=("fan",), train_source_per_attr=3,
+                                   train_target_per_attr=1, test_per_domain=1, noise_clips_per_category=2,
+                                   noise_clip_s=11.0)
+    return ingest(synth.machine_root, synth.noise_root, root / "corpus", rows_per_shard=4)
+
+
+def _build(corpus, seed=0, num_epochs=2, **kw):
+    return stream.build_train_stream(corpus.root / "machine", corpus.root / "noise", corpus.labels_path,
+                                     snr_sampler=SNR, seed=seed, num_epochs=num_epochs, **kw)
+
+
+def _rows(plan) -> list[dict]:
+    return plan.dataset.take_all()
+
+
+@pytest.fixture(scope="module")
+def rows0(corpus):
+    return _rows(_build(corpus))
+
+
+def _key(r):
+    return (int(r["epoch"]), str(r["clip_id"]), str(r["noise_id"]), int(r["noise_offset"]),
+            float(r["snr_db"]))
+
+
+def test_rows_are_correct_mixtures(corpus, rows0):
+    from retain_asd.corpus import shards
+
+    vocab = corpus.vocab
+    machine = shards.read_table(corpus.root / "machine", ["path", "clip_id", "class_name", "split", "audio"])
+    train = {cid: (cls, i) for i, (cid, cls, sp) in enumerate(zip(machine["clip_id"].to_pylist(),
+             machine["class_name"].to_pylist(), machine["split"].to_pylist(), strict=True)) if sp == "train"}
+    clean_audio = shards.audio_matrix(machine)
+    noise = shards.read_table(corpus.root / "noise", ["path", "clip_id", "class_name", "audio"])
+    noise_cls = dict(zip(noise["clip_id"].to_pylist(), noise["class_name"].to_pylist(), strict=True))
+    noise_audio = dict(zip(noise["clip_id"].to_pylist(), shards.audio_list(noise), strict=True))
+
+    n = len(train)
+    assert len(rows0) == 2 * n and Counter(int(r["epoch"]) for r in rows0) == {0: n, 1: n}
+    for r in rows0:
+        cls, i = train[str(r["clip_id"])]
+        m, j = vocab.index(cls), vocab.index(noise_cls[str(r["noise_id"])])
+        assert (int(r["machine_idx"]), int(r["noise_idx"])) == (m, j)
+        assert r["label"].shape == (vocab.num_classes,) and r["label"].sum() == 2.0
+        assert r["label"][m] == 1.0 and r["label"][j] == 1.0
+        np.testing.assert_array_equal(r["mixture"], r["clean"] + r["noise"])
+        p_clean, p_noise = mixing.power(r["clean"]), mixing.power(r["noise"])
+        assert abs(p_noise - 1.0) < 1e-4
+        assert abs(10 * np.log10(p_clean / p_noise) - float(r["snr_db"])) < 0.01
+        # the components are the stored clip and the noise segment at noise_offset, scaled
+        x1, off = clean_audio[i], int(r["noise_offset"])
+        x2 = noise_audio[str(r["noise_id"])][off : off + S]
+        x1_64, c_64 = x1.astype(np.float64), r["clean"].astype(np.float64)
+        np.testing.assert_allclose(c_64, x1_64 * (c_64 @ x1_64 / (x1_64 @ x1_64)), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(r["noise"], x2 / np.sqrt(mixing.power(x2)), rtol=1e-5, atol=1e-5)
+
+
+def test_no_noise_repeats_within_epoch_until_bank_exhausted(corpus, rows0):
+    bank = corpus.noise.num_rows
+    assert bank == 8  # 4 categories x 2 recordings
+    n = sum(1 for r in rows0 if int(r["epoch"]) == 0)
+    for epoch in (0, 1):
+        counts = Counter(str(r["noise_id"]) for r in rows0 if int(r["epoch"]) == epoch)
+        # n draws over a bank of 8: every clip used floor(n/8) or ceil(n/8) times
+        assert len(counts) == bank and set(counts.values()) <= {n // bank, -(-n // bank)}
+
+
+def test_same_seed_same_rows_other_seed_and_epoch_differ(corpus, rows0):
+    again = _rows(_build(corpus))
+    assert sorted(map(_key, again)) == sorted(map(_key, rows0))
+    by_key = {_key(r): r for r in rows0}
+    for r in again:
+        np.testing.assert_array_equal(r["mixture"], by_key[_key(r)]["mixture"])
+    other = _rows(_build(corpus, seed=1))
+    assert {_key(r) for r in other}.isdisjoint({_key(r) for r in rows0})  # continuous SNRs never coincide
+    e0 = Counter((str(r["clip_id"]), str(r["noise_id"])) for r in rows0 if int(r["epoch"]) == 0)
+    e1 = Counter((str(r["clip_id"]), str(r["noise_id"])) for r in rows0 if int(r["epoch"]) == 1)
+    assert e0 != e1
+
+
+def _probe_bank(batch, *, state_ref):
+    """Runs as a Ray Data task with the ref in fn_kwargs, as the stream's UDF receives it."""
+    import ray
+
+    audio = ray.get(state_ref).bank.audio
+    return {"writeable": [audio.flags.writeable], "owndata": [audio.flags.owndata]}
+
+
+def test_noise_bank_is_shared_zero_copy(corpus, ray_local):
+    plan = _build(corpus, num_epochs=1)
+    out = ray_local.data.range(1).map_batches(_probe_bank, fn_kwargs={"state_ref": plan.state_ref}).take_all()
+    # read-only and not owning its memory: a view on the shared-memory object store, not a per-task copy
+    assert out == [{"writeable": False, "owndata": False}]
+
+
+def test_streaming_split_and_torch_batches(corpus):
+    import torch
+
+    plan = _build(corpus, num_epochs=1)
+    n = plan.rows_per_epoch
+    left, right = plan.dataset.streaming_split(2, equal=False)
+    import threading
+
+    counts = {}
+
+    def consume(name, it):
+        counts[name] = sum(len(b["epoch"]) for b in stream.iter_train_batches(it, 2, seed=0))
+
+    threads = [threading.Thread(target=consume, args=(k, it)) for k, it in (("l", left), ("r", right))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert counts["l"] > 0 and counts["r"] > 0 and counts["l"] + counts["r"] >= n - 2  # drop_last per half
+
+    batch = next(iter(stream.iter_train_batches(plan.dataset.iterator(), 4, seed=0)))
+    assert set(batch) == set(stream.TORCH_COLUMNS)
+    assert batch["mixture"].shape == (4, S) and batch["mixture"].dtype == torch.float32
+    assert batch["label"].shape == (4, plan.state.num_classes) and batch["noise_idx"].dtype == torch.int64
+
+
+def test_clear_errors(corpus, tmp_path):
+    machine, noise = corpus.root / "machine", corpus.root / "noise"
+    kw = {"snr_sampler": SNR, "seed": 0}
+    with pytest.raises(FileNotFoundError, match="labels.json"):
+        stream.build_stream_state(machine, noise, tmp_path / "labels.json", **kw)
+    vocab = corpus.vocab
+    dropped = vocab.machine_classes[0]
+    counts = {k: v for k, v in vocab.counts.items() if k != dropped}
+    LabelVocab(vocab.machine_classes[1:], vocab.noise_classes, counts).to_json(tmp_path / "stale.json")
+    with pytest.raises(stream.StreamError, match=dropped):
+        stream.build_stream_state(machine, noise, tmp_path / "stale.json", **kw)
+    with pytest.raises(stream.StreamError, match="160000 samples.*1000"):
+        stream.build_stream_state(machine, noise, corpus.labels_path, clip_samples=1000, **kw)
+    empty = tmp_path / "noise"
+    empty.mkdir()
+    manifest = json.loads((noise / "manifest.json").read_text())
+    manifest.update(shards=[])
+    (empty / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(stream.StreamError, match="noise bank is empty"):
+        stream.build_stream_state(machine, empty, corpus.labels_path, **kw)
+    assert Path(corpus.labels_path).is_file()
