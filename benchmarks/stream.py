@@ -95,7 +95,7 @@ def profile_stages(corpus, repeats: int = 3) -> dict:
         "parquet_decode_ms": 1e3 * decode,
         "mix_at_snr_float64_ms": 1e3 * per_clip(lambda: [mixing.mix_at_snr(a, b, s) for a, b, s in
                                                           zip(x, noise, snr, strict=True)]),
-        "mix_batch_float32_ms": 1e3 * per_clip(lambda: stream.mix_batch(x, noise, snr)),
+        "mix_batch_float32_ms": 1e3 * per_clip(lambda: mixing.mix_batch_at_snr(x, noise, snr)),
         # a row carries 3 clip-length arrays (mixture, clean, noise): one copy of each into a batch
         "batch_copy_3_arrays_ms": 1e3 * per_clip(lambda: torch.tensor(np.concatenate([x, x, x]))),
     }

@@ -105,6 +105,36 @@ def mix_at_snr(clean: np.ndarray, noise: np.ndarray, snr_db: float) -> Mixture:
     return _scale(clean, noise, a1, a2, snr_db)
 
 
+def mix_batch_at_snr(clean: np.ndarray, noise: np.ndarray, snr_db: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Eq. 3 on a batch: (B, S) clean, (B, S) noise, (B,) snr_db -> mixture, a1*clean, a2*noise (float32).
+
+    Same gains as `mix_at_snr` (a2 = 1/sqrt(P2), a1 = sqrt(R/P1)), but powers and scaling stay in
+    float32 (gains in float64): converting 10 s clips to float64 and back costs more than the mixing
+    itself. Gains agree with `mix_at_snr` to ~1e-6 relative. Raises `MixingError` for a silent or
+    non-finite row, naming the row.
+    """
+    clean = np.asarray(clean, dtype=np.float32)
+    noise = np.asarray(noise, dtype=np.float32)
+    if clean.shape != noise.shape or clean.ndim != 2:
+        raise MixingError(f"mix_batch_at_snr: clean {clean.shape}, noise {noise.shape}: need equal (B, S)")
+    # float32 BLAS dot per row: 20x faster than a float64 reduction, relative error ~5e-7 (2e-6 dB)
+    p_clean = np.asarray([float(x @ x) for x in clean]) / clean.shape[1]  # (B,) float64
+    p_noise = np.asarray([float(x @ x) for x in noise]) / noise.shape[1]
+    for name, p in (("clean", p_clean), ("noise", p_noise)):
+        bad = ~(np.isfinite(p) & (p > 0))
+        if bad.any():
+            raise MixingError(f"{name} row(s) {np.flatnonzero(bad)[:5].tolist()}: silent or "
+                                     "non-finite; an SNR is undefined, drop these clips")
+    ratio = 10.0 ** (np.asarray(snr_db, dtype=np.float64) / 10.0)
+    a1 = np.sqrt(ratio / p_clean).astype(np.float32)[:, None]  # (B, 1)
+    a2 = (1.0 / np.sqrt(p_noise)).astype(np.float32)[:, None]
+    clean_part = clean * a1  # (B, S)
+    noise_part = noise * a2
+    return clean_part + noise_part, clean_part, noise_part
+
+
+
+
 # --- dataset-level scaling (evaluation sets) -------------------------------------------------------
 
 
