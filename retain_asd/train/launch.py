@@ -1,0 +1,291 @@
+"""Builders that turn a Config into a Ray Train run: loop config, TorchTrainer, and `pretrain` end to end.
+
+    pretrain(cfg, out_dir)                           <out>/config.yaml        resolved config
+      -> init checkpoint (model.checkpoint, or a     <out>/init_beats_*.pt    only for random init
+         seeded random one for smoke runs)
+      -> stream (Ray Data) + TorchTrainer.fit()      <out>/ray/<name>/...     Ray Train checkpoints
+      -> student exported in official BEATs format   <out>/student_beats.pt
+      -> MLflow run (params, metric history, model)  <out>/metrics.jsonl      every report, rank 0
+
+Re-running `pretrain` with the same config and out dir resumes from the latest checkpoint: Ray Train
+(V2) restores a run whose name and storage path already hold a run snapshot. Ray must be initialised by
+the caller (`retain_asd.runtime.init_ray`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from retain_asd import config as config_mod
+from retain_asd.config import Config, ConfigError
+from retain_asd.corpus.labels import LabelVocab
+from retain_asd.models.beats import (
+    BEATs,
+    BEATsConfig,
+    beats_base,
+    beats_tiny,
+    load_beats,
+    save_beats,
+    write_random_checkpoint,
+)
+from retain_asd.train import objectives
+from retain_asd.train.checkpoint import TRAIN_STATE, read_train_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    out_dir: Path
+    student_path: Path  # official BEATs layout: load_beats(student_path)
+    config_path: Path  # the resolved config, load_config(path=config_path)
+    step: int  # optimiser steps done (0 for "frozen")
+    completed: bool  # step == train.total_steps (False after stop_at_step)
+    checkpoint_path: str | None  # latest Ray Train checkpoint directory
+    metrics: list[dict] = field(default_factory=list)  # every report of this out dir, by step
+    mlflow_run_id: str | None = None
+
+
+# ---------------------------------------------------------------------------------------- model init
+def resolve_init_checkpoint(cfg: Config, out_dir: Path) -> Path:
+    """The BEATs checkpoint student and teacher start from (the teacher is re-made from it on resume).
+
+    `model.checkpoint` must exist; "" means a seeded random init written once to
+    <out>/init_beats_<size>_seed<train.seed>.pt (so a resumed run re-makes the same teacher).
+    """
+    if cfg.model.checkpoint:
+        path = Path(cfg.model.checkpoint).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"model.checkpoint = {cfg.model.checkpoint!r}: file not found ({path}). Download an official "
+                "BEATs checkpoint (e.g. BEATs_iter3.pt) and pass its path, or set model.checkpoint='' for a "
+                "random init (smoke runs only)")
+        return path
+    path = out_dir / f"init_beats_{cfg.model.size}_seed{cfg.train.seed}.pt"
+    message = (f"model.checkpoint is empty: student and teacher start from a RANDOM {cfg.model.size} BEATs "
+               f"({path}). Only meaningful for smoke runs; set model.checkpoint to BEATs_iter3.pt for real runs")
+    warnings.warn(message, stacklevel=2)
+    log.warning(message)
+    if not path.is_file():  # written once, so a resumed run's teacher is the same random network
+        write_random_checkpoint(path, beats_tiny() if cfg.model.size == "tiny" else beats_base(),
+                                seed=cfg.train.seed)
+    return path
+
+
+def _num_layers(checkpoint: Path) -> int:
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    return BEATsConfig.from_dict(ckpt["cfg"]).encoder_layers
+
+
+# ---------------------------------------------------------------------------------------- loop config
+def snr_sampler_args(cfg: Config) -> dict:
+    """Flat `mixing.make_snr_sampler` arguments from the mixing section."""
+    m = cfg.mixing
+    if m.snr_sampler == "fixed":
+        return {"kind": "fixed", "snr_db": m.snr_db}
+    if m.snr_sampler == "uniform":
+        return {"kind": "uniform", "low_db": m.snr_low_db, "high_db": m.snr_high_db}
+    return {"kind": "discrete", "values_db": list(m.snr_values_db)}
+
+
+def loop_config_from(cfg: Config, labels_path: str | os.PathLike, init_checkpoint: str | os.PathLike,
+                     stop_at_step: int | None = None) -> dict:
+    """The flat, plain-python dict `train_fn_per_worker` reads (it never sees a Config)."""
+    o, t, m = cfg.objective, cfg.train, cfg.model
+    vocab = LabelVocab.from_json(labels_path)
+    layers = _num_layers(Path(init_checkpoint))
+    try:
+        align_layer = objectives.resolve_align_layer(o.align_layer, layers)
+    except ValueError as err:
+        raise ConfigError(f"objective.align_layer: {err}") from None
+    if stop_at_step is not None and not 1 <= stop_at_step <= t.total_steps:
+        raise ValueError(f"stop_at_step = {stop_at_step}: must be in 1..train.total_steps ({t.total_steps})")
+    return {
+        "init_checkpoint": str(Path(init_checkpoint).resolve()), "layerdrop": m.layerdrop,
+        "grad_decay": m.grad_decay,
+        "objective": o.name, "alpha": o.alpha, "beta": o.beta, "lam": o.lam, "lam_mode": o.lam_mode,
+        "align_layer": align_layer, "teacher_inputs": o.teacher_inputs,
+        "mixup_beta": o.mixup_beta, "snr_sampler": snr_sampler_args(cfg),
+        "specaugment": o.specaugment, "freq_mask_bins": o.freq_mask_bins,
+        "time_mask_frames": o.time_mask_frames, "num_masks": o.num_masks,
+        "num_classes": vocab.num_classes, "num_machine_classes": vocab.num_machine,
+        "lr": t.lr, "weight_decay": t.weight_decay, "warmup_steps": t.warmup_steps,
+        "total_steps": t.total_steps, "batch_size_per_worker": t.batch_size // t.num_workers,
+        "grad_accum": t.grad_accum, "grad_clip": t.grad_clip, "log_every": t.log_every,
+        "checkpoint_every": t.checkpoint_every, "seed": t.seed, "stop_at_step": stop_at_step,
+        "skip_seen_batches": True,
+    }
+
+
+# ---------------------------------------------------------------------------------------- data
+def train_dataset_from(cfg: Config, corpus) -> Any:
+    """The Ray Data mixing stream, with enough epochs for total_steps x grad_accum x batch_size clips."""
+    from retain_asd import stream
+    from retain_asd.corpus.shards import read_table
+
+    t = cfg.train
+    splits = read_table(corpus.machine.root, columns=["path", "split"]).column("split").to_pylist()
+    num_train = sum(s == "train" for s in splits)
+    if num_train == 0:
+        raise ValueError(f"{corpus.machine.root}: no clips with split 'train' to pre-train on")
+    num_epochs = stream.epochs_for_steps(t.total_steps, t.batch_size, t.grad_accum, num_train)
+    return stream.build_train_dataset(corpus.machine.root, corpus.noise.root, corpus.labels_path,
+                                      snr_sampler=snr_sampler_args(cfg), seed=cfg.mixing.seed,
+                                      num_epochs=num_epochs, class_weighted=t.class_weighted)
+
+
+# ---------------------------------------------------------------------------------------- trainer
+def _metrics_log_callback(path: Path):
+    """A Ray Train callback appending rank 0's metrics of every report to a JSONL file.
+
+    Ray Train V2 keeps only the metrics attached to checkpoints in `Result.metrics_dataframe`; this keeps
+    the full history (runs in the controller, so `path` must be on a file system it can reach).
+    """
+    from ray.train import UserCallback
+
+    class MetricsLog(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(path, "a") as f:
+                f.write(json.dumps(metrics[0]) + "\n")
+
+    return MetricsLog()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The reported metrics by step; a step reported twice (replayed after a failure) keeps the last."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    by_step = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            by_step[row["step"]] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def build_trainer(cfg: Config, loop_config: dict, train_dataset, out_dir: str | os.PathLike):
+    """TorchTrainer: fractional-CPU workers (Ray Data read tasks need CPUs too), keep-N checkpoints."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from retain_asd.train.loop import train_fn_per_worker
+
+    out_dir = Path(out_dir).resolve()
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=cfg.name, storage_path=str(out_dir / "ray"),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             callbacks=[_metrics_log_callback(out_dir / "metrics.jsonl")]),
+        datasets={"train": train_dataset},
+    )
+
+
+# ---------------------------------------------------------------------------------------- export + MLflow
+def export_student(checkpoint_dir: str | os.PathLike, init_checkpoint: str | os.PathLike,
+                   path: str | os.PathLike) -> Path:
+    """The student of a training checkpoint in the official BEATs layout (cfg from the init checkpoint)."""
+    student: BEATs = load_beats(init_checkpoint)
+    student.load_state_dict(read_train_state(checkpoint_dir)["student"], strict=True)
+    return save_beats(student, path)
+
+
+def latest_checkpoint(out_dir: str | os.PathLike, name: str) -> Path | None:
+    """The Ray Train checkpoint of run `name` under <out>/ray with the highest step, or None."""
+    found = [p.parent for p in (Path(out_dir) / "ray" / name).glob(f"checkpoint_*/{TRAIN_STATE}")]
+    return max(found, key=_checkpoint_step, default=None)
+
+
+def _checkpoint_step(directory: Path) -> int:
+    state = torch.load(directory / TRAIN_STATE, map_location="cpu", weights_only=True, mmap=True)
+    return int(state["step"])
+
+
+def _check_same_config(cfg: Config, path: Path) -> None:
+    if path.is_file():
+        previous = config_mod.load_config(path=path)
+        if config_mod.to_dict(previous) != config_mod.to_dict(cfg):
+            raise ConfigError(f"{path}: this out dir holds checkpoints of a run with a different config; "
+                              "resuming would mix them. Use another --out, or delete the folder to start over")
+
+
+def _log_mlflow(cfg: Config, out_dir: Path, history: list[dict], student_path: Path) -> str:
+    """One MLflow run per out dir (its id kept in <out>/mlflow_run.json, so a resumed run continues it)."""
+    from retain_asd import tracking
+
+    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
+    state_path = out_dir / "mlflow_run.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {"run_id": None, "logged_step": 0}
+    params = config_mod.to_dict(cfg) if state["run_id"] is None else None
+    tags = {"objective": cfg.objective.name, "out_dir": str(out_dir), "student_beats": str(student_path)}
+    with tracking.mlflow_run(uri, cfg.tracking.experiment, cfg.name, params=params, tags=tags,
+                             run_id=state["run_id"]) as run:
+        for row in history:
+            if row["step"] > state["logged_step"]:
+                numbers = {k: v for k, v in row.items()
+                           if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+                tracking.log_metrics(numbers, step=row["step"])
+        import mlflow
+
+        mlflow.set_tag("student_beats", str(student_path))
+        state = {"run_id": run.info.run_id, "logged_step": max([r["step"] for r in history], default=0)}
+    state_path.write_text(json.dumps(state))
+    return state["run_id"]
+
+
+# ---------------------------------------------------------------------------------------- pretrain
+def pretrain(cfg: Config, out_dir: str | os.PathLike, *, corpus=None, stop_at_step: int | None = None,
+             track: bool = True) -> PretrainResult:
+    """Pre-train (or resume) the student of `cfg` into `out_dir`; export it; log the run to MLflow.
+
+    `corpus`: an ingested `Corpus` (default: `corpus_from_config(cfg.data)`). `stop_at_step`: stop after
+    that optimiser step (a checkpoint is written there; a later call resumes), e.g. for time-limited jobs.
+    """
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_path = out_dir / "config.yaml"
+    init_checkpoint = resolve_init_checkpoint(cfg, out_dir)
+    checkpoint = latest_checkpoint(out_dir, cfg.name)
+    if checkpoint is not None:  # resuming: the run must be the same
+        _check_same_config(cfg, config_path)
+    config_mod.dump_yaml(cfg, config_path)
+    student_path = out_dir / "student_beats.pt"
+
+    if not objectives.objective_terms(cfg.objective.name).trains_student:
+        log.warning("objective %r trains nothing: exporting the initial encoder as %s", cfg.objective.name,
+                    student_path)
+        save_beats(load_beats(init_checkpoint), student_path)
+        run_id = _log_mlflow(cfg, out_dir, [], student_path) if track else None
+        return PretrainResult(out_dir, student_path, config_path, 0, True, None, [], run_id)
+
+    target = stop_at_step or cfg.train.total_steps
+    if checkpoint is None or _checkpoint_step(checkpoint) < target:  # else: already there, only export
+        if corpus is None:
+            from retain_asd.corpus.ingest import corpus_from_config
+
+            corpus = corpus_from_config(cfg.data)
+        loop_config = loop_config_from(cfg, corpus.labels_path, init_checkpoint, stop_at_step)
+        trainer = build_trainer(cfg, loop_config, train_dataset_from(cfg, corpus), out_dir)
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"{out_dir / 'ray' / cfg.name}: the run finished without a checkpoint")
+        checkpoint = Path(result.checkpoint.path)  # local storage (see build_trainer)
+    step = _checkpoint_step(checkpoint)
+    export_student(checkpoint, init_checkpoint, student_path)
+    history = read_metrics(out_dir / "metrics.jsonl")
+    run_id = _log_mlflow(cfg, out_dir, history, student_path) if track else None
+    return PretrainResult(out_dir, student_path, config_path, step, step == cfg.train.total_steps,
+                          str(checkpoint), history, run_id)

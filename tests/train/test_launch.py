@@ -1,0 +1,121 @@
+"""Launch: loop config from a Config, clear errors, `frozen` export, and `pretrain` end to end on the synthetic
+corpus with a real Ray Train run that is stopped after a checkpoint and resumed from it (2 fits)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from retain_asd.config import ConfigError, load_config, to_dict
+from retain_asd.corpus.labels import LabelVocab
+from retain_asd.models.beats import beats_tiny, load_beats, write_random_checkpoint
+from retain_asd.train.checkpoint import read_train_state, state_digest
+from retain_asd.train.launch import loop_config_from, pretrain, read_metrics
+
+
+def _cfg(tmp_path, preset="smoke", *more):
+    return load_config(preset, overrides=[f"data.work_dir={tmp_path / 'data'}", "data.synth_machines=[fan]",
+                                          f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *more])
+
+
+def _mlflow_runs(tmp_path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return mlflow, mlflow.search_runs(experiment_names=["retain-asd"], output_format="list")
+
+
+def test_loop_config_is_flat_and_checked(tmp_path):
+    init = write_random_checkpoint(tmp_path / "init.pt", beats_tiny())
+    labels = tmp_path / "labels.json"
+    LabelVocab(("fan_a", "pump_a"), ("noise_hum",)).to_json(labels)
+    cfg = _cfg(tmp_path, "smoke", "objective.teacher_inputs=unit_power", "mixing.snr_sampler=fixed", "mixing.snr_db=3")
+    config = loop_config_from(cfg, labels, init)
+    assert all(isinstance(v, (int, float, str, bool, dict, type(None))) for v in config.values())
+    assert (config["num_classes"], config["num_machine_classes"]) == (3, 2)
+    assert config["teacher_inputs"] == "unit_power" and config["snr_sampler"] == {"kind": "fixed", "snr_db": 3.0}
+    assert config["batch_size_per_worker"] == 2 and config["init_checkpoint"] == str(init.resolve())
+    with pytest.raises(ConfigError, match="objective.align_layer"):
+        loop_config_from(_cfg(tmp_path, "smoke", "objective.align_layer=4"), labels, init)  # tiny has 3
+    with pytest.raises(ValueError, match="stop_at_step"):
+        loop_config_from(cfg, labels, init, stop_at_step=7)
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    cfg = _cfg(tmp_path, "smoke", f"model.checkpoint={tmp_path / 'BEATs_iter3.pt'}")
+    with pytest.raises(FileNotFoundError, match=r"model.checkpoint = .*BEATs_iter3.pt"):
+        pretrain(cfg, tmp_path / "out", track=False)
+
+
+def test_frozen_exports_the_initial_encoder_without_training(tmp_path):
+    cfg = _cfg(tmp_path, "frozen", "model.size=tiny")
+    with pytest.warns(UserWarning, match="RANDOM tiny BEATs"):
+        result = pretrain(cfg, tmp_path / "out")
+    assert result.step == 0 and result.checkpoint_path is None
+    exported = load_beats(result.student_path)
+    assert state_digest(exported.state_dict()) == state_digest(load_beats(tmp_path / "out" / "init_beats_tiny_seed0.pt")
+                                                               .state_dict())
+    assert to_dict(load_config(path=result.config_path)) == to_dict(cfg)
+    _, runs = _mlflow_runs(tmp_path)
+    assert [r.info.run_id for r in runs] == [result.mlflow_run_id]
+
+
+def test_cli_frozen_and_missing_checkpoint(ray_local, tmp_path, capsys):
+    from pipelines.pretrain import main
+
+    common = [f"data.work_dir={tmp_path / 'data'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    with pytest.warns(UserWarning, match="RANDOM"):
+        assert main(["--preset", "frozen", "--out", str(tmp_path / "frozen"), "model.size=tiny", *common]) == 0
+    printed = capsys.readouterr().out
+    assert "trains nothing" in printed and str(tmp_path / "frozen" / "student_beats.pt") in printed
+    load_beats(tmp_path / "frozen" / "student_beats.pt")
+    missing = tmp_path / "nowhere.pt"
+    assert main(["--preset", "smoke", "--out", str(tmp_path / "x"), f"model.checkpoint={missing}", *common]) == 2
+    assert "model.checkpoint" in capsys.readouterr().err
+    assert main(["--preset", "smoke", "--out", str(tmp_path / "x"), "train.lr=-1"]) == 2
+
+
+def test_pretrain_smoke_stops_after_a_checkpoint_and_resumes(ray_local, tmp_path):
+    cfg = _cfg(tmp_path)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="RANDOM"):
+        first = pretrain(cfg, out, stop_at_step=3)
+    assert (first.step, first.completed) == (3, False)
+    saved = read_train_state(first.checkpoint_path)
+    saved_optimizer = state_digest(saved["optimizer"])
+    assert all(int(s["step"]) == 3 for s in saved["optimizer"]["state"].values())
+
+    second = pretrain(cfg, out)  # same config + out dir: Ray Train restores the latest checkpoint
+    assert (second.step, second.completed) == (6, True)
+    history = read_metrics(out / "metrics.jsonl")
+    assert [m["step"] for m in history] == [2, 3, 4, 6]  # log_every 2, checkpoint 3, stop, resume at 4
+    resumed = history[2]
+    assert resumed["resumed_from_step"] == 3 and resumed["optimizer_sha256_at_resume"] == saved_optimizer
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["loss_mixture"]) for m in history)
+
+    final = read_train_state(second.checkpoint_path)
+    assert final["step"] == 6 and final["data"]["micro_batches_seen"] == 12
+    # Adam's per-parameter step counters continued from 3 (a fresh optimizer would show 3 here).
+    assert all(int(s["step"]) == 6 for s in final["optimizer"]["state"].values())
+
+    student = load_beats(second.student_path)  # official layout, strict load
+    assert state_digest(student.state_dict()) == state_digest(final["student"])
+    assert not torch.equal(student.patch_embedding.weight,
+                           load_beats(out / "init_beats_tiny_seed0.pt").patch_embedding.weight)
+    assert to_dict(load_config(path=out / "config.yaml")) == to_dict(cfg)
+
+    again = pretrain(cfg, out)  # already at total_steps: no new fit, same export
+    assert (again.step, again.checkpoint_path) == (6, second.checkpoint_path)
+    assert read_metrics(out / "metrics.jsonl") == history
+    with pytest.raises(ConfigError, match="different config"):
+        pretrain(_cfg(tmp_path, "smoke", "objective.beta=2.0"), out)
+
+    mlflow, runs = _mlflow_runs(tmp_path)
+    assert [r.info.run_id for r in runs] == [first.mlflow_run_id] == [second.mlflow_run_id]  # one run, continued
+    run = runs[0]
+    assert run.data.params["objective.name"] == "tagging_mixture" and run.data.params["train.total_steps"] == "6"
+    assert run.data.tags["student_beats"] == str(second.student_path)
+    losses = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in losses) == [2, 3, 4, 6]
