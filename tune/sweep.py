@@ -38,7 +38,12 @@ def run_trial(choices: dict[str, Any], *, base: dict, corpus_root: str, out_dir:
     tune.report({k: figures[k] for k in REPORTED if k in figures} | {"step": result.step})
 
 
-def run_sweep(cfg: Config, out_dir: str | Path, *, trial_cpus: float = 0.0):
+# A trial only drives a TorchTrainer: it holds no CPU, or the workers (0.5 CPU each) plus Ray Data's read
+# tasks (1 CPU each) would not fit on a 2-CPU machine. Ray needs a non-empty bundle: reserve memory instead.
+TRIAL_RESOURCES = {"CPU": 0.0, "memory": 256 * 1024**2}
+
+
+def run_sweep(cfg: Config, out_dir: str | Path, *, trial_resources: dict | None = None):
     """Run the sweep of ``cfg.tune`` and return the ResultGrid (best trial by ``cfg.tune.metric``)."""
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
@@ -55,7 +60,7 @@ def run_sweep(cfg: Config, out_dir: str | Path, *, trial_cpus: float = 0.0):
     ensure_experiment(uri, experiment)
     trainable = tune.with_parameters(run_trial, base=to_dict(cfg), corpus_root=str(corpus.root),
                                      out_dir=str(out_dir))
-    trainable = tune.with_resources(trainable, {"CPU": trial_cpus})
+    trainable = tune.with_resources(trainable, trial_resources or TRIAL_RESOURCES)
     previous = out_dir / "ray" / f"{cfg.name}-sweep"
     if tune.Tuner.can_restore(previous):  # a restarted sweep resumes its unfinished trials
         log.info("resuming the sweep in %s", previous)
@@ -65,7 +70,8 @@ def run_sweep(cfg: Config, out_dir: str | Path, *, trial_cpus: float = 0.0):
         param_space=search_space(cfg.tune),
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="max", num_samples=cfg.tune.num_samples,
                                     max_concurrent_trials=cfg.tune.max_concurrent,
-                                    search_alg=BasicVariantGenerator(random_state=cfg.train.seed)),
+                                    search_alg=BasicVariantGenerator(random_state=cfg.train.seed,
+                                                                     max_concurrent=cfg.tune.max_concurrent)),
         run_config=tune.RunConfig(name=f"{cfg.name}-sweep", storage_path=str(out_dir / "ray"),
                                   callbacks=[MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment,
                                                                   save_artifact=False)]),

@@ -396,7 +396,7 @@ def write_synthetic_corpus(
     sample_rate_hz: int = 16000,
     noise_categories: Sequence[str] = tuple(NOISES),
     noise_clips_per_category: int = 6,
-    noise_clip_s: float = 15.0,
+    noise_clip_s: float = 80.0,  # 8 disjoint 10 s segments per recording: eval sets need one per clip
     force: bool = False,
 ) -> SynthCorpus:
     """Write the synthetic corpus under `root` and describe it.

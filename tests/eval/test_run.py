@@ -76,7 +76,8 @@ def test_evaluate_cli_smoke_preset_writes_tables_and_mlflow_run(work, sets, tmp_
 
     db = tmp_path / "mlflow.db"
     overrides = [f"data.work_dir={work}", f"tracking.tracking_uri=sqlite:///{db}", "eval.source_refs=8",
-                 "eval.target_refs=2", "eval.test_normal=2", "eval.test_anomaly=2", "eval.batch_size=8"]
+                 "eval.target_refs=2", "eval.test_normal=2", "eval.test_anomaly=2", "eval.batch_size=8",
+                 "eval.snrs_db=[-5.0, 5.0]"]
     argv = ["--preset", "smoke", "--checkpoint", str(work / "ckpt.pt"), "--checkpoint", "frozen",
             "--out", str(tmp_path / "out")]
     for o in overrides:
