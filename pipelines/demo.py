@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from retain_asd.config import ConfigError, load_config
+from pipelines.common import add_config_args, config_from_args
 from retain_asd.runtime import init_ray
 from retain_asd.tracking import resolve_tracking_uri
 
@@ -19,18 +19,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="retain-asd demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
-    p.add_argument("--preset", default="smoke", help="config preset (default: %(default)s)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.total_steps=20")
+    add_config_args(p, default_preset="smoke")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out).resolve()
-    try:
-        cfg = load_config(args.preset, overrides=[f"data.work_dir={out / 'data'}", *args.overrides])
-    except ConfigError as err:
-        print(f"retain-asd demo: {err}", file=sys.stderr)
+    cfg = config_from_args(args, "retain-asd demo", first=[f"data.work_dir={out / 'data'}"])
+    if cfg is None:
         return 2
     from retain_asd.corpus.ingest import corpus_from_config
     from retain_asd.eval.run import evaluate_from_config

@@ -11,16 +11,14 @@ import json
 import logging
 import sys
 
+from pipelines.common import add_config_args
 from retain_asd.config import ConfigError, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="retain-asd evalsets", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", help="config preset (e.g. smoke)")
-    p.add_argument("--config", help="YAML config file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. eval.source_refs=100 (repeatable)")
+    add_config_args(p)
     p.add_argument("--force", action="store_true", help="rebuild even when the corpus and settings are unchanged")
     return p
 
@@ -31,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from retain_asd.eval.evalsets import EvalSetError, evalsets_from_config
 
     try:
-        cfg = load_config(args.preset, args.config, args.overrides)
+        cfg = load_config(args.preset, args.config, args.overrides)  # errors reported below with the others
         sets = evalsets_from_config(cfg, force=args.force)
     except (ConfigError, EvalSetError, FileNotFoundError) as err:
         print(f"retain-asd evalsets: {err}", file=sys.stderr)

@@ -12,6 +12,8 @@ import argparse
 import logging
 import sys
 
+from pipelines.common import add_config_args
+
 
 def parse_layers(text: str) -> list[int]:
     """'1-12' -> [1..12]; '2,4,6' -> [2, 4, 6] (1-based)."""
@@ -25,10 +27,7 @@ def parse_layers(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="retain-asd evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", help="config preset (e.g. smoke)")
-    p.add_argument("--config", help="YAML config file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. eval.k=3 (repeatable)")
+    add_config_args(p)
     p.add_argument("--checkpoint", action="append", required=True,
                    help="BEATs checkpoint .pt (or a folder with one), or 'frozen'; repeatable")
     p.add_argument("--out", required=True, help="output folder for tables, plots and score files")

@@ -10,7 +10,7 @@ import argparse
 import sys
 from dataclasses import replace
 
-from retain_asd.config import ConfigError, load_config
+from pipelines.common import add_config_args, config_from_args
 from retain_asd.runtime import init_ray
 
 
@@ -20,8 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--machine-root", help="DCASE 2020-2025 / MIMII DG / ToyADMOS2 folder (default: synthetic)")
     p.add_argument("--noise-root", help="noise folder <root>/<category>/*.wav + categories.yaml")
     p.add_argument("--out", help="work folder (default: data.work_dir of the config)")
-    p.add_argument("--preset", help="config preset for data settings (default: built-in defaults)")
-    p.add_argument("--config", help="YAML config file")
+    add_config_args(p)
     p.add_argument("--rows-per-shard", type=int, help="Parquet rows per shard file")
     p.add_argument("--force", action="store_true", help="rebuild even when the input is unchanged")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or an embedded local Ray)")
@@ -32,14 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from retain_asd.corpus.ingest import corpus_from_config
 
-    try:
-        cfg = load_config(args.preset, args.config)
-        data = replace(cfg.data, machine_root=args.machine_root or cfg.data.machine_root,
-                       noise_root=args.noise_root or cfg.data.noise_root, work_dir=args.out or cfg.data.work_dir,
-                       rows_per_shard=args.rows_per_shard or cfg.data.rows_per_shard)
-    except ConfigError as err:
-        print(f"retain-asd ingest: {err}", file=sys.stderr)
+    cfg = config_from_args(args, "retain-asd ingest")
+    if cfg is None:
         return 2
+    data = replace(cfg.data, machine_root=args.machine_root or cfg.data.machine_root,
+                   noise_root=args.noise_root or cfg.data.noise_root, work_dir=args.out or cfg.data.work_dir,
+                   rows_per_shard=args.rows_per_shard or cfg.data.rows_per_shard)
     init_ray(args.address)
     corpus = corpus_from_config(data, force=args.force)
     print(corpus.summary())

@@ -13,18 +13,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from retain_asd.config import ConfigError, list_presets, load_config
+from pipelines.common import add_config_args, config_from_args
+from retain_asd.config import ConfigError
 from retain_asd.runtime import init_ray
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="retain-asd pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", help=f"named config: {', '.join(list_presets())}")
-    source.add_argument("--config", help="YAML config file (e.g. a config.yaml written by an earlier run)")
+    add_config_args(p)
     p.add_argument("--out", required=True, help="output folder of the run (re-use it to resume)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.total_steps=100")
     p.add_argument("--stop-at-step", type=int, help="stop after this optimiser step (checkpointed; rerun to resume)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or an embedded local Ray)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
@@ -32,11 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.preset, args.config, args.overrides)
-    except ConfigError as err:
-        print(f"retain-asd pretrain: {err}", file=sys.stderr)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset is None and args.config is None:
+        parser.error("give --preset NAME or --config FILE")
+    cfg = config_from_args(args, "retain-asd pretrain")
+    if cfg is None:
         return 2
     from retain_asd.train.launch import pretrain
 

@@ -7,26 +7,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from retain_asd.config import ConfigError, load_config
+from pipelines.common import add_config_args, config_from_args
 from retain_asd.runtime import init_ray
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="retain-asd sweep", description=__doc__)
-    p.add_argument("--preset", default="tagging_mixture_pm5", help="base config preset (default: %(default)s)")
-    p.add_argument("--config", help="YAML config merged over the preset")
+    add_config_args(p, default_preset="tagging_mixture_pm5")
     p.add_argument("--out", default="runs/sweep", help="sweep folder (default: %(default)s)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or an embedded local Ray)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. tune.num_samples=4")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.preset, args.config, args.overrides)
-    except ConfigError as err:
-        print(f"retain-asd sweep: {err}", file=sys.stderr)
+    cfg = config_from_args(args, "retain-asd sweep")
+    if cfg is None:
         return 2
     from tune.sweep import run_sweep
 

@@ -80,8 +80,7 @@ def test_evaluate_cli_smoke_preset_writes_tables_and_mlflow_run(work, sets, tmp_
                  "eval.snrs_db=[-5.0, 5.0]"]
     argv = ["--preset", "smoke", "--checkpoint", str(work / "ckpt.pt"), "--checkpoint", "frozen",
             "--out", str(tmp_path / "out")]
-    for o in overrides:
-        argv += ["--set", o]
+    argv += overrides
     with pytest.warns(UserWarning, match="RANDOM encoder"):
         assert main(argv) == 0
     for name in ("ckpt", "frozen"):
