@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from retain_asd.eval.detector import build_reference_bank, score_with_bank
     from retain_asd.eval.knn import MemoryBank
-    from retain_asd.eval.run import build_reference_bank, score_with_bank
 
     try:
         if args.action == "bank":

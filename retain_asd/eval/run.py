@@ -1,7 +1,10 @@
 """Evaluate checkpoints end to end: eval sets -> embeddings -> kNN scores -> DCASE metrics -> Table 2.
 
-What pipelines/evaluate.py, pipelines/score.py and tune/ call. Metrics come from `metrics.py`, kNN from
-`knn.py`, tables and plots from `report.py`, evaluator-format files from `dcase_files.py`.
+Owns the Factory A/B/Mismatch evaluation (`evaluate_checkpoint`), its result types (`EvalResult`, `Cell`,
+`MachineResult`), per-machine scoring (`score_machine`), score files, reports and the config builder
+(`evaluate_from_config`, what pipelines/evaluate.py and tune/ call). The DCASE-folder mode lives in
+`dcase_mode.py`, the deployable detector (pipelines/score.py) in `detector.py`. Metrics come from `metrics.py`,
+kNN from `knn.py`, tables and plots from `report.py`, evaluator-format files from `dcase_files.py`.
 
 Metric names (MLflow): ``<condition>/snr_<dB>/official`` (raw kNN scores) and ``..._dn`` (GenRep domain
 normalisation), per machine ``<condition>/snr_<dB>/<machine>/{auc_source,auc_target,pauc}[_dn]``, per
@@ -11,7 +14,6 @@ condition ``<condition>/hmean_{low,all}[_dn]`` and overall ``hmean_low``, ``hmea
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import warnings
@@ -25,8 +27,6 @@ import torch
 from retain_asd.eval import dcase_files, knn, metrics
 from retain_asd.eval.embed import Embedder
 from retain_asd.eval.evalsets import EvalSets, MixtureSource, row_key
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -254,6 +254,7 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
     import mlflow
 
     from retain_asd.config import load_config, to_dict
+    from retain_asd.eval.dcase_mode import evaluate_dcase  # lazy: dcase_mode imports this module
     from retain_asd.eval.evalsets import evalsets_from_config
     from retain_asd.models.beats import load_beats
     from retain_asd.tracking import log_metrics, mlflow_run, resolve_tracking_uri
@@ -297,133 +298,3 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
     if not dcase_root and len(results) > 1:
         write_reports(results, out_dir)
     return results
-
-
-# ---------------------------------------------------------------------------------------------------- DCASE mode
-def _load_files(paths: Sequence[str], clip_s: float) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """(B, S) clips of the readable files and (path, reason) for the others (a bad file never crashes a run)."""
-    from retain_asd.audio import AudioError, load_clip
-
-    clips, bad = [], []
-    for p in paths:
-        try:
-            clips.append(load_clip(p, clip_s=clip_s).samples.astype(np.float32))
-        except (AudioError, OSError, RuntimeError) as err:
-            bad.append((str(p), str(err)))
-    return (np.stack(clips) if clips else np.zeros((0, 0), np.float32)), bad
-
-
-def _file_keys(paths: Sequence[str], clip_s: float) -> list[str]:
-    import hashlib
-
-    keys = []
-    for p in paths:
-        with open(p, "rb") as f:
-            keys.append(hashlib.sha1(f.read() + f"|clip_s={clip_s!r}".encode()).hexdigest())
-    return keys
-
-
-def evaluate_dcase(embedder: Embedder, dcase_root, layers: Sequence[int], *, ground_truth_dir=None, k: int = 1,
-                   metric: str = "euclidean", clip_s: float = 10.0, domain_norm: Sequence[bool] = (False, True),
-                   name: str = "model") -> EvalResult:
-    """GenRep on a DCASE 2020-2025 folder: per machine and section, banks from the train split (source /
-    target normals), tests from the test split (dev: labels from names; eval: `ground_truth_dir` CSVs).
-
-    Cells have condition ``dcase`` and snr_db NaN; machines are keyed ``<machine>_section_<NN>``.
-    """
-    from retain_asd.corpus.layouts import scan_dcase
-
-    scan = scan_dcase(dcase_root, ground_truth_dir=ground_truth_dir)
-    for path, reason in scan.rejects:
-        log.warning("skipped %s: %s", path, reason)
-    result = EvalResult(name, embedder.checkpoint_hash, list(layers)[0])
-    groups = sorted({(r.machine, r.section) for r in scan.records})
-    per_cell: dict[tuple[int, bool], dict[str, MachineResult]] = {}
-    for machine, section in groups:
-        recs = [r for r in scan.records if (r.machine, r.section) == (machine, section)]
-        refs = [r for r in recs if r.split == "train" and r.label == "normal"]
-        tests = [r for r in recs if r.split == "test" and r.label in ("normal", "anomaly")]
-        if not refs or not tests:
-            log.warning("%s section %s: %d references, %d labelled tests; skipped", machine, section, len(refs),
-                        len(tests))
-            continue
-        paths = [r.path for r in refs + tests]
-        keys = _file_keys(paths, clip_s)
-        path_of = dict(zip(keys, paths))
-
-        def load(ks, path_of=path_of):
-            clips, bad = _load_files([path_of[x] for x in ks], clip_s)
-            if bad:
-                raise ValueError(f"unreadable audio: {bad[:3]}")
-            return clips
-
-        embs = embedder.embed_keyed(keys, load, layers)
-        n_ref = len(refs)
-        src = [i for i, r in enumerate(refs) if r.domain == "source"]
-        tgt = [i for i, r in enumerate(refs) if r.domain == "target"]
-        for layer in layers:
-            for dn in domain_norm:
-                res = score_machine(machine, embs[layer][src], embs[layer][tgt],
-                                    embs[layer][n_ref:], [r.label == "anomaly" for r in tests],
-                                    [r.domain == "target" for r in tests], [Path(r.path).name for r in tests],
-                                    [section] * len(tests), k, metric, dn)
-                if res is not None:
-                    per_cell.setdefault((layer, dn), {})[f"{machine}_section_{section}"] = res
-    for (layer, dn), machines in per_cell.items():
-        official = metrics.official_score([m.figures for m in machines.values()])
-        result.cells.append(Cell("dcase", math.nan, layer, dn, machines, official))
-    return result
-
-
-# ---------------------------------------------------------------------------------------------------- detector
-def _audio_paths(folder) -> list[str]:
-    from retain_asd.corpus.layouts import is_audio_file
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a folder of audio files")
-    return sorted(str(p) for p in folder.rglob("*") if p.is_file() and is_audio_file(p))
-
-
-def build_reference_bank(checkpoint: str | os.PathLike, normal_dir, *, layer: int = 6, pooling: str = "genrep",
-                         k: int = 1, metric: str = "euclidean", clip_s: float = 10.0, percentile: float = 0.9,
-                         batch_size: int = 16) -> tuple[knn.MemoryBank, list[tuple[str, str]]]:
-    """A deployable detector: embeddings of a folder of normal clips + a decision threshold.
-
-    Threshold = `metrics.gamma_threshold` (90th percentile of a gamma fit) of the references' own
-    leave-one-out kNN scores. Returns the bank and (path, reason) of the files that could not be read.
-    """
-    paths = _audio_paths(normal_dir)
-    clips, bad = _load_files(paths, clip_s)
-    good = [p for p in paths if p not in {b for b, _ in bad}]
-    if len(good) <= k + 1:
-        raise ValueError(f"{normal_dir}: {len(good)} readable normal clips; a bank needs more than k + 1 = {k + 1}")
-    embedder = Embedder(checkpoint, pooling=pooling, batch_size=batch_size)
-    emb = torch.from_numpy(embedder.embed_waveforms(clips, [layer])[layer].astype(np.float64))
-    # One folder = one domain: the target bank is the source bank, so the score is d_source.
-    ref_scores = knn.leave_one_out_distance(emb, k, metric)
-    meta = {"files": [Path(p).name for p in good], "layer": layer, "pooling": pooling, "k": k, "metric": metric,
-            "clip_s": clip_s, "checkpoint": str(Path(checkpoint).resolve()),
-            "checkpoint_hash": embedder.checkpoint_hash, "percentile": percentile,
-            "threshold": metrics.gamma_threshold(ref_scores, percentile)}
-    return knn.MemoryBank(Path(normal_dir).name, emb, emb, meta), bad
-
-
-def score_with_bank(bank: knn.MemoryBank, clips_dir, checkpoint: str | os.PathLike | None = None,
-                    batch_size: int = 16) -> tuple[list[tuple[str, float, int]], list[tuple[str, str]]]:
-    """(file name, anomaly score, decision 0/1) per readable clip of `clips_dir`, and the unreadable files."""
-    meta = bank.meta
-    checkpoint = checkpoint or meta["checkpoint"]
-    embedder = Embedder(checkpoint, pooling=meta["pooling"], batch_size=batch_size)
-    if embedder.checkpoint_hash != meta["checkpoint_hash"]:
-        raise ValueError(f"{checkpoint}: weights differ from the checkpoint the bank was built with "
-                         f"({meta['checkpoint']}); rebuild the bank with `retain-asd score bank`")
-    paths = _audio_paths(clips_dir)
-    clips, bad = _load_files(paths, meta["clip_s"])
-    good = [p for p in paths if p not in {b for b, _ in bad}]
-    if not good:
-        return [], bad
-    emb = embedder.embed_waveforms(clips, [meta["layer"]])[meta["layer"]]
-    scores = bank.score(emb, k=meta["k"], metric=meta["metric"])
-    flags = metrics.decisions(scores, meta["threshold"])
-    return [(Path(p).name, float(s), int(d)) for p, s, d in zip(good, scores, flags)], bad

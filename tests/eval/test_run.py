@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from retain_asd.eval import knn, metrics
+from retain_asd.eval.dcase_mode import evaluate_dcase
 from retain_asd.eval.embed import Embedder
 from retain_asd.eval.evalsets import EvalSetParams, MixtureSource, build_evalsets
-from retain_asd.eval.run import evaluate_checkpoint, evaluate_dcase, write_score_files
+from retain_asd.eval.run import evaluate_checkpoint, write_score_files
 from retain_asd.models.beats import beats_tiny, write_random_checkpoint
 
 
