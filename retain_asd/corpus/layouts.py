@@ -34,21 +34,9 @@ for MIMII DG machine types (fan, gearbox, bearing, slider, valve) and "toyadmos2
 when such folders are present, or when ``scan_dcase(..., dataset=...)`` says so; otherwise a 2021+ tree
 is "dcase2021+". The split and domain in a name must agree with its folder, or the file is a reject.
 
-Anonymised eval names are resolved through the official evaluators' ground truth (``ground_truth_dir``):
-
-* 2021 (y-kawagu/dcase2021_task2_evaluator): ``ground_truth_data/ground_truth_<m>_section_<NN>_{source,
-  target}_test.csv`` rows ``wav_name,0|1`` (0 normal, 1 anomaly); the domain is in the name.
-* 2022 (Kota-Dohi/dcase2022_evaluator): ``ground_truth_data/ground_truth_<m>_section_<NN>_test.csv``
-  (label), ``ground_truth_domain/...`` (0 source, 1 target), ``ground_truth_attributes/<m>/
-  attributes_<NN>.csv`` (``file_name,d1p,d1v,...,file_name_with_full_attributes``).
-* 2023+ (nttcslab/dcase2023_task2_evaluator): data and domain as 2022, and ``ground_truth_attributes/
-  ground_truth_<m>_section_<NN>_test.csv`` rows ``wav_name,<full name without .wav>``.
-
-Label and domain always come from ``ground_truth_data`` / ``ground_truth_domain`` (what the evaluators
-score with). Attributes come from the 2022 ``dNp,dNv`` columns, or from the 2023 full name. The 2022
-``file_name_with_full_attributes`` column is *not* trusted: for ToyCar and ToyTrain about half of its
-domain/normal-anomaly tokens contradict the official label files, and in ``valve/attributes_05.csv`` it
-says ``v2pat`` where the columns say ``v1pat``.
+Anonymised eval names are resolved through the official evaluators' ground truth (``ground_truth_dir``,
+the 2021, 2022 and 2023+ layouts), read by ``groundtruth.py``: label and domain from ``ground_truth_data`` /
+``ground_truth_domain``, attributes from the 2022 ``dNp,dNv`` columns or the 2023 full name.
 
 Class names (the paper's machine-attribute classes, 231 for DCASE 2023 dev+eval train data)
 -------------------------------------------------------------------------------------------
@@ -73,8 +61,12 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from retain_asd.corpus.groundtruth import GroundTruth
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
 SPLIT_DIRS = ("train", "test", "source_test", "target_test", "supplemental")
@@ -186,7 +178,7 @@ def parse_dcase_name(name: str) -> ParsedName:
     """Parse a DCASE 2021-2025 / MIMII DG / ToyADMOS2 name (with or without folders and extension).
 
     Anonymised eval names give label "unknown" and, for 2022+ (``section_03_0000``), domain "" and split
-    "test"; resolve them with ``load_ground_truth``.
+    "test"; resolve them with ``groundtruth.load_ground_truth``.
     """
     stem = _stem(name)
     match = _DCASE.match(stem)
@@ -258,94 +250,6 @@ def read_attributes_csv(path: str | Path) -> dict[str, Attributes]:
     return {name: pairs for name, (pairs, _) in _read_attributes_rows(path).items()}
 
 
-# ------------------------------------------------------------------------------------------ ground truth
-
-_GT_DATA = re.compile(
-    r"^ground_truth_(?P<machine>[^_]+)_section_(?P<section>\d{2})_(?:(?P<domain>source|target)_)?test$")
-_GT_ATTRS_2022 = re.compile(r"^attributes_(?P<section>\d{2})$")
-
-GroundTruth = dict[tuple[str, str, str], ParsedName]  # (machine, section, stem) -> resolved name
-
-
-def _read_binary_csv(path: Path, meaning: str) -> dict[str, str]:
-    """``wav_name,0|1`` rows (no header) -> ``stem -> "0"|"1"``."""
-    out = {}
-    for row in _read_csv_rows(path):
-        if len(row) < 2 or row[1].strip() not in ("0", "1"):
-            raise LayoutError(f"{path}: expected rows 'wav_name,0|1' ({meaning}) but found {','.join(row)!r}")
-        out[_stem(row[0].strip())] = row[1].strip()
-    return out
-
-
-def load_ground_truth(ground_truth_dir: str | Path) -> GroundTruth:
-    """Index the evaluator ground truth under ``ground_truth_dir`` (2021, 2022 and 2023+ layouts).
-
-    Returns ``(machine, section, anonymised stem) -> ParsedName`` with the official label and domain and,
-    where published, the attributes.
-    """
-    gt_dir = Path(ground_truth_dir)
-    data_dir = gt_dir / "ground_truth_data"
-    if not data_dir.is_dir():
-        raise LayoutError(f"{gt_dir}: expected a ground-truth folder holding 'ground_truth_data/"
-                          "ground_truth_<machine>_section_<NN>[_source|_target]_test.csv'")
-    labels: dict[tuple[str, str, str], str] = {}
-    domains: dict[tuple[str, str, str], str] = {}
-    for csv_path in sorted(data_dir.glob("*.csv")):
-        match = _GT_DATA.match(csv_path.stem)
-        if match is None:
-            raise LayoutError(f"{csv_path}: expected 'ground_truth_<machine>_section_<NN>[_source|_target]"
-                              "_test.csv'")
-        machine, section = match["machine"], match["section"]
-        for stem, value in _read_binary_csv(csv_path, "0 normal, 1 anomaly").items():
-            key = (machine, section, stem)
-            labels[key] = "anomaly" if value == "1" else "normal"
-            if match["domain"]:  # 2021: the domain is in the file name
-                domains[key] = match["domain"]
-    domain_dir = gt_dir / "ground_truth_domain"
-    for csv_path in sorted(domain_dir.glob("*.csv")) if domain_dir.is_dir() else ():
-        match = _GT_DATA.match(csv_path.stem)
-        if match is None:
-            raise LayoutError(f"{csv_path}: expected 'ground_truth_<machine>_section_<NN>_test.csv'")
-        for stem, value in _read_binary_csv(csv_path, "0 source, 1 target").items():
-            domains[(match["machine"], match["section"], stem)] = "target" if value == "1" else "source"
-    attr_strings = _load_ground_truth_attributes(gt_dir / "ground_truth_attributes")
-
-    truth: GroundTruth = {}
-    for key, label in labels.items():
-        attr_string = attr_strings.get(key, "")
-        truth[key] = ParsedName(section=key[1], domain=domains.get(key, ""), split="test", label=label,
-                                index=key[2].rsplit("_", 1)[-1], attr_string=attr_string,
-                                attributes=parse_attribute_string(attr_string))
-    return truth
-
-
-def _load_ground_truth_attributes(attr_dir: Path) -> dict[tuple[str, str, str], str]:
-    """``(machine, section, stem) -> attribute string`` from the 2022 or the 2023+ attributes layout."""
-    out: dict[tuple[str, str, str], str] = {}
-    if not attr_dir.is_dir():
-        return out
-    # 2022: ground_truth_attributes/<machine>/attributes_<NN>.csv; the dNp/dNv columns are the attributes.
-    for csv_path in sorted(attr_dir.glob("*/attributes_*.csv")):
-        match = _GT_ATTRS_2022.match(csv_path.stem)
-        if match is None:
-            continue
-        machine = csv_path.parent.name
-        for file_name, pairs in read_attributes_csv(csv_path).items():
-            attr_string = "_".join(f"{k}_{v}" for k, v in pairs) if pairs else "noAttribute"
-            out[(machine, match["section"], _stem(file_name))] = attr_string
-    # 2023+: ground_truth_attributes/ground_truth_<m>_section_<NN>_test.csv, rows 'wav_name,<full name>'.
-    for csv_path in sorted(attr_dir.glob("ground_truth_*.csv")):
-        match = _GT_DATA.match(csv_path.stem)
-        if match is None:
-            raise LayoutError(f"{csv_path}: expected 'ground_truth_<machine>_section_<NN>_test.csv'")
-        for row in _read_csv_rows(csv_path):
-            if len(row) < 2:
-                raise LayoutError(f"{csv_path}: expected rows 'wav_name,<full file name>' but found {row!r}")
-            full = parse_dcase_name(row[1].strip())
-            out[(match["machine"], match["section"], _stem(row[0].strip()))] = full.attr_string
-    return out
-
-
 # -------------------------------------------------------------------------------------------- scanning
 
 def _audio_files(folder: Path) -> list[Path]:
@@ -394,6 +298,9 @@ def scan_dcase(root: str | Path, ground_truth_dir: str | Path | None = None,
         raise LayoutError(
             f"{root}: no machine folders found (it holds {found}); expected '<root>/<machine>/{{"
             f"{','.join(SPLIT_DIRS)}}}/<file>.wav', optionally under '<root>/{{dev_data,eval_data}}[/raw]/'")
+    # groundtruth.py builds on the name parsers above, so it is imported here rather than at the top.
+    from retain_asd.corpus.groundtruth import load_ground_truth
+
     truth = load_ground_truth(ground_truth_dir) if ground_truth_dir is not None else {}
     truth_sections = {(m, s) for m, s, _ in truth}
     result = ScanResult()

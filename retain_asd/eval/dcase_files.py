@@ -6,17 +6,9 @@ Submission files (one per machine and section, no header):
 The 2021 evaluator wants one pair per domain (`..._section_<NN>_{source,target}_test.csv`); the
 readers accept either.
 
-Ground-truth folder, as the official evaluators read it:
-  2022+ (Kota-Dohi/dcase2022_evaluator, nttcslab/dcase2023_task2_evaluator):
-    ground_truth_data/ground_truth_<machine>_section_<NN>_test.csv    wav_name,0 normal|1 anomaly
-    ground_truth_domain/ground_truth_<machine>_section_<NN>_test.csv  wav_name,0 source|1 target
-    ground_truth_attributes/ (optional) anonymised -> full names, either the 2022 layout
-      <machine>/attributes_<NN>.csv (header; first column anonymised, last column full name; rows
-      may be ragged) or the 2023 layout ground_truth_<machine>_section_<NN>_test.csv (anon, full
-      name without .wav, no header).
-  2021 (y-kawagu/dcase2021_task2_evaluator):
-    ground_truth_data/ground_truth_<machine>_section_<NN>_{source,target}_test.csv (the domain is
-    in the file name; both files form one section here).
+Ground truth: an official evaluator's folder (2021, 2022 or 2023+ layout), read by
+`retain_asd.corpus.groundtruth` (labels from ground_truth_data/, domains from ground_truth_domain/ or
+the 2021 file names, full-name aliases from ground_truth_attributes/ when present).
 
 The evaluators align scores with ground truth by sorting both files by name; we match rows by
 file name instead, so any row order works, full names map through the attributes files, and a
@@ -29,21 +21,15 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 import tempfile
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from retain_asd.corpus.groundtruth import read_truth_sections
 from retain_asd.eval.metrics import MachineScore, machine_scores
-
-_GT_2022 = re.compile(r"^ground_truth_(?P<machine>.+)_section_(?P<section>\d+)_test\.csv$")
-_GT_2021 = re.compile(
-    r"^ground_truth_(?P<machine>.+)_section_(?P<section>\d+)_(?P<domain>source|target)_test\.csv$"
-)
 
 
 def section_id(section: int | str) -> str:
@@ -174,68 +160,20 @@ class SectionTruth:
     aliases: dict[str, str] = field(default_factory=dict)  # full name -> wav name (attributes files)
 
 
-def _read_attribute_aliases(gt_dir: Path, machine: str, section: str) -> dict[str, str]:
-    candidates = [
-        gt_dir / "ground_truth_attributes" / machine / f"attributes_{section}.csv",  # 2022
-        gt_dir / "ground_truth_attributes" / f"ground_truth_{machine}_section_{section}_test.csv",  # 2023+
-    ]
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        return {}
-    aliases = {}
-    with open(path, newline="") as f:
-        for row in csv.reader(f):
-            if len(row) < 2 or row[0].strip() == "file_name":
-                continue  # header of the 2022 layout
-            anon, full = Path(row[0].strip()).name, Path(row[-1].strip()).name
-            full = full if full.endswith(".wav") else full + ".wav"  # 2023 stores it without .wav
-            aliases[full] = anon
-    return aliases
-
-
 def read_ground_truth(gt_dir) -> list[SectionTruth]:
-    """Every machine/section of an evaluator ground-truth folder (2021 or 2022+ layout)."""
-    gt_dir = Path(gt_dir)
-    data_dir = gt_dir / "ground_truth_data"
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"{data_dir}: not found; --ground-truth must be the evaluator folder "
-                                f"holding ground_truth_data/ (and ground_truth_domain/ for 2022+)")
-    # (machine, section) -> {name: (is_anomaly, is_target)}
-    sections: dict[tuple[str, str], dict[str, tuple[int, int]]] = {}
+    """Every machine/section of an evaluator ground-truth folder (2021 or 2022+ layout).
 
-    def add(key, name, label, domain, path):
-        rows = sections.setdefault(key, {})
-        if name in rows:
-            raise ValueError(f"{path}: {name!r} appears twice in section {key[0]} {key[1]}")
-        rows[name] = (label, domain)
-
-    for path in sorted(data_dir.glob("ground_truth_*.csv")):
-        labels = _read_named_values(path, _parse_01, "ground-truth label (0 normal, 1 anomaly)")
-        if m := _GT_2021.match(path.name):
-            key = (m["machine"], section_id(m["section"]))
-            for name, label in labels.items():
-                add(key, name, label, int(m["domain"] == "target"), path)
-        elif m := _GT_2022.match(path.name):
-            key = (m["machine"], section_id(m["section"]))
-            domain_path = gt_dir / "ground_truth_domain" / path.name
-            domains = _read_named_values(domain_path, _parse_01, "domain (0 source, 1 target)")
-            if set(domains) != set(labels):
-                diff = sorted(set(domains) ^ set(labels))
-                raise ValueError(f"{domain_path} and {path} list different wav names, e.g. {diff[:3]}")
-            for name, label in labels.items():
-                add(key, name, label, domains[name], path)
-        else:
-            warnings.warn(f"{path}: not a ground-truth file name, ignored", stacklevel=2)
-    if not sections:
-        raise ValueError(f"{data_dir}: no ground_truth_<machine>_section_<NN>_test.csv files")
+    Errors are `ValueError`s naming the file (`LayoutError`); a missing folder or domain file is also a
+    `FileNotFoundError`.
+    """
     out = []
-    for (machine, section), rows in sorted(sections.items()):
-        names = tuple(sorted(rows))
+    for section in read_truth_sections(gt_dir):
+        rows = section.rows
         out.append(SectionTruth(
-            machine, section, names,
-            np.array([rows[n][0] for n in names], dtype=bool),
-            np.array([rows[n][1] for n in names], dtype=bool),
-            _read_attribute_aliases(gt_dir, machine, section),
+            section.machine, section.section, tuple(r.wav_name for r in rows),
+            np.array([r.label == "anomaly" for r in rows], dtype=bool),
+            np.array([r.domain == "target" for r in rows], dtype=bool),
+            {r.full_name: r.wav_name for r in rows if r.full_name},
         ))
     return out
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from retain_asd.corpus.groundtruth import load_ground_truth
 from retain_asd.corpus.layouts import (
     ClipRecord,
     LayoutError,
     ParsedName,
-    load_ground_truth,
     parse_attribute_string,
     parse_dcase2020_name,
     parse_dcase_name,
