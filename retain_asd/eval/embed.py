@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from retain_asd.models.beats import BEATs, load_beats
 
@@ -180,15 +181,18 @@ class Embedder:
             pos = {k: i for i, k in enumerate(unique)}
             return {k: v[[pos[x] for x in keys]] for k, v in out.items()}
         missing = self.cache.missing(keys, layers)
-        for start in range(0, len(missing), 256):  # bounded memory: 256 clips of audio at a time
-            chunk = missing[start : start + 256]
-            waveforms = load_waveforms(chunk)
-            if use_ray:
-                out = embed_with_ray(self, waveforms, layers)
-            else:
-                out = self.embed_waveforms(waveforms, layers)
-            for k in layers:
-                self.cache.put(chunk, k, out[k])
+        # a bar on a terminal only (disable=None), so logs and CI output stay clean
+        with tqdm(total=len(missing), unit="clip", desc="embedding", disable=None, leave=False) as bar:
+            for start in range(0, len(missing), 256):  # bounded memory: 256 clips of audio at a time
+                chunk = missing[start : start + 256]
+                waveforms = load_waveforms(chunk)
+                if use_ray:
+                    out = embed_with_ray(self, waveforms, layers)
+                else:
+                    out = self.embed_waveforms(waveforms, layers)
+                for k in layers:
+                    self.cache.put(chunk, k, out[k])
+                bar.update(len(chunk))
         return {k: self.cache.get(keys, k) for k in layers}
 
 
