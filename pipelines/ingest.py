@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from retain_asd.corpus.ingest import corpus_from_config
+    from retain_asd.corpus.layouts import LayoutError
 
     cfg = config_from_args(args, "retain-asd ingest")
     if cfg is None:
@@ -38,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
                    noise_root=args.noise_root or cfg.data.noise_root, work_dir=args.out or cfg.data.work_dir,
                    rows_per_shard=args.rows_per_shard or cfg.data.rows_per_shard)
     init_ray(args.address)
-    corpus = corpus_from_config(data, force=args.force)
+    try:
+        corpus = corpus_from_config(data, force=args.force)
+    except (LayoutError, FileExistsError) as err:
+        print(f"retain-asd ingest: {err}", file=sys.stderr)
+        return 2
     print(corpus.summary())
     return 0
 

@@ -226,6 +226,9 @@ def resolve_checkpoint(spec: str, cfg, out_dir: Path) -> tuple[str, str, bool]:
 
     if spec == "frozen":
         if cfg.model.checkpoint:
+            if not Path(cfg.model.checkpoint).is_file():
+                raise FileNotFoundError(f"model.checkpoint = {cfg.model.checkpoint!r}: file not found; 'frozen' "
+                                        "evaluates that checkpoint: pass an official BEATs .pt")
             return "frozen", cfg.model.checkpoint, True
         warnings.warn("model.checkpoint is empty: 'frozen' is a RANDOM encoder (fine for smoke runs only)",
                       stacklevel=2)
@@ -262,12 +265,12 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     e = cfg.eval
+    resolved = [resolve_checkpoint(spec, cfg, out_dir) for spec in checkpoints]  # a bad path fails first
     sets = None if dcase_root else evalsets_from_config(cfg)
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
     cache_dir = Path(cfg.data.work_dir) / "embeddings"
     results, seen = [], {}
-    for spec in checkpoints:
-        name, path, frozen = resolve_checkpoint(spec, cfg, out_dir)
+    for name, path, frozen in resolved:
         seen[name] = seen.get(name, 0) + 1
         name = name if seen[name] == 1 else f"{name}_{seen[name]}"
         num_layers = load_beats(path).num_layers
