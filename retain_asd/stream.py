@@ -26,7 +26,6 @@ Eq. 3 (`mixing.mix_at_snr`): noise segment to unit power, clean scaled so that P
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -395,11 +394,3 @@ def iter_train_batches(data_iterator, batch_size: int, seed: int, *, shuffle_buf
         local_shuffle_buffer_size=shuffle_buffer_rows or None,
         local_shuffle_seed=seed if shuffle_buffer_rows else None, prefetch_batches=prefetch_batches)
 
-
-def describe(plan: StreamPlan) -> str:
-    """One-line summary for logs."""
-    s = plan.state
-    return json.dumps({"clips_per_epoch": len(s.clean), "files": len(s.clean.files),
-                       "noise_clips": len(s.bank),
-                       "noise_samples": int(len(s.bank.audio)), "epochs": plan.num_epochs,
-                       "class_weighted": s.class_weighted, "seed": s.seed})

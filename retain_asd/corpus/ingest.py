@@ -9,17 +9,12 @@ Output folder::
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import pyarrow.compute as pc
-
 from retain_asd.corpus import layouts, shards
 from retain_asd.corpus.labels import LabelVocab, build_vocab
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -84,11 +79,6 @@ def load_corpus(out_dir: str | os.PathLike) -> Corpus:
             raise FileNotFoundError(f"{out_dir / name}: no shards; run `retain-asd ingest --out {out_dir}` first")
         sets[name] = shards.ShardSet(out_dir / name, manifest, shards.read_rejects(out_dir / name), rebuilt=False)
     return Corpus(out_dir, sets["machine"], sets["noise"], LabelVocab.from_json(out_dir / "labels.json"))
-
-
-def split_rows(table, split: str):
-    """Rows of one split ("train" / "test") of a machine shard table."""
-    return table.filter(pc.equal(table.column("split"), split))
 
 
 def corpus_from_config(data, *, force: bool = False) -> Corpus:
