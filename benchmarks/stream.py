@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from retain_asd import mixing, stream
+from retain_asd.corpus import shards
 from retain_asd.runtime import init_ray, set_data_progress
 
 SNR = {"kind": "uniform", "low_db": -5.0, "high_db": 5.0}
@@ -58,11 +59,11 @@ def bench_numpy(corpus, epochs: int) -> dict:
     clips, t0 = 0, time.perf_counter()
     for _ in range(epochs):
         for path in state.clean.files:
-            matrix = stream.audio_rows(pq.read_table(path, columns=["audio"]).column("audio"))
+            matrix = shards.audio_matrix(pq.read_table(path, columns=["audio"]))
             for x1 in matrix:
                 j = int(rng.integers(len(bank)))
-                x2 = mixing.random_segment(bank.audio[bank.starts[j] : bank.starts[j] + bank.lengths[j]],
-                                           len(x1), rng)
+                offset = int(stream.noise_offsets(bank.lengths[j : j + 1], len(x1), rng)[0])
+                x2 = mixing.noise_segment(bank.recording(j), offset, len(x1))
                 mixing.mix_at_snr(x1, x2, float(rng.uniform(-5, 5)))
                 clips += 1
     seconds = time.perf_counter() - t0
@@ -78,9 +79,9 @@ def profile_stages(corpus, repeats: int = 3) -> dict:
     rows = 0
     for _ in range(repeats):
         for f in files:
-            rows += len(stream.audio_rows(pq.read_table(f, columns=["audio"]).column("audio")))
+            rows += len(shards.audio_matrix(pq.read_table(f, columns=["audio"])))
     decode = (time.perf_counter() - t) / rows
-    x = stream.audio_rows(pq.read_table(files[0], columns=["audio"]).column("audio"))[:32].copy()  # (32, S)
+    x = shards.audio_matrix(pq.read_table(files[0], columns=["audio"]))[:32].copy()  # (32, S)
     rng = np.random.default_rng(0)
     noise = rng.standard_normal(x.shape).astype(np.float32)
     snr = rng.uniform(-5, 5, len(x))

@@ -148,14 +148,26 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------------- validation
-OBJECTIVES = ("frozen", "denoise", "linear_mixup", "snr_mixup", "tagging", "mixture", "tagging_mixture")
+# The choice lists: the one definition, imported by the modules that act on them (train/objectives.py, mixing).
+OBJECTIVES = (
+    "frozen",  # no training: the pre-trained BEATs as is (Table 2, first row)
+    "denoise",  # Eq. 1: BCE over machine classes on the noisy input
+    "linear_mixup",  # Eq. 1 on linear mixup of two noisy clips (ratio ~ Beta(a, a), soft labels)
+    "snr_mixup",  # Eq. 1 on two noisy clips mixed by Eq. 3 at an SNR (hard, union labels)
+    "tagging",  # Eq. 4: BCE over machine + noise classes (C + N multi-hot)
+    "mixture",  # Eq. 5-6: student(mixture) aligned to lam T(clean) + (1 - lam) T(noise)
+    "tagging_mixture",  # Eq. 7: alpha * tagging + beta * mixture (the paper's method)
+)
+SNR_SAMPLERS = ("fixed", "uniform", "discrete")  # mixing.make_snr_sampler kinds
+LAM_MODES = ("fixed", "snr")  # fixed: the paper (lam = 0.5); snr: lam = R / (1 + R)
+TEACHER_INPUTS = ("scaled", "unit_power")  # what the teacher hears in Eq. 5 (objectives.teacher_components)
 _CHOICES = {
     "data.audio_dtype": ("float32", "int16"),
-    "mixing.snr_sampler": ("fixed", "uniform", "discrete"),
+    "mixing.snr_sampler": SNR_SAMPLERS,
     "model.size": ("base", "tiny"),
     "objective.name": OBJECTIVES,
-    "objective.lam_mode": ("fixed", "snr"),
-    "objective.teacher_inputs": ("scaled", "unit_power"),
+    "objective.lam_mode": LAM_MODES,
+    "objective.teacher_inputs": TEACHER_INPUTS,
     "eval.pooling": ("genrep", "mean", "spectral"),
     "eval.metric": ("euclidean", "cosine"),
 }

@@ -3,7 +3,8 @@
 Eq. 3:  x = a1 x1 + a2 x2,  a2 = 1 / sqrt(P2),  a1 = sqrt(R / P1),  R = 10^(snr_db / 10),
 so the noise component has unit power and a1^2 P1 / (a2^2 P2) = R.
 
-Training mixes per instance (`mix_at_snr`). Evaluation sets instead scale every noise relative to
+The gains are computed in one place, `snr_gains`. Training mixes per instance (`mix_at_snr`, and its
+batched float32 form `mix_batch_at_snr` for the stream). Evaluation sets instead scale every noise relative to
 the mean power of the machine's clean set (`mix_at_dataset_snr`), so the SNR holds on average over
 the set while single clips keep their natural loudness differences.
 
@@ -19,9 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
+
+from retain_asd.config import SNR_SAMPLERS
 
 
 class MixingError(ValueError):
@@ -46,11 +48,6 @@ def power(x: np.ndarray) -> float:
     return float(np.mean(np.square(x)))
 
 
-def snr_to_ratio(snr_db: float) -> float:
-    """R = 10^(snr_db / 10), the power ratio of Eq. 3."""
-    return float(10.0 ** (snr_db / 10.0))
-
-
 def _out_dtype(*arrays: np.ndarray) -> np.dtype:
     return np.result_type(*(a.dtype for a in arrays), np.float32)
 
@@ -73,7 +70,7 @@ def _check_pair(clean: np.ndarray, noise: np.ndarray) -> None:
     if clean.shape != noise.shape:
         raise MixingError(
             f"clean has shape {clean.shape}, noise {noise.shape}: equal lengths are required; "
-            "cut the noise with random_segment(noise, len(clean), rng)"
+            "cut the noise with noise_segment(noise, offset, len(clean))"
         )
 
 
@@ -93,25 +90,33 @@ def _scale(clean: np.ndarray, noise: np.ndarray, a1: float, a2: float, snr_db: f
     return Mixture(clean_part + noise_part, clean_part, noise_part, float(a1), float(a2), snr_db)
 
 
+def snr_gains(clean_power, noise_power, snr_db):
+    """Eq. 3 gains from the two powers: a1 = sqrt(R / P1), a2 = 1 / sqrt(P2), R = 10^(snr_db / 10).
+
+    The one home of the formula: the training stream (`mix_batch_at_snr`), single mixes (`mix_at_snr`),
+    the evaluation sets (`dataset_noise_gain`) and the SNR-mixup baseline (`objectives.snr_mixup`) all
+    call it. Plain arithmetic, so floats, numpy arrays and torch tensors work alike (elementwise,
+    broadcasting); the caller checks that the powers are positive and finite.
+    """
+    ratio = 10.0 ** (snr_db / 10.0)  # R
+    return (ratio / clean_power) ** 0.5, 1.0 / noise_power ** 0.5
+
+
 def mix_at_snr(clean: np.ndarray, noise: np.ndarray, snr_db: float) -> Mixture:
     """Eq. 3: noise to unit power, clean scaled so that P(a1 x1) / P(a2 x2) = 10^(snr_db/10)."""
     clean, noise = np.asarray(clean), np.asarray(noise)
     _check_pair(clean, noise)
     snr_db = _check_snr(snr_db)
-    p_clean = _checked_power(clean, "clean")
-    p_noise = _checked_power(noise, "noise")
-    a2 = 1.0 / np.sqrt(p_noise)
-    a1 = np.sqrt(snr_to_ratio(snr_db) / p_clean)
+    a1, a2 = snr_gains(_checked_power(clean, "clean"), _checked_power(noise, "noise"), snr_db)
     return _scale(clean, noise, a1, a2, snr_db)
 
 
 def mix_batch_at_snr(clean: np.ndarray, noise: np.ndarray, snr_db: np.ndarray) -> tuple[np.ndarray, ...]:
     """Eq. 3 on a batch: (B, S) clean, (B, S) noise, (B,) snr_db -> mixture, a1*clean, a2*noise (float32).
 
-    Same gains as `mix_at_snr` (a2 = 1/sqrt(P2), a1 = sqrt(R/P1)), but powers and scaling stay in
-    float32 (gains in float64): converting 10 s clips to float64 and back costs more than the mixing
-    itself. Gains agree with `mix_at_snr` to ~1e-6 relative. Raises `MixingError` for a silent or
-    non-finite row, naming the row.
+    Same gains as `mix_at_snr` (`snr_gains`), but powers and scaling stay in float32 (gains in float64):
+    converting 10 s clips to float64 and back costs more than the mixing itself. Gains agree with
+    `mix_at_snr` to ~1e-6 relative. Raises `MixingError` for a silent or non-finite row, naming the row.
     """
     clean = np.asarray(clean, dtype=np.float32)
     noise = np.asarray(noise, dtype=np.float32)
@@ -124,15 +129,11 @@ def mix_batch_at_snr(clean: np.ndarray, noise: np.ndarray, snr_db: np.ndarray) -
         bad = ~(np.isfinite(p) & (p > 0))
         if bad.any():
             raise MixingError(f"{name} row(s) {np.flatnonzero(bad)[:5].tolist()}: silent or "
-                                     "non-finite; an SNR is undefined, drop these clips")
-    ratio = 10.0 ** (np.asarray(snr_db, dtype=np.float64) / 10.0)
-    a1 = np.sqrt(ratio / p_clean).astype(np.float32)[:, None]  # (B, 1)
-    a2 = (1.0 / np.sqrt(p_noise)).astype(np.float32)[:, None]
-    clean_part = clean * a1  # (B, S)
-    noise_part = noise * a2
+                              "non-finite; an SNR is undefined, drop these clips")
+    a1, a2 = snr_gains(p_clean, p_noise, np.asarray(snr_db, dtype=np.float64))  # (B,) float64 each
+    clean_part = clean * a1.astype(np.float32)[:, None]  # (B, S)
+    noise_part = noise * a2.astype(np.float32)[:, None]
     return clean_part + noise_part, clean_part, noise_part
-
-
 
 
 # --- dataset-level scaling (evaluation sets) -------------------------------------------------------
@@ -146,14 +147,17 @@ def mean_power(clips: Sequence[np.ndarray]) -> float:
 
 
 def dataset_noise_gain(noise: np.ndarray, reference_power: float, snr_db: float) -> float:
-    """Gain g so that P(g * noise) = reference_power / R, i.e. g = sqrt(reference_power / (R P_noise)).
+    """Gain g so that P(g * noise) = reference_power / R: Eq. 3 with P1 = reference_power, divided by a1.
 
+    `snr_gains(reference_power, P_noise, snr_db)` gives a1, a2; the mixture a1 x1 + a2 x2 scaled by 1 / a1
+    keeps the clean clip as it is and scales the noise by g = a2 / a1 = sqrt(reference_power / (R P_noise)).
     With reference_power the mean clean power of the machine's set, the set-level SNR equals snr_db.
     """
     if not (np.isfinite(reference_power) and reference_power > 0):
         raise MixingError(f"reference_power={reference_power}: must be a positive mean clean power")
     p_noise = _checked_power(np.asarray(noise), "noise")
-    return float(np.sqrt(reference_power / (snr_to_ratio(_check_snr(snr_db)) * p_noise)))
+    a1, a2 = snr_gains(float(reference_power), p_noise, _check_snr(snr_db))
+    return float(a2 / a1)
 
 
 def mix_at_dataset_snr(
@@ -243,7 +247,7 @@ SNRSampler = FixedSNR | UniformSNR | DiscreteSNR
 
 
 def make_snr_sampler(
-    kind: Literal["fixed", "uniform", "discrete"],
+    kind: str,
     *,
     snr_db: float | None = None,
     low_db: float | None = None,
@@ -253,8 +257,8 @@ def make_snr_sampler(
     """Build a sampler from flat arguments; each kind needs exactly its own arguments."""
     given = {"snr_db": snr_db, "low_db": low_db, "high_db": high_db, "values_db": values_db}
     needed = {"fixed": ("snr_db",), "uniform": ("low_db", "high_db"), "discrete": ("values_db",)}
-    if kind not in needed:
-        raise ValueError(f"SNR sampler kind={kind!r}: expected one of {tuple(needed)}")
+    if kind not in SNR_SAMPLERS:
+        raise ValueError(f"SNR sampler kind={kind!r}: expected one of {SNR_SAMPLERS}")
     missing = [k for k in needed[kind] if given[k] is None]
     extra = [k for k, v in given.items() if v is not None and k not in needed[kind]]
     if missing or extra:
@@ -271,17 +275,22 @@ def make_snr_sampler(
 # --- noise segments --------------------------------------------------------------------------------
 
 
-def random_segment(x: np.ndarray, num_samples: int, rng: np.random.Generator) -> np.ndarray:
-    """A random `num_samples` window of `x` (T,): a crop when longer, a loop from a random offset when
-    shorter (so a short noise still gives varied segments)."""
-    x = np.asarray(x)
-    n = x.shape[0]
+def noise_segment(recording: np.ndarray, offset: int, num_samples: int) -> np.ndarray:
+    """`num_samples` of `recording` (T,) from `offset`: a view when it is long enough, else tiled (a copy)
+    from `offset` round the recording, so a short noise still gives varied segments.
+
+    The one cutter of the training stream and the evaluation sets; offsets come from
+    `stream.noise_offsets` (training, random) and `evalsets.noise_segments` (evaluation, disjoint).
+    """
+    recording = np.asarray(recording)
+    n = recording.shape[0]
     if num_samples <= 0:
         raise ValueError(f"num_samples={num_samples}: must be positive")
     if n == 0:
-        raise MixingError("random_segment of an empty array")
+        raise MixingError("noise_segment of an empty recording")
     if n >= num_samples:
-        start = int(rng.integers(0, n - num_samples + 1))
-        return x[start : start + num_samples].copy()
-    start = int(rng.integers(0, n))
-    return x[(start + np.arange(num_samples)) % n]
+        if not 0 <= offset <= n - num_samples:
+            raise ValueError(f"offset={offset}: a {num_samples}-sample segment of a {n}-sample recording "
+                             f"starts in 0..{n - num_samples}")
+        return recording[offset : offset + num_samples]
+    return recording[(offset + np.arange(num_samples)) % n]

@@ -20,8 +20,8 @@ How it is built (one Ray Data dataset covering every epoch, iterated once by the
 * Batches: `iter_train_batches` (numeric columns as tensors). Smaller shards (`data.rows_per_shard`)
   mix classes more within a batch.
 
-Eq. 3 (`mixing.mix_at_snr`): noise segment to unit power, clean scaled so that P(a1 x1) / P(a2 x2) = R.
-`mixing.mix_batch_at_snr` is its vectorised float32 form (same gains to ~1e-6), tested equal to it.
+Eq. 3 (`mixing.mix_batch_at_snr`, gains from `mixing.snr_gains`): noise segment (`mixing.noise_segment`) to
+unit power, clean scaled so that P(a1 x1) / P(a2 x2) = R. Shards are decoded by `shards.audio_matrix`.
 """
 
 from __future__ import annotations
@@ -83,6 +83,11 @@ class NoiseBank:
     def __len__(self) -> int:
         return len(self.noise_ids)
 
+    def recording(self, j: int) -> np.ndarray:
+        """Recording j as a view of the bank."""
+        start = int(self.starts[j])
+        return self.audio[start : start + int(self.lengths[j])]
+
 
 @dataclass(frozen=True)
 class StreamState:
@@ -119,7 +124,7 @@ def noise_permutation(bank_size: int, num_draws: int, rng: np.random.Generator) 
 
 def noise_offsets(lengths: np.ndarray, num_samples: int, rng: np.random.Generator) -> np.ndarray:
     """Random segment start per draw: in [0, L - S] for a recording longer than the clip (a crop), in
-    [0, L) for a shorter one (tiled from there, as `mixing.random_segment`)."""
+    [0, L) for a shorter one (tiled from there by `mixing.noise_segment`)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     high = np.where(lengths >= num_samples, lengths - num_samples + 1, lengths)
     return rng.integers(0, high).astype(np.int64)
@@ -145,15 +150,6 @@ def plan_epoch(state: StreamState, epoch: int) -> EpochPlan:
     snr_db = np.asarray(state.snr_sampler.sample(rng_snr, n), dtype=np.float64)
     file_order = rng_files.permutation(len(clean.files)).astype(np.int64)
     return EpochPlan(epoch, draws, noise, offset, snr_db, file_order)
-
-
-# ------------------------------------------------------------------------------------------ mixing
-def noise_segment(bank: NoiseBank, j: int, offset: int, num_samples: int) -> np.ndarray:
-    """`num_samples` of recording j from `offset`: a view for a crop, tiled (a copy) when it is shorter."""
-    start, length = int(bank.starts[j]), int(bank.lengths[j])
-    if length >= num_samples:
-        return bank.audio[start + offset : start + offset + num_samples]
-    return bank.audio[start + (offset + np.arange(num_samples)) % length]
 
 
 # ------------------------------------------------------------------------------------------ driver side
@@ -256,15 +252,6 @@ def _cached_plan(state: StreamState, epoch: int) -> EpochPlan:
     return _PLANS[key]
 
 
-def audio_rows(column) -> np.ndarray:
-    """A fixed-size-list audio column -> (rows, S) float32, zero-copy for float32 shards (int16 rescaled)."""
-    audio = column.combine_chunks()
-    flat = audio.flatten().to_numpy(zero_copy_only=False)
-    if flat.dtype == np.int16:
-        flat = flat.astype(np.float32) / 32768.0  # int16 shards (data.audio_dtype)
-    return flat.reshape(len(audio), audio.type.list_size)
-
-
 def mix_unit(state: StreamState, epoch: int, position: int,
              rows_per_block: int = MIX_ROWS_PER_BLOCK) -> Iterator[dict[str, np.ndarray]]:
     """Rows of one work unit: the draws of `epoch` whose clean clip is in the epoch's `position`-th file."""
@@ -276,7 +263,7 @@ def mix_unit(state: StreamState, epoch: int, position: int,
         return
     path = clean.files[file_idx]
     table = pq.read_table(path, columns=["clip_id", "audio"])
-    matrix = audio_rows(table.column("audio"))  # (rows in file, S)
+    matrix = shards.audio_matrix(table)  # (rows in file, S)
     file_ids = table.column("clip_id").to_numpy(zero_copy_only=False)
     for lo in range(0, len(draws), rows_per_block):
         d = draws[lo : lo + rows_per_block]
@@ -284,7 +271,7 @@ def mix_unit(state: StreamState, epoch: int, position: int,
         rows = clean.row_in_file[ci]
         if not np.array_equal(file_ids[rows].astype(str), clean.clip_ids[ci]):
             raise StreamError(f"{path}: rows changed since the stream was planned; rebuild the dataset")
-        noise = np.stack([noise_segment(bank, j, o, clean.num_samples)
+        noise = np.stack([mixing.noise_segment(bank.recording(j), o, clean.num_samples)
                           for j, o in zip(plan.noise[d], plan.noise_offset[d], strict=True)])  # (b, S)
         mixture, clean_part, noise_part = mixing.mix_batch_at_snr(matrix[rows], noise, plan.snr_db[d])
         machine_idx = clean.machine_idx[ci]

@@ -19,7 +19,7 @@ from retain_asd.mixing import (
     mix_at_dataset_snr,
     mix_at_snr,
     power,
-    random_segment,
+    noise_segment,
 )
 
 
@@ -109,7 +109,7 @@ def test_non_finite_input_is_an_error(bad):
 
 
 def test_length_mismatch_is_an_error():
-    with pytest.raises(MixingError, match=r"equal lengths.*random_segment"):
+    with pytest.raises(MixingError, match=r"equal lengths.*noise_segment"):
         mix_at_snr(np.ones(10), np.ones(11), 0.0)
 
 
@@ -207,25 +207,15 @@ def test_make_snr_sampler():
 # --- noise segments ---------------------------------------------------------------------------------
 
 
-def test_random_segment_crop_is_a_contiguous_window():
+def test_noise_segment_crop_is_a_view_and_a_short_noise_loops():
     x = np.arange(100, dtype=np.float32)
-    rng = np.random.default_rng(0)
-    starts = set()
-    for _ in range(50):
-        seg = random_segment(x, 30, rng)
-        assert seg.shape == (30,)
-        np.testing.assert_array_equal(seg, np.arange(seg[0], seg[0] + 30))
-        starts.add(int(seg[0]))
-    assert min(starts) >= 0 and max(starts) <= 70 and len(starts) > 20
-    np.testing.assert_array_equal(
-        random_segment(x, 30, np.random.default_rng(5)), random_segment(x, 30, np.random.default_rng(5))
-    )
-
-
-def test_random_segment_loops_a_short_noise():
-    x = np.arange(10, dtype=np.float32)
-    seg = random_segment(x, 25, np.random.default_rng(1))
-    np.testing.assert_array_equal(seg, (seg[0] + np.arange(25)) % 10)
-    np.testing.assert_array_equal(random_segment(x, 10, np.random.default_rng(1)), x)
+    seg = noise_segment(x, 70, 30)
+    np.testing.assert_array_equal(seg, np.arange(70, 100))
+    assert np.shares_memory(seg, x)  # a crop is a view of the recording
+    short = np.arange(10, dtype=np.float32)
+    np.testing.assert_array_equal(noise_segment(short, 3, 25), (3 + np.arange(25)) % 10)
+    np.testing.assert_array_equal(noise_segment(short, 0, 10), short)
+    with pytest.raises(ValueError, match="offset=71"):
+        noise_segment(x, 71, 30)
     with pytest.raises(MixingError, match="empty"):
-        random_segment(np.zeros(0), 5, np.random.default_rng(0))
+        noise_segment(np.zeros(0), 0, 5)

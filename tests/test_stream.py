@@ -57,8 +57,8 @@ def test_noise_offsets_and_segments():
     audio = np.arange(S + 10 + 7, dtype=np.float32)
     bank = stream.NoiseBank(audio, np.asarray([0, S + 10]), np.asarray([S + 10, 7]), np.asarray(["a", "b"]),
                             np.asarray([3, 4]))
-    np.testing.assert_array_equal(stream.noise_segment(bank, 0, 4, S), np.arange(4, S + 4))
-    tiled = stream.noise_segment(bank, 1, 5, S)
+    np.testing.assert_array_equal(mixing.noise_segment(bank.recording(0), 4, S), np.arange(4, S + 4))
+    tiled = mixing.noise_segment(bank.recording(1), 5, S)
     np.testing.assert_array_equal(tiled[:9], S + 10 + np.asarray([5, 6, 0, 1, 2, 3, 4, 5, 6]))
 
 

@@ -256,9 +256,14 @@ def read_table(root: str | os.PathLike, columns: Sequence[str] | None = None) ->
     return pa.concat_tables(tables).sort_by("path")
 
 
-def audio_matrix(table: pa.Table) -> np.ndarray:
-    """The fixed-length audio column as a float32 (rows, samples) array (int16 shards are rescaled)."""
-    col = table.column("audio").combine_chunks()
+def audio_matrix(table_or_column) -> np.ndarray:
+    """The fixed-length audio column (of a table, or the column itself) as float32 (rows, samples).
+
+    Zero-copy for float32 shards; int16 shards (data.audio_dtype) are rescaled by 1/32768. The one decoder
+    of machine clips, used by the training stream and the corpus readers.
+    """
+    col = table_or_column.column("audio") if isinstance(table_or_column, pa.Table) else table_or_column
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     if not pa.types.is_fixed_size_list(col.type):
         raise ValueError("audio_matrix needs fixed-length clips; use audio_list for full-length noise")
     flat = col.flatten().to_numpy(zero_copy_only=False)

@@ -164,13 +164,6 @@ def noise_segments(noise_meta: list[dict], lengths: dict[str, int], num_samples:
     return out
 
 
-def cut_segment(recording: np.ndarray, offset: int, num_samples: int) -> np.ndarray:
-    """The segment at `offset`; recordings shorter than one clip loop (np.resize tiles cyclically)."""
-    if recording.shape[0] < num_samples:
-        return np.resize(recording, num_samples)
-    return recording[offset : offset + num_samples]
-
-
 def _iter_audio(root: Path, wanted: set[str]):
     """(clip_id, float32 audio) of the wanted rows, shard by shard (never the whole corpus in memory)."""
     manifest = shards.read_manifest(root)
@@ -231,7 +224,7 @@ def _recipes(corpus_root: Path, params: EvalSetParams, warnings: list[str]) -> t
         for i, clip in enumerate(clips):
             noise_id, offset = segments[order[i % len(segments)]]
             if (noise_id, offset) not in seg_cache:
-                seg = cut_segment(recordings[noise_id], offset, num_samples)
+                seg = mixing.noise_segment(recordings[noise_id], offset, num_samples)
                 seg_cache[(noise_id, offset)] = seg
             for snr_db in params.snrs_db:
                 gain = mixing.dataset_noise_gain(seg_cache[(noise_id, offset)], ref_power[clip["machine"]], snr_db)
@@ -360,7 +353,7 @@ class MixtureSource:
         noise = np.zeros_like(clean)
         for i, r in enumerate(rows):
             if r.get("noise_id"):
-                seg = cut_segment(self._noise[r["noise_id"]], int(r["noise_offset"]), clean.shape[1])
+                seg = mixing.noise_segment(self._noise[r["noise_id"]], int(r["noise_offset"]), clean.shape[1])
                 noise[i] = (float(r["noise_gain"]) * seg.astype(np.float64)).astype(np.float32)
         return clean, noise
 

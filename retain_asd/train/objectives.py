@@ -4,7 +4,7 @@ A student BEATs continues pre-training on machine sound mixed with factory noise
 teacher) gives the targets. The equations, as numbered in the paper:
 
     Eq. 1  denoising baseline      L_dn  = BCE(h(S(x_noisy)), y_machine)             -> `denoise_loss`
-    Eq. 3  mixing at an SNR        x = a1 x1 + a2 x2, a1^2 P1 / (a2^2 P2) = R         -> `snr_gains`
+    Eq. 3  mixing at an SNR        x = a1 x1 + a2 x2, a1^2 P1 / (a2^2 P2) = R         -> `mixing.snr_gains`
     Eq. 4  tagging                 L_tag = BCE(h(S(x)), y), y multi-hot over C + N    -> `tagging_loss`
     Eq. 5  mixture target          T_mix = lam T(a1 x1) + (1 - lam) T(a2 x2)          -> `mixture_target`
     Eq. 6  mixture alignment       L_mix = MSE(S(x), T_mix) at frame level            -> `mixture_loss`
@@ -17,7 +17,8 @@ from the sample's SNR, R / (1 + R), the paper's stated future work.
 Conventions: S = student, T = teacher, h = linear tagging head on the time-pooled student output.
 Label columns are ordered machine classes first, then noise classes (235 = 231 + 4 in the paper), so
 the machine part of a multi-hot label is `y[:, :num_machine_classes]`. Nothing here imports Ray or
-MLflow; the loop (`train/loop.py`) and the config validate names against the constants below.
+MLflow. The name lists (objectives, lambda modes, teacher inputs) live in `retain_asd.config`, which checks
+every name when a Config is built; the functions here raise a clear error for an unknown name as well.
 """
 
 from __future__ import annotations
@@ -28,20 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# --- Config values with documented defaults (the config module references these) ---------------------
+from retain_asd.config import LAM_MODES, OBJECTIVES, TEACHER_INPUTS
+from retain_asd.mixing import snr_gains
 
-OBJECTIVES: tuple[str, ...] = (
-    "frozen",  # no training: the pre-trained BEATs as is (Table 2, first row)
-    "denoise",  # Eq. 1: BCE over machine classes on the noisy input
-    "linear_mixup",  # Eq. 1 on linear mixup of two noisy clips (ratio ~ Beta(a, a), soft labels)
-    "snr_mixup",  # Eq. 1 on two noisy clips mixed by Eq. 3 at an SNR (hard, union labels)
-    "tagging",  # Eq. 4: BCE over machine + noise classes (C + N multi-hot)
-    "mixture",  # Eq. 5-6: student(mixture) aligned to lam T(clean) + (1 - lam) T(noise)
-    "tagging_mixture",  # Eq. 7: alpha * tagging + beta * mixture (the paper's method)
-)
-
-LAM_MODES: tuple[str, ...] = ("fixed", "snr")  # fixed: the paper (lam = 0.5); snr: lam = R / (1 + R)
-DEFAULT_LAM = 0.5  # paper default
+DEFAULT_LAM = 0.5  # paper default (Eq. 5)
 
 # Which encoder block is aligned in Eq. 6 (1-based like the paper). None = the last block (12 for
 # BEATs base), i.e. the output the teacher exposes (`extract_features` of the official code): aligning
@@ -313,32 +304,19 @@ def linear_mixup(
     return rx * x1 + (1 - rx) * x2, ry * y1 + (1 - ry) * y2
 
 
-def snr_gains(
-    first: torch.Tensor, second: torch.Tensor, snr_db: float | torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 3 gains per sample: a2 = 1 / sqrt(P2) (second to unit power), a1 = sqrt(R / P1).
-
-    Then a1^2 P1 / (a2^2 P2) = R = 10^(snr_db / 10). first, second: (B, L); returns a1, a2: (B,) fp32.
-    A silent sample (P = 0) is an error, not a NaN.
-    """
-    p1 = _mean_power(first, "first (mix1)")
-    p2 = _mean_power(second, "second (mix2)")
-    snr_db = torch.as_tensor(snr_db, dtype=p1.dtype, device=p1.device)
-    ratio = torch.pow(10.0, snr_db / 10.0)  # R, () or (B,)
-    return torch.sqrt(ratio / p1), torch.rsqrt(p2)
-
-
 def snr_mixup(
     mix1: torch.Tensor, mix2: torch.Tensor, y1: torch.Tensor, y2: torch.Tensor, snr_db: float | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SNR mixup: two noisy mixtures mixed by Eq. 3 at `snr_db` (mix1 as "clean", mix2 as "noise").
 
-    x = a1 mix1 + a2 mix2 with the `snr_gains`; labels are "hard" multi-hot: the union (elementwise max)
+    x = a1 mix1 + a2 mix2 with the gains of `mixing.snr_gains`; labels are "hard" multi-hot: the union (elementwise max)
     of y1 and y2, whatever the SNR. mix1, mix2: (B, L) waveforms; y1, y2: (B, K); snr_db: float or (B,).
     """
     if mix1.shape != mix2.shape or mix1.dim() != 2 or y1.shape != y2.shape or y1.shape[0] != mix1.shape[0]:
         raise ValueError(f"snr_mixup: mix1 {tuple(mix1.shape)}, mix2 {tuple(mix2.shape)} must be (B, L) and "
                          f"y1 {tuple(y1.shape)}, y2 {tuple(y2.shape)} (B, K) with the same B")
-    a1, a2 = snr_gains(mix1, mix2, snr_db)  # (B,), (B,)
+    p1 = _mean_power(mix1, "first (mix1)")  # (B,)
+    p2 = _mean_power(mix2, "second (mix2)")
+    a1, a2 = snr_gains(p1, p2, torch.as_tensor(snr_db, dtype=p1.dtype, device=p1.device))  # (B,), (B,)
     x = a1[:, None].to(mix1.dtype) * mix1 + a2[:, None].to(mix2.dtype) * mix2  # (B, L)
     return x, torch.maximum(y1, y2)

@@ -13,11 +13,11 @@ from retain_asd.eval.evalsets import (
     EvalSetParams,
     MixtureSource,
     build_evalsets,
-    cut_segment,
     load_evalsets,
     noise_segments,
     row_key,
 )
+from retain_asd.mixing import noise_segment
 
 PARAMS = EvalSetParams(snrs_db=(-10.0, 0.0, 20.0), source_refs=8, target_refs=2, test_normal=2, test_anomaly=2)
 
@@ -35,8 +35,8 @@ def sets(corpus, tmp_path_factory):
 def test_noise_segments_are_disjoint_clip_length_cuts():
     meta = [{"clip_id": "a"}, {"clip_id": "b"}]
     assert noise_segments(meta, {"a": 25, "b": 5}, 10) == [("a", 0), ("a", 10), ("b", 0)]
-    np.testing.assert_array_equal(cut_segment(np.arange(25), 10, 10), np.arange(10, 20))
-    np.testing.assert_array_equal(cut_segment(np.arange(4), 0, 10), [0, 1, 2, 3, 0, 1, 2, 3, 0, 1])  # loops
+    np.testing.assert_array_equal(noise_segment(np.arange(25), 10, 10), np.arange(10, 20))
+    np.testing.assert_array_equal(noise_segment(np.arange(4), 0, 10), [0, 1, 2, 3, 0, 1, 2, 3, 0, 1])  # loops
 
 
 def test_counts_and_mismatch_reuses_recipes(sets):
