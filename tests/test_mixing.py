@@ -18,8 +18,8 @@ from retain_asd.mixing import (
     mean_power,
     mix_at_dataset_snr,
     mix_at_snr,
-    power,
     noise_segment,
+    power,
 )
 
 

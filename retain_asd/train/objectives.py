@@ -44,7 +44,6 @@ DEFAULT_ALIGN_LAYER: int | None = None
 # a1 x1 and a2 x2, so lam T(a1 x1) + (1 - lam) T(a2 x2) describes exactly the content of x = a1 x1 +
 # a2 x2 (at low SNR the teacher hears a quiet machine, as the student does). "unit_power": each
 # component rescaled to mean power 1, so the teacher's view of the machine does not depend on the SNR.
-TEACHER_INPUTS: tuple[str, ...] = ("scaled", "unit_power")
 DEFAULT_TEACHER_INPUT = "scaled"
 
 
