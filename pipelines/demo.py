@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
     from retain_asd.corpus.ingest import corpus_from_config
-    from retain_asd.eval.run import evaluate_from_config
+    from retain_asd.eval.builder import evaluate_from_config
     from retain_asd.train.launch import pretrain
 
     init_ray()

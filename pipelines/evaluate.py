@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     from retain_asd.config import ConfigError, load_config
-    from retain_asd.eval.run import evaluate_from_config
+    from retain_asd.eval.builder import evaluate_from_config
 
     try:
         cfg = load_config(args.preset, args.config, args.overrides)

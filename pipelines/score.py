@@ -13,6 +13,8 @@ import argparse
 import csv
 import sys
 
+from retain_asd.config import EvalConfig
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="retain-asd score", description=__doc__,
@@ -22,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--checkpoint", required=True, help="BEATs checkpoint .pt")
     b.add_argument("--normal", required=True, help="folder of normal clips of one machine")
     b.add_argument("--out", required=True, help="bank file to write (.pt)")
-    b.add_argument("--layer", type=int, default=6, help="1-based encoder layer (default 6)")
+    b.add_argument("--layer", type=int, default=EvalConfig.layer,
+                   help=f"1-based encoder layer (default: eval.layer, {EvalConfig.layer})")
     b.add_argument("--pooling", default="genrep", choices=("genrep", "mean", "spectral"))
     b.add_argument("--k", type=int, default=1, help="nearest neighbours (default 1)")
     b.add_argument("--metric", default="euclidean", choices=("euclidean", "cosine"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -233,6 +234,18 @@ def load_clip(
         source_num_samples=source_frames,
         repairs=tuple(repairs),
     )
+
+
+def load_clips(paths: Sequence[str | os.PathLike], clip_s: float) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """(B, S) float32 clips of the readable files (`load_clip`) and (path, reason) for the others, so a bad
+    file in a folder is reported, never fatal."""
+    clips, bad = [], []
+    for p in paths:
+        try:
+            clips.append(load_clip(p, clip_s=clip_s).samples.astype(np.float32))
+        except (AudioError, OSError, RuntimeError) as err:
+            bad.append((str(p), str(err)))
+    return (np.stack(clips) if clips else np.zeros((0, 0), np.float32)), bad
 
 
 def read_audio(

@@ -106,7 +106,8 @@ class EvalConfig:
     target_refs: int = 10  # normal target references per machine
     test_normal: int = 50  # normal test clips per domain
     test_anomaly: int = 50  # anomalous test clips per domain
-    layer: int = 6  # student embeddings from layer 6; frozen SSL baselines use 12
+    layer: int = 6  # student embeddings from layer 6 (1-based)
+    ssl_layer: int = 12  # the frozen SSL baseline (`--checkpoint frozen`) is read at layer 12 (Table 2)
     pooling: str = "genrep"  # "genrep" (mean over time, flatten F*D) | "mean" | "spectral"
     k: int = 1  # kNN neighbours
     metric: str = "euclidean"  # or "cosine"
@@ -221,6 +222,7 @@ def validate(cfg: Config) -> None:
     _check(e.test_normal > 0 and e.test_anomaly > 0, "eval.test_normal/test_anomaly", "> 0",
            (e.test_normal, e.test_anomaly))
     _check(e.layer >= 1, "eval.layer", ">= 1 (layers are 1-based)", e.layer)
+    _check(e.ssl_layer >= 1, "eval.ssl_layer", ">= 1 (layers are 1-based)", e.ssl_layer)
     _check(e.k >= 1, "eval.k", ">= 1", e.k)
     _check(all(lo <= hi for lo, hi in cfg.tune.snr_ranges_db), "tune.snr_ranges_db",
            "pairs (low, high) with low <= high", cfg.tune.snr_ranges_db)

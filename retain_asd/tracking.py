@@ -1,7 +1,10 @@
-"""MLflow helpers: one place that knows the tracking URI rules, run naming and parameter flattening.
+"""MLflow in one place: the only module that imports mlflow (tracking URI rules, experiments with an explicit
+artifact location, runs (nested too), params, tags, metrics, artifacts).
 
 Local default: an SQLite store at an *absolute* path (Ray Tune trials change directory, and a relative URI
 would give each trial its own database). On a cluster: an ``mlflow server`` URI (``http://host:port``).
+Artifacts of an SQLite store go beside its database (``<db folder>/mlartifacts/<experiment>``), never into
+the working folder (MLflow's default ``./mlruns``).
 """
 
 from __future__ import annotations
@@ -40,25 +43,41 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where an experiment of store `uri` keeps its artifacts: beside an SQLite database; None (the server's
+    choice) for a server URI."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / experiment).as_uri()
+    return None
+
+
 def ensure_experiment(uri: str, experiment: str) -> str:
-    """Create the experiment when missing (Tune trials need it to exist); returns its id."""
+    """Create the experiment when missing (Tune trials need it to exist), with an explicit artifact location
+    (`artifact_location`); returns its id."""
     apply_env_defaults()
     import mlflow
 
     mlflow.set_tracking_uri(uri)
     found = mlflow.get_experiment_by_name(experiment)
-    return found.experiment_id if found else mlflow.create_experiment(experiment)
+    if found:
+        return found.experiment_id
+    return mlflow.create_experiment(experiment, artifact_location=artifact_location(uri, experiment))
 
 
 @contextlib.contextmanager
 def mlflow_run(uri: str, experiment: str, run_name: str, params: Mapping[str, Any] | None = None,
-               tags: Mapping[str, str] | None = None, run_id: str | None = None) -> Iterator[Any]:
-    """Start (or resume, with ``run_id``) an MLflow run and make it active inside the block."""
+               tags: Mapping[str, str] | None = None, run_id: str | None = None,
+               nested: bool = False) -> Iterator[Any]:
+    """Start (or resume, with ``run_id``) an MLflow run and make it active inside the block.
+
+    ``nested``: a child of the run active around it (e.g. one evaluation inside a sweep trial's run).
+    """
     import mlflow
 
     ensure_experiment(uri, experiment)
     mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=dict(tags or {})) as run:
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=dict(tags or {}),
+                          nested=nested) as run:
         if params:
             mlflow.log_params(flatten(params))
         yield run
@@ -70,6 +89,20 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
 
     clean = {k.replace("=", "_").replace(" ", "_"): float(v) for k, v in metrics.items()}
     mlflow.log_metrics(clean, step=step)
+
+
+def set_tags(tags: Mapping[str, Any]) -> None:
+    """Set tags on the active run (values become strings)."""
+    import mlflow
+
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def log_artifacts(directory: str | os.PathLike, artifact_path: str | None = None) -> None:
+    """Copy a folder's files into the active run's artifacts (location: `artifact_location`)."""
+    import mlflow
+
+    mlflow.log_artifacts(str(directory), artifact_path=artifact_path)
 
 
 def compare_runs(uri: str, experiment: str, metrics: list[str]) -> list[dict[str, Any]]:

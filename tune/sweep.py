@@ -26,7 +26,7 @@ def run_trial(choices: dict[str, Any], *, base: dict, corpus_root: str, out_dir:
     from ray import tune
 
     from retain_asd.corpus.ingest import load_corpus
-    from retain_asd.eval.run import evaluate_from_config
+    from retain_asd.eval.builder import evaluate_from_config
     from retain_asd.train.launch import pretrain
 
     trial_id = tune.get_context().get_trial_id()

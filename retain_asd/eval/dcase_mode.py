@@ -1,8 +1,8 @@
 """DCASE-folder mode: GenRep scoring of checkpoints on a DCASE 2020-2025 folder (`evaluate_dcase`).
 
-Owns reading the folder's audio (`_load_files`, also used by `detector.py`) and the content keys of its files
-for the embedding cache (`_file_keys`). Results use the types of `run.py`, whose `evaluate_from_config`
-calls this mode for ``--dcase-root``.
+Owns the content keys of the folder's files for the embedding cache (`_file_keys`); audio is read with
+`audio.load_clips`. Results use the types of `results.py`; `builder.evaluate_from_config` calls this mode
+for ``--dcase-root``.
 """
 
 from __future__ import annotations
@@ -12,26 +12,12 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
+from retain_asd.audio import load_clips
 from retain_asd.eval import metrics
 from retain_asd.eval.embed import Embedder
-from retain_asd.eval.run import Cell, EvalResult, MachineResult, score_machine
+from retain_asd.eval.results import Cell, EvalResult, MachineResult, score_machine
 
 log = logging.getLogger(__name__)
-
-
-def _load_files(paths: Sequence[str], clip_s: float) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """(B, S) clips of the readable files and (path, reason) for the others (a bad file never crashes a run)."""
-    from retain_asd.audio import AudioError, load_clip
-
-    clips, bad = [], []
-    for p in paths:
-        try:
-            clips.append(load_clip(p, clip_s=clip_s).samples.astype(np.float32))
-        except (AudioError, OSError, RuntimeError) as err:
-            bad.append((str(p), str(err)))
-    return (np.stack(clips) if clips else np.zeros((0, 0), np.float32)), bad
 
 
 def _file_keys(paths: Sequence[str], clip_s: float) -> list[str]:
@@ -73,7 +59,7 @@ def evaluate_dcase(embedder: Embedder, dcase_root, layers: Sequence[int], *, gro
         path_of = dict(zip(keys, paths))
 
         def load(ks, path_of=path_of):
-            clips, bad = _load_files([path_of[x] for x in ks], clip_s)
+            clips, bad = load_clips([path_of[x] for x in ks], clip_s)
             if bad:
                 raise ValueError(f"unreadable audio: {bad[:3]}")
             return clips

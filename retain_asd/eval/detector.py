@@ -2,7 +2,7 @@
 
 Owns building a reference bank from a folder of normal clips (`build_reference_bank`: embeddings + a gamma-fit
 decision threshold) and scoring a folder of clips against it (`score_with_bank`). Audio is read with
-`dcase_mode._load_files`, so an unreadable file is reported, never fatal.
+`audio.load_clips`, so an unreadable file is reported, never fatal.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retain_asd.audio import load_clips
 from retain_asd.eval import knn, metrics
-from retain_asd.eval.dcase_mode import _load_files
 from retain_asd.eval.embed import Embedder
 
 
@@ -27,7 +27,7 @@ def _audio_paths(folder) -> list[str]:
     return sorted(str(p) for p in folder.rglob("*") if p.is_file() and is_audio_file(p))
 
 
-def build_reference_bank(checkpoint: str | os.PathLike, normal_dir, *, layer: int = 6, pooling: str = "genrep",
+def build_reference_bank(checkpoint: str | os.PathLike, normal_dir, *, layer: int, pooling: str = "genrep",
                          k: int = 1, metric: str = "euclidean", clip_s: float = 10.0, percentile: float = 0.9,
                          batch_size: int = 16) -> tuple[knn.MemoryBank, list[tuple[str, str]]]:
     """A deployable detector: embeddings of a folder of normal clips + a decision threshold.
@@ -36,7 +36,7 @@ def build_reference_bank(checkpoint: str | os.PathLike, normal_dir, *, layer: in
     leave-one-out kNN scores. Returns the bank and (path, reason) of the files that could not be read.
     """
     paths = _audio_paths(normal_dir)
-    clips, bad = _load_files(paths, clip_s)
+    clips, bad = load_clips(paths, clip_s)
     good = [p for p in paths if p not in {b for b, _ in bad}]
     if len(good) <= k + 1:
         raise ValueError(f"{normal_dir}: {len(good)} readable normal clips; a bank needs more than k + 1 = {k + 1}")
@@ -61,7 +61,7 @@ def score_with_bank(bank: knn.MemoryBank, clips_dir, checkpoint: str | os.PathLi
         raise ValueError(f"{checkpoint}: weights differ from the checkpoint the bank was built with "
                          f"({meta['checkpoint']}); rebuild the bank with `retain-asd score bank`")
     paths = _audio_paths(clips_dir)
-    clips, bad = _load_files(paths, meta["clip_s"])
+    clips, bad = load_clips(paths, meta["clip_s"])
     good = [p for p in paths if p not in {b for b, _ in bad}]
     if not good:
         return [], bad

@@ -238,9 +238,7 @@ def _log_mlflow(cfg: Config, out_dir: Path, history: list[dict], student_path: P
                 numbers = {k: v for k, v in row.items()
                            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
                 tracking.log_metrics(numbers, step=row["step"])
-        import mlflow
-
-        mlflow.set_tag("student_beats", str(student_path))
+        tracking.set_tags({"student_beats": str(student_path)})
         state = {"run_id": run.info.run_id, "logged_step": max([r["step"] for r in history], default=0)}
     state_path.write_text(json.dumps(state))
     return state["run_id"]

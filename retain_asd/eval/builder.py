@@ -1,0 +1,98 @@
+"""The config builder of the evaluation: a Config + checkpoint names -> `run.evaluate_checkpoint` (or the
+DCASE-folder mode), score files, Table-2 reports and one MLflow run per checkpoint.
+
+What pipelines/evaluate.py, pipelines/demo.py and tune/ call (`evaluate_from_config`). The library
+evaluation itself (`run.py`, `dcase_mode.py`) never reads a Config.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from retain_asd.eval.embed import Embedder
+from retain_asd.eval.results import EvalResult
+from retain_asd.eval.run import evaluate_checkpoint, write_reports, write_score_files
+
+
+def resolve_checkpoint(spec: str, cfg, out_dir: Path) -> tuple[str, str, bool]:
+    """(name, path, is_frozen) of a --checkpoint value: a BEATs .pt, a folder holding one, or "frozen"."""
+    from retain_asd.models.beats import beats_base, beats_tiny, write_random_checkpoint
+
+    if spec == "frozen":
+        if cfg.model.checkpoint:
+            if not Path(cfg.model.checkpoint).is_file():
+                raise FileNotFoundError(f"model.checkpoint = {cfg.model.checkpoint!r}: file not found; 'frozen' "
+                                        "evaluates that checkpoint: pass an official BEATs .pt")
+            return "frozen", cfg.model.checkpoint, True
+        warnings.warn("model.checkpoint is empty: 'frozen' is a RANDOM encoder (fine for smoke runs only)",
+                      stacklevel=2)
+        path = out_dir / "frozen_random.pt"
+        if not path.is_file():
+            write_random_checkpoint(path, beats_tiny() if cfg.model.size == "tiny" else beats_base(), cfg.train.seed)
+        return "frozen", str(path), True
+    path = Path(spec)
+    if path.is_dir():
+        found = sorted(path.rglob("*.pt"))
+        if len(found) != 1:
+            raise FileNotFoundError(f"{path}: expected exactly one BEATs .pt file inside, found {len(found)}; "
+                                    "pass the file itself")
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found; pass a BEATs .pt file or 'frozen'")
+    return path.stem, str(path), False
+
+
+def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.PathLike,
+                         layers: Sequence[int] | None = None, use_ray: bool = False,
+                         dcase_root: str | os.PathLike | None = None,
+                         ground_truth_dir: str | os.PathLike | None = None) -> list[EvalResult]:
+    """Builder: evaluate each checkpoint (or "frozen") on the config's eval sets (or a DCASE folder),
+    write tables, plots and score files under `out_dir/<name>/`, and log one MLflow run per checkpoint."""
+    from retain_asd.config import to_dict
+    from retain_asd.eval.dcase_mode import evaluate_dcase
+    from retain_asd.eval.evalsets import evalsets_from_config
+    from retain_asd.models.beats import load_beats
+    from retain_asd.tracking import log_artifacts, log_metrics, mlflow_run, resolve_tracking_uri
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    e = cfg.eval
+    resolved = [resolve_checkpoint(spec, cfg, out_dir) for spec in checkpoints]  # a bad path fails first
+    sets = None if dcase_root else evalsets_from_config(cfg)
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
+    cache_dir = Path(cfg.data.work_dir) / "embeddings"
+    results, seen = [], {}
+    for name, path, frozen in resolved:
+        seen[name] = seen.get(name, 0) + 1
+        name = name if seen[name] == 1 else f"{name}_{seen[name]}"
+        num_layers = load_beats(path).num_layers
+        primary = e.ssl_layer if frozen else e.layer  # SSL baselines (Table 2): layer 12
+        if primary > num_layers:
+            warnings.warn(f"{name}: layer {primary} > the encoder's {num_layers} blocks; using {num_layers}",
+                          stacklevel=2)
+            primary = num_layers
+        use_layers = [primary] + [x for x in (layers or []) if x != primary and x <= num_layers]
+        embedder = Embedder(path, pooling=e.pooling, cache_dir=cache_dir, batch_size=e.batch_size)
+        run_dir = out_dir / name
+        if dcase_root:
+            result = evaluate_dcase(embedder, dcase_root, use_layers, ground_truth_dir=ground_truth_dir, k=e.k,
+                                    metric=e.metric, clip_s=cfg.data.clip_s, name=name)
+        else:
+            result = evaluate_checkpoint(path, sets, use_layers, k=e.k, metric=e.metric,
+                                         memmixup=5 if e.memmixup else 0, conditions=e.conditions,
+                                         use_ray=use_ray, name=name, embedder=embedder)
+        write_score_files(result, run_dir / "scores")
+        if not dcase_root:
+            write_reports([result], run_dir)
+        params = {"config": to_dict(cfg), "checkpoint": path, "checkpoint_hash": result.checkpoint_hash,
+                  "layers": use_layers, "mode": "dcase" if dcase_root else "evalsets"}
+        with mlflow_run(uri, cfg.tracking.experiment, f"evaluate-{name}", params, {"kind": "evaluate"}):
+            log_metrics(result.metrics())
+            log_artifacts(run_dir, artifact_path="evaluate")
+        results.append(result)
+    if not dcase_root and len(results) > 1:
+        write_reports(results, out_dir)
+    return results
