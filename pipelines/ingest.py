@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from retain_asd.corpus.ingest import corpus_from_config
-    from retain_asd.corpus.layouts import LayoutError
+    from retain_asd.corpus.names import LayoutError
 
     cfg = config_from_args(args, "retain-asd ingest")
     if cfg is None:

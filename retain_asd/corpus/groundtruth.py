@@ -36,15 +36,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from retain_asd.corpus.layouts import (
+from retain_asd.corpus.names import (
     LayoutError,
     ParsedName,
-    _read_attributes_rows,
-    _read_csv_rows,
-    _stem,
+    file_stem,
     is_audio_file,
     parse_attribute_string,
     parse_dcase_name,
+    read_attributes_rows,
+    read_csv_rows,
 )
 
 _GT_FILE = re.compile(
@@ -70,7 +70,7 @@ class TruthRow:
 
     @property
     def stem(self) -> str:
-        return _stem(self.wav_name)
+        return file_stem(self.wav_name)
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def _read_flags(path: Path, meaning: str) -> dict[str, tuple[str, int]]:
     if not path.is_file():
         raise GroundTruthNotFound(f"{path}: file not found")
     out: dict[str, tuple[str, int]] = {}
-    for row_no, row in enumerate(_read_csv_rows(path), start=1):
+    for row_no, row in enumerate(read_csv_rows(path), start=1):
         cells = [cell.strip() for cell in row]
         try:
             value = float(cells[1]) if len(cells) >= 2 else -1.0
@@ -97,9 +97,9 @@ def _read_flags(path: Path, meaning: str) -> dict[str, tuple[str, int]]:
             raise LayoutError(f"{path}: row {row_no}: expected rows 'wav_name,0|1' ({meaning}; these files have "
                               f"no header row) but found {','.join(row)!r}")
         name = Path(cells[0]).name
-        if _stem(name) in out:
+        if file_stem(name) in out:
             raise LayoutError(f"{path}: {name!r} appears twice")
-        out[_stem(name)] = (name, int(value))
+        out[file_stem(name)] = (name, int(value))
     if not out:
         raise LayoutError(f"{path}: no rows; expected rows 'wav_name,0|1' ({meaning})")
     return out
@@ -108,7 +108,7 @@ def _read_flags(path: Path, meaning: str) -> dict[str, tuple[str, int]]:
 def _read_full_names_2023(path: Path) -> dict[str, tuple[str, str]]:
     """2023+ ``ground_truth_<m>_section_<NN>_test.csv``: ``stem -> (attr string, full name with .wav)``."""
     out = {}
-    for row in _read_csv_rows(path):
+    for row in read_csv_rows(path):
         if len(row) < 2:
             raise LayoutError(f"{path}: expected rows 'wav_name,<full file name>' but found {','.join(row)!r}")
         full = Path(row[1].strip()).name
@@ -116,16 +116,16 @@ def _read_full_names_2023(path: Path) -> dict[str, tuple[str, str]]:
             attr_string = parse_dcase_name(full).attr_string
         except LayoutError as err:
             raise LayoutError(f"{path}: {err}") from None
-        out[_stem(row[0].strip())] = (attr_string, full if is_audio_file(full) else f"{full}.wav")
+        out[file_stem(row[0].strip())] = (attr_string, full if is_audio_file(full) else f"{full}.wav")
     return out
 
 
 def _read_attributes_2022(path: Path) -> dict[str, tuple[str, str]]:
     """2022 ``attributes_<NN>.csv``: ``stem -> (attr string from the dNp/dNv columns, full name or "")``."""
     out = {}
-    for file_name, (pairs, full_name) in _read_attributes_rows(path).items():
+    for file_name, (pairs, full_name) in read_attributes_rows(path).items():
         attr_string = "_".join(f"{k}_{v}" for k, v in pairs) if pairs else "noAttribute"
-        out[_stem(file_name)] = (attr_string, Path(full_name).name if full_name else "")
+        out[file_stem(file_name)] = (attr_string, Path(full_name).name if full_name else "")
     return out
 
 

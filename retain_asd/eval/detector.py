@@ -19,7 +19,7 @@ from retain_asd.eval.embed import Embedder
 
 
 def _audio_paths(folder) -> list[str]:
-    from retain_asd.corpus.layouts import is_audio_file
+    from retain_asd.corpus.names import is_audio_file
 
     folder = Path(folder)
     if not folder.is_dir():

@@ -11,7 +11,7 @@ from retain_asd.corpus.groundtruth import (
     load_ground_truth,
     read_truth_sections,
 )
-from retain_asd.corpus.layouts import LayoutError
+from retain_asd.corpus.names import LayoutError
 from retain_asd.eval.dcase_files import read_ground_truth
 
 GT_2021 = "csv/dcase2021_eval_ground_truth"

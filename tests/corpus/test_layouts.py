@@ -7,17 +7,14 @@ from pathlib import Path
 import pytest
 
 from retain_asd.corpus.groundtruth import load_ground_truth
-from retain_asd.corpus.layouts import (
-    ClipRecord,
+from retain_asd.corpus.layouts import ClipRecord, read_noise_categories, scan_dcase, scan_noise
+from retain_asd.corpus.names import (
     LayoutError,
     ParsedName,
     parse_attribute_string,
     parse_dcase2020_name,
     parse_dcase_name,
     read_attributes_csv,
-    read_noise_categories,
-    scan_dcase,
-    scan_noise,
 )
 
 GT_2021 = "csv/dcase2021_eval_ground_truth"
