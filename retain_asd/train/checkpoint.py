@@ -1,10 +1,12 @@
-"""Training-state files inside a Ray Train checkpoint directory, and bit-exact state digests.
+"""Training-state files inside a Ray Train checkpoint directory, bit-exact state digests, and the RNGs of a
+worker (`seed_rngs`, their states saved and restored with the train state).
 
 A checkpoint directory (merged by Ray Train from every worker's report) holds::
 
     train_state.pt      rank 0: step, student encoder, tagging head, optimizer, data position
     rng_rank<r>.pt      every rank: its own torch / numpy / python / SpecAugment RNG states
-    digest_rank<r>.json every rank: sha256 of its student and teacher weights (DDP sync check)
+    digest_rank<r>.json every rank: sha256 of its student and teacher weights (DDP sync check), written by
+                        `save_train_state`; `load_train_state` returns the optimizer's sha256 after loading
 
 The teacher is never saved: it is re-made from the initial BEATs checkpoint, which is frozen by
 construction. Everything is loaded with ``torch.load(weights_only=True)``.
@@ -17,6 +19,7 @@ import json
 import os
 import random
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +59,32 @@ def state_digest(state: Any) -> str:
     return h.hexdigest()
 
 
-# -------------------------------------------------------------------------------------------- RNG states
+def weights_digest(module: torch.nn.Module | None) -> str | None:
+    """`state_digest` of a module's weights (None for no module)."""
+    return state_digest(module.state_dict()) if module is not None else None
+
+
+# -------------------------------------------------------------------------------------------- RNGs
+@dataclass(frozen=True)
+class WorkerRngs:
+    """The random sources of one training worker, all derived from (seed, rank) by `seed_rngs`."""
+
+    spec: torch.Generator  # SpecAugment masks
+    np: np.random.Generator  # mixup ratios, snr_mixup SNRs
+    stream_seed: int  # this rank's micro-batch iterator (`stream.iter_train_batches`)
+
+
+def seed_rngs(seed: int, rank: int) -> WorkerRngs:
+    """Seed every RNG of worker `rank`: torch's global RNG (dropout, layerdrop: they differ per rank), and
+    the returned SpecAugment generator, numpy generator and stream seed. Call after building the models
+    (`student.build_models` seeds their init with `seed` alone, so every rank starts from the same weights)."""
+    worker_seed = seed * 1000 + rank
+    spec = torch.Generator().manual_seed(worker_seed)
+    np_rng = np.random.default_rng([seed, rank])
+    torch.manual_seed(worker_seed)
+    return WorkerRngs(spec, np_rng, worker_seed)
+
+
 def rng_state(spec_generator: torch.Generator, np_rng: np.random.Generator) -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np_rng.bit_generator.state, "python": random.getstate(),
             "specaug": spec_generator.get_state()}
@@ -72,14 +100,21 @@ def set_rng_state(state: dict, spec_generator: torch.Generator, np_rng: np.rando
 # -------------------------------------------------------------------------------------------- save / load
 def save_train_state(directory: str | os.PathLike, *, rank: int, step: int, student: torch.nn.Module,
                      head: torch.nn.Module | None, optimizer: torch.optim.Optimizer, data: dict, rng: dict,
-                     digests: dict) -> None:
-    """Write this rank's files into ``directory`` (rank 0 also writes the shared ``train_state.pt``)."""
+                     teacher: torch.nn.Module | None = None, teacher_initial: str | None = None) -> None:
+    """Write this rank's files into ``directory`` (rank 0 also writes the shared ``train_state.pt``).
+
+    The digest file holds sha256 of this rank's student (encoder + head) and teacher weights, and
+    `teacher_initial` (the teacher's `weights_digest` before training), so a reader can check that DDP kept
+    the ranks identical and that the teacher never moved.
+    """
     directory = Path(directory)
+    head_state = head.state_dict() if head is not None else {}
     if rank == 0:
-        torch.save({"step": step, "student": student.state_dict(),
-                    "head": head.state_dict() if head is not None else {},
+        torch.save({"step": step, "student": student.state_dict(), "head": head_state,
                     "optimizer": optimizer.state_dict(), "data": data}, directory / TRAIN_STATE)
     torch.save(rng, directory / f"rng_rank{rank}.pt")
+    digests = {"student": state_digest({"student": student.state_dict(), "head": head_state}),
+               "teacher_initial": teacher_initial, "teacher": weights_digest(teacher)}
     (directory / f"digest_rank{rank}.json").write_text(json.dumps({"step": step, **digests}))
 
 
@@ -94,13 +129,15 @@ def load_train_state(directory: str | os.PathLike, *, rank: int, student: torch.
                      head: torch.nn.Module | None, optimizer: torch.optim.Optimizer) -> tuple[dict, dict | None]:
     """Restore model, head and optimizer in place; returns (train_state, this rank's RNG state or None).
 
-    The RNG file is None when the run restarts with more ranks than saved; the caller then reseeds.
+    train_state["optimizer_sha256"] is the digest of the optimizer state as loaded (logged at resume). The RNG
+    file is None when the run restarts with more ranks than saved; the caller then reseeds.
     """
     state = read_train_state(directory)
     student.load_state_dict(state["student"], strict=True)
     if head is not None:
         head.load_state_dict(state["head"], strict=True)
     optimizer.load_state_dict(state["optimizer"])
+    state["optimizer_sha256"] = state_digest(optimizer.state_dict())
     rng_path = Path(directory) / f"rng_rank{rank}.pt"
     rng = torch.load(rng_path, weights_only=True) if rng_path.is_file() else None
     return state, rng

@@ -38,6 +38,7 @@ from retain_asd.models.beats import (
 )
 from retain_asd.train import objectives
 from retain_asd.train.checkpoint import TRAIN_STATE, read_train_state
+from retain_asd.train.loop_config import LoopConfig
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,8 @@ def snr_sampler_args(cfg: Config) -> dict:
 
 
 def loop_config_from(cfg: Config, labels_path: str | os.PathLike, init_checkpoint: str | os.PathLike,
-                     stop_at_step: int | None = None) -> dict:
-    """The flat, plain-python dict `train_fn_per_worker` reads (it never sees a Config)."""
+                     stop_at_step: int | None = None) -> LoopConfig:
+    """The frozen `LoopConfig` `train_fn_per_worker` reads (it never sees a Config); checked here, on the driver."""
     o, t, m = cfg.objective, cfg.train, cfg.model
     vocab = LabelVocab.from_json(labels_path)
     layers = _num_layers(Path(init_checkpoint))
@@ -108,21 +109,18 @@ def loop_config_from(cfg: Config, labels_path: str | os.PathLike, init_checkpoin
         raise ConfigError(f"objective.align_layer: {err}") from None
     if stop_at_step is not None and not 1 <= stop_at_step <= t.total_steps:
         raise ValueError(f"stop_at_step = {stop_at_step}: must be in 1..train.total_steps ({t.total_steps})")
-    return {
-        "init_checkpoint": str(Path(init_checkpoint).resolve()), "layerdrop": m.layerdrop,
-        "grad_decay": m.grad_decay,
-        "objective": o.name, "alpha": o.alpha, "beta": o.beta, "lam": o.lam, "lam_mode": o.lam_mode,
-        "align_layer": align_layer, "teacher_inputs": o.teacher_inputs,
-        "mixup_beta": o.mixup_beta, "snr_sampler": snr_sampler_args(cfg),
-        "specaugment": o.specaugment, "freq_mask_bins": o.freq_mask_bins,
-        "time_mask_frames": o.time_mask_frames, "num_masks": o.num_masks,
-        "num_classes": vocab.num_classes, "num_machine_classes": vocab.num_machine,
-        "lr": t.lr, "weight_decay": t.weight_decay, "warmup_steps": t.warmup_steps,
-        "total_steps": t.total_steps, "batch_size_per_worker": t.batch_size // t.num_workers,
-        "grad_accum": t.grad_accum, "grad_clip": t.grad_clip, "log_every": t.log_every,
-        "checkpoint_every": t.checkpoint_every, "seed": t.seed, "stop_at_step": stop_at_step,
-        "skip_seen_batches": True,
-    }
+    return LoopConfig(
+        init_checkpoint=str(Path(init_checkpoint).resolve()), layerdrop=m.layerdrop, grad_decay=m.grad_decay,
+        num_classes=vocab.num_classes, num_machine_classes=vocab.num_machine,
+        objective=o.name, alpha=o.alpha, beta=o.beta, lam=o.lam, lam_mode=o.lam_mode, align_layer=align_layer,
+        teacher_inputs=o.teacher_inputs, mixup_beta=o.mixup_beta, snr_sampler=snr_sampler_args(cfg),
+        specaugment=o.specaugment, freq_mask_bins=o.freq_mask_bins, time_mask_frames=o.time_mask_frames,
+        num_masks=o.num_masks,
+        lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, total_steps=t.total_steps,
+        batch_size_per_worker=t.batch_size // t.num_workers, grad_accum=t.grad_accum, grad_clip=t.grad_clip,
+        log_every=t.log_every, checkpoint_every=t.checkpoint_every, seed=t.seed, stop_at_step=stop_at_step,
+        skip_seen_batches=True,
+    )
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -172,7 +170,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def build_trainer(cfg: Config, loop_config: dict, train_dataset, out_dir: str | os.PathLike):
+def build_trainer(cfg: Config, loop_config: LoopConfig, train_dataset, out_dir: str | os.PathLike):
     """TorchTrainer: fractional-CPU workers (Ray Data read tasks need CPUs too), keep-N checkpoints."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

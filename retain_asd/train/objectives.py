@@ -229,16 +229,17 @@ def resolve_lam(lam_mode: str, lam: float, snr_db: torch.Tensor) -> torch.Tensor
 
 @dataclass(frozen=True)
 class LossTerms:
-    """Eq. 7's total and its parts (None when the objective does not use a term)."""
+    """The total and its parts (None when the objective does not use a term), each logged under its name."""
 
     total: torch.Tensor
-    tagging: torch.Tensor | None = None
-    mixture: torch.Tensor | None = None
+    tagging: torch.Tensor | None = None  # Eq. 4
+    mixture: torch.Tensor | None = None  # Eq. 6
+    denoise: torch.Tensor | None = None  # Eq. 1 (the denoising baselines)
 
     def as_floats(self, prefix: str = "loss") -> dict[str, float]:
-        """Detached floats for logging: {"loss": total, "loss_tagging": ..., "loss_mixture": ...}."""
+        """Detached floats for logging: {"loss": total, "loss_tagging": ..., "loss_mixture": ..., ...}."""
         out = {prefix: float(self.total.detach())}
-        for name in ("tagging", "mixture"):
+        for name in ("tagging", "mixture", "denoise"):
             value = getattr(self, name)
             if value is not None:
                 out[f"{prefix}_{name}"] = float(value.detach())
@@ -246,19 +247,27 @@ class LossTerms:
 
 
 def combined_loss(
-    tagging: torch.Tensor | None, mixture: torch.Tensor | None, alpha: float, beta: float
+    tagging: torch.Tensor | None, mixture: torch.Tensor | None, alpha: float, beta: float, *,
+    denoise: torch.Tensor | None = None,
 ) -> LossTerms:
-    """Eq. 7: L = alpha * L_tag + beta * L_mix. A term passed as None is absent (weight 0, not computed)."""
-    if tagging is None and mixture is None:
-        raise ValueError("combined_loss: needs at least one of tagging, mixture")
+    """Eq. 7: L = alpha * L_tag + beta * L_mix, the one home of the weighting rule.
+
+    alpha and beta weight only Eq. 7, i.e. when both terms are present; a single term (tagging alone,
+    mixture alone, or the Eq. 1 `denoise` term of the baselines) is the loss itself, unweighted.
+    A term passed as None is absent (not computed).
+    """
     if alpha < 0 or beta < 0:
         raise ValueError(f"alpha, beta: loss weights must be >= 0, got {alpha}, {beta}")
-    parts = []
-    if tagging is not None:
-        parts.append(alpha * tagging)
-    if mixture is not None:
-        parts.append(beta * mixture)
-    total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+    if denoise is not None:
+        if tagging is not None or mixture is not None:
+            raise ValueError("combined_loss: the denoise term (Eq. 1) is not combined with tagging or mixture")
+        return LossTerms(total=denoise, denoise=denoise)
+    if tagging is None and mixture is None:
+        raise ValueError("combined_loss: needs at least one of tagging, mixture, denoise")
+    if tagging is not None and mixture is not None:
+        total = alpha * tagging + beta * mixture
+    else:
+        total = tagging if tagging is not None else mixture
     return LossTerms(total=total, tagging=tagging, mixture=mixture)
 
 

@@ -3,6 +3,7 @@ corpus with a real Ray Train run that is stopped after a checkpoint and resumed 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from retain_asd.corpus.labels import LabelVocab
 from retain_asd.models.beats import beats_tiny, load_beats, write_random_checkpoint
 from retain_asd.train.checkpoint import read_train_state, state_digest
 from retain_asd.train.launch import loop_config_from, pretrain, read_metrics
+from retain_asd.train.loop_config import LoopConfig
 
 
 def _cfg(tmp_path, preset="smoke", *more):
@@ -27,16 +29,24 @@ def _mlflow_runs(tmp_path):
     return mlflow, mlflow.search_runs(experiment_names=["retain-asd"], output_format="list")
 
 
-def test_loop_config_is_flat_and_checked(tmp_path):
+def test_loop_config_is_typed_frozen_and_checked(tmp_path):
     init = write_random_checkpoint(tmp_path / "init.pt", beats_tiny())
     labels = tmp_path / "labels.json"
     LabelVocab(("fan_a", "pump_a"), ("noise_hum",)).to_json(labels)
     cfg = _cfg(tmp_path, "smoke", "objective.teacher_inputs=unit_power", "mixing.snr_sampler=fixed", "mixing.snr_db=3")
     config = loop_config_from(cfg, labels, init)
-    assert all(isinstance(v, (int, float, str, bool, dict, type(None))) for v in config.values())
-    assert (config["num_classes"], config["num_machine_classes"]) == (3, 2)
-    assert config["teacher_inputs"] == "unit_power" and config["snr_sampler"] == {"kind": "fixed", "snr_db": 3.0}
-    assert config["batch_size_per_worker"] == 2 and config["init_checkpoint"] == str(init.resolve())
+    assert isinstance(config, LoopConfig)
+    assert (config.num_classes, config.num_machine_classes) == (3, 2)
+    assert config.teacher_inputs == "unit_power" and config.snr_sampler == {"kind": "fixed", "snr_db": 3.0}
+    assert config.batch_size_per_worker == 2 and config.init_checkpoint == str(init.resolve())
+    assert config.stop == cfg.train.total_steps
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr = 1.0
+    fields = dataclasses.asdict(config)
+    with pytest.raises(TypeError, match="learning_rate"):  # a misspelt field fails on the driver
+        LoopConfig(**{**fields, "learning_rate": 1.0})
+    with pytest.raises(TypeError, match=r"LoopConfig.grad_accum = '2'"):
+        LoopConfig(**{**fields, "grad_accum": "2"})
     with pytest.raises(ConfigError, match="objective.align_layer"):
         loop_config_from(_cfg(tmp_path, "smoke", "objective.align_layer=4"), labels, init)  # tiny has 3
     with pytest.raises(ValueError, match="stop_at_step"):

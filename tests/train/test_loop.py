@@ -3,6 +3,7 @@ round trips bit-exactly, and one real 2-worker DDP fit (gloo, tiny encoder) on a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -22,9 +23,10 @@ from retain_asd.train.checkpoint import (
     set_rng_state,
     state_digest,
 )
-from retain_asd.train.loop import Student, compute_losses
+from retain_asd.train.loop_config import LoopConfig
 from retain_asd.train.schedule import cosine_schedule
 from retain_asd.train.specaug import SpecAugment
+from retain_asd.train.student import Student, compute_losses
 
 NUM_MACHINE, NUM_NOISE = 3, 2
 CLIP_SAMPLES = 32000  # 2 s: 198 fbank frames, a (12, 8) patch grid
@@ -57,11 +59,17 @@ def _batch(n: int, seed: int = 0) -> dict:
                                                                            "snr_db")}
 
 
-def _config(**over) -> dict:
-    base = {"objective": "tagging_mixture", "alpha": 0.7, "beta": 1.3, "lam": 0.5, "lam_mode": "fixed",
-            "align_layer": 2, "teacher_inputs": "scaled", "mixup_beta": 0.5, "num_machine_classes": NUM_MACHINE,
-            "snr_sampler": {"kind": "fixed", "snr_db": 0.0}}
-    return {**base, **over}
+BASE = LoopConfig(
+    init_checkpoint="unused.pt", layerdrop=False, grad_decay=False, num_classes=NUM_MACHINE + NUM_NOISE,
+    num_machine_classes=NUM_MACHINE, objective="tagging_mixture", alpha=0.7, beta=1.3, lam=0.5, lam_mode="fixed",
+    align_layer=2, teacher_inputs="scaled", mixup_beta=0.5, snr_sampler={"kind": "fixed", "snr_db": 0.0},
+    specaugment=False, freq_mask_bins=8, time_mask_frames=20, num_masks=0, lr=1e-3, weight_decay=1e-3,
+    warmup_steps=0, total_steps=2, batch_size_per_worker=2, grad_accum=1, grad_clip=0.0, log_every=1,
+    checkpoint_every=1, seed=0)
+
+
+def _config(**over) -> LoopConfig:
+    return dataclasses.replace(BASE, **over)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +186,7 @@ def test_checkpoint_round_trip_is_bit_exact(init_path, tmp_path):
         optimizer.zero_grad()
     spec_gen, np_rng = _gens()
     save_train_state(tmp_path, rank=0, step=2, student=student.encoder, head=student.head, optimizer=optimizer,
-                     data={"micro_batches_seen": 4}, rng=rng_state(spec_gen, np_rng), digests={"student": "x"})
+                     data={"micro_batches_seen": 4}, rng=rng_state(spec_gen, np_rng))
     expected_next = (torch.rand(3), np_rng.random(3), torch.randint(0, 9, (4,), generator=spec_gen))
 
     fresh, _ = _models(init_path)
@@ -190,12 +198,14 @@ def test_checkpoint_round_trip_is_bit_exact(init_path, tmp_path):
     for index, tensors in saved["state"].items():
         for name, value in tensors.items():
             assert torch.equal(loaded["state"][index][name], value), (index, name)
-    assert state_digest(saved) == state_digest(loaded)
+    assert state_digest(saved) == state_digest(loaded) == state["optimizer_sha256"]
     gen2, rng2 = _gens()
     set_rng_state(rng, gen2, rng2)
     got = (torch.rand(3), rng2.random(3), torch.randint(0, 9, (4,), generator=gen2))
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, expected_next))
-    assert read_digests(tmp_path) == {0: {"step": 2, "student": "x"}}
+    student_digest = state_digest({"student": student.encoder.state_dict(), "head": student.head.state_dict()})
+    assert read_digests(tmp_path) == {0: {"step": 2, "student": student_digest, "teacher": None,
+                                          "teacher_initial": None}}
 
 
 def test_state_digest_sees_one_bit():
@@ -221,7 +231,7 @@ def test_ddp_two_workers_fixed_rows(ray_local, tmp_path, init_path):
     labels = tmp_path / "labels.json"
     LabelVocab(("fan_a", "fan_b", "pump_a"), ("noise_hum", "noise_tools")).to_json(labels)
     config = loop_config_from(cfg, labels, init_path)
-    assert config["batch_size_per_worker"] == 2 and config["align_layer"] == 2
+    assert config.batch_size_per_worker == 2 and config.align_layer == 2
     rows = _rows(4) * (12 * 2 * 4 // 4)  # exactly the rows 12 steps x 2 micro-batches x 4 need
     result = build_trainer(cfg, config, ray.data.from_items(rows), tmp_path / "out").fit()
 

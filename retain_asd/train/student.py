@@ -1,0 +1,93 @@
+"""The student and its objective: what one micro-batch costs (like MAE's model, which owns its loss).
+
+`Student` = the trainable BEATs encoder + a linear tagging head, one module so DDP averages both.
+`compute_losses` runs the objective named in the `LoopConfig` (Eq. 1, 4, 5-6, 7 and the Table-2 mixup
+baselines, all from `objectives.py`) on one micro-batch; `build_models` makes student and frozen teacher.
+
+Choices where the paper is silent:
+  * the tagging head pools the encoder *output* (last block) by the mean over all T*F tokens, like
+    BEATs' own fine-tuning head (`BEATs.logits`); the mixture loss reads `align_layer` (1-based).
+    When only the mixture loss is used the blocks above `align_layer` are not computed.
+  * single-term objectives are unweighted; alpha and beta weight only Eq. 7 (`objectives.combined_loss`).
+  * the mixup baselines pair each sample with the batch rolled by one; snr_mixup draws its SNR from
+    the configured SNR sampler.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from retain_asd.mixing import make_snr_sampler
+from retain_asd.models.beats import BEATs, load_beats
+from retain_asd.train import objectives as obj
+from retain_asd.train.loop_config import LoopConfig
+from retain_asd.train.specaug import SpecAugment
+
+
+class Student(nn.Module):
+    """Trainable encoder + linear tagging head as one module, so DDP averages the gradients of both.
+
+    `forward` starts from the fbank, not the waveform: SpecAugment sits between BEATs' fbank front end
+    and its patch embedding (`BEATs.extract_layers_from_fbank`).
+    """
+
+    def __init__(self, encoder: BEATs, num_classes: int | None, top_layer: int):
+        super().__init__()
+        self.encoder = encoder
+        self.top_layer = top_layer  # blocks above it are not computed
+        self.head = nn.Linear(encoder.cfg.encoder_embed_dim, num_classes) if num_classes else None
+
+    def forward(self, fbank: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        hidden, _ = self.encoder.extract_layers_from_fbank(fbank, layers=self.top_layer)  # [(B, N, D)]
+        logits = self.head(hidden[-1].mean(dim=1)) if self.head is not None else None  # (B, C + N)
+        return hidden, logits
+
+
+def build_models(cfg: LoopConfig, device: torch.device) -> tuple[Student, BEATs | None]:
+    """The student (train mode) and, when the objective needs one, the frozen teacher (eval mode, never
+    wrapped in DDP), both from `cfg.init_checkpoint`. Seeded with `cfg.seed`: the same init on every rank."""
+    terms = obj.objective_terms(cfg.objective)
+    torch.manual_seed(cfg.seed)
+    encoder = load_beats(cfg.init_checkpoint)
+    encoder.layerdrop, encoder.grad_decay = cfg.layerdrop, cfg.grad_decay
+    top_layer = encoder.num_layers if terms.needs_head else cfg.align_layer
+    student = Student(encoder, cfg.num_classes if terms.needs_head else None, top_layer).to(device).train()
+    teacher = load_beats(cfg.init_checkpoint).freeze().to(device) if terms.needs_teacher else None
+    return student, teacher
+
+
+def compute_losses(student: nn.Module, teacher: BEATs | None, specaug: SpecAugment, batch: dict, cfg: LoopConfig,
+                   spec_generator: torch.Generator, np_rng: np.random.Generator) -> obj.LossTerms:
+    """The objective `cfg.objective` on one micro-batch; `student` may be DDP-wrapped."""
+    terms = obj.objective_terms(cfg.objective)
+    encoder = getattr(student, "module", student).encoder
+    mixture, label = batch["mixture"], batch["label"]  # (B, S), (B, C + N)
+    batch_size, device = mixture.shape[0], mixture.device
+    if terms.mixup == "linear":  # baseline: mixup of two noisy clips, soft labels
+        ratio = obj.sample_mixup_ratio(np_rng, batch_size, cfg.mixup_beta).to(device)
+        mixture, label = obj.linear_mixup(mixture, mixture.roll(1, 0), label, label.roll(1, 0), ratio)
+    elif terms.mixup == "snr":  # baseline: two noisy clips mixed by Eq. 3, union of the labels
+        snr_db = torch.as_tensor(make_snr_sampler(**cfg.snr_sampler).sample(np_rng, batch_size),
+                                 dtype=torch.float32, device=device)
+        mixture, label = obj.snr_mixup(mixture, mixture.roll(1, 0), label, label.roll(1, 0), snr_db)
+
+    fbank = specaug(encoder.preprocess(mixture), spec_generator)  # (B, T_frames, 128), student only
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with autocast:
+        hidden, logits = student(fbank)
+    tagging = denoise = mixture_term = None
+    if terms.uses_tagging:  # Eq. 4 over C + N classes
+        tagging = obj.tagging_loss(logits.float(), label)
+    if terms.uses_denoise:  # Eq. 1 over the machine classes only
+        denoise = obj.denoise_loss(logits.float(), label, cfg.num_machine_classes)
+    if terms.uses_mixture:  # Eq. 5-6 at align_layer; the teacher hears the components, no grad
+        layer = cfg.align_layer
+        clean, noise = obj.teacher_components(batch["clean"], batch["noise"], cfg.teacher_inputs)
+        with torch.no_grad(), autocast:
+            target_layers, _ = teacher.extract_layers(torch.cat([clean, noise]), layers=layer)
+        teacher_clean, teacher_noise = target_layers[layer - 1].chunk(2)  # (B, N, D) each
+        lam = obj.resolve_lam(cfg.lam_mode, cfg.lam, batch["snr_db"])  # (B,)
+        mixture_term = obj.mixture_loss(hidden[layer - 1], teacher_clean, teacher_noise, lam)
+    return obj.combined_loss(tagging, mixture_term, cfg.alpha, cfg.beta, denoise=denoise)
