@@ -1,0 +1,142 @@
+"""The import structure: no import circle between the project's modules (lazy imports inside functions
+count too), no `_private` name taken from another module, and the library never imports tune/ or pipelines/.
+Read from the source with `ast`, so nothing is executed."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("retain_asd", "tune", "pipelines")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))}
+
+
+def _imports(path: Path, name: str, modules: dict[str, Path]):
+    """(imported project module, private names taken from it, line) for every import in the file."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    aliases: dict[str, str] = {}  # local name -> project module, for `alias._private` attribute uses
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name in modules:
+                    out.append((a.name, [], node.lineno))
+                    aliases[a.asname or a.name] = a.name
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            if base.split(".")[0] not in PACKAGES:
+                continue
+            private = []
+            for a in node.names:
+                sub = f"{base}.{a.name}"
+                if sub in modules:  # `from package import module`
+                    out.append((sub, [], node.lineno))
+                    aliases[a.asname or a.name] = sub
+                else:
+                    out.append((base, [], node.lineno))
+                    if a.name.startswith("_"):
+                        private.append(a.name)
+            if private:
+                out.append((base, private, node.lineno))
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            out.append((aliases[node.value.id], [node.attr], node.lineno))
+    return out
+
+
+def _graph():
+    modules = _modules()
+    graph, private = {}, []
+    for name, path in modules.items():
+        edges = set()
+        for target, names, line in _imports(path, name, modules):
+            if target != name:
+                edges.add(target)
+                private += [f"{path.relative_to(ROOT)}:{line} uses {target}.{n}" for n in names]
+        graph[name] = edges
+    return graph, private
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in graph:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycle():
+    graph, _ = _graph()
+    assert _cycles(graph) == []
+
+
+def test_no_private_name_from_another_module():
+    _, private = _graph()
+    assert private == []
+
+
+def test_library_never_imports_tune_or_pipelines():
+    graph, _ = _graph()
+    upward = [(m, t) for m, targets in graph.items() if m.startswith("retain_asd")
+              for t in targets if t.split(".")[0] in ("tune", "pipelines")]
+    assert upward == []
+
+
+def test_the_walker_sees_cycles_and_private_imports(tmp_path):
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+    source = tmp_path / "m.py"
+    source.write_text("from retain_asd.mixing import _scale\nfrom retain_asd import stream\n"
+                      "def f():\n    return stream._cached_plan\n")
+    found = _imports(source, "retain_asd.m", _modules())
+    assert ("retain_asd.mixing", ["_scale"], 1) in found and ("retain_asd.stream", ["_cached_plan"], 4) in found
+
+
+def test_mlflow_is_imported_by_tracking_only():
+    users = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "retain_asd").rglob("*.py")
+                   if any(isinstance(n, (ast.Import, ast.ImportFrom)) and
+                          any((getattr(n, "module", None) or a.name).split(".")[0] == "mlflow" for a in n.names)
+                          for n in ast.walk(ast.parse(p.read_text()))))
+    assert users == ["retain_asd/tracking.py"]
+
+
+def test_training_loop_reads_as_the_algorithm():
+    assert len((ROOT / "retain_asd" / "train" / "loop.py").read_text().splitlines()) <= 150
