@@ -35,7 +35,8 @@ def _imports(path: Path, name: str, modules: dict[str, Path]):
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
             if base.split(".")[0] not in PACKAGES:
                 continue
             private = []

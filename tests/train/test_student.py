@@ -1,0 +1,103 @@
+"""The student and its objective: losses against a hand-built reference, single terms unweighted, the mixup
+baselines, SpecAugment on the student only."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from retain_asd.train import objectives as obj
+from retain_asd.train.specaug import SpecAugment
+from retain_asd.train.student import compute_losses
+
+from .rows import NUM_MACHINE, generators, loop_config, make_batch, make_models
+
+
+def test_tagging_mixture_equals_eq7_built_by_hand(init_path):
+    student, teacher = make_models(init_path)
+    batch, config = make_batch(4), loop_config()
+    losses = compute_losses(student, teacher, SpecAugment(8, 20, 0), batch, config, *generators())
+
+    # Reference straight from the BEATs API and Eqs. 4-7 (no SpecAugment).
+    hidden, _ = student.encoder.extract_layers(batch["mixture"])  # 3 blocks
+    logits = student.head(hidden[-1].mean(dim=1))  # pooled encoder output -> (B, C + N)
+    tagging = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["label"])
+    t_clean = teacher.extract_layers(batch["clean"], layers=2)[0][1]
+    t_noise = teacher.extract_layers(batch["noise"], layers=2)[0][1]
+    mixture = ((hidden[1] - (0.5 * t_clean + 0.5 * t_noise)) ** 2).mean()
+    torch.testing.assert_close(losses.tagging, tagging, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses.mixture, mixture, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(losses.total, 0.7 * tagging + 1.3 * mixture, rtol=1e-5, atol=1e-6)
+    assert math.isfinite(losses.total.item()) and losses.mixture.item() > 0
+
+    # lam_mode "snr": one lambda per sample, R / (1 + R), weighting teacher(clean) in Eq. 5.
+    snr = compute_losses(student, teacher, SpecAugment(8, 20, 0), batch, loop_config(lam_mode="snr"), *generators())
+    ratio = 10 ** (batch["snr_db"].double() / 10)
+    lam = (ratio / (1 + ratio)).float().view(-1, 1, 1)  # (B, 1, 1)
+    expected = ((hidden[1] - (lam * t_clean + (1 - lam) * t_noise)) ** 2).mean()
+    torch.testing.assert_close(snr.mixture, expected, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(snr.mixture, losses.mixture)
+
+
+def test_single_term_objectives_are_unweighted_and_denoise_ignores_noise_classes(init_path):
+    student, teacher = make_models(init_path)
+    batch = make_batch(4)
+    aug = SpecAugment(8, 20, 0)
+    tagging = compute_losses(student, None, aug, batch, loop_config(objective="tagging"), *generators())
+    both = compute_losses(student, teacher, aug, batch, loop_config(), *generators())
+    assert tagging.mixture is None and torch.equal(tagging.total, both.tagging)  # alpha only in Eq. 7
+
+    denoise = compute_losses(student, None, aug, batch, loop_config(objective="denoise"), *generators())
+    flipped = dict(batch, label=batch["label"].clone())
+    flipped["label"][:, NUM_MACHINE:] = 1 - flipped["label"][:, NUM_MACHINE:]  # change only noise columns
+    denoise_flipped = compute_losses(student, None, aug, flipped, loop_config(objective="denoise"), *generators())
+    assert torch.equal(denoise.total, denoise_flipped.total)
+    assert not torch.equal(denoise.total, tagging.total)
+
+    mixture_only = compute_losses(make_models(init_path, head=False, top_layer=2)[0], teacher, aug, batch,
+                                  loop_config(objective="mixture"), *generators())
+    assert mixture_only.tagging is None and torch.equal(mixture_only.total, both.mixture)
+
+
+def test_mixup_baselines_mix_the_student_input(init_path):
+    student, _ = make_models(init_path)
+    batch, aug = make_batch(4), SpecAugment(8, 20, 0)
+    plain = compute_losses(student, None, aug, batch, loop_config(objective="denoise"), *generators())
+    linear = compute_losses(student, None, aug, batch, loop_config(objective="linear_mixup"), *generators())
+    snr = compute_losses(student, None, aug, batch, loop_config(objective="snr_mixup"), *generators())
+    # Reference for linear mixup: the same Beta draw (numpy rng seeded 2), rolled partner.
+    ratio = obj.sample_mixup_ratio(np.random.default_rng(2), 4, 0.5)
+    x, y = obj.linear_mixup(batch["mixture"], batch["mixture"].roll(1, 0), batch["label"],
+                            batch["label"].roll(1, 0), ratio)
+    logits = student.head(student.encoder.extract_layers(x)[0][-1].mean(1))
+    torch.testing.assert_close(linear.total, obj.denoise_loss(logits, y, NUM_MACHINE), rtol=1e-5, atol=1e-6)
+    assert len({plain.total.item(), linear.total.item(), snr.total.item()}) == 3
+
+
+def test_specaugment_masks_student_input_only(init_path):
+    """The student's fbank is masked; the teacher hears exactly the clean / noise components either way."""
+    student, teacher = make_models(init_path)
+    batch = make_batch(2)
+    seen = {"student": [], "teacher": []}
+    student.register_forward_pre_hook(lambda m, args: seen["student"].append(args[0].clone()))
+    extract = teacher.extract_layers
+
+    def spy(waveforms, *args, **kwargs):
+        out = extract(waveforms, *args, **kwargs)
+        seen["teacher"].append((waveforms.clone(), out[0][-1].clone()))
+        return out
+
+    teacher.extract_layers = spy
+    for num_masks in (0, 2):
+        compute_losses(student, teacher, SpecAugment(8, 20, num_masks), batch, loop_config(), *generators())
+    plain_fbank = student.encoder.preprocess(batch["mixture"])
+    assert torch.equal(seen["student"][0], plain_fbank)  # no masks: the plain fbank
+    masked = seen["student"][1]
+    assert not torch.equal(masked, plain_fbank)
+    changed = masked != plain_fbank
+    assert torch.all(masked[changed] == 0.0)  # masked cells are set to 0 (the normalised mean)
+    (wave_off, target_off), (wave_on, target_on) = seen["teacher"]
+    assert torch.equal(wave_off, torch.cat([batch["clean"], batch["noise"]]))
+    assert torch.equal(wave_on, wave_off) and torch.equal(target_on, target_off)
