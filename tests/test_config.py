@@ -101,3 +101,20 @@ def test_config_show_cli(capsys):
     assert shown["mixing"]["snr_sampler"] == "fixed"
     assert main(["config", "show", "smoke", "train.lr=0"]) == 2
     assert "train.lr = 0.0: must be > 0" in capsys.readouterr().err
+
+
+def test_choice_lists_have_one_home():
+    from retain_asd import config, mixing
+    from retain_asd.train import objectives
+
+    assert objectives.OBJECTIVES is config.OBJECTIVES and objectives.LAM_MODES is config.LAM_MODES
+    assert objectives.TEACHER_INPUTS is config.TEACHER_INPUTS and mixing.SNR_SAMPLERS is config.SNR_SAMPLERS
+    for name in config.OBJECTIVES:
+        objectives.objective_terms(name)  # every configurable objective has its terms
+
+
+def test_ssl_baseline_layer_is_a_field():
+    assert Config().eval.ssl_layer == 12 and Config().eval.layer == 6
+    assert load_config("smoke", overrides=["eval.ssl_layer=3"]).eval.ssl_layer == 3
+    with pytest.raises(ConfigError, match="eval.ssl_layer"):
+        load_config("smoke", overrides=["eval.ssl_layer=0"])
