@@ -2,7 +2,7 @@
 
     train_step    the paper's method (Eq. 7): SpecAugment -> student forward (all blocks + tagging head),
                   frozen teacher forward on clean and noise (2B clips, up to the aligned layer), tagging +
-                  mixture losses, backward, AdamW step                       (`loop.compute_losses`)
+                  mixture losses, backward, AdamW step                       (`student.compute_losses`)
     student_only  baseline, same model and batch: tagging loss only (no teacher), backward, AdamW step
 
 Both run in one process on the same weights and inputs, interleaved per iteration so machine load hits
@@ -20,14 +20,16 @@ import json
 import platform
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from retain_asd.models.beats import BEATs, beats_base, beats_tiny
-from retain_asd.train.loop import Student, compute_losses
+from retain_asd.train.loop_config import LoopConfig
 from retain_asd.train.specaug import SpecAugment
+from retain_asd.train.student import Student, compute_losses
 
 CLIP_S = 10.0
 SAMPLE_RATE_HZ = 16000
@@ -64,15 +66,20 @@ def run(size: str, device: torch.device, batch: int, warmup: int, iters: int) ->
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=1e-3)
     data = _batch(batch, device)
     spec_gen, np_rng = torch.Generator().manual_seed(1), np.random.default_rng(2)
-    config = {"alpha": 1.0, "beta": 1.0, "lam": 0.5, "lam_mode": "fixed", "align_layer": cfg.encoder_layers,
-              "teacher_inputs": "scaled", "num_machine_classes": NUM_MACHINE}
+    config = LoopConfig(
+        init_checkpoint="", layerdrop=False, grad_decay=False, num_classes=NUM_MACHINE + NUM_NOISE,
+        num_machine_classes=NUM_MACHINE, objective="tagging_mixture", alpha=1.0, beta=1.0, lam=0.5,
+        lam_mode="fixed", align_layer=cfg.encoder_layers, teacher_inputs="scaled", mixup_beta=0.5,
+        snr_sampler={"kind": "fixed", "snr_db": 0.0}, specaugment=True, freq_mask_bins=24, time_mask_frames=80,
+        num_masks=2, lr=1e-4, weight_decay=1e-3, warmup_steps=0, total_steps=1, batch_size_per_worker=batch,
+        grad_accum=1, grad_clip=0.0, log_every=1, checkpoint_every=1, seed=0)
 
     seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for step in range(warmup + iters):
         for name, objective in VARIANTS.items():
             _sync(device)
             start = time.perf_counter()
-            losses = compute_losses(student, teacher, specaug, data, {**config, "objective": objective},
+            losses = compute_losses(student, teacher, specaug, data, replace(config, objective=objective),
                                     spec_gen, np_rng)
             losses.total.backward()
             optimizer.step()
