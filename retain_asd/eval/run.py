@@ -6,10 +6,11 @@ builder (`evaluate_from_config`, what pipelines/ and tune/ call) in `builder.py`
 (pipelines/score.py) in `detector.py`. Metrics come from `metrics.py`, kNN from `knn.py`, tables and plots
 from `report.py`, evaluator-format files from `dcase_files.py`.
 
-Metric names (MLflow): ``<condition>/snr_<dB>/official`` (raw kNN scores) and ``..._dn`` (GenRep domain
-normalisation), per machine ``<condition>/snr_<dB>/<machine>/{auc_source,auc_target,pauc}[_dn]``, per
-condition ``<condition>/hmean_{low,all}[_dn]`` and overall ``hmean_low``, ``hmean_all`` (raw) and
-``hmean_low_dn``, ``hmean_all_dn``. Layers other than the primary one get a ``layer_<k>/`` prefix.
+Metric names (MLflow, made by `results.EvalResult.metrics`): ``<condition>/snr_<dB>/official`` (raw kNN
+scores) and ``..._dn`` (GenRep domain normalisation), per machine
+``<condition>/snr_<dB>/<machine>/{auc_source,auc_target,pauc}[_dn]``, per condition
+``<condition>/hmean_{low,all}[_dn]`` and overall ``hmean_low``, ``hmean_all`` (raw) and ``hmean_low_dn``,
+``hmean_all_dn``. Layers other than the primary one get a ``layer_<k>/`` prefix.
 """
 
 from __future__ import annotations
