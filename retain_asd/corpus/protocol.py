@@ -15,7 +15,8 @@ header chunks). A match of either is an overlap, whatever side (clip or noise) t
 
 The only way to overlap is the paper's Table-5 "+ eval-reference data" variant, which adds the evaluation
 references and noise to pre-training on purpose: ``check_disjoint(..., allow_eval_references=True)``
-returns the record of what overlaps instead of raising.
+returns the record of what overlaps instead of raising. Even then an evaluation *test* clip in pre-training
+is refused: test clips are never references, and pre-training on them would leak the answers.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class Overlap:
     key: str  # the machine type, or the shared content hash
     pretrain_path: str
     eval_path: str
+    eval_split: str = ""  # "train" (a reference) | "test" for machine clips
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ class _Entry:
     path: str
     side: str  # "machine" | "noise"
     machine: str
+    split: str
     hashes: tuple[str, ...]
 
 
@@ -143,7 +146,8 @@ def _entries(sources) -> tuple[list[str], list[_Entry]]:
                     raise ValueError(f"{where}: manifest sources do not name their machine type (written by an "
                                      "older version); re-ingest with `retain-asd ingest --force`")
                 hashes = tuple(h for h in (s["sha1"], s.get("audio_sha1", "")) if h)
-                out.append(_Entry(s["path"], side, (machine or "").lower(), hashes))
+                out.append(_Entry(s["path"], side, (machine or "").lower(), s.get("split", "") if side == "machine"
+                                  else "", hashes))
     return roots, out
 
 
@@ -168,10 +172,11 @@ def find_overlaps(pretrain, evaluation) -> OverlapReport:
     for e in sorted(ev, key=lambda e: e.path):
         if e.side == "machine" and e.machine in first_of_type and e.machine not in types_seen:
             types_seen.add(e.machine)
-            overlaps.append(Overlap("machine_type", e.machine, first_of_type[e.machine], e.path))
+            overlaps.append(Overlap("machine_type", e.machine, first_of_type[e.machine], e.path, e.split))
         shared = next((h for h in e.hashes if h in by_hash), None)
         if shared is not None:
-            overlaps.append(Overlap("clip" if e.side == "machine" else "noise", shared, by_hash[shared], e.path))
+            overlaps.append(Overlap("clip" if e.side == "machine" else "noise", shared, by_hash[shared], e.path,
+                                    e.split))
     return OverlapReport(tuple(pre_roots), tuple(eval_roots), tuple(overlaps), tuple(sorted(types_seen)))
 
 
@@ -180,9 +185,18 @@ def check_disjoint(pretrain, evaluation, *, allow_eval_references: bool = False)
     recording (by content hash), naming the first overlapping files (both paths) and the fix.
 
     With ``allow_eval_references=True`` (the paper's Table-5 "+ eval-reference data" variant) nothing is
-    raised: the returned ``OverlapReport`` records what overlaps, to be logged with the run.
+    raised: the returned ``OverlapReport`` records what overlaps, to be logged with the run. An evaluation
+    test clip in pre-training is refused either way (it is not a reference).
     """
     report = find_overlaps(pretrain, evaluation)
+    test_leaks = [o for o in report.of("clip") if o.eval_split == "test"]
+    if allow_eval_references and test_leaks:
+        o = test_leaks[0]
+        raise CorpusOverlapError(
+            f"{len(test_leaks)} evaluation test clip(s) are in the pre-training corpus; the '+ eval-reference data' "
+            f"variant (data.add_eval_references) adds references (train split) and noise only, never test clips. "
+            f"First:\n    pre-training: {o.pretrain_path}\n    evaluation:   {o.eval_path}\nFix: remove the "
+            "evaluation test clips from the pre-training corpus and re-ingest.", report)
     if report and not allow_eval_references:
         raise CorpusOverlapError(
             f"the pre-training corpus {list(report.pretrain_roots)} and the evaluation corpus "

@@ -200,8 +200,8 @@ def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
             ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 8, 64)))
             decoded = ds.map_batches(decode_batch, batch_size=8, batch_format="pyarrow",
                                      fn_kwargs={"settings": settings}).materialize()
-            meta = decoded.select_columns(["path", "class_name", "machine", "noise_category", "sha1", "audio_sha1",
-                                           "repairs", "reject_reason"]).take_all()
+            meta = decoded.select_columns(["path", "class_name", "machine", "split", "noise_category", "sha1",
+                                           "audio_sha1", "repairs", "reject_reason"]).take_all()
             rejects += [(m["path"], m["reject_reason"]) for m in meta if m["reject_reason"]]
             written = [m for m in meta if not m["reject_reason"]]
             good = decoded.filter(expr="reject_reason == ''").drop_columns(["reject_reason", "sha1", "audio_sha1"])
@@ -225,7 +225,7 @@ def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
             # Content hashes for the leakage guard (corpus/protocol.py): sha1 of the file bytes, audio_sha1 of
             # the decoded samples as stored (catches a renamed copy, and a re-encoded one too).
             "sources": sorted(({"path": m["path"], "sha1": m["sha1"], "audio_sha1": m["audio_sha1"],
-                                "machine": m["machine"], "noise_category": m["noise_category"],
+                                "machine": m["machine"], "split": m["split"], "noise_category": m["noise_category"],
                                 "repairs": m["repairs"]} for m in written), key=lambda s: s["path"]),
         }
         with open(tmp / REJECTS, "w", newline="") as f:
