@@ -5,8 +5,16 @@ Machines are rotating sources. An attribute changes the sound the way it would o
 * ``spd`` (revolutions per second) sets the harmonic series: fundamental = spd x events per revolution
   (fan blades, pump pistons, gear teeth);
 * ``ld`` (load level) sets the depth and rate of an amplitude modulation;
-* each machine type has its own timbre (harmonic amplitudes, broadband noise colour and level), and the
-  gearbox adds shaft-rate sidebands.
+* each machine type has its own timbre (harmonic amplitudes, broadband noise colour and level); the
+  gearbox and slider add shaft-rate sidebands, and types with rolling bearings add bearing tones (impacts
+  at a non-integer multiple of the shaft rate ringing a structural resonance).
+
+Two worlds follow the paper's protocol (Sec. 4.1, "two non-overlapping corpora (both machine and noise
+classes)"): `write_pretrain_world` (fan, pump, gearbox, compressor, conveyor; noise pink_hum, brown_fan,
+bursts, clatter) and `write_eval_world` (bearing, blower, slider; stationary hvac, transformer for
+Factory A, non-stationary hammering, passby for Factory B). They share the generative families, never a
+type, a noise category or a recording. `write_synthetic_corpus` writes any subset (default: the first
+three pre-training types and the pre-training noise).
 
 Domains follow DCASE 2022-2025: the target domain runs at a speed never seen in the source domain and
 has few training clips. Anomalies: ``shift`` (upper harmonics moved off the harmonic grid), ``rattle``
@@ -20,6 +28,9 @@ The tree is DCASE-2023 style, so ingestion takes the same path as real data::
     <root>/machines/dev_data/raw/<machine>/attributes_00.csv      (file_name,d1p,d1v,d2p,d2v)
     <root>/noise/<category>/<category>_0000.wav
     <root>/noise/categories.yaml                                  (<category>: {stationary: true|false})
+
+The eval-set builder takes Factory A noise from the categories marked stationary, Factory B noise from the
+others (`evalsets.FACTORY_STATIONARY`), so the YAML is where a noise category's role lives.
 
 Deterministic: every clip draws from its own generator seeded by (seed, machine, section, domain,
 split, label, index), so the same seed gives byte-identical files, and a clip of a given name is the
