@@ -99,11 +99,12 @@ def validate_waveform(x: np.ndarray, path: str | os.PathLike = "<array>") -> np.
     return x
 
 
-def fix_length(x: np.ndarray, num_samples: int, pad_mode: PadMode = "repeat") -> np.ndarray:
+def fix_length(x: np.ndarray, num_samples: int, pad_mode: PadMode = "zero") -> np.ndarray:
     """Crop `x` (T,) from the start, or pad it to `num_samples`.
 
-    `repeat` loops the clip, so a stationary machine sound stays stationary (a zero-padded stretch
-    would look like a sudden stop to a detector); `zero` appends silence.
+    `zero` appends silence, the paper's choice (Sec. 4.2: clips are zero-padded to 10 s); `repeat`
+    loops the clip, so a stationary machine sound stays stationary (a zero-padded stretch can look like
+    a sudden stop to a detector).
     """
     if pad_mode not in PAD_MODES:
         raise ValueError(f"pad_mode={pad_mode!r}: expected one of {PAD_MODES}")
@@ -187,7 +188,7 @@ def load_clip(
     channel: ChannelPolicy = "mean",
     clip_s: float | None = CLIP_S,
     min_clip_s: float = 1.0,
-    pad_mode: PadMode = "repeat",
+    pad_mode: PadMode = "zero",
 ) -> AudioClip:
     """Read `path` and apply the policy: channel -> validate -> resample -> length.
 
@@ -255,7 +256,7 @@ def read_audio(
     channel: ChannelPolicy = "mean",
     clip_s: float | None = CLIP_S,
     min_clip_s: float = 1.0,
-    pad_mode: PadMode = "repeat",
+    pad_mode: PadMode = "zero",
 ) -> np.ndarray:
     """`load_clip(...).samples`: (T,) float32 at `sample_rate_hz`."""
     return load_clip(

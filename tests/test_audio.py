@@ -88,11 +88,12 @@ def test_short_clip_is_padded_and_recorded(tmp_path):
     clip = load_clip(path)
     assert clip.repairs == ("pad 2.00s->10.00s",)
     assert clip.samples.shape == (160000,)
-    np.testing.assert_array_equal(clip.samples, np.tile(stored, 5))  # repeat padding
+    # Zero padding by default (paper Sec. 4.2); repeat padding on request.
+    np.testing.assert_array_equal(clip.samples[:32000], stored)
+    assert not np.any(clip.samples[32000:])
 
-    zero = load_clip(path, pad_mode="zero").samples
-    np.testing.assert_array_equal(zero[:32000], stored)
-    assert not np.any(zero[32000:])
+    repeat = load_clip(path, pad_mode="repeat").samples
+    np.testing.assert_array_equal(repeat, np.tile(stored, 5))
 
 
 def test_long_clip_is_cropped_from_the_start(tmp_path):
@@ -202,6 +203,7 @@ def test_fix_length():
     x = np.array([1.0, 2.0, 3.0], dtype=np.float32)
     np.testing.assert_array_equal(fix_length(x, 7, "repeat"), [1, 2, 3, 1, 2, 3, 1])
     np.testing.assert_array_equal(fix_length(x, 5, "zero"), [1, 2, 3, 0, 0])
+    np.testing.assert_array_equal(fix_length(x, 5), [1, 2, 3, 0, 0])  # zero by default (paper Sec. 4.2)
     np.testing.assert_array_equal(fix_length(x, 2), [1, 2])
     assert fix_length(x, 5).dtype == np.float32
     with pytest.raises(ValueError, match="pad_mode"):

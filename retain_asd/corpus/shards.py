@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retain_asd.audio import AudioError, load_clip
+from retain_asd.audio import PAD_MODES, AudioError, load_clip
 from retain_asd.corpus.layouts import ClipRecord
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,11 @@ class DecodeSettings:
     min_clip_s: float = 1.0
     channel: str = "mean"
     audio_dtype: str = "float32"  # "float32" or "int16"
+    pad_mode: str = "zero"  # a short clip is zero-padded to clip_s (paper Sec. 4.2); "repeat" loops it
+
+    def __post_init__(self):
+        if self.pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode={self.pad_mode!r}: expected one of {PAD_MODES} (paper Sec. 4.2: 'zero')")
 
     @property
     def num_samples(self) -> int | None:
@@ -106,19 +111,21 @@ def decode_batch(batch: pa.Table, settings: DecodeSettings) -> pa.Table:
     rows = batch.to_pylist()
     channel = settings.channel if settings.channel == "mean" else int(settings.channel)
     empty = np.zeros(settings.num_samples or 0, np.float32)
-    clips, reasons, repairs, hashes = [], [], [], []
+    clips, reasons, repairs, hashes, audio_hashes = [], [], [], [], []
     for row in rows:
-        sha, reason, samples, repaired = "", "", empty, ""
+        sha, audio_sha, reason, samples, repaired = "", "", "", empty, ""
         try:
             sha = _file_sha1(row["path"])
             clip = load_clip(row["path"], sample_rate_hz=settings.sample_rate_hz, channel=channel,
-                             clip_s=settings.clip_s, min_clip_s=settings.min_clip_s)
+                             clip_s=settings.clip_s, min_clip_s=settings.min_clip_s, pad_mode=settings.pad_mode)
             samples, repaired = clip.samples.astype(np.float32, copy=False), ";".join(clip.repairs)
+            audio_sha = hashlib.sha1(samples.tobytes()).hexdigest()  # the decoded audio: same for a re-encoded copy
         except AudioError as err:
             reason = err.reason
         except OSError as err:
             reason = f"cannot read file ({err.strerror or err})"
         hashes.append(sha)
+        audio_hashes.append(audio_sha)
         reasons.append(reason)
         clips.append(samples)
         repairs.append(repaired)
@@ -127,10 +134,12 @@ def decode_batch(batch: pa.Table, settings: DecodeSettings) -> pa.Table:
     columns["clip_id"] = pa.array([h[:16] for h in hashes], type=pa.string())
     columns["stationary"] = pa.array([r["stationary"] for r in rows], type=pa.bool_())
     columns["sha1"] = pa.array(hashes, type=pa.string())
+    columns["audio_sha1"] = pa.array(audio_hashes, type=pa.string())
     columns["repairs"] = pa.array(repairs, type=pa.string())
     columns["reject_reason"] = pa.array(reasons, type=pa.string())
     columns["audio"] = _audio_array(clips, settings)
-    return pa.table({k: columns[k] for k in (*META_COLUMNS, "repairs", "sha1", "reject_reason", "audio")})
+    return pa.table({k: columns[k] for k in (*META_COLUMNS, "repairs", "sha1", "audio_sha1", "reject_reason",
+                                             "audio")})
 
 
 # ---------------------------------------------------------------------------------------------------- writer
@@ -191,10 +200,11 @@ def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
             ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 8, 64)))
             decoded = ds.map_batches(decode_batch, batch_size=8, batch_format="pyarrow",
                                      fn_kwargs={"settings": settings}).materialize()
-            meta = decoded.select_columns(["path", "class_name", "sha1", "repairs", "reject_reason"]).take_all()
+            meta = decoded.select_columns(["path", "class_name", "machine", "split", "noise_category", "sha1",
+                                           "audio_sha1", "repairs", "reject_reason"]).take_all()
             rejects += [(m["path"], m["reject_reason"]) for m in meta if m["reject_reason"]]
             written = [m for m in meta if not m["reject_reason"]]
-            good = decoded.filter(expr="reject_reason == ''").drop_columns(["reject_reason", "sha1"])
+            good = decoded.filter(expr="reject_reason == ''").drop_columns(["reject_reason", "sha1", "audio_sha1"])
             if written:
                 good.write_parquet(str(tmp), max_rows_per_file=rows_per_shard, min_rows_per_file=rows_per_shard)
         for path, reason in rejects:
@@ -212,8 +222,11 @@ def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
                 "rejected": len(rejects),
                 "per_class": dict(sorted(Counter(m["class_name"] for m in written).items())),
             },
-            "sources": sorted(({"path": m["path"], "sha1": m["sha1"], "repairs": m["repairs"]}
-                               for m in written), key=lambda s: s["path"]),
+            # Content hashes for the leakage guard (corpus/protocol.py): sha1 of the file bytes, audio_sha1 of
+            # the decoded samples as stored (catches a renamed copy, and a re-encoded one too).
+            "sources": sorted(({"path": m["path"], "sha1": m["sha1"], "audio_sha1": m["audio_sha1"],
+                                "machine": m["machine"], "split": m["split"], "noise_category": m["noise_category"],
+                                "repairs": m["repairs"]} for m in written), key=lambda s: s["path"]),
         }
         with open(tmp / REJECTS, "w", newline="") as f:
             w = csv.writer(f)

@@ -5,8 +5,16 @@ Machines are rotating sources. An attribute changes the sound the way it would o
 * ``spd`` (revolutions per second) sets the harmonic series: fundamental = spd x events per revolution
   (fan blades, pump pistons, gear teeth);
 * ``ld`` (load level) sets the depth and rate of an amplitude modulation;
-* each machine type has its own timbre (harmonic amplitudes, broadband noise colour and level), and the
-  gearbox adds shaft-rate sidebands.
+* each machine type has its own timbre (harmonic amplitudes, broadband noise colour and level); the
+  gearbox and slider add shaft-rate sidebands, and types with rolling bearings add bearing tones (impacts
+  at a non-integer multiple of the shaft rate ringing a structural resonance).
+
+Two worlds follow the paper's protocol (Sec. 4.1, "two non-overlapping corpora (both machine and noise
+classes)"): `write_pretrain_world` (fan, pump, gearbox, compressor, conveyor; noise pink_hum, brown_fan,
+bursts, clatter) and `write_eval_world` (bearing, blower, slider; stationary hvac, transformer for
+Factory A, non-stationary hammering, passby for Factory B). They share the generative families, never a
+type, a noise category or a recording. `write_synthetic_corpus` writes any subset (default: the first
+three pre-training types and the pre-training noise).
 
 Domains follow DCASE 2022-2025: the target domain runs at a speed never seen in the source domain and
 has few training clips. Anomalies: ``shift`` (upper harmonics moved off the harmonic grid), ``rattle``
@@ -20,6 +28,9 @@ The tree is DCASE-2023 style, so ingestion takes the same path as real data::
     <root>/machines/dev_data/raw/<machine>/attributes_00.csv      (file_name,d1p,d1v,d2p,d2v)
     <root>/noise/<category>/<category>_0000.wav
     <root>/noise/categories.yaml                                  (<category>: {stationary: true|false})
+
+The eval-set builder takes Factory A noise from the categories marked stationary, Factory B noise from the
+others (`evalsets.FACTORY_STATIONARY`), so the YAML is where a noise category's role lives.
 
 Deterministic: every clip draws from its own generator seeded by (seed, machine, section, domain,
 split, label, index), so the same seed gives byte-identical files, and a clip of a given name is the
@@ -36,7 +47,7 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +75,9 @@ class MachineSpec:
     target_speeds: tuple[str, ...]  # unseen in the source domain: the domain shift
     loads: tuple[str, ...]
     shaft_sidebands: float = 0.0  # depth of the shaft-rate modulation (gear mesh sidebands)
+    bearing_level: float = 0.0  # RMS of the rolling-bearing impacts relative to the harmonic RMS (0 = none)
+    bearing_ratio: float = 0.0  # defect frequency / shaft rate (a race's ball-pass ratio, not an integer)
+    bearing_resonance_hz: float = 3000.0  # the structural resonance the impacts ring
 
 
 MACHINES: dict[str, MachineSpec] = {
@@ -78,6 +92,27 @@ MACHINES: dict[str, MachineSpec] = {
         # Gear mesh at spd x 23 teeth, shaft-rate sidebands, little broadband noise.
         MachineSpec("gearbox", 23, (1.0, 0.6, 0.3, 0.15), 0.15, 2.0,
                     ("10", "12", "14"), ("17",), ("1", "2"), shaft_sidebands=0.4),
+        # Two-cylinder reciprocating compressor: dense harmonic comb, pink hiss, bearing tones.
+        MachineSpec("compressor", 2, (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1), 0.35, 1.0,
+                    ("60", "70", "80"), ("100",), ("1", "2"), bearing_level=0.3, bearing_ratio=3.1,
+                    bearing_resonance_hz=3500.0),
+        # Belt conveyor: roller-pass harmonics, brownish rumble, loud roller-bearing tones.
+        MachineSpec("conveyor", 12, (1.0, 0.45, 0.25, 0.12), 0.4, 1.5,
+                    ("9", "11", "13"), ("17",), ("1", "2"), bearing_level=0.5, bearing_ratio=4.7,
+                    bearing_resonance_hz=2500.0),
+        # --- the evaluation world's types (EVAL_WORLD): the same families, other parameters ---
+        # Bearing test rig: shaft harmonics and outer-race impacts ringing a 6 kHz resonance.
+        MachineSpec("bearing", 8, (1.0, 0.35, 0.2, 0.1), 0.3, 1.0,
+                    ("20", "25", "30"), ("38",), ("1", "2"), bearing_level=0.4, bearing_ratio=3.57,
+                    bearing_resonance_hz=6000.0),
+        # Centrifugal blower: impeller-vane harmonics over near-white airflow noise.
+        MachineSpec("blower", 11, (1.0, 0.7, 0.4, 0.3, 0.2, 0.1), 0.45, 0.5,
+                    ("15", "18", "21"), ("27",), ("1", "2"), bearing_level=0.15, bearing_ratio=2.8,
+                    bearing_resonance_hz=6000.0),
+        # Ball-screw slider: screw-rate odd-heavy harmonics, nut sidebands, bearing tones, little noise.
+        MachineSpec("slider", 4, (1.0, 0.2, 0.5, 0.1, 0.3, 0.1, 0.2), 0.25, 2.0,
+                    ("30", "36", "42"), ("50",), ("1", "2"), shaft_sidebands=0.5, bearing_level=0.25,
+                    bearing_ratio=2.9, bearing_resonance_hz=5500.0),
     )
 }
 
@@ -95,8 +130,34 @@ NOISES: dict[str, NoiseSpec] = {
         NoiseSpec("brown_fan", True),  # brown noise + a steady ventilation tone + hiss
         NoiseSpec("bursts", False),  # band-limited noise switched on and off
         NoiseSpec("clatter", False),  # random impacts of resonant objects
+        # --- the evaluation world's noise (EVAL_WORLD): other categories, other recordings ---
+        NoiseSpec("hvac", True),  # ventilation: near-white airflow + a cluster of steady duct tones
+        NoiseSpec("transformer", True),  # magnetostriction hum at twice the mains frequency + pink floor
+        NoiseSpec("hammering", False),  # sessions of heavy, low-ringing blows with pauses
+        NoiseSpec("passby", False),  # vehicles passing: swelling engine harmonics and road noise
     )
 }
+
+
+@dataclass(frozen=True)
+class World:
+    """A synthetic world: machine types and noise categories that belong together.
+
+    The paper's protocol (Sec. 4.1) pre-trains and evaluates on "two non-overlapping corpora (both
+    machine and noise classes)": the two worlds share no type and no noise category, only the
+    generative families (harmonics, load modulation, rattle, bearing tones), so an encoder's learning
+    can transfer.
+    """
+
+    name: str
+    machines: tuple[str, ...]
+    noise_categories: tuple[str, ...]
+
+
+PRETRAIN_WORLD = World("pretrain", ("fan", "pump", "gearbox", "compressor", "conveyor"),
+                       ("pink_hum", "brown_fan", "bursts", "clatter"))
+EVAL_WORLD = World("eval", ("bearing", "blower", "slider"), ("hvac", "transformer", "hammering", "passby"))
+WORLDS = {w.name: w for w in (PRETRAIN_WORLD, EVAL_WORLD)}
 
 
 @dataclass(frozen=True)
@@ -125,6 +186,7 @@ class SynthCorpus:
     noise_files: tuple[tuple[str, str], ...]  # (category, path)
     written: bool  # False when an identical tree was already there
     counts: dict[str, int] = field(default_factory=dict)  # "<machine>/<split>/<domain>/<label>" -> n
+    world: str = ""  # "pretrain" | "eval" when written by `write_world`
 
 
 # --- signal building blocks (vectorised numpy) -------------------------------------------------------
@@ -175,6 +237,17 @@ def impulse_train(rng: np.random.Generator, num_samples: int, rate_hz: float, sa
     onsets = np.cumsum(periods_s * sample_rate_hz) - rng.uniform(0, sample_rate_hz / rate_hz)
     onsets = onsets.astype(np.int64)
     return onsets[(onsets >= 0) & (onsets < num_samples)]
+
+
+def bearing_tones(rng: np.random.Generator, rate_hz: float, resonance_hz: float, *, num_samples: int,
+                  sample_rate_hz: int) -> np.ndarray:
+    """Rolling-bearing impacts: a nearly periodic train at the defect rate `rate_hz` (1 % slip), each
+    impact ringing a structural resonance (the envelope-analysis picture of a bearing), unit RMS."""
+    onsets = impulse_train(rng, num_samples, rate_hz, sample_rate_hz, jitter=0.01)
+    hits = np.zeros(num_samples)
+    hits[onsets] = rng.uniform(0.7, 1.0, onsets.size)
+    x = convolve_fft(hits, decaying_resonance(resonance_hz, 0.0015, sample_rate_hz))
+    return x / np.sqrt(np.mean(x**2))
 
 
 def _normalise(x: np.ndarray, rms: float) -> np.ndarray:
@@ -241,6 +314,10 @@ def machine_clip(
     depth, rate_hz = 0.15 * load, 1.5 * load
     envelope = 1 + depth * np.sin(2 * np.pi * rate_hz * t_s + rng.uniform(0, 2 * np.pi))
     broadband = spec.noise_level * coloured_noise(rng, num_samples, spec.noise_exponent, sample_rate_hz)
+    if spec.bearing_level > 0:  # bearing tones ride on the same load modulation as the harmonics
+        harmonic = harmonic + spec.bearing_level * bearing_tones(
+            rng, speed_rps * spec.bearing_ratio, min(spec.bearing_resonance_hz, 0.8 * nyquist_hz),
+            num_samples=num_samples, sample_rate_hz=sample_rate_hz)
     x = envelope * harmonic + broadband
 
     if anomaly_kind == "rattle":
@@ -368,6 +445,50 @@ def noise_clip(category: str, rng: np.random.Generator, *, num_samples: int,
                                           sample_rate_hz)[: body.size]
                 body[: mode.size] += rng.uniform(0.3, 1.0) * mode
             x += convolve_fft(hits, body)
+    elif category == "hvac":
+        # Airflow (exponent 0.7, between white and pink) + 3 unrelated steady duct tones at 150-700 Hz.
+        tones = sum(rng.uniform(0.3, 1.0) * np.sin(2 * np.pi * rng.uniform(150, 700) * t_s + rng.uniform(0, 6.3))
+                    for _ in range(3))
+        x = coloured_noise(rng, num_samples, 0.7, sample_rate_hz, low_hz=40.0) + rng.uniform(0.2, 0.5) * tones
+    elif category == "transformer":
+        # Magnetostriction: hum at 2 x mains and its even harmonics, over a quiet pink floor.
+        mains_hz = rng.choice([50.0, 60.0])
+        hum = sum(a * np.sin(2 * np.pi * h * mains_hz * t_s + rng.uniform(0, 2 * np.pi))
+                  for h, a in ((2, 1.0), (4, 0.6), (6, 0.35), (8, 0.2), (10, 0.1)))
+        x = hum + rng.uniform(0.2, 0.4) * coloured_noise(rng, num_samples, 1.0, sample_rate_hz)
+    elif category == "hammering":
+        # Sessions of 2-6 s of blows at 1.5-3 per second, 1-4 s pauses; each blow rings 2 low modes.
+        x = 0.005 * rng.standard_normal(num_samples)
+        hits = np.zeros(num_samples)
+        pos = int(rng.uniform(0, 1.0) * sample_rate_hz)
+        while pos < num_samples:
+            length = int(rng.uniform(2.0, 6.0) * sample_rate_hz)
+            onsets = impulse_train(rng, min(length, num_samples - pos), rng.uniform(1.5, 3.0), sample_rate_hz,
+                                   jitter=0.15)
+            hits[pos + onsets] = rng.uniform(0.5, 1.0, onsets.size)
+            pos += length + int(rng.uniform(1.0, 4.0) * sample_rate_hz)
+        body = np.zeros(int(0.6 * sample_rate_hz))  # decays <= 0.12 s: 5 constants fit in 0.6 s
+        for _ in range(2):
+            mode = decaying_resonance(rng.uniform(150, 1200), rng.uniform(0.05, 0.12), sample_rate_hz)[: body.size]
+            body[: mode.size] += rng.uniform(0.5, 1.0) * mode
+        x += convolve_fft(hits, body)
+    elif category == "passby":
+        # Vehicles every 3-8 s: a 1-3 s Gaussian swell of engine harmonics (20-40 Hz firing rate,
+        # rising then falling with the Doppler shift) and road noise, over a quiet brown floor.
+        x = 0.02 * coloured_noise(rng, num_samples, 2.0, sample_rate_hz, low_hz=40.0)
+        road = band_noise(rng, num_samples, 200.0, min(3000.0, top_hz), sample_rate_hz)
+        centre_s = rng.uniform(0, 3.0)
+        while centre_s < num_samples / sample_rate_hz + 3.0:
+            width_s = rng.uniform(1.0, 3.0)
+            span = slice(max(0, int((centre_s - 2 * width_s) * sample_rate_hz)),
+                         max(0, int((centre_s + 2 * width_s) * sample_rate_hz)))  # the swell is ~0 outside
+            t_rel_s = t_s[span] - centre_s
+            swell = np.exp(-0.5 * (t_rel_s / (width_s / 2)) ** 2)
+            firing_hz = rng.uniform(20, 40) * (1 + 0.03 * np.tanh(-t_rel_s / width_s))  # Doppler
+            phase = 2 * np.pi * np.cumsum(firing_hz) / sample_rate_hz
+            engine = sum(a * np.sin(h * phase) for h, a in ((1, 1.0), (2, 0.7), (3, 0.5), (4, 0.3)))
+            x[span] += rng.uniform(0.5, 1.0) * swell * (engine + 0.8 * road[span])
+            centre_s += rng.uniform(3.0, 8.0)
     else:
         raise ValueError(f"noise category {category!r}: expected one of {tuple(NOISES)}")
     return _normalise(x, _RMS_LEVEL * rng.uniform(0.8, 1.25))
@@ -394,7 +515,7 @@ def write_synthetic_corpus(
     test_per_domain: int = 6,
     clip_s: float = 10.0,
     sample_rate_hz: int = 16000,
-    noise_categories: Sequence[str] = tuple(NOISES),
+    noise_categories: Sequence[str] = PRETRAIN_WORLD.noise_categories,
     noise_clips_per_category: int = 6,
     noise_clip_s: float = 80.0,  # 8 disjoint 10 s segments per recording: eval sets need one per clip
     force: bool = False,
@@ -477,3 +598,63 @@ def write_synthetic_corpus(
     counts.update(f"noise/{c}" for c, _ in noise_files)
     return SynthCorpus(str(root), str(machine_root), str(noise_root), tuple(clips), tuple(noise_files),
                        written=not reuse, counts=dict(sorted(counts.items())))
+
+
+# --- the two worlds of the paper's protocol -------------------------------------------------------
+
+# Default sizes per world (all are knobs of `write_world`). Pre-training reads the train split (24 + 6
+# clips per type); the evaluation world has enough noise for one disjoint 10 s segment per clip of a
+# set: 3 types x (18 + 4 references + 24 tests) = 138 clips <= 2 categories x 6 recordings x 12 segments.
+WORLD_SIZES: dict[str, dict] = {
+    "pretrain": dict(train_source_per_attr=4, train_target_per_attr=3, test_per_domain=4,
+                     noise_clips_per_category=6, noise_clip_s=80.0),
+    "eval": dict(train_source_per_attr=3, train_target_per_attr=2, test_per_domain=6,
+                 noise_clips_per_category=6, noise_clip_s=120.0),
+}
+
+
+def write_world(world: str, root: str | os.PathLike, *, seed: int = 0, machines: Sequence[str] | None = None,
+                noise_categories: Sequence[str] | None = None, **sizes) -> SynthCorpus:
+    """Write one world ("pretrain" or "eval", see `World`) under `root` (machines/ + noise/, as
+    `write_synthetic_corpus`). `machines` / `noise_categories` pick a subset of the world's own; `sizes`
+    override `WORLD_SIZES[world]` (train_source_per_attr, train_target_per_attr, test_per_domain,
+    noise_clips_per_category, noise_clip_s, clip_s, sample_rate_hz, sections, force).
+
+    Types and noise categories of the other world are refused, so the two worlds stay disjoint; the
+    evaluation world needs a stationary (Factory A) and a non-stationary (Factory B) category.
+    """
+    if world not in WORLDS:
+        raise ValueError(f"world={world!r}: expected one of {tuple(WORLDS)}")
+    w = WORLDS[world]
+    machines = tuple(w.machines if machines is None else machines)
+    noise_categories = tuple(w.noise_categories if noise_categories is None else noise_categories)
+    for what, chosen, own in (("machines", machines, w.machines),
+                              ("noise_categories", noise_categories, w.noise_categories)):
+        foreign = [x for x in chosen if x not in own]
+        if foreign:
+            raise ValueError(f"{what}: {foreign} are not in the {world} world; choose from {own} (the two "
+                             "worlds share no machine type and no noise category)")
+        if not chosen:
+            raise ValueError(f"{what}: empty; choose from {own}")
+    roles = {NOISES[c].stationary for c in noise_categories}
+    if world == "eval" and roles != {True, False}:
+        raise ValueError(f"noise_categories={list(noise_categories)}: the eval world needs a stationary "
+                         "category (Factory A) and a non-stationary one (Factory B), e.g. "
+                         f"{[c for c in w.noise_categories if NOISES[c].stationary][:1]} and "
+                         f"{[c for c in w.noise_categories if not NOISES[c].stationary][:1]}")
+    made = write_synthetic_corpus(root, seed=seed, machines=machines, noise_categories=noise_categories,
+                                  **{**WORLD_SIZES[world], **sizes})
+    return replace(made, world=world)
+
+
+def write_pretrain_world(root: str | os.PathLike, **kwargs) -> SynthCorpus:
+    """The pre-training world: 5 machine types with speed/load attributes, 4 noise classes (2 stationary,
+    2 non-stationary), as `write_world("pretrain", root, **kwargs)`."""
+    return write_world("pretrain", root, **kwargs)
+
+
+def write_eval_world(root: str | os.PathLike, **kwargs) -> SynthCorpus:
+    """The evaluation world: 3 other machine types with anomalies and source/target domains; stationary
+    noise for Factory A and non-stationary noise for Factory B, all new recordings
+    (`write_world("eval", root, **kwargs)`)."""
+    return write_world("eval", root, **kwargs)

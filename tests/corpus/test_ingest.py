@@ -8,6 +8,7 @@ policy (stereo, rate, length) or listed in rejects with its reason, and the mani
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import pytest
 import soundfile as sf
 
 from retain_asd.audio import write_audio
-from retain_asd.corpus import shards
+from retain_asd.corpus import layouts, shards
 from retain_asd.corpus.ingest import ingest, load_corpus
 
 pytestmark = pytest.mark.ray
@@ -122,6 +123,46 @@ def test_repairs_recorded_and_applied(corpus):
     assert "crop 11.00s->10.00s" in sources["section_00_source_train_normal_0100_m-n_W.wav"]["repairs"]
     assert sources["section_00_source_train_normal_0000_m-n_W.wav"]["repairs"] == ""
     assert all(len(s["sha1"]) == 40 for s in sources.values())
+
+
+def test_zero_padding_by_default_and_content_hashes(raw_tree, corpus):
+    root, _ = raw_tree
+    assert shards.DecodeSettings().pad_mode == "zero"  # paper Sec. 4.2
+    table = shards.read_table(corpus.machine.root)
+    audio = shards.audio_matrix(table)
+    paths = table.column("path").to_pylist()
+    padded = [i for i, p in enumerate(paths) if p.endswith("0201_m-n_W.wav")][0]
+    stored, _ = sf.read(paths[padded], dtype="float32")
+    assert stored.shape == (32000,)
+    np.testing.assert_array_equal(audio[padded, :32000], stored)
+    assert not np.any(audio[padded, 32000:])
+    # Every source carries the sha1 of its file bytes and of its decoded audio (the leakage guard's keys).
+    rows = dict(zip(paths, audio))
+    for s in corpus.machine.manifest["sources"]:
+        with open(s["path"], "rb") as f:
+            assert s["sha1"] == hashlib.sha1(f.read()).hexdigest()
+        assert s["audio_sha1"] == hashlib.sha1(rows[s["path"]].tobytes()).hexdigest()
+        assert s["machine"] == "fan" and s["split"] in ("train", "test") and s["noise_category"] == ""
+    assert {s["noise_category"] for s in corpus.noise.manifest["sources"]} == {"running_tap", "dishes"}
+    assert all(len(s["audio_sha1"]) == 40 for s in corpus.noise.manifest["sources"])
+
+
+def test_repeat_padding_is_a_setting(raw_tree):
+    root, _ = raw_tree
+    path = root / "dev_data" / "raw" / "fan" / "train" / "section_00_source_train_normal_0201_m-n_W.wav"
+    record = layouts.ClipRecord(path=str(path), kind="machine", dataset="dcase2021+", machine="fan", section="00",
+                                domain="source", split="train", label="normal", attributes=(("m-n", "W"),),
+                                class_name="fan_sec00_m-n_W")
+    batch = pa.Table.from_pylist([shards._record_row(record)])
+    stored, _ = sf.read(path, dtype="float32")
+    repeat = shards.decode_batch(batch, shards.DecodeSettings(pad_mode="repeat"))
+    np.testing.assert_array_equal(shards.audio_matrix(repeat)[0], np.tile(stored, 5))
+    zero = shards.decode_batch(batch, shards.DecodeSettings())
+    assert not np.any(shards.audio_matrix(zero)[0, 32000:])
+    assert zero.column("sha1")[0] == repeat.column("sha1")[0]  # same file bytes
+    assert zero.column("audio_sha1")[0] != repeat.column("audio_sha1")[0]  # other decoded audio
+    with pytest.raises(ValueError, match="pad_mode='reflect'"):
+        shards.DecodeSettings(pad_mode="reflect")
 
 
 def test_shards_plain_pyarrow_and_bit_exact(raw_tree, corpus):

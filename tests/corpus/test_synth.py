@@ -14,7 +14,17 @@ import torch
 import torchaudio
 import yaml
 
-from retain_asd.corpus.synth import ANOMALY_KINDS, MACHINES, NOISES, machine_clip, write_synthetic_corpus
+from retain_asd.corpus.synth import (
+    ANOMALY_KINDS,
+    EVAL_WORLD,
+    MACHINES,
+    NOISES,
+    PRETRAIN_WORLD,
+    machine_clip,
+    write_eval_world,
+    write_pretrain_world,
+    write_synthetic_corpus,
+)
 
 # The DCASE 2023 dev name, attribute string = <key>_<value> pairs.
 NAME_RE = re.compile(
@@ -139,7 +149,7 @@ def test_categories_yaml(corpus):
         "clatter": {"stationary": False},
     }
     folders = sorted(p.name for p in Path(corpus.noise_root).iterdir() if p.is_dir())
-    assert folders == sorted(NOISES)
+    assert folders == sorted(PRETRAIN_WORLD.noise_categories)
 
 
 def test_stationary_noise_has_steady_frame_energy(corpus):
@@ -287,3 +297,101 @@ def test_layouts_read_the_tree(corpus):
     assert sorted((r.noise_category, r.stationary) for r in noises.records) == sorted(
         (c, NOISES[c].stationary) for c, _ in corpus.noise_files
     )
+
+
+# --- the two worlds of the protocol (paper Sec. 4.1) ---------------------------------------------------
+
+TINY_WORLD = dict(train_source_per_attr=1, train_target_per_attr=1, test_per_domain=3, clip_s=2.0,
+                  noise_clips_per_category=2, noise_clip_s=12.0)
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("worlds")
+    return write_pretrain_world(root / "pretrain", **TINY_WORLD), write_eval_world(root / "eval", **TINY_WORLD)
+
+
+def _content_hashes(corpus) -> dict[str, str]:
+    """path -> sha1 of the decoded samples, for every clip and noise recording."""
+    paths = [c.path for c in corpus.clips] + [p for _, p in corpus.noise_files]
+    return {p: hashlib.sha1(sf.read(p, dtype="float32")[0].tobytes()).hexdigest() for p in paths}
+
+
+def test_worlds_share_no_type_no_noise_category_no_recording(worlds):
+    pre, ev = worlds
+    assert (pre.world, ev.world) == ("pretrain", "eval")
+    pre_types = {p.name for p in (Path(pre.machine_root) / "dev_data" / "raw").iterdir()}
+    ev_types = {p.name for p in (Path(ev.machine_root) / "dev_data" / "raw").iterdir()}
+    assert pre_types == set(PRETRAIN_WORLD.machines) and len(pre_types) >= 5
+    assert ev_types == set(EVAL_WORLD.machines) and len(ev_types) >= 3
+    assert not pre_types & ev_types
+    pre_noise = yaml.safe_load((Path(pre.noise_root) / "categories.yaml").read_text())
+    ev_noise = yaml.safe_load((Path(ev.noise_root) / "categories.yaml").read_text())
+    assert not set(pre_noise) & set(ev_noise)
+    # Content: no recording of one world is in the other (decoded audio and file bytes), none twice in one.
+    pre_hash, ev_hash = _content_hashes(pre), _content_hashes(ev)
+    assert len(set(pre_hash.values())) == len(pre_hash) and len(set(ev_hash.values())) == len(ev_hash)
+    assert not set(pre_hash.values()) & set(ev_hash.values())
+    pre_bytes = {hashlib.sha1(Path(p).read_bytes()).hexdigest() for p in pre_hash}
+    assert not pre_bytes & {hashlib.sha1(Path(p).read_bytes()).hexdigest() for p in ev_hash}
+
+
+def test_pretrain_world_labels_and_noise(worlds):
+    from retain_asd.corpus import layouts
+
+    pre, _ = worlds
+    scan = layouts.scan_dcase(pre.machine_root)
+    assert scan.rejects == [] and len(scan.records) == len(pre.clips)
+    for machine in PRETRAIN_WORLD.machines:
+        train = [r for r in scan.records if r.machine == machine and r.split == "train"]
+        # Attributes (speed, load) give the machine-attribute classes the tagging loss learns.
+        assert {tuple(k for k, _ in r.attributes) for r in train} == {("spd", "ld")}
+        spec = MACHINES[machine]
+        assert len({r.class_name for r in train}) == len(spec.source_speeds + spec.target_speeds) * len(spec.loads)
+        assert {r.domain for r in train} == {"source", "target"}
+    noise = layouts.scan_noise(pre.noise_root)
+    roles = {r.noise_category: r.stationary for r in noise.records}
+    assert len(roles) == 4 and sorted(roles.values()) == [False, False, True, True]  # 4 classes as the paper
+
+
+def test_eval_world_labels_domains_and_factory_noise(worlds):
+    from retain_asd.corpus import layouts
+
+    _, ev = worlds
+    scan = layouts.scan_dcase(ev.machine_root)
+    assert scan.rejects == []
+    for machine in EVAL_WORLD.machines:
+        mine = [r for r in scan.records if r.machine == machine]
+        counts = Counter((r.split, r.domain, r.label) for r in mine)
+        for domain in ("source", "target"):
+            assert counts[("train", domain, "normal")] >= 1  # references of both domains
+            assert counts[("test", domain, "normal")] == counts[("test", domain, "anomaly")] == 3
+        # Domain shift: target speeds never occur in the source domain.
+        speeds = {d: {dict(r.attributes)["spd"] for r in mine if r.domain == d} for d in ("source", "target")}
+        assert speeds == {"source": set(MACHINES[machine].source_speeds),
+                          "target": set(MACHINES[machine].target_speeds)}
+        kinds = {c.anomaly_kind for c in ev.clips if c.machine == machine and c.label == "anomaly"}
+        assert kinds == set(ANOMALY_KINDS)
+    # The eval-set builder takes Factory A from stationary and Factory B from non-stationary categories
+    # (the `stationary` column that scan_noise reads from categories.yaml).
+    noise = layouts.scan_noise(ev.noise_root)
+    assert sorted({(r.noise_category, r.stationary) for r in noise.records}) == sorted(
+        (c, NOISES[c].stationary) for c in EVAL_WORLD.noise_categories)
+    assert {r.stationary for r in noise.records} == {True, False}
+    std_db = {}
+    for category, path in ev.noise_files:  # stationarity is audible (see test_stationary_noise_...)
+        x, _ = sf.read(path)
+        frames = x[: x.size // 1600 * 1600].reshape(-1, 1600)
+        std_db.setdefault(category, []).append(float(np.std(10 * np.log10(np.mean(frames**2, axis=1)))))
+    for category, values in std_db.items():
+        assert (max(values) < 2.0) if NOISES[category].stationary else (min(values) > 5.0), (category, values)
+
+
+def test_world_arguments(tmp_path):
+    with pytest.raises(ValueError, match=r"\['fan'\] are not in the eval world"):
+        write_eval_world(tmp_path / "e", machines=("bearing", "fan"))
+    with pytest.raises(ValueError, match=r"\['hvac'\] are not in the pretrain world"):
+        write_pretrain_world(tmp_path / "p", noise_categories=("hvac",))
+    with pytest.raises(ValueError, match="needs a stationary category"):
+        write_eval_world(tmp_path / "e", noise_categories=("hvac", "transformer"))
+    assert not (tmp_path / "e").exists() and not (tmp_path / "p").exists()
