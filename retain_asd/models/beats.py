@@ -729,6 +729,11 @@ def load_beats(path: str | os.PathLike, map_location: str | torch.device | None 
         found = sorted(map(str, ckpt)) if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise BEATsCheckpointError(f"{path}: not a BEATs checkpoint; expected a dict with 'cfg' and 'model', "
                                    f"found {found}")
+    from retain_asd.models.eat import is_eat_checkpoint
+
+    if is_eat_checkpoint(ckpt):
+        raise BEATsCheckpointError(f"{path}: this is an EAT / SSLAM checkpoint (fairseq data2vec_multi cfg), "
+                                   "not a BEATs one; load it with load_eat or set model.family=eat")
     try:
         cfg = BEATsConfig.from_dict(ckpt["cfg"])
     except (TypeError, ValueError) as err:
