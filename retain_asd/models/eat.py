@@ -461,7 +461,7 @@ def _init_weights(model: EAT) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-class EATCheckpointError(RuntimeError):
+class EATCheckpointError(ValueError):
     """An EAT checkpoint that is missing, unreadable, of another family, or does not match its own cfg."""
 
 
@@ -586,14 +586,13 @@ def write_random_checkpoint(path: str | os.PathLike, cfg: EATConfig, seed: int =
     return save_eat(model, path, pretraining_heads)
 
 
-# Released checkpoints of the paper's Table-2 rows (presets eat10, eat30, sslam).
+# Released checkpoints of the paper's Table-2 rows (presets eat10, eat30, sslam): what to download.
 RELEASED = {
-    "eat10": ("EAT-base_epoch10_pt.pt", "https://github.com/cwx-worst-one/EAT (README: EAT-base, 10 epochs, "
-              "pre-trained; Google Drive)"),
-    "eat30": ("EAT-base_epoch30_pt.pt", "https://github.com/cwx-worst-one/EAT (README: EAT-base, 30 epochs, "
-              "pre-trained; Google Drive)"),
-    "sslam": ("SSLAM_pretrained.pt", "https://github.com/ta012/SSLAM (README: Pre-Trained checkpoint; "
-              "Google Drive)"),
+    "eat10": "the EAT-base pre-trained checkpoint, 10 epochs (EAT-base_epoch10_pt.pt; github.com/cwx-worst-one/EAT, "
+             "README 'Pre-trained (10 epochs)')",
+    "eat30": "the EAT-base pre-trained checkpoint, 30 epochs (EAT-base_epoch30_pt.pt; github.com/cwx-worst-one/EAT, "
+             "README 'EAT-base (Epoch 30, Pre-trained)', Google Drive link)",
+    "sslam": "the SSLAM pre-trained checkpoint (github.com/ta012/SSLAM, README 'Pre-Trained', Google Drive link)",
 }
 
 __all__ = [

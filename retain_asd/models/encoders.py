@@ -21,7 +21,7 @@ from torch import nn
 FAMILIES = ("beats", "eat")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or of the wrong encoder family; names the file."""
 
 
@@ -101,7 +101,10 @@ def load_encoder(path: str | os.PathLike, family: str | None = None,
         if isinstance(map_location, str | torch.device):
             model.to(map_location)
         return model
-    return beats.load_beats(path, map_location)
+    try:
+        return beats.load_beats(path, map_location)
+    except beats.BEATsCheckpointError as err:
+        raise CheckpointError(str(err)) from err
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
