@@ -25,7 +25,7 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or of the wrong encoder family; names the file."""
 
 
-def _numpy_safe_globals() -> list:
+def numpy_safe_globals() -> list:
     """numpy scalars / dtypes that fairseq writes into `extra_state` (meters): plain data, no code."""
     core = getattr(np, "_core", None) or np.core
     out: list = [np.dtype, (core.multiarray.scalar, "numpy.core.multiarray.scalar"),
@@ -43,7 +43,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file; pass the path of {what}")
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
+        with torch.serialization.safe_globals(numpy_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
         first = str(err).splitlines()[0] if str(err) else ""
@@ -125,4 +125,4 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 __all__ = ["FAMILIES", "CheckpointError", "atomic_save", "checkpoint_family", "detect_family", "load_encoder",
-           "read_checkpoint"]
+           "numpy_safe_globals", "read_checkpoint"]
