@@ -293,3 +293,25 @@ def test_parity_with_official_code():
     for key in ("10s_target_1024", "3s_target_1024", "3s_target_None"):
         assert report[key]["max"] <= 1e-4, (key, report[key])
         assert report[key]["fbank_max_abs"] <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def test_presets_are_the_frozen_table2_rows_and_name_their_checkpoint(tmp_path):
+    from retain_asd.config import ConfigError, load_config
+    from retain_asd.eval.run import resolve_checkpoint
+    from retain_asd.models.eat import RELEASED
+    from retain_asd.train.launch import resolve_init_checkpoint
+
+    for name, wanted in (("eat10", "epoch10"), ("eat30", "epoch30"), ("sslam", "SSLAM")):
+        cfg = load_config(name)
+        assert (cfg.model.family, cfg.objective.name, cfg.eval.layer) == ("eat", "frozen", 12)
+        assert wanted in RELEASED[name]
+        with pytest.raises(FileNotFoundError, match=wanted):  # 'frozen' without model.checkpoint
+            resolve_checkpoint("frozen", cfg, tmp_path)
+        with pytest.raises(ValueError, match="BEATs-only"):
+            resolve_init_checkpoint(cfg, tmp_path)
+    assert load_config().model.family == "beats"
+    with pytest.raises(ConfigError, match="model.family"):
+        load_config(overrides=["model.family=wav2vec"])
