@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="action", required=True)
     b = sub.add_parser("bank", help="embed a folder of normal clips and save the reference bank")
-    b.add_argument("--checkpoint", required=True, help="BEATs checkpoint .pt")
+    b.add_argument("--checkpoint", required=True, help="encoder checkpoint .pt (BEATs, or EAT / SSLAM)")
     b.add_argument("--normal", required=True, help="folder of normal clips of one machine")
     b.add_argument("--out", required=True, help="bank file to write (.pt)")
     b.add_argument("--layer", type=int, default=EvalConfig.layer,

@@ -56,6 +56,7 @@ class MixingConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    family: str = "beats"  # encoder family: "beats" | "eat" (EAT / SSLAM); must match the checkpoint's
     size: str = "base"  # "base" (BEATs iter3 sizes) or "tiny" (tests, smoke runs)
     checkpoint: str = ""  # official BEATs .pt (BEATs_iter3.pt ...); "" = random init (only for smoke runs)
     layerdrop: bool = False  # iter3 trains with layerdrop 0.05; off for the student: alignment needs every layer
@@ -166,6 +167,7 @@ _CHOICES = {
     "data.audio_dtype": ("float32", "int16"),
     "mixing.snr_sampler": SNR_SAMPLERS,
     "model.size": ("base", "tiny"),
+    "model.family": ("beats", "eat"),
     "objective.name": OBJECTIVES,
     "objective.lam_mode": LAM_MODES,
     "objective.teacher_inputs": TEACHER_INPUTS,

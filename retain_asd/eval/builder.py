@@ -22,10 +22,16 @@ def resolve_checkpoint(spec: str, cfg, out_dir: Path) -> tuple[str, str, bool]:
     from retain_asd.models.beats import beats_base, beats_tiny, write_random_checkpoint
 
     if spec == "frozen":
+        if cfg.model.family == "eat" and not cfg.model.checkpoint:
+            from retain_asd.models.eat import RELEASED
+
+            wanted = RELEASED.get(cfg.name, "an EAT or SSLAM pre-trained checkpoint (fairseq .pt)")
+            raise FileNotFoundError(f"model.checkpoint is empty: 'frozen' under model.family=eat needs {wanted}; "
+                                    "download it and pass model.checkpoint=PATH")
         if cfg.model.checkpoint:
             if not Path(cfg.model.checkpoint).is_file():
                 raise FileNotFoundError(f"model.checkpoint = {cfg.model.checkpoint!r}: file not found; 'frozen' "
-                                        "evaluates that checkpoint: pass an official BEATs .pt")
+                                        f"evaluates that checkpoint: pass an official {cfg.model.family} .pt")
             return "frozen", cfg.model.checkpoint, True
         warnings.warn("model.checkpoint is empty: 'frozen' is a RANDOM encoder (fine for smoke runs only)",
                       stacklevel=2)
@@ -54,7 +60,7 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
     from retain_asd.config import to_dict
     from retain_asd.eval.dcase_mode import evaluate_dcase
     from retain_asd.eval.evalsets import evalsets_from_config
-    from retain_asd.models.beats import load_beats
+    from retain_asd.models.encoders import load_encoder
     from retain_asd.tracking import log_artifacts, log_metrics, mlflow_run, resolve_tracking_uri
 
     out_dir = Path(out_dir)
@@ -68,7 +74,7 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
     for name, path, frozen in resolved:
         seen[name] = seen.get(name, 0) + 1
         name = name if seen[name] == 1 else f"{name}_{seen[name]}"
-        num_layers = load_beats(path).num_layers
+        num_layers = load_encoder(path, cfg.model.family).num_layers  # a family mismatch fails here
         primary = e.ssl_layer if frozen else e.layer  # SSL baselines (Table 2): layer 12
         if primary > num_layers:
             warnings.warn(f"{name}: layer {primary} > the encoder's {num_layers} blocks; using {num_layers}",

@@ -1,4 +1,4 @@
-"""Layer embeddings of BEATs for kNN scoring: pooling, batch inference (in process or Ray Data), cache.
+"""Layer embeddings of BEATs / EAT for kNN scoring: pooling, batch inference (in process or Ray Data), cache.
 
 Pooling of a block output (B, N = T*F, D), tokens time-major (index t*F + f), as GenRep
 (`run_genrep_dcase2023.py`: reshape (B, 62, 8, D)):
@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from retain_asd.models.beats import BEATs, load_beats
+from retain_asd.models.encoders import load_encoder
 
 POOLINGS = ("genrep", "mean", "spectral")
 
@@ -51,7 +52,7 @@ def pool(hidden: torch.Tensor, grid: tuple[int, int], pooling: str = "genrep") -
     return x.mean((1, 2))  # (B, D)
 
 
-def model_hash(model: BEATs) -> str:
+def model_hash(model: nn.Module) -> str:
     """sha1 of the cfg and every tensor of the state dict: the checkpoint *content* identity."""
     h = hashlib.sha1(json.dumps(model.cfg.to_dict(), sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
@@ -60,13 +61,14 @@ def model_hash(model: BEATs) -> str:
     return h.hexdigest()
 
 
-def as_model(model_or_path: BEATs | str | os.PathLike, device: str | torch.device = "cpu") -> BEATs:
-    model = model_or_path if isinstance(model_or_path, BEATs) else load_beats(model_or_path)
+def as_model(model_or_path: nn.Module | str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """A BEATs or EAT model (family detected from the checkpoint) on `device`, eval mode."""
+    model = model_or_path if isinstance(model_or_path, nn.Module) else load_encoder(model_or_path)
     return model.to(device).eval()
 
 
 @torch.no_grad()
-def embed(model: BEATs, waveforms, layers: int | Sequence[int], pooling: str = "genrep") -> dict[int, torch.Tensor]:
+def embed(model: nn.Module, waveforms, layers: int | Sequence[int], pooling: str = "genrep") -> dict[int, torch.Tensor]:
     """{layer: pooled (B, ...)} for every requested 1-based layer, from one forward of (B, S) waveforms."""
     layers = [layers] if isinstance(layers, int) else list(layers)
     x = torch.as_tensor(np.asarray(waveforms) if not isinstance(waveforms, torch.Tensor) else waveforms)
@@ -76,7 +78,7 @@ def embed(model: BEATs, waveforms, layers: int | Sequence[int], pooling: str = "
 
 
 @torch.no_grad()
-def embed_oracle(model: BEATs, clean, noise, layers: int | Sequence[int], lam: float = 0.5,
+def embed_oracle(model: nn.Module, clean, noise, layers: int | Sequence[int], lam: float = 0.5,
                  pooling: str = "genrep") -> dict[int, torch.Tensor]:
     """Oracle mixture embedding (paper Table 3): lam * h(clean) + (1 - lam) * h(noise) per token, then pool."""
     layers = [layers] if isinstance(layers, int) else list(layers)
@@ -148,7 +150,7 @@ class Embedder:
             raise ValueError(f"pooling {pooling!r}: expected one of {POOLINGS}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = as_model(model_or_path, device)
-        self.checkpoint_path = None if isinstance(model_or_path, BEATs) else str(model_or_path)
+        self.checkpoint_path = None if isinstance(model_or_path, nn.Module) else str(model_or_path)
         self.checkpoint_hash = model_hash(self.model)
         self.pooling = pooling
         self.batch_size = batch_size

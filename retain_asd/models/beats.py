@@ -720,8 +720,11 @@ def load_beats(path: str | os.PathLike, map_location: str | torch.device | None 
     if not path.is_file():
         raise BEATsCheckpointError(f"{path}: no such file; pass the path of a BEATs checkpoint "
                                    "such as BEATs_iter3.pt")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    from retain_asd.models.encoders import numpy_safe_globals
+
+    try:  # numpy scalars allowed: fairseq-written files (EAT) carry them; still no code objects
+        with torch.serialization.safe_globals(numpy_safe_globals()):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
         raise BEATsCheckpointError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: "
                                    f"{str(err).splitlines()[0] if str(err) else ''})") from err
@@ -729,6 +732,11 @@ def load_beats(path: str | os.PathLike, map_location: str | torch.device | None 
         found = sorted(map(str, ckpt)) if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise BEATsCheckpointError(f"{path}: not a BEATs checkpoint; expected a dict with 'cfg' and 'model', "
                                    f"found {found}")
+    from retain_asd.models.eat import is_eat_checkpoint
+
+    if is_eat_checkpoint(ckpt):
+        raise BEATsCheckpointError(f"{path}: this is an EAT / SSLAM checkpoint (fairseq data2vec_multi cfg), "
+                                   "not a BEATs one; load it with load_eat or set model.family=eat")
     try:
         cfg = BEATsConfig.from_dict(ckpt["cfg"])
     except (TypeError, ValueError) as err:

@@ -62,6 +62,9 @@ def resolve_init_checkpoint(cfg: Config, out_dir: Path) -> Path:
     `model.checkpoint` must exist; "" means a seeded random init written once to
     <out>/init_beats_<size>_seed<train.seed>.pt (so a resumed run re-makes the same teacher).
     """
+    if cfg.model.family != "beats":
+        raise ValueError(f"model.family = {cfg.model.family!r}: pre-training is BEATs-only; EAT / SSLAM are "
+                         "frozen baselines (use them with `retain-asd evaluate` / `score`)")
     if cfg.model.checkpoint:
         path = Path(cfg.model.checkpoint).expanduser().resolve()
         if not path.is_file():

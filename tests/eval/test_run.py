@@ -110,3 +110,29 @@ def test_dcase_mode_on_a_dcase2023_tree(work, tmp_path):
     assert "dcase/official_dn" in result.metrics()
     write_score_files(result, tmp_path / "scores")
     assert (tmp_path / "scores/dcase/raw/anomaly_score_fan_section_00_test.csv").is_file()
+
+
+def test_evaluate_cli_eat30_preset_on_a_random_official_layout_eat(work, tmp_path, capsys):
+    """Acceptance: `evaluate --preset eat30 --checkpoint <EAT .pt> --checkpoint frozen` on the smoke sets."""
+    from pipelines.evaluate import main
+    from retain_asd.models.eat import eat_tiny
+    from retain_asd.models.eat import write_random_checkpoint as write_random_eat
+
+    eat = write_random_eat(tmp_path / "eat_random.pt", eat_tiny(), seed=0)
+    overrides = [f"data.work_dir={work}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                 "eval.source_refs=8", "eval.target_refs=2", "eval.test_normal=2", "eval.test_anomaly=2",
+                 "eval.batch_size=8", "eval.snrs_db=[-5.0, 5.0]", "eval.conditions=[factory_a]"]
+    out = tmp_path / "out"
+    argv = ["--preset", "eat30", "--checkpoint", str(eat), "--checkpoint", "frozen", "--out", str(out)]
+    assert main([*argv, *overrides]) == 2  # 'frozen' needs the released checkpoint: named in the error
+    assert "EAT-base_epoch30_pt.pt" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="layer 12 > the encoder's 2 blocks"):
+        assert main([*argv, *overrides, f"model.checkpoint={eat}"]) == 0
+    for name in ("eat_random", "frozen"):
+        assert (out / name / "table2.md").is_file()
+    printed = capsys.readouterr().out
+    assert "eat_random: hmean_all=" in printed and "frozen: hmean_all=" in printed
+    beats = work / "ckpt.pt"  # a BEATs checkpoint under model.family=eat: an error naming both
+    assert main(["--preset", "eat30", "--checkpoint", str(beats), "--out", str(out), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert str(beats) in err and "a beats checkpoint, but model.family = 'eat'" in err
