@@ -133,7 +133,7 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class FoundationConfig:
-    """The stand-in foundation encoder (used when model.checkpoint is ""): a BEATs trained on clean generic
+    """The stand-in foundation encoder for runs without a BEATs checkpoint: a BEATs trained on clean generic
     synthetic sounds, never mixtures, as BEATs iter3 is to the paper (Sec. 2). See retain_asd/train/foundation.py."""
 
     encoder_layers: int = 4  # BEATs blocks (iter3: 12)
@@ -146,10 +146,10 @@ class FoundationConfig:
     objective: str = "masked_tagging"  # masked | tagging | masked_tagging (see foundation.py)
     mask_ratio: float = 0.75  # share of patch tokens masked (BEATs masks 75 %)
     clip_s: float = 2.0  # generic training clips (fresh ones every step)
-    steps: int = 400  # optimiser steps (about 3 minutes on 2 CPU cores)
-    batch_size: int = 32
+    steps: int = 200  # optimiser steps: ~1 min on 2 idle cores, 8 min measured on a shared, overloaded one
+    batch_size: int = 16  # fresh generic clips per step
     lr: float = 1e-3  # AdamW, linear warm-up then cosine
-    warmup_steps: int = 40
+    warmup_steps: int = 20
     weight_decay: float = 0.01
     seed: int = 0
 
