@@ -128,3 +128,17 @@ def test_config_section_defaults_and_errors():
         from_dict({"foundation": {"objective": "denoise"}})
     with pytest.raises(ConfigError, match="foundation.conv_pos_groups"):
         from_dict({"foundation": {"conv_pos_groups": 3}})
+
+
+def test_cli_trains_once_then_reuses(tmp_path, capsys):
+    from pipelines.foundation import main
+
+    overrides = [f"foundation.{k}={v}" for k, v in dataclasses.asdict(TINY).items()]
+    assert main(["--out", str(tmp_path), *overrides]) == 0
+    expected = foundation_path(TINY, tmp_path)
+    assert f"model.checkpoint={expected}" in capsys.readouterr().out
+    mtime = expected.stat().st_mtime_ns
+    assert main(["--out", str(tmp_path), *overrides]) == 0
+    assert expected.stat().st_mtime_ns == mtime
+    assert main(["--out", str(tmp_path), "foundation.objective=denoise"]) == 2
+    assert "foundation.objective = 'denoise'" in capsys.readouterr().err
