@@ -24,7 +24,7 @@ from retain_asd.train.foundation import (
 # 2 blocks x 32 wide, 0.5 s clips (3 x 8 tokens): a few steps take about a second.
 TINY = FoundationConfig(encoder_layers=2, encoder_embed_dim=32, encoder_ffn_embed_dim=64, encoder_attention_heads=2,
                         patch_embed_dim=16, conv_pos=4, conv_pos_groups=4, clip_s=0.5, steps=3, batch_size=4,
-                        warmup_steps=1, lr=2e-3)
+                        warmup_steps=1, lr=2e-3, objective="masked_tagging")  # both heads
 
 
 def _state(model) -> dict[str, torch.Tensor]:
@@ -101,6 +101,13 @@ def test_short_training_reduces_the_loss():
     assert last["masked"] < first["masked"] - 0.15
     assert last["tagging"] < first["tagging"] - 0.06
     assert last["loss"] < 0.92 * first["loss"]
+
+
+@pytest.mark.parametrize("objective", ["masked", "tagging"])
+def test_each_objective_trains_its_own_head(objective):
+    _, record = train_foundation(dataclasses.replace(TINY, objective=objective, steps=2))
+    assert sorted(record["curve"]) == sorted(["loss", objective])
+    assert record["curve"]["loss"] == record["curve"][objective]
 
 
 def test_seed_makes_training_deterministic():
