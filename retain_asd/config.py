@@ -146,7 +146,7 @@ class FoundationConfig:
     objective: str = "tagging"  # tagging | masked | masked_tagging: tagging gave the best GenRep kNN (foundation.py)
     mask_ratio: float = 0.75  # share of patch tokens masked (BEATs masks 75 %)
     clip_s: float = 2.0  # generic training clips (fresh ones every step)
-    steps: int = 200  # optimiser steps: ~1 min on 2 idle cores, 8 min measured on a shared, overloaded one
+    steps: int = 200  # optimiser steps: 2 min measured on 2 shared cores (4-8 min when heavily overloaded)
     batch_size: int = 16  # fresh generic clips per step
     lr: float = 1e-3  # AdamW, linear warm-up then cosine
     warmup_steps: int = 20

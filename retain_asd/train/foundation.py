@@ -12,8 +12,9 @@ Objective (`FoundationConfig.objective`), all on one forward (of the masked inpu
 * ``tagging``  (default) cross-entropy over the sound family from the mean of the last block, unmasked
                input. Measured (benchmarks/foundation_genrep.py, 200 steps x 16 clips, unseen machines fan /
                pump / gearbox, GenRep kNN official score, block 2 of 4, clean / 0 dB Factory A):
-               random init 0.768 / 0.705, tagging 0.939 / 0.788, masked_tagging 0.876 / 0.760, masked
-               0.828 / 0.722: at this budget the family labels teach spectral structure fastest;
+               seed 0: random init 0.768 / 0.705, tagging 0.939 / 0.788, masked_tagging 0.876 / 0.760,
+               masked 0.828 / 0.722; seed 1: random 0.846 / 0.806, tagging 0.912 / 0.850, masked_tagging
+               0.783 / 0.797. At this budget the family labels teach spectral structure fastest;
 * ``masked``   BEATs / Audio-MAE style masked-patch prediction: 75 % of the patch tokens are replaced by a
                learned mask embedding before the encoder, and a linear head on the last block predicts each
                masked token's 16 x 16 fbank patch (normalised per patch, MAE's `norm_pix_loss`); MSE on the
