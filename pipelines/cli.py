@@ -15,6 +15,7 @@ COMMANDS = {
     "config": ("pipelines.config_cmd", "show or list configs and presets"),
     "synth": ("pipelines.synth", "write the synthetic machine + noise corpus (the embedded default)"),
     "ingest": ("pipelines.ingest", "raw corpus folders -> Parquet shards, manifest, rejects, labels"),
+    "foundation": ("pipelines.foundation", "train (once) the stand-in foundation encoder on generic clean sounds"),
     "pretrain": ("pipelines.pretrain", "retain-not-denoise pre-training on Ray Train"),
     "evalsets": ("pipelines.evalsets", "build the Factory A / B / Mismatch evaluation sets"),
     "evaluate": ("pipelines.evaluate", "score checkpoints on the evaluation sets, log to MLflow"),

@@ -134,6 +134,29 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class FoundationConfig:
+    """The stand-in foundation encoder for runs without a BEATs checkpoint: a BEATs trained on clean generic
+    synthetic sounds, never mixtures, as BEATs iter3 is to the paper (Sec. 2). See retain_asd/train/foundation.py."""
+
+    encoder_layers: int = 4  # BEATs blocks (iter3: 12)
+    encoder_embed_dim: int = 128  # transformer width D (iter3: 768)
+    encoder_ffn_embed_dim: int = 256
+    encoder_attention_heads: int = 4
+    patch_embed_dim: int = 64  # patch-embedding width (BEATs cfg `embed_dim`; iter3: 512)
+    conv_pos: int = 16  # convolutional position-embedding kernel, in tokens (iter3: 128)
+    conv_pos_groups: int = 4
+    objective: str = "tagging"  # tagging | masked | masked_tagging: tagging gave the best GenRep kNN (foundation.py)
+    mask_ratio: float = 0.75  # share of patch tokens masked (BEATs masks 75 %)
+    clip_s: float = 2.0  # generic training clips (fresh ones every step)
+    steps: int = 200  # optimiser steps: 2 min measured on 2 shared cores (4-8 min when heavily overloaded)
+    batch_size: int = 16  # fresh generic clips per step
+    lr: float = 1e-3  # AdamW, linear warm-up then cosine
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "default"
     data: DataConfig = field(default_factory=DataConfig)
@@ -144,6 +167,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    foundation: FoundationConfig = field(default_factory=FoundationConfig)
 
     def __post_init__(self):
         validate(self)
@@ -173,6 +197,7 @@ _CHOICES = {
     "objective.teacher_inputs": TEACHER_INPUTS,
     "eval.pooling": ("genrep", "mean", "spectral"),
     "eval.metric": ("euclidean", "cosine"),
+    "foundation.objective": ("masked", "tagging", "masked_tagging"),
 }
 _CONDITIONS = ("factory_a", "factory_b", "mismatch")
 
@@ -229,6 +254,17 @@ def validate(cfg: Config) -> None:
     _check(all(lo <= hi for lo, hi in cfg.tune.snr_ranges_db), "tune.snr_ranges_db",
            "pairs (low, high) with low <= high", cfg.tune.snr_ranges_db)
     _check(cfg.tune.num_samples >= 1, "tune.num_samples", ">= 1", cfg.tune.num_samples)
+    fd = cfg.foundation
+    _check(fd.encoder_layers >= 1 and fd.steps >= 1 and fd.batch_size >= 1,
+           "foundation.encoder_layers/steps/batch_size", ">= 1", (fd.encoder_layers, fd.steps, fd.batch_size))
+    _check(fd.encoder_embed_dim % fd.encoder_attention_heads == 0, "foundation.encoder_embed_dim",
+           f"a multiple of foundation.encoder_attention_heads ({fd.encoder_attention_heads})", fd.encoder_embed_dim)
+    _check(fd.encoder_embed_dim % fd.conv_pos_groups == 0, "foundation.conv_pos_groups",
+           f"a divisor of foundation.encoder_embed_dim ({fd.encoder_embed_dim})", fd.conv_pos_groups)
+    _check(0.0 < fd.mask_ratio < 1.0, "foundation.mask_ratio", "in (0, 1)", fd.mask_ratio)
+    _check(fd.clip_s >= 0.5, "foundation.clip_s", ">= 0.5 (BEATs needs 16 fbank frames)", fd.clip_s)
+    _check(fd.lr > 0 and fd.weight_decay >= 0, "foundation.lr/weight_decay", "> 0 / >= 0", (fd.lr, fd.weight_decay))
+    _check(0 <= fd.warmup_steps < fd.steps, "foundation.warmup_steps", "in [0, foundation.steps)", fd.warmup_steps)
 
 
 # ---------------------------------------------------------------------------------------------------- dict / YAML
