@@ -13,6 +13,8 @@ import argparse
 import csv
 import sys
 
+from retain_asd import fsio
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="retain-asd score", description=__doc__,
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, score, decision in rows:
                 print(f"{name},{score:.6g},{decision}")
             if args.out:
-                with open(args.out, "w", newline="") as f:
+                with fsio.atomic_write(args.out, newline="") as f:
                     csv.writer(f, lineterminator="\n").writerows([("file", "score", "decision"), *rows])
     except (FileNotFoundError, ValueError) as err:
         print(f"retain-asd score: {err}", file=sys.stderr)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -297,13 +296,9 @@ def _merge(base: dict, over: dict) -> dict:
 
 def dump_yaml(cfg: Config, path: str | os.PathLike) -> Path:
     """Write the resolved config atomically (written next to every checkpoint and run)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
-    return path
+    from retain_asd import fsio
+
+    return fsio.write_text(path, to_yaml(cfg))
 
 
 def to_yaml(cfg: Config) -> str:

@@ -238,7 +238,7 @@ def resolve_checkpoint(spec: str, cfg, out_dir: Path) -> tuple[str, str, bool]:
         return "frozen", str(path), True
     path = Path(spec)
     if path.is_dir():
-        found = sorted(path.rglob("*.pt"))
+        found = [p for p in sorted(path.rglob("*.pt")) if not p.name.startswith(".")]
         if len(found) != 1:
             raise FileNotFoundError(f"{path}: expected exactly one BEATs .pt file inside, found {len(found)}; "
                                     "pass the file itself")

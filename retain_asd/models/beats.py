@@ -32,7 +32,6 @@ import dataclasses
 import functools
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +40,8 @@ import torch
 import torch.nn.functional as F
 import torchaudio.compliance.kaldi as kaldi
 from torch import Tensor, nn
+
+from retain_asd import fsio
 
 SAMPLE_RATE_HZ = 16000  # the official preprocessing hard-codes 16 kHz
 NUM_MEL_BINS = 128
@@ -753,17 +754,7 @@ def save_beats(model: BEATs, path: str | os.PathLike) -> Path:
     }
     if model.label_dict is not None:
         ckpt["label_dict"] = model.label_dict
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return fsio.save_torch(ckpt, path)
 
 
 def write_random_checkpoint(path: str | os.PathLike, cfg: BEATsConfig, seed: int = 0) -> Path:
