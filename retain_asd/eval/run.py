@@ -248,6 +248,27 @@ def resolve_checkpoint(spec: str, cfg, out_dir: Path) -> tuple[str, str, bool]:
     return path.stem, str(path), False
 
 
+def check_checkpoints(resolved: Sequence[tuple[str, str, bool]], layer: int,
+                      layers: Sequence[int] | None = None) -> dict[str, int]:
+    """Open every checkpoint before any is used: {path: number of encoder layers}.
+
+    A torn or foreign file raises BEATsCheckpointError naming it; ``eval.layer`` (students) and every extra
+    ``layers`` entry must exist in each encoder (ConfigError naming the checkpoint and its depth).
+    """
+    from retain_asd.config import check_layer
+    from retain_asd.models.beats import load_beats
+
+    depths = {}
+    for _, path, frozen in resolved:
+        if path not in depths:
+            depths[path] = load_beats(path).num_layers
+        if not frozen:  # the frozen baseline uses layer 12, clamped to a smaller encoder's depth
+            check_layer(layer, depths[path], "eval.layer", path)
+        for extra in layers or ():
+            check_layer(extra, depths[path], "--layers", path)
+    return depths
+
+
 def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.PathLike,
                          layers: Sequence[int] | None = None, use_ray: bool = False,
                          dcase_root: str | os.PathLike | None = None,
@@ -259,13 +280,13 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
     from retain_asd.config import load_config, to_dict
     from retain_asd.eval.dcase_mode import evaluate_dcase  # lazy: dcase_mode imports this module
     from retain_asd.eval.evalsets import evalsets_from_config
-    from retain_asd.models.beats import load_beats
     from retain_asd.tracking import log_metrics, mlflow_run, resolve_tracking_uri
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     e = cfg.eval
     resolved = [resolve_checkpoint(spec, cfg, out_dir) for spec in checkpoints]  # a bad path fails first
+    depths = check_checkpoints(resolved, e.layer, layers)  # then a torn / foreign file, or a missing layer
     sets = None if dcase_root else evalsets_from_config(cfg)
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
     cache_dir = Path(cfg.data.work_dir) / "embeddings"
@@ -273,7 +294,7 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
     for name, path, frozen in resolved:
         seen[name] = seen.get(name, 0) + 1
         name = name if seen[name] == 1 else f"{name}_{seen[name]}"
-        num_layers = load_beats(path).num_layers
+        num_layers = depths[path]
         primary = load_config("frozen").eval.layer if frozen else e.layer  # SSL baselines: layer 12
         if primary > num_layers:
             warnings.warn(f"{name}: layer {primary} > the encoder's {num_layers} blocks; using {num_layers}",
