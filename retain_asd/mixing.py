@@ -47,8 +47,12 @@ def power(x: np.ndarray) -> float:
 
 
 def snr_to_ratio(snr_db: float) -> float:
-    """R = 10^(snr_db / 10), the power ratio of Eq. 3."""
-    return float(10.0 ** (snr_db / 10.0))
+    """R = 10^(snr_db / 10), the power ratio of Eq. 3 (MixingError when it over- or underflows float64)."""
+    with np.errstate(over="ignore", under="ignore"):
+        ratio = float(np.power(10.0, float(snr_db) / 10.0))
+    if not (np.isfinite(ratio) and ratio > 0.0):
+        raise MixingError(f"snr_db={snr_db}: 10^(snr_db/10) is not a finite positive power ratio")
+    return ratio
 
 
 def _out_dtype(*arrays: np.ndarray) -> np.dtype:
@@ -86,11 +90,13 @@ def _check_snr(snr_db: float) -> float:
 
 def _scale(clean: np.ndarray, noise: np.ndarray, a1: float, a2: float, snr_db: float) -> Mixture:
     dtype = _out_dtype(clean, noise)
-    clean_part = (a1 * clean.astype(np.float64)).astype(dtype)
-    noise_part = (a2 * noise.astype(np.float64)).astype(dtype)
-    if not (np.isfinite(clean_part).all() and np.isfinite(noise_part).all()):
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, as a MixingError
+        clean_part = (a1 * clean.astype(np.float64)).astype(dtype)
+        noise_part = (a2 * noise.astype(np.float64)).astype(dtype)
+        mixture = clean_part + noise_part
+    if not (np.isfinite(a1) and np.isfinite(a2) and np.isfinite(mixture).all()):
         raise MixingError(f"gains a1={a1:g}, a2={a2:g} overflow {dtype}; the inputs are not audio-scaled")
-    return Mixture(clean_part + noise_part, clean_part, noise_part, float(a1), float(a2), snr_db)
+    return Mixture(mixture, clean_part, noise_part, float(a1), float(a2), snr_db)
 
 
 def mix_at_snr(clean: np.ndarray, noise: np.ndarray, snr_db: float) -> Mixture:
@@ -117,20 +123,32 @@ def mix_batch_at_snr(clean: np.ndarray, noise: np.ndarray, snr_db: np.ndarray) -
     noise = np.asarray(noise, dtype=np.float32)
     if clean.shape != noise.shape or clean.ndim != 2:
         raise MixingError(f"mix_batch_at_snr: clean {clean.shape}, noise {noise.shape}: need equal (B, S)")
+    if clean.shape[1] == 0:
+        raise MixingError("mix_batch_at_snr: empty rows (0 samples)")
     # float32 BLAS dot per row: 20x faster than a float64 reduction, relative error ~5e-7 (2e-6 dB)
-    p_clean = np.asarray([float(x @ x) for x in clean]) / clean.shape[1]  # (B,) float64
-    p_noise = np.asarray([float(x @ x) for x in noise]) / noise.shape[1]
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing row is reported just below
+        p_clean = np.asarray([float(x @ x) for x in clean]) / clean.shape[1]  # (B,) float64
+        p_noise = np.asarray([float(x @ x) for x in noise]) / noise.shape[1]
     for name, p in (("clean", p_clean), ("noise", p_noise)):
         bad = ~(np.isfinite(p) & (p > 0))
         if bad.any():
             raise MixingError(f"{name} row(s) {np.flatnonzero(bad)[:5].tolist()}: silent or "
                                      "non-finite; an SNR is undefined, drop these clips")
-    ratio = 10.0 ** (np.asarray(snr_db, dtype=np.float64) / 10.0)
-    a1 = np.sqrt(ratio / p_clean).astype(np.float32)[:, None]  # (B, 1)
-    a2 = (1.0 / np.sqrt(p_noise)).astype(np.float32)[:, None]
-    clean_part = clean * a1  # (B, S)
-    noise_part = noise * a2
-    return clean_part + noise_part, clean_part, noise_part
+    snr_db = np.asarray(snr_db, dtype=np.float64)
+    if snr_db.shape not in ((), (len(clean),)):
+        raise MixingError(f"mix_batch_at_snr: snr_db {snr_db.shape}: need one SNR per row ({len(clean)},)")
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # reported below as MixingError
+        ratio = 10.0 ** (snr_db / 10.0)
+        a1 = np.sqrt(ratio / p_clean).astype(np.float32)[:, None]  # (B, 1)
+        a2 = (1.0 / np.sqrt(p_noise)).astype(np.float32)[:, None]
+        clean_part = clean * a1  # (B, S)
+        noise_part = noise * a2
+        mixture = clean_part + noise_part
+    bad = ~(np.isfinite(a1[:, 0]) & (a1[:, 0] > 0) & np.isfinite(a2[:, 0]) & np.isfinite(mixture).all(axis=1))
+    if bad.any():
+        raise MixingError(f"row(s) {np.flatnonzero(bad)[:5].tolist()}: the SNR or the gains are not finite "
+                          "(snr_db must be finite, the inputs audio-scaled)")
+    return mixture, clean_part, noise_part
 
 
 
