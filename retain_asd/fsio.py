@@ -185,9 +185,9 @@ def commit_folder(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
 def append_line(path: str | os.PathLike, line: str) -> None:
     """Append one line with a single ``write`` on an O_APPEND descriptor, then fsync.
 
-    A kill can still cut the last line short; ``read_jsonl`` drops such a torn *last* line (the step is
-    reported again after a resume) and this function first completes it with a newline, so one torn line
-    never glues onto the next.
+    A kill can still cut the last line short; ``read_jsonl`` drops such a torn *last* line, and this function
+    first cuts it off (the step it held is reported again after the resume), so a torn line never stays in
+    the middle of the file. One writer per file (the Ray Train controller for metrics.jsonl).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,9 +197,11 @@ def append_line(path: str | os.PathLike, line: str) -> None:
         size = os.fstat(fd).st_size
         if size:
             with open(path, "rb") as f:
-                f.seek(size - 1)
-                if f.read(1) != b"\n":
-                    data = b"\n" + data
+                f.seek(max(0, size - 65536))
+                tail = f.read()
+            if not tail.endswith(b"\n"):  # a torn last line: keep everything up to its start
+                cut = tail.rfind(b"\n")
+                os.ftruncate(fd, size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= 65536 else size))
         os.write(fd, data)
         os.fsync(fd)
     finally:
