@@ -35,6 +35,8 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = ["--debug"] if "--debug" in argv else []  # accepted before or after the command
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     apply_env_defaults()
     module = importlib.import_module(COMMANDS[name][0])
-    return run_main(module.main, rest, prog=f"retain-asd {name}")
+    return run_main(module.main, [*rest, *debug], prog=f"retain-asd {name}")
 
 
 if __name__ == "__main__":

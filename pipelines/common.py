@@ -45,9 +45,13 @@ def user_error(err: BaseException) -> BaseException | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
+        inner = getattr(e, "cause", None)  # RayTaskError: the worker's own exception, without the remote traceback
+        if isinstance(inner, BaseException):
+            todo.insert(0, inner)
+            continue
         if isinstance(e, ValueError | OSError | BEATsCheckpointError):
             return e
-        todo += [getattr(e, "cause", None), e.__cause__]  # RayTaskError.cause, `raise ... from`
+        todo.append(e.__cause__)  # `raise ... from err`
         todo += list((getattr(e, "worker_failures", None) or {}).values())  # Ray Train worker-group errors
     return None
 
@@ -71,10 +75,6 @@ def run_main(main, argv: Sequence[str] | None = None, prog: str = "retain-asd") 
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         code = 130
-    except SystemExit as err:  # argparse: usage errors and --help
-        code = err.code if isinstance(err.code, int) else (0 if err.code is None else 2)
-        if err.code is not None and not isinstance(err.code, int):
-            print(err.code, file=sys.stderr)
     except Exception as err:
         found = user_error(err)
         if debug or found is None:

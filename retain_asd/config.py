@@ -169,6 +169,7 @@ def _check(ok: bool, name: str, must: str, value: Any) -> None:
 
 def validate(cfg: Config) -> None:
     """Range and choice checks that a type alone cannot express; raises ConfigError naming the field."""
+    validate_finite(cfg)  # first: a NaN would otherwise surface as a confusing range error
     for name, allowed in _CHOICES.items():
         section, key = name.split(".")
         value = getattr(getattr(cfg, section), key)
@@ -235,10 +236,13 @@ def _numbers(value: Any, name: str) -> typing.Iterator[tuple[str, float]]:
         yield name, value
 
 
-def validate_numbers(cfg: Config) -> None:
-    """Every number finite; counts, sizes and weights in range; sweep values too. Raises ConfigError."""
+def validate_finite(cfg: Config) -> None:
     for name, value in _numbers(cfg, ""):
         _check(math.isfinite(value), name, "a finite number", value)
+
+
+def validate_numbers(cfg: Config) -> None:
+    """Counts, sizes and weights in range; sweep values too (finiteness: validate_finite). Raises ConfigError."""
     t, o, e, tu = cfg.train, cfg.objective, cfg.eval, cfg.tune
     _check(t.num_workers >= 1, "train.num_workers", ">= 1", t.num_workers)
     _check(t.max_failures >= 0, "train.max_failures", ">= 0 (worker-group restarts)", t.max_failures)
