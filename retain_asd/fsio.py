@@ -67,8 +67,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
-    """Delete temp files/folders in ``folder`` whose writer is gone; returns what was removed.
+def remove_stale_temps(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Delete temp files/folders in ``folder`` (and below it, with ``recursive``) whose writer is gone;
+    returns what was removed.
 
     A name with a pid is stale when no process with that pid runs on this host; a name of an older version
     (no pid) when it is older than an hour. A live writer's temp file is left alone.
@@ -76,6 +77,12 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
+    if recursive:
+        removed = []
+        for root, dirs, _ in os.walk(folder):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]  # never inside a temp folder
+            removed += remove_stale_temps(root)
+        return removed
     removed = []
     now = time.time()
     for entry in folder.iterdir():

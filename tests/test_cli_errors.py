@@ -171,3 +171,15 @@ def test_a_user_error_raised_in_a_ray_worker_is_one_line(ray_local, capsys):
     err = capsys.readouterr().err
     assert err.startswith("retain-asd x: error: train.lr = inf: must be a finite number\n")
     assert "Traceback" not in err and ray_local.is_initialized()  # the caller's Ray is left running
+
+
+@pytest.mark.reliability("evaluate-bad-checkpoint")
+def test_pretrain_opens_model_checkpoint_before_ray_starts(tmp_path, capsys):
+    from pipelines.cli import main
+
+    _, truncated = _tiny_checkpoints(tmp_path)
+    out = tmp_path / "run"
+    code = main(["pretrain", "--preset", "smoke", "--out", str(out), f"model.checkpoint={truncated}"])
+    assert code == 2
+    assert f"{truncated}: not a readable torch checkpoint" in capsys.readouterr().err
+    assert not out.exists()

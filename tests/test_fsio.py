@@ -227,3 +227,14 @@ def test_torn_bank_names_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(CorruptFileError, match=r"bank\.pt: cannot be read .*score bank"):
         MemoryBank.load(path)
+
+
+@pytest.mark.reliability("atomic-writes")
+def test_recursive_clean_up_reaches_nested_score_folders(tmp_path):
+    nested = tmp_path / "run" / "scores" / "factory_a" / "snr_0" / "raw"
+    nested.mkdir(parents=True)
+    stale = nested / f".anomaly_score_fan_section_00_test.csv.tmp-{dead_pid()}-a1b2c3"
+    stale.write_text("a.wav,0.")
+    kept = fsio.write_text(nested / "anomaly_score_fan_section_01_test.csv", "a.wav,0.5\n")
+    assert fsio.remove_stale_temps(tmp_path, recursive=True) == [stale]
+    assert sorted(nested.iterdir()) == [kept]

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retain_asd import fsio
 from retain_asd.eval import dcase_files, knn, metrics
 from retain_asd.eval.embed import Embedder
 from retain_asd.eval.evalsets import EvalSets, MixtureSource, row_key
@@ -284,6 +285,7 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    fsio.remove_stale_temps(out_dir, recursive=True)  # temp files of an evaluate that was killed
     e = cfg.eval
     resolved = [resolve_checkpoint(spec, cfg, out_dir) for spec in checkpoints]  # a bad path fails first
     depths = check_checkpoints(resolved, e.layer, layers)  # then a torn / foreign file, or a missing layer
