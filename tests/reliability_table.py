@@ -118,6 +118,7 @@ def markdown(results: dict[str, list[tuple[str, str]]], when: str) -> str:
             bad = sum(o != "passed" for _, o in tests)
             status = f"**{bad} of {len(tests)} not passing**"
         cell = "<br>".join(f"`{t}`" + ("" if o == "passed" else f" ({o})") for t, o in sorted(tests)) or "–"
+        cell = cell.replace("|", "\\|")  # a parametrised test id must not split the table row
         lines.append(f"| {case} | {outcome} | {status} | {cell} |")
     return "\n".join(lines) + "\n"
 
