@@ -49,9 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args, "retain-asd pretrain")
     if cfg is None:
         return 2
+    from retain_asd.models.beats import BEATsCheckpointError
     from retain_asd.train.launch import pretrain
 
-    check_init_checkpoint(cfg)  # a torn or foreign model.checkpoint fails before Ray starts
+    try:
+        check_init_checkpoint(cfg)  # a missing, torn or foreign model.checkpoint fails before Ray starts
+    except (ConfigError, BEATsCheckpointError) as err:
+        print(f"retain-asd pretrain: model.checkpoint: {err}", file=sys.stderr)
+        return 2
     init_ray(args.address)
     try:
         result = pretrain(cfg, args.out, stop_at_step=args.stop_at_step, track=not args.no_mlflow)
