@@ -216,11 +216,11 @@ def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
             "sources": sorted(({"path": m["path"], "sha1": m["sha1"], "repairs": m["repairs"]}
                                for m in written), key=lambda s: s["path"]),
         }
-        with open(tmp / REJECTS, "w", newline="") as f:
+        with fsio.atomic_write(tmp / REJECTS, newline="") as f:  # fsync'ed before the folder is renamed
             w = csv.writer(f)
             w.writerow(["path", "reason"])
             w.writerows(sorted(rejects))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        fsio.write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
         fsio.commit_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -285,7 +285,7 @@ def build_evalsets(corpus_root: str | os.PathLike, out_dir: str | os.PathLike, p
                 per_machine[r["machine"]][key] += 1
         manifest = {**identity, "corpus_root": str(corpus_root), "counts": counts, "per_machine": per_machine,
                     "warnings": warnings, "recipes_sha1": _file_sha1(tmp / RECIPES), "rows": len(rows)}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        fsio.write_text(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
         fsio.commit_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
