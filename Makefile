@@ -11,7 +11,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo test bench lint clean reliability-doc
 
 venv: $(STAMP)
 
@@ -33,6 +33,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/knn.py
 	$(BIN)/python benchmarks/stream.py
 	$(BIN)/python benchmarks/train_step.py
+
+reliability-doc: $(STAMP)
+	$(BIN)/python tests/reliability_table.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check retain_asd pipelines tune tests benchmarks

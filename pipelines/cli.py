@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+from pipelines.common import run_main
 from retain_asd.runtime import apply_env_defaults
 
 COMMANDS = {
@@ -27,14 +28,16 @@ COMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: retain-asd COMMAND [options]   (retain-asd COMMAND --help for its options)", "",
-             "commands:"]
+    lines = ["usage: retain-asd COMMAND [options] [--debug]   (retain-asd COMMAND --help for its options)", "",
+             "--debug: show the traceback of an error (user errors are one line otherwise)", "", "commands:"]
     lines += [f"  {name:<12} {doc}" for name, (_, doc) in COMMANDS.items()]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = ["--debug"] if "--debug" in argv else []  # accepted before or after the command
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     apply_env_defaults()
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    return run_main(module.main, [*rest, *debug], prog=f"retain-asd {name}")
 
 
 if __name__ == "__main__":

@@ -23,3 +23,67 @@ def config_from_args(args: argparse.Namespace, prog: str, first: Sequence[str] =
     except ConfigError as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return None
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+DEBUG_HINT = "(run again with --debug for the traceback)"
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The user error inside ``err`` (itself, its cause, or one a Ray worker raised), else None.
+
+    User errors are wrong input and files (ValueError: ConfigError, CorruptFileError, AudioError, ...; OSError:
+    missing or unreadable paths; a bad BEATs checkpoint): one line is enough. Anything else is a bug and keeps
+    its traceback.
+    """
+    from retain_asd.models.beats import BEATsCheckpointError
+
+    seen: set[int] = set()
+    todo = [err]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        inner = getattr(e, "cause", None)  # RayTaskError: the worker's own exception, without the remote traceback
+        if isinstance(inner, BaseException):
+            todo.insert(0, inner)
+            continue
+        if isinstance(e, ValueError | OSError | BEATsCheckpointError):
+            return e
+        todo.append(e.__cause__)  # `raise ... from err`
+        todo += list((getattr(e, "worker_failures", None) or {}).values())  # Ray Train worker-group errors
+    return None
+
+
+def run_main(main, argv: Sequence[str] | None = None, prog: str = "retain-asd") -> int:
+    """Run an entry point's ``main(argv)``: a user error is one line on stderr and exit code 2 (``--debug``
+    anywhere in argv, or RETAIN_ASD_DEBUG=1, shows the traceback instead); the embedded Ray the command
+    started is stopped and its session folder cleaned."""
+    import os
+
+    from retain_asd.runtime import finish_local_ray
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("RETAIN_ASD_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    ray = sys.modules.get("ray")
+    ray_before = ray is not None and ray.is_initialized()  # a caller's Ray (tests, a notebook) is left alone
+    code = 1
+    try:
+        code = int(main(argv) or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        code = 130
+    except Exception as err:
+        found = user_error(err)
+        if debug or found is None:
+            raise
+        message = " ".join(str(found).split()) or type(found).__name__
+        print(f"{prog}: error: {message}\n{DEBUG_HINT}", file=sys.stderr)
+        code = 2
+    finally:
+        note = None if ray_before else finish_local_ray(ok=code == 0)
+        if note:
+            print(note, file=sys.stderr)
+    return code

@@ -43,4 +43,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipelines.common import run_main
+
+    sys.exit(run_main(main, prog="retain-asd evalsets"))

@@ -29,6 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_init_checkpoint(cfg) -> None:
+    """Open model.checkpoint (when given) and check the layers the config names exist in it."""
+    if not cfg.model.checkpoint:
+        return
+    from retain_asd.config import check_layer
+    from retain_asd.models.beats import load_beats
+
+    depth = load_beats(cfg.model.checkpoint).num_layers
+    check_layer(cfg.objective.align_layer, depth, "objective.align_layer", cfg.model.checkpoint)
+    check_layer(cfg.eval.layer, depth, "eval.layer", cfg.model.checkpoint)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -37,8 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args, "retain-asd pretrain")
     if cfg is None:
         return 2
+    from retain_asd.models.beats import BEATsCheckpointError
     from retain_asd.train.launch import pretrain
 
+    try:
+        check_init_checkpoint(cfg)  # a missing, torn or foreign model.checkpoint fails before Ray starts
+    except (ConfigError, BEATsCheckpointError) as err:
+        print(f"retain-asd pretrain: model.checkpoint: {err}", file=sys.stderr)
+        return 2
     init_ray(args.address)
     try:
         result = pretrain(cfg, args.out, stop_at_step=args.stop_at_step, track=not args.no_mlflow)
@@ -59,4 +77,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipelines.common import run_main
+
+    sys.exit(run_main(main, prog="retain-asd pretrain"))

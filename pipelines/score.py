@@ -13,6 +13,7 @@ import argparse
 import csv
 import sys
 
+from retain_asd import fsio
 from retain_asd.config import EvalConfig
 
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, score, decision in rows:
                 print(f"{name},{score:.6g},{decision}")
             if args.out:
-                with open(args.out, "w", newline="") as f:
+                with fsio.atomic_write(args.out, newline="") as f:
                     csv.writer(f, lineterminator="\n").writerows([("file", "score", "decision"), *rows])
     except (FileNotFoundError, ValueError) as err:
         print(f"retain-asd score: {err}", file=sys.stderr)
@@ -68,4 +69,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipelines.common import run_main
+
+    sys.exit(run_main(main, prog="retain-asd score"))

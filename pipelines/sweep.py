@@ -24,17 +24,17 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args, "retain-asd sweep")
     if cfg is None:
         return 2
-    from tune.sweep import run_sweep
+    from tune.space import check_trials
+    from tune.sweep import run_sweep, summarize_sweep
 
+    check_trials(cfg)  # a bad sweep value fails here, before Ray starts
     init_ray(args.address)
-    grid = run_sweep(cfg, args.out)
-    frame = grid.get_dataframe()
-    shown = [c for c in frame.columns if c.startswith(("config/", "hmean"))]
-    print(frame[shown].sort_values(cfg.tune.metric, ascending=False).to_string(index=False))
-    best = grid.get_best_result()
-    print(f"best {cfg.tune.metric} = {best.metrics[cfg.tune.metric]:.4f} with {best.config}")
-    return 0
+    text, code = summarize_sweep(run_sweep(cfg, args.out), cfg.tune.metric)
+    print(text)
+    return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipelines.common import run_main
+
+    sys.exit(run_main(main, prog="retain-asd sweep"))

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import soundfile as sf
+
+from retain_asd import fsio
 
 SAMPLE_RATE_HZ = 16000
 CLIP_S = 10.0
@@ -285,18 +286,9 @@ def write_audio(
         raise ValueError(f"{path}: refusing to write NaN/Inf samples")
     if subtype.startswith("PCM") and x.size and float(np.max(np.abs(x))) > 1.0:
         raise ValueError(f"{path}: samples exceed [-1, 1] for subtype {subtype}; scale them or use 'FLOAT'")
-    folder, name = os.path.split(path)
-    stem, ext = os.path.splitext(name)
-    fd, tmp_path = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=folder or ".")
-    os.close(fd)
-    try:
-        # Pass the format explicitly: the temp suffix must not decide it.
-        file_format = ext.lstrip(".").upper()
-        if file_format not in sf.available_formats():
-            raise ValueError(f"{path}: unknown audio extension {ext!r}; use one of .wav, .flac, .ogg")
-        sf.write(tmp_path, x, sample_rate_hz, subtype=subtype, format=file_format)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    ext = os.path.splitext(path)[1]
+    file_format = ext.lstrip(".").upper()  # explicit: the temp file's name must not decide it
+    if file_format not in sf.available_formats():
+        raise ValueError(f"{path}: unknown audio extension {ext!r}; use one of .wav, .flac, .ogg")
+    with fsio.atomic_write(path, "wb") as f:
+        sf.write(f, x, sample_rate_hz, subtype=subtype, format=file_format)

@@ -11,8 +11,8 @@ Modules never read a ``Config``: builders (pipelines, train/launch.py) turn it i
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -209,6 +209,7 @@ def _check(ok: bool, name: str, must: str, value: Any) -> None:
 
 def validate(cfg: Config) -> None:
     """Range and choice checks that a type alone cannot express; raises ConfigError naming the field."""
+    validate_finite(cfg)  # first: a NaN would otherwise surface as a confusing range error
     for name, allowed in _CHOICES.items():
         section, key = name.split(".")
         value = getattr(getattr(cfg, section), key)
@@ -265,6 +266,56 @@ def validate(cfg: Config) -> None:
     _check(fd.clip_s >= 0.5, "foundation.clip_s", ">= 0.5 (BEATs needs 16 fbank frames)", fd.clip_s)
     _check(fd.lr > 0 and fd.weight_decay >= 0, "foundation.lr/weight_decay", "> 0 / >= 0", (fd.lr, fd.weight_decay))
     _check(0 <= fd.warmup_steps < fd.steps, "foundation.warmup_steps", "in [0, foundation.steps)", fd.warmup_steps)
+    validate_numbers(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------- numbers
+# Checked before any work starts (a multi-hour job must not fail in its workers on a typo): every number
+# finite, and the ranges a type cannot express. Sweep values are checked here too, and each trial's whole
+# config again when the sweep is planned (tune/space.py).
+SWEEP_METRICS = ("hmean_all", "hmean_low", "hmean_all_dn", "hmean_low_dn")
+
+
+def _numbers(value: Any, name: str) -> typing.Iterator[tuple[str, float]]:
+    """(field name, number) for every int/float in a config section, tuples included."""
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            yield from _numbers(getattr(value, f.name), f"{name}.{f.name}" if name else f.name)
+    elif isinstance(value, tuple):
+        for i, v in enumerate(value):
+            yield from _numbers(v, f"{name}[{i}]")
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        yield name, value
+
+
+def validate_finite(cfg: Config) -> None:
+    for name, value in _numbers(cfg, ""):
+        _check(math.isfinite(value), name, "a finite number", value)
+
+
+def validate_numbers(cfg: Config) -> None:
+    """Counts, sizes and weights in range; sweep values too (finiteness: validate_finite). Raises ConfigError."""
+    t, o, e, tu = cfg.train, cfg.objective, cfg.eval, cfg.tune
+    _check(t.num_workers >= 1, "train.num_workers", ">= 1", t.num_workers)
+    _check(t.max_failures >= 0, "train.max_failures", ">= 0 (worker-group restarts)", t.max_failures)
+    _check(e.batch_size > 0, "eval.batch_size", "> 0", e.batch_size)
+    _check(e.layer <= 48, "eval.layer", "a 1-based layer index (<= the encoder's depth)", e.layer)
+    _check(min(o.freq_mask_bins, o.time_mask_frames, o.num_masks) >= 0,
+           "objective.freq_mask_bins/time_mask_frames/num_masks", ">= 0",
+           (o.freq_mask_bins, o.time_mask_frames, o.num_masks))
+    _check(cfg.data.rows_per_shard > 0, "data.rows_per_shard", "> 0", cfg.data.rows_per_shard)
+    _check(len(tu.alphas) > 0 and all(a >= 0 for a in tu.alphas), "tune.alphas",
+           "a non-empty list of weights >= 0", tu.alphas)
+    _check(len(tu.betas) > 0 and all(b >= 0 for b in tu.betas), "tune.betas",
+           "a non-empty list of weights >= 0", tu.betas)
+    _check(len(tu.snr_ranges_db) > 0, "tune.snr_ranges_db", "non-empty", tu.snr_ranges_db)
+    _check(tu.max_concurrent >= 1, "tune.max_concurrent", ">= 1", tu.max_concurrent)
+    _check(tu.metric in SWEEP_METRICS, "tune.metric", f"one of {list(SWEEP_METRICS)}", tu.metric)
+
+
+def check_layer(layer: int, depth: int, name: str, source: str | os.PathLike) -> None:
+    """A 1-based layer must exist in an encoder of ``depth`` blocks (known once the checkpoint is open)."""
+    _check(1 <= layer <= depth, name, f"in 1..{depth}: {source} has {depth} encoder layers", layer)
 
 
 # ---------------------------------------------------------------------------------------------------- dict / YAML
@@ -349,13 +400,9 @@ def _merge(base: dict, over: dict) -> dict:
 
 def dump_yaml(cfg: Config, path: str | os.PathLike) -> Path:
     """Write the resolved config atomically (written next to every checkpoint and run)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
-    return path
+    from retain_asd import fsio
+
+    return fsio.write_text(path, to_yaml(cfg))
 
 
 def to_yaml(cfg: Config) -> str:
@@ -383,7 +430,13 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw)
+    if not key.strip() or any(not part for part in key.strip().split(".")):
+        raise ConfigError(f"override {text!r}: empty key; expected KEY=VALUE, e.g. train.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        first = " ".join(str(err).split())  # one line
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({first})") from None
     for part in reversed(key.strip().split(".")):
         value = {part: value}
     return value

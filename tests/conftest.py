@@ -48,3 +48,10 @@ def small_corpus(tmp_path_factory, ray_local) -> Path:
                                noise_clips_per_category=2, noise_clip_s=20.0)
     ingest(s.machine_root, s.noise_root, root / "corpus", settings=DecodeSettings(clip_s=2.0))
     return root
+
+
+def pytest_collection_modifyitems(items):
+    """A test marked ``reliability("case")`` records its case in the JUnit XML (scripts/reliability_table.py)."""
+    for item in items:
+        for marker in item.iter_markers("reliability"):
+            item.user_properties.append(("reliability_case", marker.args[0]))

@@ -30,3 +30,21 @@ def trial_config(base: Config, choices: dict[str, Any], name: str) -> Config:
     else:
         values["mixing"].update(snr_sampler="uniform", snr_low_db=low, snr_high_db=high)
     return from_dict(values)
+
+
+def check_trials(base: Config) -> int:
+    """Validate the config of every point of the search space before any trial starts (a bad sweep value
+    must fail in a second, not after hours of other trials). Returns the number of distinct points."""
+    from itertools import product
+
+    from retain_asd.config import ConfigError
+
+    t = base.tune
+    points = list(product(t.snr_ranges_db, t.alphas, t.betas))
+    for snr_range, alpha, beta in points:
+        choices = {"snr_range_db": list(snr_range), "alpha": alpha, "beta": beta}
+        try:
+            trial_config(base, choices, name=f"{base.name}-check")
+        except ConfigError as err:
+            raise ConfigError(f"sweep point {choices}: {err}") from None
+    return len(points)

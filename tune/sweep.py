@@ -14,7 +14,7 @@ from typing import Any
 
 from retain_asd.config import Config, from_dict, to_dict
 from retain_asd.tracking import ensure_experiment, resolve_tracking_uri
-from tune.space import search_space, trial_config
+from tune.space import check_trials, search_space, trial_config
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ def run_sweep(cfg: Config, out_dir: str | Path, *, trial_resources: dict | None 
     from retain_asd.corpus.ingest import corpus_from_config
     from retain_asd.eval.evalsets import evalsets_from_config
 
+    check_trials(cfg)  # every trial's config, before any work
     out_dir = Path(out_dir).resolve()
     corpus = corpus_from_config(cfg.data)  # once, on the driver: trials only read it
     evalsets_from_config(cfg)  # built once and cached; trials reuse them
@@ -77,3 +78,53 @@ def run_sweep(cfg: Config, out_dir: str | Path, *, trial_resources: dict | None 
                                                                   save_artifact=False)]),
     )
     return tuner.fit()
+
+
+# ---------------------------------------------------------------------------------------------------- summary
+def _trial_id(result) -> str:
+    tid = (result.metrics or {}).get("trial_id")
+    if tid:
+        return str(tid)
+    name = Path(str(result.path)).name if result.path else "?"  # run_trial_<id>_<n>_<choices>_<date>
+    parts = name.split("_")
+    return "_".join(parts[2:4]) if name.startswith("run_trial_") and len(parts) > 3 else name
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def summarize_sweep(grid, metric: str) -> tuple[str, int]:
+    """(text, exit code) of a finished sweep: every trial with its status, choices and figures; the best
+    trial by ``metric``; exit code 1 when any trial failed (and a clear line when all of them did)."""
+    rows, failed = [], []
+    for result in grid:
+        m = result.metrics or {}
+        if result.error is not None:
+            status = "ERROR"
+            failed.append((_trial_id(result), _last_line(result.error)))
+        else:
+            status = "OK" if metric in m else "NO RESULT"
+        choices = result.config or {}
+        figures = "  ".join(f"{k}={m[k]:.4f}" for k in REPORTED if isinstance(m.get(k), int | float))
+        rows.append((_trial_id(result), status, choices, figures))
+    lines = [f"{'trial':<14} {'status':<9} choices / figures"]
+    lines += [f"{tid:<14} {status:<9} {choices}  {figures}".rstrip() for tid, status, choices, figures in rows]
+    ranked = [r for r in grid if r.error is None and isinstance((r.metrics or {}).get(metric), int | float)]
+    if not rows:
+        lines.append("the sweep ran no trials")
+        return "\n".join(lines), 1
+    if ranked:
+        best = max(ranked, key=lambda r: r.metrics[metric])
+        lines.append(f"best {metric} = {best.metrics[metric]:.4f} with {best.config}")
+    if failed and len(failed) == len(rows):
+        lines.append(f"all {len(rows)} trials failed; nothing to rank. First error ({failed[0][0]}): {failed[0][1]}")
+    elif failed:
+        lines.append(f"{len(failed)} of {len(rows)} trials failed:")
+    if failed and len(failed) < len(rows):
+        lines += [f"  {tid}: {why}" for tid, why in failed]
+    elif not ranked and not failed:
+        lines.append(f"no trial reported {metric}")
+    code = 1 if failed or not ranked else 0
+    return "\n".join(lines), code

@@ -36,6 +36,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from retain_asd import fsio
 from retain_asd.corpus.names import (
     LayoutError,
     ParsedName,
@@ -165,7 +166,7 @@ def read_truth_sections(ground_truth_dir: str | Path) -> list[TruthSection]:
             "ground_truth_<machine>_section_<NN>[_source|_target]_test.csv' (and ground_truth_domain/ for 2022+)")
     # (machine, section) -> stem -> (row, the file that listed it)
     sections: dict[tuple[str, str], dict[str, tuple[TruthRow, Path]]] = {}
-    for path in sorted(data_dir.glob("*.csv")):
+    for path in fsio.visible(data_dir.glob("*.csv")):  # not the temp files of a writer
         match = _GT_FILE.match(path.stem)
         if match is None:
             raise LayoutError(f"{path}: not a ground-truth file name; expected {_GT_FILE_EXPECTED}")

@@ -7,9 +7,6 @@ The paper tags each training mixture with its machine-attribute class and its no
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retain_asd import fsio
 from retain_asd.corpus.layouts import ClipRecord, close_matches
 
 SCHEMA_VERSION = 1
@@ -134,22 +132,14 @@ class LabelVocab:
 
     def to_json(self, path: str | Path) -> None:
         """Write atomically (temporary file in the same folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, indent=2)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        fsio.write_json(path, self.to_dict(), indent=2)
 
     @classmethod
     def from_json(cls, path: str | Path) -> LabelVocab:
         path = Path(path)
-        data = json.loads(path.read_text(encoding="utf-8"))
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no label vocabulary; run `retain-asd ingest` first")
+        data = fsio.read_json(path, fix="re-run `retain-asd ingest --force` to rebuild it")
         version = data.get("schema_version") if isinstance(data, dict) else None
         if version != SCHEMA_VERSION:
             raise ValueError(f"{path}: label vocabulary schema_version {version!r}, expected "

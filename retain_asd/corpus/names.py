@@ -51,8 +51,9 @@ _DCASE_EXPECTED = (
 
 
 def is_audio_file(path: str | Path) -> bool:
-    """True for ``.wav`` / ``.flac`` in any case."""
-    return Path(path).suffix.lower() in AUDIO_EXTENSIONS
+    """True for ``.wav`` / ``.flac`` in any case; hidden names (temp files of a writer, ``._`` forks) never."""
+    path = Path(path)
+    return path.suffix.lower() in AUDIO_EXTENSIONS and not path.name.startswith(".")
 
 
 def file_stem(name: str) -> str:

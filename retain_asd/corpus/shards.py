@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from retain_asd import fsio
 from retain_asd.audio import PAD_MODES, AudioError, load_clip
 from retain_asd.corpus.layouts import ClipRecord
 
@@ -160,7 +160,7 @@ def read_manifest(root: str | os.PathLike) -> dict | None:
     path = Path(root) / MANIFEST
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    return fsio.read_json(path, fix="re-run `retain-asd ingest --force` to rebuild the shards")
 
 
 def read_rejects(root: str | os.PathLike) -> list[tuple[str, str]]:
@@ -185,12 +185,13 @@ def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
     if rows_per_shard <= 0:
         raise ValueError(f"rows_per_shard = {rows_per_shard}: must be > 0")
     fp = fingerprint(records, scan_rejects, settings, rows_per_shard)
-    old = read_manifest(out_dir)
-    if not force and old is not None and old.get("fingerprint") == fp:
+    fsio.remove_stale_temps(out_dir.parent)  # `.machine.tmp-*` of an ingest that was killed
+    old = None if force else read_manifest(out_dir)
+    if old is not None and old.get("fingerprint") == fp:
         log.info("%s: shards up to date (%d rows), nothing to do", out_dir, old["counts"]["written"])
         return ShardSet(out_dir, old, read_rejects(out_dir), rebuilt=False)
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = fsio.temp_path(out_dir)
     tmp.mkdir(parents=True)
     try:
         rejects = list(scan_rejects)
@@ -228,27 +229,16 @@ def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
                                 "machine": m["machine"], "split": m["split"], "noise_category": m["noise_category"],
                                 "repairs": m["repairs"]} for m in written), key=lambda s: s["path"]),
         }
-        with open(tmp / REJECTS, "w", newline="") as f:
+        with fsio.atomic_write(tmp / REJECTS, newline="") as f:  # fsync'ed before the folder is renamed
             w = csv.writer(f)
             w.writerow(["path", "reason"])
             w.writerows(sorted(rejects))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _swap_in(tmp, out_dir)
+        fsio.write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        fsio.commit_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ShardSet(out_dir, manifest, sorted(rejects), rebuilt=True)
-
-
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Replace ``final`` by ``tmp`` with renames only (a reader sees the old or the new folder)."""
-    if final.exists():
-        trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(final, trash)
-        os.rename(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
 
 
 # ---------------------------------------------------------------------------------------------------- readers

@@ -54,6 +54,7 @@ import numpy as np
 import yaml
 from scipy.fft import next_fast_len
 
+from retain_asd import fsio
 from retain_asd.audio import write_audio
 
 SYNTH_VERSION = 1  # bump when the generated audio changes, so stale trees are rewritten
@@ -498,10 +499,7 @@ def noise_clip(category: str, rng: np.random.Generator, *, num_samples: int,
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Atomic text write (temp file + os.replace)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    fsio.write_text(path, text)
 
 
 def write_synthetic_corpus(

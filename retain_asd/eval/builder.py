@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from retain_asd import fsio
 from retain_asd.eval.embed import Embedder
 from retain_asd.eval.results import EvalResult
 from retain_asd.eval.run import evaluate_checkpoint, write_reports, write_score_files
@@ -41,7 +42,7 @@ def resolve_checkpoint(spec: str, cfg, out_dir: Path) -> tuple[str, str, bool]:
         return "frozen", str(path), True
     path = Path(spec)
     if path.is_dir():
-        found = sorted(path.rglob("*.pt"))
+        found = [p for p in sorted(path.rglob("*.pt")) if not p.name.startswith(".")]
         if len(found) != 1:
             raise FileNotFoundError(f"{path}: expected exactly one BEATs .pt file inside, found {len(found)}; "
                                     "pass the file itself")
@@ -49,6 +50,27 @@ def resolve_checkpoint(spec: str, cfg, out_dir: Path) -> tuple[str, str, bool]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found; pass a BEATs .pt file or 'frozen'")
     return path.stem, str(path), False
+
+
+def check_checkpoints(resolved: Sequence[tuple[str, str, bool]], layer: int,
+                      layers: Sequence[int] | None = None, family: str | None = None) -> dict[str, int]:
+    """Open every checkpoint before any is used: {path: number of encoder layers}.
+
+    A torn or foreign file raises BEATsCheckpointError naming it; ``eval.layer`` (students) and every extra
+    ``layers`` entry must exist in each encoder (ConfigError naming the checkpoint and its depth).
+    """
+    from retain_asd.config import check_layer
+    from retain_asd.models.encoders import load_encoder
+
+    depths = {}
+    for _, path, frozen in resolved:
+        if path not in depths:
+            depths[path] = load_encoder(path, family).num_layers
+        if not frozen:  # the frozen baseline uses layer 12, clamped to a smaller encoder's depth
+            check_layer(layer, depths[path], "eval.layer", path)
+        for extra in layers or ():
+            check_layer(extra, depths[path], "--layers", path)
+    return depths
 
 
 def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.PathLike,
@@ -60,13 +82,14 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
     from retain_asd.config import to_dict
     from retain_asd.eval.dcase_mode import evaluate_dcase
     from retain_asd.eval.evalsets import evalsets_from_config
-    from retain_asd.models.encoders import load_encoder
     from retain_asd.tracking import log_artifacts, log_metrics, mlflow_run, resolve_tracking_uri
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    fsio.remove_stale_temps(out_dir, recursive=True)  # temp files of an evaluate that was killed
     e = cfg.eval
     resolved = [resolve_checkpoint(spec, cfg, out_dir) for spec in checkpoints]  # a bad path fails first
+    depths = check_checkpoints(resolved, e.layer, layers, cfg.model.family)  # a torn / foreign file, a missing layer
     sets = None if dcase_root else evalsets_from_config(cfg)
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
     cache_dir = Path(cfg.data.work_dir) / "embeddings"
@@ -74,7 +97,7 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
     for name, path, frozen in resolved:
         seen[name] = seen.get(name, 0) + 1
         name = name if seen[name] == 1 else f"{name}_{seen[name]}"
-        num_layers = load_encoder(path, cfg.model.family).num_layers  # a family mismatch fails here
+        num_layers = depths[path]
         primary = e.ssl_layer if frozen else e.layer  # SSL baselines (Table 2): layer 12
         if primary > num_layers:
             warnings.warn(f"{name}: layer {primary} > the encoder's {num_layers} blocks; using {num_layers}",

@@ -20,14 +20,13 @@ domain without cross-domain anomalies).
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from retain_asd import fsio
 from retain_asd.corpus.groundtruth import read_truth_sections
 from retain_asd.eval.metrics import MachineScore, machine_scores
 
@@ -50,15 +49,8 @@ def decision_result_path(out_dir, machine: str, section: int | str) -> Path:
 
 def _write_rows_atomic(path: Path, rows: Sequence[tuple[str, str]]) -> Path:
     """Write CSV rows to a temporary file in the same folder, then rename (no half-written files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            csv.writer(f, lineterminator="\n").writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with fsio.atomic_write(path, newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(rows)
     return path
 
 

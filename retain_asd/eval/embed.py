@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +31,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from retain_asd import fsio
 from retain_asd.models.encoders import load_encoder
+
+log = logging.getLogger(__name__)
 
 POOLINGS = ("genrep", "mean", "spectral")
 
@@ -99,9 +102,18 @@ class EmbeddingCache:
     def _layer_index(self, layer: int) -> dict[str, tuple[Path, int]]:
         if layer not in self._index:
             index = {}
-            for path in sorted((self.dir / f"layer_{layer}").glob("*.npz")):
-                with np.load(path) as z:
-                    index.update({str(k): (path, i) for i, k in enumerate(z["keys"])})
+            folder = self.dir / f"layer_{layer}"
+            fsio.remove_stale_temps(folder)
+            for path in fsio.visible(folder.glob("*.npz")):  # hidden = a writer's temp file
+                try:
+                    with np.load(path) as z:
+                        keys = z["keys"]
+                except Exception as err:  # a cache chunk is derived data: drop it, its rows are recomputed
+                    log.warning("%s", fsio.CorruptFileError(path, f"{type(err).__name__}: {err}",
+                                                            "removed; its embeddings are computed again"))
+                    path.unlink(missing_ok=True)
+                    continue
+                index.update({str(k): (path, i) for i, k in enumerate(keys)})
             self._index[layer] = index
         return self._index[layer]
 
@@ -114,9 +126,8 @@ class EmbeddingCache:
         folder = self.dir / f"layer_{layer}"
         folder.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha1("".join(keys).encode()).hexdigest()[:16]
-        tmp = folder / f".{name}.{uuid.uuid4().hex[:6]}.tmp.npz"
-        np.savez(tmp, keys=np.asarray(keys, dtype=str), emb=np.asarray(emb, dtype=np.float32))
-        os.replace(tmp, folder / f"{name}.npz")  # atomic: readers never see half a chunk
+        with fsio.atomic_write(folder / f"{name}.npz", "wb") as f:  # readers never see half a chunk
+            np.savez(f, keys=np.asarray(keys, dtype=str), emb=np.asarray(emb, dtype=np.float32))
         index = self._layer_index(layer)
         index.update({k: (folder / f"{name}.npz", i) for i, k in enumerate(keys)})
 

@@ -37,7 +37,6 @@ import logging
 import math
 import os
 import shutil
-import uuid
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -47,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retain_asd import mixing
+from retain_asd import fsio, mixing
 from retain_asd.corpus import shards
 
 log = logging.getLogger(__name__)
@@ -260,13 +259,14 @@ def build_evalsets(corpus_root: str | os.PathLike, out_dir: str | os.PathLike, p
     corpus_root, out_dir = Path(corpus_root).resolve(), Path(out_dir)
     params = EvalSetParams(**{**asdict(params), "snrs_db": tuple(float(s) for s in params.snrs_db)})
     identity = {"schema_version": SCHEMA_VERSION, "params": asdict(params), "corpus": _fingerprints(corpus_root)}
-    old = read_manifest(out_dir)
-    if not force and old is not None and all(old.get(k) == json.loads(json.dumps(v)) for k, v in identity.items()):
+    fsio.remove_stale_temps(out_dir.parent)  # folders of a build that was killed
+    old = None if force else read_manifest(out_dir)
+    if old is not None and all(old.get(k) == json.loads(json.dumps(v)) for k, v in identity.items()):
         log.info("%s: evaluation sets up to date", out_dir)
         return load_evalsets(out_dir)
     warnings: list[str] = []
     rows, counts = _recipes(corpus_root, params, warnings)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = fsio.temp_path(out_dir)
     tmp.mkdir(parents=True)
     try:
         pq.write_table(_table(rows), tmp / RECIPES)
@@ -278,15 +278,8 @@ def build_evalsets(corpus_root: str | os.PathLike, out_dir: str | os.PathLike, p
                 per_machine[r["machine"]][key] += 1
         manifest = {**identity, "corpus_root": str(corpus_root), "counts": counts, "per_machine": per_machine,
                     "warnings": warnings, "recipes_sha1": _file_sha1(tmp / RECIPES), "rows": len(rows)}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        if out_dir.exists():
-            trash = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(out_dir, trash)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            out_dir.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(tmp, out_dir)
+        fsio.write_text(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+        fsio.commit_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -295,7 +288,7 @@ def build_evalsets(corpus_root: str | os.PathLike, out_dir: str | os.PathLike, p
 
 def read_manifest(root: str | os.PathLike) -> dict | None:
     path = Path(root) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    return fsio.read_json(path, fix="rebuild with `retain-asd evalsets --force`") if path.is_file() else None
 
 
 def load_evalsets(root: str | os.PathLike) -> EvalSets:

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from retain_asd import fsio
+
 METRICS = ("euclidean", "cosine")
 
 
@@ -225,18 +227,15 @@ class MemoryBank:
         return np.concatenate([np.minimum(d_src_self, d_src_other), np.minimum(d_tgt_self, d_tgt_other)])
 
     def save(self, path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"machine": self.machine, "source": self.source.cpu(), "target": self.target.cpu(),
-                    "meta": self.meta}, tmp)
-        tmp.replace(path)  # atomic: a reader never sees half a bank
-        return path
+        return fsio.save_torch({"machine": self.machine, "source": self.source.cpu(),
+                                "target": self.target.cpu(), "meta": self.meta}, path)
 
     @staticmethod
     def load(path) -> MemoryBank:
-        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
-        missing = {"machine", "source", "target"} - set(blob)
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such bank file; write one with `retain-asd score bank`")
+        blob = fsio.load_torch(path, fix="write it again with `retain-asd score bank`")
+        missing = {"machine", "source", "target"} - set(blob if isinstance(blob, dict) else {})
         if missing:
             raise ValueError(f"{path}: not a MemoryBank file (missing {sorted(missing)})")
         return MemoryBank(blob["machine"], blob["source"], blob["target"], blob.get("meta", {}))

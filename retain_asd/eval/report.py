@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from retain_asd import fsio  # noqa: E402
 from retain_asd.eval.metrics import table2  # noqa: E402
 
 Results = Mapping[str, Mapping[tuple[str, int], float]]  # run -> (condition, snr_db) -> official score
@@ -53,12 +53,7 @@ def table2_rows(results: Results) -> tuple[list[str], list[list[str]]]:
 
 
 def _write_text_atomic(path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return fsio.write_text(path, text)
 
 
 def write_table2_markdown(results: Results, path) -> Path:
@@ -73,13 +68,9 @@ def write_table2_markdown(results: Results, path) -> Path:
 def write_table2_csv(results: Results, path) -> Path:
     """Table 2 as CSV with a header row; columns `<condition>/snr_<dB>`, hmean_low, hmean_all."""
     header, rows = table2_rows(results)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with fsio.atomic_write(path, newline="") as f:
         csv.writer(f, lineterminator="\n").writerows([header, *rows])
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def plot_score_vs_snr(results: Results, path) -> Path:
@@ -116,9 +107,8 @@ def plot_score_per_layer(scores: Mapping[str, Mapping[int, float]], path) -> Pat
 
 
 def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    try:
+        return fsio.savefig(fig, path, dpi=120)
+    finally:
+        plt.close(fig)

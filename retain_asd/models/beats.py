@@ -32,7 +32,6 @@ import dataclasses
 import functools
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +40,8 @@ import torch
 import torch.nn.functional as F
 import torchaudio.compliance.kaldi as kaldi
 from torch import Tensor, nn
+
+from retain_asd import fsio
 
 SAMPLE_RATE_HZ = 16000  # the official preprocessing hard-codes 16 kHz
 NUM_MEL_BINS = 128
@@ -720,7 +721,7 @@ def load_beats(path: str | os.PathLike, map_location: str | torch.device | None 
     if not path.is_file():
         raise BEATsCheckpointError(f"{path}: no such file; pass the path of a BEATs checkpoint "
                                    "such as BEATs_iter3.pt")
-    from retain_asd.models.encoders import numpy_safe_globals
+    from retain_asd.models.ckpt_io import numpy_safe_globals
 
     try:  # numpy scalars allowed: fairseq-written files (EAT) carry them; still no code objects
         with torch.serialization.safe_globals(numpy_safe_globals()):
@@ -732,7 +733,7 @@ def load_beats(path: str | os.PathLike, map_location: str | torch.device | None 
         found = sorted(map(str, ckpt)) if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise BEATsCheckpointError(f"{path}: not a BEATs checkpoint; expected a dict with 'cfg' and 'model', "
                                    f"found {found}")
-    from retain_asd.models.eat import is_eat_checkpoint
+    from retain_asd.models.ckpt_io import is_eat_checkpoint
 
     if is_eat_checkpoint(ckpt):
         raise BEATsCheckpointError(f"{path}: this is an EAT / SSLAM checkpoint (fairseq data2vec_multi cfg), "
@@ -761,17 +762,7 @@ def save_beats(model: BEATs, path: str | os.PathLike) -> Path:
     }
     if model.label_dict is not None:
         ckpt["label_dict"] = model.label_dict
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return fsio.save_torch(ckpt, path)
 
 
 def write_random_checkpoint(path: str | os.PathLike, cfg: BEATsConfig, seed: int = 0) -> Path:

@@ -44,7 +44,9 @@ FRAME_LENGTH_MS = 25.0
 FRAME_SHIFT_MS = 10.0
 FBANK_MEAN = -4.268  # official AudioSet statistics (feature_extract.py, raw_audio_dataset.py)
 FBANK_STD = 4.569
-MODEL_NAME = "data2vec_multi"  # fairseq `cfg.model._name` of EAT / SSLAM pre-training checkpoints
+from retain_asd.models.ckpt_io import EAT_MODEL_NAME as MODEL_NAME  # noqa: E402
+from retain_asd.models.ckpt_io import is_eat_checkpoint  # noqa: E402
+
 MODALITY = "IMAGE"  # EAT runs the spectrogram through data2vec 2.0's image path
 PREFIX = f"modality_encoders.{MODALITY}."
 
@@ -470,13 +472,6 @@ def _first(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + more
 
 
-def is_eat_checkpoint(ckpt: Any) -> bool:
-    """True for the fairseq layout of an EAT / SSLAM (data2vec_multi) checkpoint."""
-    cfg = ckpt.get("cfg") if isinstance(ckpt, Mapping) else None
-    return isinstance(cfg, Mapping) and isinstance(cfg.get("model"), Mapping) and \
-        cfg["model"].get("_name") == MODEL_NAME
-
-
 def encoder_state_dict(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Split a checkpoint's state dict into (encoder entries, skipped pre-training-only keys)."""
     encoder, skipped = {}, []
@@ -533,7 +528,7 @@ def load_eat(path: str | os.PathLike, map_location: str | torch.device | None = 
     Pre-training-only entries (CNN decoder, `_ema` teacher, other heads: `PRETRAINING_PREFIXES`) are
     skipped; every other key must be an encoder parameter of the shape its cfg gives. Eval mode.
     """
-    from retain_asd.models.encoders import CheckpointError, detect_family, read_checkpoint
+    from retain_asd.models.ckpt_io import CheckpointError, detect_family, read_checkpoint
 
     path = Path(path)
     try:
@@ -572,7 +567,7 @@ def checkpoint_dict(model: EAT, pretraining_heads: bool = True, seed: int = 0) -
 
 def save_eat(model: EAT, path: str | os.PathLike, pretraining_heads: bool = True) -> Path:
     """Write the official fairseq layout atomically (`checkpoint_dict`)."""
-    from retain_asd.models.encoders import atomic_save
+    from retain_asd.models.ckpt_io import atomic_save
 
     return atomic_save(checkpoint_dict(model, pretraining_heads), path)
 

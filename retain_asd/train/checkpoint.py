@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from retain_asd import fsio
+
 TRAIN_STATE = "train_state.pt"
 
 
@@ -122,7 +124,7 @@ def read_train_state(directory: str | os.PathLike) -> dict:
     path = Path(directory) / TRAIN_STATE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not a retain-asd training checkpoint (no {TRAIN_STATE})")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return fsio.load_torch(path, fix=f"delete the folder {path.parent} to resume from an earlier checkpoint")
 
 
 def load_train_state(directory: str | os.PathLike, *, rank: int, student: torch.nn.Module,

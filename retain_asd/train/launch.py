@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from retain_asd import config as config_mod
+from retain_asd import fsio
 from retain_asd.config import Config, ConfigError
 from retain_asd.corpus.labels import LabelVocab
 from retain_asd.models.beats import (
@@ -154,8 +155,7 @@ def _metrics_log_callback(path: Path):
 
     class MetricsLog(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            with open(path, "a") as f:
-                f.write(json.dumps(metrics[0]) + "\n")
+            fsio.append_line(path, json.dumps(metrics[0]))
 
     return MetricsLog()
 
@@ -165,11 +165,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    by_step = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            by_step[row["step"]] = row
+    by_step = {row["step"]: row for row in fsio.read_jsonl(path) if "step" in row}
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -211,7 +207,8 @@ def latest_checkpoint(out_dir: str | os.PathLike, name: str) -> Path | None:
 
 
 def _checkpoint_step(directory: Path) -> int:
-    state = torch.load(directory / TRAIN_STATE, map_location="cpu", weights_only=True, mmap=True)
+    state = fsio.load_torch(directory / TRAIN_STATE, fix=f"delete the folder {directory} to resume from an "
+                            "earlier checkpoint", mmap=True)
     return int(state["step"])
 
 
@@ -229,7 +226,8 @@ def _log_mlflow(cfg: Config, out_dir: Path, history: list[dict], student_path: P
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
     state_path = out_dir / "mlflow_run.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {"run_id": None, "logged_step": 0}
+    state = (fsio.read_json(state_path, fix="delete it; the next run then logs to a new MLflow run")
+             if state_path.is_file() else {"run_id": None, "logged_step": 0})
     params = config_mod.to_dict(cfg) if state["run_id"] is None else None
     tags = {"objective": cfg.objective.name, "out_dir": str(out_dir), "student_beats": str(student_path)}
     with tracking.mlflow_run(uri, cfg.tracking.experiment, cfg.name, params=params, tags=tags,
@@ -241,7 +239,7 @@ def _log_mlflow(cfg: Config, out_dir: Path, history: list[dict], student_path: P
                 tracking.log_metrics(numbers, step=row["step"])
         tracking.set_tags({"student_beats": str(student_path)})
         state = {"run_id": run.info.run_id, "logged_step": max([r["step"] for r in history], default=0)}
-    state_path.write_text(json.dumps(state))
+    fsio.write_json(state_path, state)
     return state["run_id"]
 
 
@@ -255,6 +253,7 @@ def pretrain(cfg: Config, out_dir: str | os.PathLike, *, corpus=None, stop_at_st
     """
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    fsio.remove_stale_temps(out_dir)  # temp files of a run that was killed (config.yaml, student, MLflow pointer)
     config_path = out_dir / "config.yaml"
     init_checkpoint = resolve_init_checkpoint(cfg, out_dir)
     checkpoint = latest_checkpoint(out_dir, cfg.name)

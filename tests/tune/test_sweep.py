@@ -46,3 +46,43 @@ def test_two_trial_sweep_reports_hmeans_to_tune_and_mlflow(ray_local, tmp_path):
     # every trial also left its own pretrain and evaluate runs for side-by-side comparison
     runs = mlflow.search_runs(experiment_names=["retain-asd"], output_format="list")
     assert len([r for r in runs if r.info.run_name.startswith("evaluate-")]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------- summary
+def _fit(tmp_path, name: str, fail_on: set[float]):
+    """A real Tune run of a 2-point grid whose trial with alpha in ``fail_on`` raises."""
+    from ray import tune
+
+    def trainable(config):
+        if config["alpha"] in fail_on:
+            raise ValueError(f"objective.alpha = {config['alpha']}: the loss diverged at step 3")
+        tune.report({"hmean_all": 0.5 + config["alpha"] / 10, "hmean_low": 0.5})
+
+    tuner = tune.Tuner(trainable, param_space={"alpha": tune.grid_search([1.0, 2.0])},
+                       tune_config=tune.TuneConfig(metric="hmean_all", mode="max"),
+                       run_config=tune.RunConfig(name=name, storage_path=str(tmp_path / "ray"), verbose=0))
+    return tuner.fit()
+
+
+@pytest.mark.ray
+@pytest.mark.reliability("sweep-failures")
+def test_summary_lists_every_trial_and_fails_when_one_trial_failed(ray_local, tmp_path):
+    from tune.sweep import summarize_sweep
+
+    text, code = summarize_sweep(_fit(tmp_path, "one-fails", {2.0}), "hmean_all")
+    assert code == 1
+    lines = text.splitlines()
+    assert sum(" OK " in line for line in lines) == 1 and sum(" ERROR " in line for line in lines) == 1
+    assert "best hmean_all = 0.6000 with {'alpha': 1.0}" in text
+    assert "1 of 2 trials failed:" in text and "objective.alpha = 2.0: the loss diverged at step 3" in text
+
+
+@pytest.mark.ray
+@pytest.mark.reliability("sweep-failures")
+def test_summary_when_every_trial_failed(ray_local, tmp_path):
+    from tune.sweep import summarize_sweep
+
+    text, code = summarize_sweep(_fit(tmp_path, "all-fail", {1.0, 2.0}), "hmean_all")
+    assert code == 1
+    assert sum(" ERROR " in line for line in text.splitlines()) == 2 and "best" not in text
+    assert "all 2 trials failed; nothing to rank. First error" in text and "the loss diverged" in text

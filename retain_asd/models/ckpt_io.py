@@ -1,0 +1,93 @@
+"""Checkpoint reading shared by the encoder families (no model code here, so beats.py and eat.py can both
+import it): weights-only loading with errors naming the file, family detection, atomic saving."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FAMILIES = ("beats", "eat")
+EAT_MODEL_NAME = "data2vec_multi"  # fairseq `cfg.model._name` of EAT / SSLAM checkpoints
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or of the wrong encoder family; names the file."""
+
+
+def numpy_safe_globals() -> list:
+    """numpy scalars / dtypes that fairseq writes into `extra_state` (meters): plain data, no code."""
+    core = getattr(np, "_core", None) or np.core
+    out: list = [np.dtype, (core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+                 (core.multiarray.scalar, "numpy._core.multiarray.scalar")]
+    for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType", "BoolDType"):
+        if hasattr(np, "dtypes") and hasattr(np.dtypes, name):
+            out.append(getattr(np.dtypes, name))
+    return out
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu",
+                    what: str = "an encoder checkpoint") -> Any:
+    """`torch.load(path, weights_only=True)` (numpy scalars allowed), errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file; pass the path of {what}")
+    try:
+        with torch.serialization.safe_globals(numpy_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        hint = (" (it holds Python objects a weights-only load refuses, e.g. a pickled class: only plain "
+                "tensors and containers are accepted)" if "weights_only" in str(err) or "GLOBAL" in str(err)
+                else "")
+        raise CheckpointError(f"{path}: not a readable torch checkpoint{hint} ({type(err).__name__}: {first})"
+                              ) from err
+
+
+def is_eat_checkpoint(ckpt: Any) -> bool:
+    """True for the fairseq layout of an EAT / SSLAM (data2vec_multi) checkpoint."""
+    cfg = ckpt.get("cfg") if isinstance(ckpt, Mapping) else None
+    return isinstance(cfg, Mapping) and isinstance(cfg.get("model"), Mapping) and \
+        cfg["model"].get("_name") == EAT_MODEL_NAME
+
+
+def detect_family(ckpt: Any) -> str | None:
+    """'beats', 'eat', or None for a loaded checkpoint dict."""
+    if is_eat_checkpoint(ckpt):
+        return "eat"
+    if isinstance(ckpt, Mapping) and isinstance(ckpt.get("cfg"), Mapping) and "model" in ckpt and \
+            "encoder_layers" in ckpt["cfg"]:
+        return "beats"
+    return None
+
+
+def checkpoint_family(path: str | os.PathLike) -> str:
+    """The family of the checkpoint at `path`; CheckpointError if it is neither."""
+    ckpt = read_checkpoint(path, "cpu")
+    family = detect_family(ckpt)
+    if family is None:
+        raise CheckpointError(f"{path}: neither a BEATs checkpoint (flat cfg with encoder_layers) nor an EAT / "
+                              "SSLAM one (fairseq cfg with model._name = data2vec_multi)")
+    return family
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save to a temp file in the same folder, fsync, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,145 @@
+"""Write docs/reliability.md: the failure cases of a multi-hour job on a shared cluster, and the tests that show
+each outcome, with their result from a real pytest run.
+
+    python tests/reliability_table.py                 # runs `pytest -m reliability`, then writes the table
+    python tests/reliability_table.py --junit r.xml   # from the JUnit XML of an earlier run
+
+A test belongs to a case through its marker, ``@pytest.mark.reliability("<case id>")`` (tests/conftest.py
+records it in the JUnit XML). A case without tests is listed as not covered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (case id, the case as users met it, the outcome the tests show)
+CASES = [
+    ("worker-sigkill", "SIGKILL one Ray Train worker after the first checkpoint (default settings)",
+     "the worker group restarts from the latest checkpoint and finishes; summary.json counts the restart"),
+    ("resume-newest-complete", "driver killed right after a checkpoint is complete, then re-run",
+     "resumes from that checkpoint; incomplete or orphaned checkpoint folders are removed"),
+    ("divergence", "`train.lr=1e30`: loss NaN",
+     "stops before the optimiser applies the step, with the step and the loss named; nothing exported, the "
+     "last good checkpoint stays the latest"),
+    ("torn-train-state", "torn `train_state.pt`",
+     "error naming the file and the fix (delete that checkpoint folder)"),
+    ("torn-metrics", "torn last line of `metrics.jsonl`",
+     "a torn last line is dropped (the step is reported again) and cut off before the next append; a bad "
+     "line inside the file is an error naming the file and the line"),
+    ("torn-mlflow-pointer", "empty or torn `mlflow_run.json`", "error naming the file and the fix"),
+    ("torn-labels", "torn `labels.json`, shard manifest or reference bank",
+     "error naming the file and the fix (`ingest --force`, `score bank`)"),
+    ("torn-cache-temp", "torn hidden temp file in the embedding cache",
+     "skipped by the reader, removed when its writer is gone; a torn chunk is dropped and recomputed"),
+    ("ingest-temp-leftover", "ingest killed mid-write (`.machine.tmp-*` left behind)",
+     "temp files and folders of dead writers are removed at the next start; a live writer's are kept"),
+    ("atomic-writes", "a writer killed mid-write",
+     "the final name holds the old or the new file, never half of one (temp file + fsync + rename)"),
+    ("evaluate-bad-checkpoint", "`evaluate --checkpoint good.pt --checkpoint truncated.pt`; `eval.layer` deeper "
+     "than the encoder", "fails at once naming truncated.pt (or the layer and the depth); nothing evaluated"),
+    ("config-validation", "`train.lr=.inf`, `objective.alpha=.inf`, `eval.batch_size=0`, `eval.layer=99`, "
+     "`train.max_failures=-5`, a bad sweep value, an override that is not YAML",
+     "one-line error naming the field, exit code 2, before Ray starts"),
+    ("user-errors", "a user error anywhere (also inside a Ray worker)",
+     "one line and exit code 2; `--debug` shows the traceback"),
+    ("sweep-failures", "sweep where one trial fails / every trial fails",
+     "every trial listed with its status; exit code 1; 'all N trials failed' with the first error"),
+    ("cluster-exposure", "`cluster.yaml`: dashboard / job API and MLflow on 0.0.0.0 without auth",
+     "dashboard on 127.0.0.1 (`ray dashboard cluster.yaml`); MLflow on the cluster interface with basic-auth "
+     "and the head in `--allowed-hosts`"),
+    ("file-permissions", "files written through temp files had mode 0600",
+     "every output file gets the user's umask permissions (0644 under umask 022)"),
+    ("ray-spill-leftover", "spilled objects and logs left under the Ray temp folder",
+     "a finished local run removes its session folder; a failed one keeps only its logs and prints their size "
+     "and the `rm -rf` command; sessions of killed drivers are removed at the next local start"),
+    ("property", "random bytes to the audio reader, random arrays to the mixer",
+     "nothing raised but AudioError / MixingError"),
+]
+
+
+def run_pytest(junit: Path) -> int:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "reliability", f"--junitxml={junit}", "-p", "no:cacheprovider"]
+    return subprocess.run(cmd, cwd=REPO, env=env).returncode
+
+
+def results_by_case(junit: Path) -> dict[str, list[tuple[str, str]]]:
+    """{case id: [(test id, passed | failed | skipped)]} from a JUnit XML file."""
+    out: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        props = {p.get("name"): p.get("value") for p in case.iter("property")}
+        if "reliability_case" not in props:
+            continue
+        module = case.get("classname", "").replace(".", "/")
+        test = f"{module}.py::{case.get('name')}"
+        if case.find("failure") is not None or case.find("error") is not None:
+            outcome = "failed"
+        elif case.find("skipped") is not None:
+            outcome = "skipped"
+        else:
+            outcome = "passed"
+        out[props["reliability_case"]].append((test, outcome))
+    return out
+
+
+def markdown(results: dict[str, list[tuple[str, str]]], when: str) -> str:
+    known = {cid for cid, _, _ in CASES}
+    unknown = sorted(set(results) - known)
+    if unknown:
+        raise SystemExit(f"tests name unknown reliability cases {unknown}; add them to CASES in {__file__}")
+    n = sum(len(v) for v in results.values())
+    passed = sum(o == "passed" for v in results.values() for _, o in v)
+    lines = [
+        "# Reliability: what happens when things break",
+        "",
+        f"Generated by `python tests/reliability_table.py` from a pytest run ({when}): {passed} of {n} tests "
+        "passed. Do not edit by hand; re-run the script.",
+        "",
+        "| case | outcome | status | tests |",
+        "|---|---|---|---|",
+    ]
+    for cid, case, outcome in CASES:
+        tests = results.get(cid, [])
+        if not tests:
+            status = "not covered yet"
+        elif all(o == "passed" for _, o in tests):
+            status = f"shown ({len(tests)} passed)"
+        else:
+            bad = sum(o != "passed" for _, o in tests)
+            status = f"**{bad} of {len(tests)} not passing**"
+        cell = "<br>".join(f"`{t}`" + ("" if o == "passed" else f" ({o})") for t, o in sorted(tests)) or "–"
+        cell = cell.replace("|", "\\|")  # a parametrised test id must not split the table row
+        lines.append(f"| {case} | {outcome} | {status} | {cell} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--junit", type=Path, help="JUnit XML of an earlier `pytest -m reliability` run")
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "reliability.md")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        junit = args.junit
+        if junit is None:
+            junit = Path(tmp) / "reliability.xml"
+            run_pytest(junit)
+        when = datetime.datetime.fromtimestamp(junit.stat().st_mtime, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        text = markdown(results_by_case(junit), when)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
