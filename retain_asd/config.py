@@ -91,6 +91,7 @@ class TrainConfig:
     num_workers: int = 2  # DDP workers (Ray Train)
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # fractional so Ray Data read tasks keep a CPU (see README)
+    placement_strategy: str = "PACK"  # Ray placement of the workers: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     log_every: int = 10  # steps between ray.train.report of losses
     checkpoint_every: int = 500  # steps between checkpoints
     keep_checkpoints: int = 2
@@ -158,6 +159,7 @@ _CHOICES = {
     "objective.teacher_inputs": ("scaled", "unit_power"),
     "eval.pooling": ("genrep", "mean", "spectral"),
     "eval.metric": ("euclidean", "cosine"),
+    "train.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
 _CONDITIONS = ("factory_a", "factory_b", "mismatch")
 

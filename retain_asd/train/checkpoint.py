@@ -4,7 +4,7 @@ A checkpoint directory (merged by Ray Train from every worker's report) holds::
 
     train_state.pt      rank 0: step, student encoder, tagging head, optimizer, data position
     rng_rank<r>.pt      every rank: its own torch / numpy / python / SpecAugment RNG states
-    digest_rank<r>.json every rank: sha256 of its student and teacher weights (DDP sync check)
+    digest_rank<r>.json every rank: sha256 of its student and teacher weights (DDP sync check), its Ray node id
 
 The teacher is never saved: it is re-made from the initial BEATs checkpoint, which is frozen by
 construction. Everything is loaded with ``torch.load(weights_only=True)``.
@@ -107,7 +107,7 @@ def load_train_state(directory: str | os.PathLike, *, rank: int, student: torch.
 
 
 def read_digests(directory: str | os.PathLike) -> dict[int, dict]:
-    """{rank: {"step", "student", "teacher", "teacher_initial"}} from a checkpoint directory."""
+    """{rank: {"step", "student", "teacher", "teacher_initial", "node_id"}} from a checkpoint directory."""
     out = {}
     for path in sorted(Path(directory).glob("digest_rank*.json")):
         out[int(path.stem.removeprefix("digest_rank"))] = json.loads(path.read_text())

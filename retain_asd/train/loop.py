@@ -111,6 +111,7 @@ def micro_batches(shard, batch_size: int, seed: int, skip: int = 0) -> Iterator[
 
 
 def train_fn_per_worker(config: dict) -> None:
+    import ray
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -194,7 +195,8 @@ def train_fn_per_worker(config: dict) -> None:
         # ---- checkpoint: every rank adds its RNG state and weight digests; rank 0 the train state
         with tempfile.TemporaryDirectory() as directory:
             digests = {"student": state_digest(model.state_dict()), "teacher_initial": teacher_initial,
-                       "teacher": state_digest(teacher.state_dict()) if teacher is not None else None}
+                       "teacher": state_digest(teacher.state_dict()) if teacher is not None else None,
+                       "node_id": ray.get_runtime_context().get_node_id()}  # where this rank ran
             save_train_state(directory, rank=rank, step=done, student=model.encoder, head=model.head,
                              optimizer=optimizer, rng=rng_state(spec_generator, np_rng), digests=digests,
                              data={"micro_batches_seen": done * grad_accum, "seed": config["seed"]})
