@@ -101,3 +101,11 @@ def test_config_show_cli(capsys):
     assert shown["mixing"]["snr_sampler"] == "fixed"
     assert main(["config", "show", "smoke", "train.lr=0"]) == 2
     assert "train.lr = 0.0: must be > 0" in capsys.readouterr().err
+
+
+def test_placement_strategy_is_one_of_rays():
+    assert load_config("smoke").train.placement_strategy == "PACK"
+    spread = load_config("smoke", overrides=["train.placement_strategy=STRICT_SPREAD"])
+    assert spread.train.placement_strategy == "STRICT_SPREAD"
+    with pytest.raises(ConfigError, match=r"train.placement_strategy = 'EVERYWHERE': must be one of \['PACK'"):
+        load_config("smoke", overrides=["train.placement_strategy=EVERYWHERE"])
