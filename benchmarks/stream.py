@@ -1,11 +1,17 @@
 """Throughput of the training stream: mixed 10 s clips/s through Ray Data against a plain numpy loop.
 
     python benchmarks/stream.py [--epochs 8] [--batch-size 64] [--out benchmarks/results/stream.json]
+                                [--cpus-per-node 1] [--skip-two-nodes]
 
 Both sides read the same shards of a synthetic corpus (written once under --work) and mix at random
 SNRs: the stream through `iter_train_batches` (torch tensors, after a warm-up), the baseline as one
 process reading each shard with pyarrow and calling `mixing.mix_at_snr` per clip. A per-stage profile
 (parquet decode, noise segments, Eq. 3 in float64 vs float32, Arrow->torch) says where the time goes.
+
+Scale-out (`bench_stream_scale_out`): the same stream on a simulated cluster (`ray.cluster_utils.Cluster`,
+separate raylets and object stores on this machine) with one node, then two nodes of the same size; the
+driver consumes on the head node, so the second node's blocks cross object stores. Reported as
+clips/s of each and `ratio_two_nodes_over_one`.
 """
 
 from __future__ import annotations
@@ -103,6 +109,53 @@ def profile_stages(corpus, repeats: int = 3) -> dict:
     return out
 
 
+def _simulated_cluster(num_nodes: int, cpus_per_node: int):
+    """`num_nodes` raylets on this machine (own ports, 256 MiB object store each), the driver on the head."""
+    import socket
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    def port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def node(**more) -> dict:
+        return {"num_cpus": cpus_per_node, "object_store_memory": 256 * 1024**2, "node_ip_address": "127.0.0.1",
+                "metrics_export_port": port(), "runtime_env_agent_port": port(), **more}
+
+    cluster = Cluster(initialize_head=True, head_node_args=node(include_dashboard=False, gcs_server_port=port(),
+                                                                dashboard_agent_listen_port=port()))
+    for _ in range(num_nodes - 1):
+        cluster.add_node(**node())
+    cluster.wait_for_nodes()
+    cluster.connect()
+    set_data_progress(False)
+    assert len([n for n in ray.nodes() if n["Alive"]]) == num_nodes
+    return cluster
+
+
+def bench_stream_scale_out(corpus, epochs: int, batch_size: int, warmup_batches: int,
+                           cpus_per_node: int = 1) -> dict:
+    """Stream clips/s on a simulated 1-node cluster, then on 2 nodes of the same size: the scaling ratio.
+
+    Call with no Ray running in this process (each side starts and stops its own cluster).
+    """
+    import ray
+
+    out = {"cpus_per_node": cpus_per_node}
+    for num_nodes in (1, 2):
+        cluster = _simulated_cluster(num_nodes, cpus_per_node)
+        try:
+            out[f"nodes_{num_nodes}"] = bench_stream(corpus, epochs, batch_size, warmup_batches)
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+    out["ratio_two_nodes_over_one"] = out["nodes_2"]["clips_per_s"] / out["nodes_1"]["clips_per_s"]
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,6 +165,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--warmup-batches", type=int, default=4)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "stream.json"))
+    parser.add_argument("--cpus-per-node", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                        help="CPUs of each simulated node in the 1- vs 2-node comparison")
+    parser.add_argument("--skip-two-nodes", action="store_true", help="leave out the simulated 2-node run")
     args = parser.parse_args(argv)
 
     init_ray(num_cpus=os.cpu_count(), quiet=True)
@@ -126,6 +182,12 @@ def main(argv=None) -> int:
     result["clips_per_epoch"] = result["ray_stream"]["rows_planned"] // args.epochs
     ray_s, numpy_s = result["ray_stream"]["clips_per_s"], result["numpy_loop"]["clips_per_s"]
     result["ratio_stream_over_numpy"] = ray_s / numpy_s
+    if not args.skip_two_nodes:
+        import ray
+
+        ray.shutdown()  # the scale-out figure runs on its own simulated clusters
+        result["scale_out"] = bench_stream_scale_out(corpus, args.epochs, args.batch_size, args.warmup_batches,
+                                                     args.cpus_per_node)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -92,6 +92,7 @@ class TrainConfig:
     num_workers: int = 2  # DDP workers (Ray Train)
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # fractional so Ray Data read tasks keep a CPU (see README)
+    placement_strategy: str = "PACK"  # Ray placement of the workers: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     log_every: int = 10  # steps between ray.train.report of losses
     checkpoint_every: int = 500  # steps between checkpoints
     keep_checkpoints: int = 2
@@ -198,6 +199,7 @@ _CHOICES = {
     "eval.pooling": ("genrep", "mean", "spectral"),
     "eval.metric": ("euclidean", "cosine"),
     "foundation.objective": ("masked", "tagging", "masked_tagging"),
+    "train.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
 _CONDITIONS = ("factory_a", "factory_b", "mismatch")
 

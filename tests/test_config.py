@@ -118,3 +118,11 @@ def test_ssl_baseline_layer_is_a_field():
     assert load_config("smoke", overrides=["eval.ssl_layer=3"]).eval.ssl_layer == 3
     with pytest.raises(ConfigError, match="eval.ssl_layer"):
         load_config("smoke", overrides=["eval.ssl_layer=0"])
+
+
+def test_placement_strategy_is_one_of_rays():
+    assert load_config("smoke").train.placement_strategy == "PACK"
+    spread = load_config("smoke", overrides=["train.placement_strategy=STRICT_SPREAD"])
+    assert spread.train.placement_strategy == "STRICT_SPREAD"
+    with pytest.raises(ConfigError, match=r"train.placement_strategy = 'EVERYWHERE': must be one of \['PACK'"):
+        load_config("smoke", overrides=["train.placement_strategy=EVERYWHERE"])

@@ -5,8 +5,7 @@ A checkpoint directory (merged by Ray Train from every worker's report) holds::
 
     train_state.pt      rank 0: step, student encoder, tagging head, optimizer, data position
     rng_rank<r>.pt      every rank: its own torch / numpy / python / SpecAugment RNG states
-    digest_rank<r>.json every rank: sha256 of its student and teacher weights (DDP sync check), written by
-                        `save_train_state`; `load_train_state` returns the optimizer's sha256 after loading
+    digest_rank<r>.json every rank: sha256 of its student and teacher weights (DDP sync check), its Ray node id
 
 The teacher is never saved: it is re-made from the initial BEATs checkpoint, which is frozen by
 construction. Everything is loaded with ``torch.load(weights_only=True)``.
@@ -102,12 +101,13 @@ def set_rng_state(state: dict, spec_generator: torch.Generator, np_rng: np.rando
 # -------------------------------------------------------------------------------------------- save / load
 def save_train_state(directory: str | os.PathLike, *, rank: int, step: int, student: torch.nn.Module,
                      head: torch.nn.Module | None, optimizer: torch.optim.Optimizer, data: dict, rng: dict,
-                     teacher: torch.nn.Module | None = None, teacher_initial: str | None = None) -> None:
+                     teacher: torch.nn.Module | None = None, teacher_initial: str | None = None,
+                     node_id: str | None = None) -> None:
     """Write this rank's files into ``directory`` (rank 0 also writes the shared ``train_state.pt``).
 
     The digest file holds sha256 of this rank's student (encoder + head) and teacher weights, and
     `teacher_initial` (the teacher's `weights_digest` before training), so a reader can check that DDP kept
-    the ranks identical and that the teacher never moved.
+    the ranks identical and that the teacher never moved, and `node_id`, the Ray node the rank ran on.
     """
     directory = Path(directory)
     head_state = head.state_dict() if head is not None else {}
@@ -116,7 +116,7 @@ def save_train_state(directory: str | os.PathLike, *, rank: int, step: int, stud
                     "optimizer": optimizer.state_dict(), "data": data}, directory / TRAIN_STATE)
     torch.save(rng, directory / f"rng_rank{rank}.pt")
     digests = {"student": state_digest({"student": student.state_dict(), "head": head_state}),
-               "teacher_initial": teacher_initial, "teacher": weights_digest(teacher)}
+               "teacher_initial": teacher_initial, "teacher": weights_digest(teacher), "node_id": node_id}
     (directory / f"digest_rank{rank}.json").write_text(json.dumps({"step": step, **digests}))
 
 
@@ -146,7 +146,7 @@ def load_train_state(directory: str | os.PathLike, *, rank: int, student: torch.
 
 
 def read_digests(directory: str | os.PathLike) -> dict[int, dict]:
-    """{rank: {"step", "student", "teacher", "teacher_initial"}} from a checkpoint directory."""
+    """{rank: {"step", "student", "teacher", "teacher_initial", "node_id"}} from a checkpoint directory."""
     out = {}
     for path in sorted(Path(directory).glob("digest_rank*.json")):
         out[int(path.stem.removeprefix("digest_rank"))] = json.loads(path.read_text())

@@ -170,8 +170,13 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 
 def build_trainer(cfg: Config, loop_config: LoopConfig, train_dataset, out_dir: str | os.PathLike):
-    """TorchTrainer: fractional-CPU workers (Ray Data read tasks need CPUs too), keep-N checkpoints."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    """TorchTrainer: fractional-CPU workers (Ray Data read tasks need CPUs too), keep-N checkpoints.
+
+    `train.placement_strategy` places the workers (STRICT_SPREAD: one per node). The stream is split
+    between the workers in dataset order (`preserve_order`), not by which block finished first or where it
+    lives, so each rank sees the same rows on one node or several and a run is reproducible for its seed.
+    """
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from retain_asd.train.loop import train_fn_per_worker
@@ -179,10 +184,14 @@ def build_trainer(cfg: Config, loop_config: LoopConfig, train_dataset, out_dir: 
     out_dir = Path(out_dir).resolve()
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # deterministic split: OutputSplitter then ignores locality and arrival order
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=t.placement_strategy),
+        dataset_config=DataConfig(execution_options=ingest),
         run_config=RunConfig(name=cfg.name, storage_path=str(out_dir / "ray"),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=t.max_failures),

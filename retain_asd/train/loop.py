@@ -122,6 +122,6 @@ def train_fn_per_worker(cfg: LoopConfig) -> None:
         with tempfile.TemporaryDirectory() as directory:
             save_train_state(directory, rank=rank, step=done, student=model.encoder, head=model.head,
                              optimizer=optimizer, rng=rng_state(rngs.spec, rngs.np), teacher=teacher,
-                             teacher_initial=teacher_initial,
+                             teacher_initial=teacher_initial, node_id=ray.get_runtime_context().get_node_id(),
                              data={"micro_batches_seen": done * cfg.grad_accum, "seed": cfg.seed})
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))

@@ -1,0 +1,161 @@
+"""Object storage through `retain_asd.storage`, against a real S3-compatible server (moto's server mode) started
+on 127.0.0.1 by the test: no mocks inside this process, the bytes go over HTTP into the server's bucket."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from retain_asd import storage
+
+BIN = Path(sys.executable).parent
+BUCKET = "retain-asd-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """moto_server on 127.0.0.1 with one bucket; yields its endpoint URL."""
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "w")
+    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"moto_server did not start on {endpoint}") from None
+                time.sleep(0.3)
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
+        yield endpoint
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The standard AWS_* variables pointing at the local server (what a user exports for MinIO or moto)."""
+    for key, value in {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    return s3_server
+
+
+def _bucket_keys(endpoint: str, prefix: str) -> list[str]:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                          aws_secret_access_key="testing")
+    return sorted(o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", []))
+
+
+def test_local_paths_stay_local_and_bad_uris_are_named(tmp_path, monkeypatch):
+    fs, path = storage.resolve(tmp_path / "runs")
+    assert isinstance(fs, pafs.LocalFileSystem) and path == str((tmp_path / "runs").resolve())
+    assert storage.ray_storage(tmp_path / "runs") == {"storage_path": str((tmp_path / "runs").resolve())}
+    assert storage.join("s3://b/runs/", "x", "/y") == "s3://b/runs/x/y"
+    assert storage.join(tmp_path, "x") == str(tmp_path / "x")
+    with pytest.raises(ValueError, match="needs a bucket"):
+        storage.resolve("s3:///runs")
+    with pytest.raises(ValueError, match="unsupported storage URI"):
+        storage.resolve("nosuch://bucket/x")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "only-the-key")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    with pytest.raises(ValueError, match="must be set together"):
+        storage.resolve("s3://b/x")
+
+
+def test_parquet_written_to_and_read_from_the_bucket(s3_env):
+    fs, path = storage.resolve(f"s3://{BUCKET}/corpus/machine")
+    assert isinstance(fs, pafs.S3FileSystem) and path == f"{BUCKET}/corpus/machine"
+    audio = np.random.default_rng(0).standard_normal((3, 160)).astype(np.float32)
+    table = pa.table({"clip_id": ["a", "b", "c"],
+                      "audio": pa.FixedSizeListArray.from_arrays(pa.array(audio.reshape(-1)), 160)})
+    pq.write_table(table, f"{path}/shard-00000.parquet", filesystem=fs)
+    assert _bucket_keys(s3_env, "corpus/") == ["corpus/machine/shard-00000.parquet"]
+    back = pq.read_table(f"{path}/shard-00000.parquet", filesystem=fs)
+    assert back.column("clip_id").to_pylist() == ["a", "b", "c"]
+    np.testing.assert_array_equal(np.stack(back.column("audio").to_numpy(zero_copy_only=False)), audio)
+
+
+def _counting_loop(config: dict) -> None:
+    """Adds 1 per step to a weight; checkpoints every step; 'dies' after `die_after` steps."""
+    import json
+    import tempfile
+
+    import ray.train
+    import torch
+
+    weight, start = torch.zeros(4), 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / "state.pt", weights_only=True)
+        weight, start = state["weight"], int(state["step"])
+    for step in range(start, config["total"]):
+        weight = weight + 1.0
+        with tempfile.TemporaryDirectory() as directory:
+            torch.save({"weight": weight, "step": step + 1}, Path(directory) / "state.pt")
+            (Path(directory) / "meta.json").write_text(json.dumps({"started_at": start}))
+            ray.train.report({"step": step + 1, "started_at": start},
+                             checkpoint=ray.train.Checkpoint.from_directory(directory))
+        if config["die_after"] is not None and step + 1 == config["die_after"]:
+            raise RuntimeError(f"killed after step {step + 1}")
+
+
+@pytest.mark.slow
+def test_ray_train_checkpoints_in_the_bucket_and_resumes_from_it(ray_local, s3_env):
+    import torch
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def trainer(die_after):
+        return TorchTrainer(
+            _counting_loop, train_loop_config={"total": 4, "die_after": die_after},
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+            run_config=RunConfig(name="counting", checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 failure_config=FailureConfig(max_failures=0),
+                                 **storage.ray_storage(f"s3://{BUCKET}/runs")))
+
+    with pytest.raises(Exception, match="killed after step 2"):
+        trainer(die_after=2).fit()
+    saved = [k for k in _bucket_keys(s3_env, "runs/counting/") if k.endswith("/state.pt")]
+    assert len(saved) == 2  # steps 1 and 2, in the bucket (num_to_keep=2)
+
+    result = trainer(die_after=None).fit()  # same name + storage: Ray Train restores from the bucket
+    assert (result.metrics["step"], result.metrics["started_at"]) == (4, 2)
+    fs, path = storage.resolve(f"s3://{BUCKET}/runs")
+    assert result.checkpoint.path.startswith(f"{path}/counting/")
+    assert isinstance(result.checkpoint.filesystem, pafs.S3FileSystem)
+    with result.checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / "state.pt", weights_only=True)
+    assert int(state["step"]) == 4 and torch.equal(state["weight"], torch.full((4,), 4.0))  # 2 + 2 steps
+    assert len([k for k in _bucket_keys(s3_env, "runs/counting/") if k.endswith("/state.pt")]) == 2
