@@ -53,7 +53,7 @@ def test_checkpoint_round_trip_is_bit_exact(init_path, tmp_path):
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, expected_next))
     student_digest = state_digest({"student": student.encoder.state_dict(), "head": student.head.state_dict()})
     assert read_digests(tmp_path) == {0: {"step": 2, "student": student_digest, "teacher": None,
-                                          "teacher_initial": None}}
+                                          "teacher_initial": None, "node_id": None}}
 
 
 def test_state_digest_sees_one_bit():
