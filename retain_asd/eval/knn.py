@@ -7,10 +7,10 @@ over the machine's test clips (np.std, ddof=0) before the min. MemMixup appends
 ``alpha * t + (1 - alpha) * s_j`` (alpha = 0.9) to the target bank for every target reference t and
 its K nearest source references s_j (Euclidean), target-major, nearest first.
 
-The kNN is exact and chunked over queries: Euclidean inputs are centred on the bank mean (the
-distance is translation-invariant, and the offset is what makes ||q||^2 + ||b||^2 - 2 q.b cancel),
-candidates come from that fast formula (float64 by default), and the chosen distances are
-recomputed from explicit differences.
+The kNN is exact and chunked over queries: Euclidean inputs are centred (the distance is
+translation-invariant, and the offset is what makes ||q||^2 + ||b||^2 - 2 q.b cancel), candidates come
+from that formula as one float32 matrix product, kept wherever a rigorous rounding-error bound says they
+could still be among the k nearest, and re-measured in float64 from explicit differences.
 """
 
 from __future__ import annotations
@@ -30,6 +30,12 @@ def _as_tensor(x, dtype: torch.dtype, device: torch.device | None = None) -> tor
     return t.to(device=device if device is not None else t.device, dtype=dtype)
 
 
+def _as_float_tensor(x, device: torch.device) -> torch.Tensor:
+    """A float32 or float64 tensor on `device` (other dtypes become float64); no copy when already so."""
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    return t.to(device=device, dtype=t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float64)
+
+
 def _check_2d(name: str, x: torch.Tensor) -> None:
     if x.ndim != 2:
         raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}")
@@ -39,6 +45,18 @@ def _check_2d(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or inf")
 
 
+# Unit roundoff of each candidate-search dtype: the bound on the dot-product error scales with it.
+_UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24}
+
+
+def _compute_device(queries, bank) -> torch.device:
+    """CUDA when either input is a CUDA tensor (the kNN then runs there), else the CPU."""
+    for x in (bank, queries):
+        if isinstance(x, torch.Tensor) and x.device.type != "cpu":
+            return x.device
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def knn_distance(
     queries,
@@ -46,26 +64,31 @@ def knn_distance(
     k: int = 1,
     metric: str = "euclidean",
     chunk_size: int = 256,
-    dtype: torch.dtype = torch.float64,
-    refine: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact k nearest neighbours of each query in the bank.
+    """Exact k nearest neighbours of each query in the bank (sklearn ``NearestNeighbors(brute)``'s answer).
+
+    Candidates come from one matrix product in `dtype` (squared distance = ||q||^2 + ||b||^2 - 2 q.b on
+    centred inputs); every bank entry whose approximate distance could still beat the k-th best, given a
+    rigorous bound on the product's rounding error (|fl(x.y) - x.y| <= D u ||x|| ||y|| / (1 - D u), Higham,
+    *Accuracy and Stability*, Sec. 3.1), is then re-measured in float64 from explicit differences. The
+    result is exact whatever `dtype`; float32 halves the product's cost. Exact ties go to the lower bank
+    index. Runs on the GPU when either input is a CUDA tensor.
 
     Args:
         queries: (Q, D) array or tensor. bank: (M, D).
         metric: "euclidean" (||q - b||) or "cosine" (1 - cos(q, b), sklearn's cosine distance).
         chunk_size: queries per chunk; memory is O(chunk_size * M).
-        dtype: dtype of the candidate search (float64 default; float32 is faster on GPU). The
-            returned distances are always recomputed in float64 from explicit differences.
-        refine: extra candidates re-ranked exactly beyond k; default 0 for float64, 4 otherwise
-            (float32 can swap near-ties).
+        dtype: dtype of the candidate search, float32 (default) or float64.
     Returns:
-        distances (Q, k) float64 ascending and indices (Q, k) int64 into `bank`, on the queries' device.
+        distances (Q, k) float64 ascending and indices (Q, k) int64 into `bank`, on the compute device.
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    q = _as_tensor(queries, torch.float64)
-    b = _as_tensor(bank, torch.float64, q.device)
+    if dtype not in _UNIT_ROUNDOFF:
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    device = _compute_device(queries, bank)
+    q, b = _as_float_tensor(queries, device), _as_float_tensor(bank, device)  # float32 stays float32
     for name, x in (("queries", q), ("bank", b)):
         if x.ndim != 2 or x.shape[0] == 0:
             raise ValueError(f"{name} must be a non-empty 2-D (N, D) array, got shape {tuple(x.shape)}")
@@ -73,46 +96,83 @@ def knn_distance(
         raise ValueError(f"queries have D={q.shape[1]} but bank has D={b.shape[1]}")
     if not 1 <= k <= b.shape[0]:
         raise ValueError(f"k must be in [1, {b.shape[0]}] (bank size), got {k}")
-    if refine is None:
-        refine = 0 if dtype == torch.float64 else 4
     if metric == "euclidean":
-        # Translation-invariant: centring on the bank mean removes the common offset that makes
-        # ||q||^2 + ||b||^2 - 2 q.b cancel catastrophically for embeddings far from the origin.
-        centre = b.mean(0)
-        q, b = q - centre, b - centre
-    q_norm, b_norm = torch.linalg.vector_norm(q, dim=1), torch.linalg.vector_norm(b, dim=1)  # (Q,), (M,)
-    # A NaN/inf anywhere in a row makes its norm non-finite: one cheap check per input.
-    for name, norm in (("queries", q_norm), ("bank", b_norm)):
+        # Translation-invariant: centring removes a common offset that would make the expansion cancel and
+        # loosen the bound. Any centre is exact; the mean of <= 256 evenly spaced rows is cheap, and it is
+        # applied only where the offset is large against the spread (it costs two passes over the bank).
+        sample = b[:: max(1, b.shape[0] // 256)].to(torch.float64)
+        centre = sample.mean(0)
+        spread = torch.linalg.vector_norm(sample - centre, dim=1).mean()
+        if torch.linalg.vector_norm(centre) > 0.25 * spread:
+            q, b = q - centre.to(q.dtype), b - centre.to(b.dtype)
+        q_low, b_low = q.to(dtype), b.to(dtype)  # x, y: the rows as the product sees them
+    else:
+        # Zero vectors stay zero (distance 1 to everything), as sklearn's normalize does.
+        q, b = (x.to(torch.float64) / torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).clamp_min(1e-300)[:, None]
+                for x in (q, b))
+        q_low, b_low = q.to(dtype), b.to(dtype)
+    # Few, large tensor ops: each is a parallel region, and on a busy machine every region costs.
+    q_norm = torch.linalg.vector_norm(q_low, dim=1, dtype=torch.float64)  # (Q,) ||x||
+    b_norm = torch.linalg.vector_norm(b_low, dim=1, dtype=torch.float64)  # (M,) ||y||
+    for name, norm in (("queries", q_norm), ("bank", b_norm)):  # a NaN/inf anywhere makes the norm so
         if not torch.isfinite(norm).all():
             rows = torch.nonzero(~torch.isfinite(norm))[:3, 0].tolist()
             raise ValueError(f"{name} contain NaN or inf (rows {rows}...)")
-    if metric == "cosine":
-        # Zero vectors stay zero (distance 1 to everything), as sklearn's normalize does.
-        q = q / q_norm.clamp_min(1e-300)[:, None]
-        b = b / b_norm.clamp_min(1e-300)[:, None]
-        q_norm, b_norm = torch.ones_like(q_norm), torch.ones_like(b_norm)
-    b_fast = b.to(dtype)
-    b_sq = b_norm.to(dtype) ** 2  # (M,)
-    n_cand = min(b.shape[0], k + refine)
-    dists, idxs = [], []
-    for q_chunk, q_sq in zip(q.split(chunk_size), (q_norm.to(dtype) ** 2).split(chunk_size)):
-        dot = q_chunk.to(dtype) @ b_fast.T  # (C, M)
-        if metric == "euclidean":
-            approx = q_sq[:, None] + b_sq[None, :] - 2 * dot  # squared distances, (C, M)
-        else:
-            approx = -dot
-        cand = approx.topk(n_cand, dim=1, largest=False, sorted=True).indices  # (C, n_cand)
-        exact = torch.empty(cand.shape, dtype=torch.float64, device=q.device)
-        for j in range(n_cand):  # (C, D) at a time: no (C, n_cand, D) temporary
-            ref = b[cand[:, j]]
+    q_sq, b_sq = q_norm**2, b_norm**2
+    # |fl(x.y) - x.y| <= D u ||x|| ||y|| / (1 - D u) for the product, plus u (||x|| + ||y||) per distance
+    # from rounding the centred rows to `dtype`: together <= (D + 8) u / 2 (||x|| + ||y||)^2, 2 % slack.
+    u = _UNIT_ROUNDOFF[dtype]
+    gamma = 1.02 * (q.shape[1] + 8) * u / 2 / (1 - q.shape[1] * u)
+    with _highest_matmul_precision():
+        dists, idxs = [], []
+        for start in range(0, q.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            dot = (q_low[rows] @ b_low.T).to(torch.float64)  # (C, M)
             if metric == "euclidean":
-                exact[:, j] = torch.linalg.vector_norm(q_chunk - ref, dim=1)
+                approx = q_sq[rows, None] + b_sq[None, :] - 2 * dot  # squared distances
             else:
-                exact[:, j] = (1 - (q_chunk * ref).sum(1)).clamp(0, 2)  # sklearn clips to [0, 2]
-        order = exact.argsort(dim=1, stable=True)[:, :k]
-        dists.append(exact.gather(1, order))
-        idxs.append(cand.gather(1, order))
+                approx = 2 - 2 * dot  # ||x - y||^2 of unit vectors: the cosine order
+            err = gamma * (q_norm[rows, None] + b_norm[None, :]) ** 2  # (C, M) bound on |approx - d^2|
+            # Anything whose lower bound is within the k-th smallest upper bound may be a neighbour.
+            threshold = (approx + err).topk(k, dim=1, largest=False).values[:, -1:]  # (C, 1)
+            lower = approx - err
+            n_cand = int((lower <= threshold).sum(1).max())
+            cand = lower.topk(n_cand, dim=1, largest=False).indices.sort(dim=1).values  # (C, n), index order
+            exact = _exact_distances(q[rows], b, cand, metric)
+            order = exact.argsort(dim=1, stable=True)[:, :k]  # stable on index order: ties to the lower index
+            dists.append(exact.gather(1, order))
+            idxs.append(cand.gather(1, order))
     return torch.cat(dists), torch.cat(idxs)
+
+
+def _exact_distances(q: torch.Tensor, b: torch.Tensor, cand: torch.Tensor, metric: str) -> torch.Tensor:
+    """float64 distance of each query to its candidates, from explicit differences. (C, n)
+
+    Cosine inputs are the unit vectors already.
+    """
+    q = q.to(torch.float64)
+    exact = torch.empty(cand.shape, dtype=torch.float64, device=q.device)
+    for j in range(cand.shape[1]):  # (C, D) at a time: no (C, n, D) temporary
+        ref = b[cand[:, j]].to(torch.float64)
+        if metric == "euclidean":
+            exact[:, j] = torch.linalg.vector_norm(q - ref, dim=1)
+        else:
+            exact[:, j] = (1 - (q * ref).sum(1)).clamp(0, 2)  # sklearn clips to [0, 2]
+    return exact
+
+
+
+
+
+class _highest_matmul_precision:
+    """float32 products in IEEE float32 (no TF32/bf16 shortcuts), which the error bound assumes."""
+
+    def __enter__(self):
+        self.saved = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+
+    def __exit__(self, *exc):
+        torch.set_float32_matmul_precision(self.saved)
 
 
 def bank_distance(test_emb, bank, k: int = 1, metric: str = "euclidean", chunk_size: int = 256) -> np.ndarray:
