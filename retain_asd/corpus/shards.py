@@ -134,18 +134,31 @@ def decode_batch(batch: pa.Table, settings: DecodeSettings) -> pa.Table:
     return pa.table({k: columns[k] for k in (*META_COLUMNS, "repairs", "sha1", "reject_reason", "audio")})
 
 
+DECODE_ROWS = 32  # files decoded per row group: bounds a task's memory (32 x 10 s float32 = 20 MB)
+
+
 def write_shard_batch(batch: pa.Table, settings: DecodeSettings, out_dir: str) -> pa.Table:
-    """Ray Data UDF: decode a batch (``decode_batch``), write its good rows as one shard in ``out_dir``.
+    """Ray Data UDF: decode a batch (``decode_batch``, DECODE_ROWS files at a time) and write its good rows
+    as one shard in ``out_dir``, one row group per DECODE_ROWS files.
 
     The audio never leaves the task: only the small metadata columns go back to the driver. (Decoded audio
     through the object store, then a second pass to write it, cost more than the decoding on 2 cores.)
     """
-    table = decode_batch(batch, settings)
-    good = table.filter(pc.equal(table.column("reject_reason"), ""))
-    if good.num_rows:
-        name = hashlib.sha1("\0".join(good.column("path").to_pylist()).encode()).hexdigest()[:16]
-        pq.write_table(good.drop_columns(["reject_reason", "sha1"]), Path(out_dir) / f"part-{name}.parquet")
-    return table.select(["path", "class_name", "sha1", "repairs", "reject_reason"])
+    name = hashlib.sha1("\0".join(batch.column("path").to_pylist()).encode()).hexdigest()[:16]
+    path = Path(out_dir) / f"part-{name}.parquet"
+    writer, meta = None, []
+    try:
+        for start in range(0, batch.num_rows, DECODE_ROWS):
+            table = decode_batch(batch.slice(start, DECODE_ROWS), settings)
+            meta.append(table.select(["path", "class_name", "sha1", "repairs", "reject_reason"]))
+            good = table.filter(pc.equal(table.column("reject_reason"), "")).drop_columns(["reject_reason", "sha1"])
+            if good.num_rows:
+                writer = writer or pq.ParquetWriter(path, good.schema)
+                writer.write_table(good)
+    finally:
+        if writer is not None:
+            writer.close()
+    return pa.concat_tables(meta)
 
 
 # ---------------------------------------------------------------------------------------------------- writer
