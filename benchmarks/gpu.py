@@ -132,21 +132,28 @@ def knn_gpu_vs_sklearn(device: torch.device, refs: int, queries: int, dim: int, 
             "median_seconds": result["median_seconds"], "ratio_over_sklearn_cpu": result["ratio"]}
 
 
-def stream_supply(device: torch.device, clip_s: float, clips: int, batch: int, work: Path) -> dict:
-    """Mixed clips/s from the Ray Data stream, as tensors on `device`, after one warm-up batch."""
+def stream_supply(device: torch.device, clip_s: float, clips: int, batch: int, work: Path,
+                  corpus_dir: Path | None = None) -> dict:
+    """Mixed clips/s from the Ray Data stream, as tensors on `device`, after one warm-up batch.
+
+    Streams the ingested corpus in `corpus_dir`, or writes and ingests a small synthetic one under `work`.
+    """
     try:
         from retain_asd import stream
-        from retain_asd.corpus.ingest import ingest
+        from retain_asd.corpus.ingest import ingest, load_corpus
         from retain_asd.corpus.synth import write_synthetic_corpus
         from retain_asd.runtime import init_ray, set_data_progress
     except ImportError as err:  # the GPU machines have torch but not Ray or soundfile
         return {"skipped": f"needs Ray and soundfile ({err})"}
     init_ray(quiet=True)
     set_data_progress(False)
-    synth = write_synthetic_corpus(work / "synth", seed=0, machines=("fan", "pump"), train_source_per_attr=4,
-                                   train_target_per_attr=2, test_per_domain=1, clip_s=clip_s,
-                                   noise_clips_per_category=2, noise_clip_s=3 * clip_s)
-    corpus = ingest(synth.machine_root, synth.noise_root, work / "corpus", rows_per_shard=32)
+    if corpus_dir is not None:
+        corpus = load_corpus(corpus_dir)
+    else:
+        synth = write_synthetic_corpus(work / "synth", seed=0, machines=("fan", "pump"), train_source_per_attr=4,
+                                       train_target_per_attr=2, test_per_domain=1, clip_s=clip_s,
+                                       noise_clips_per_category=2, noise_clip_s=3 * clip_s)
+        corpus = ingest(synth.machine_root, synth.noise_root, work / "corpus", rows_per_shard=32)
     rows = corpus.machine.num_rows
     plan = stream.build_train_stream(corpus.root / "machine", corpus.root / "noise", corpus.labels_path,
                                      snr_sampler=SNR, seed=0, num_epochs=max(2, -(-(clips + batch) // rows)),

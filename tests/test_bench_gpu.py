@@ -37,6 +37,7 @@ def test_without_cuda_it_says_so_and_writes_nothing(gpu_bench, tmp_path, capsys)
     assert not (tmp_path / "gpu.json").exists()
 
 
-def test_stream_supply_on_the_cpu(gpu_bench, ray_local, tmp_path):
-    got = gpu_bench.stream_supply(torch.device("cpu"), clip_s=2.0, clips=8, batch=4, work=tmp_path)
+def test_stream_supply_on_the_cpu(gpu_bench, small_corpus, tmp_path):
+    got = gpu_bench.stream_supply(torch.device("cpu"), clip_s=2.0, clips=8, batch=4, work=tmp_path,
+                                  corpus_dir=small_corpus / "corpus")
     assert got["clips"] >= 8 and got["clips"] % 4 == 0 and got["clips_per_s"] > 0
