@@ -122,7 +122,7 @@ def knn_distance(
     # from rounding the centred rows to `dtype`: together <= (D + 8) u / 2 (||x|| + ||y||)^2, 2 % slack.
     u = _UNIT_ROUNDOFF[dtype]
     gamma = 1.02 * (q.shape[1] + 8) * u / 2 / (1 - q.shape[1] * u)
-    with _highest_matmul_precision():
+    with _highest_matmul_precision(), _torch_threads(1 if device.type == "cpu" else None):
         dists, idxs = [], []
         for start in range(0, q.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
@@ -186,6 +186,22 @@ def _matmul_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.device.type == "cpu":
         return torch.from_numpy(a.detach().numpy() @ b.detach().numpy().T)
     return a @ b.T
+
+
+class _torch_threads:
+    """torch ops on one thread inside: numpy's BLAS threads keep spinning after the product, and torch's
+    own thread pool competing with them made the small (C, M) ops 50x slower on 2 cores."""
+
+    def __init__(self, n: int | None):
+        self.n = n
+
+    def __enter__(self):
+        self.saved = torch.get_num_threads()
+        if self.n is not None:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.saved)
 
 
 class _highest_matmul_precision:
