@@ -9,6 +9,7 @@ setup, schedule, losses + step, log, checkpoint. `cfg` is a `LoopConfig` built b
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from collections import defaultdict
@@ -101,7 +102,7 @@ def train_fn_per_worker(cfg: LoopConfig) -> None:
                 (losses.total / cfg.grad_accum).backward()
             guard.observe(values := losses.as_floats(), micro)
             for name, value in values.items():
-                window[name] += value / cfg.grad_accum
+                window[name] += value / cfg.grad_accum if math.isfinite(value) else 0.0  # a skipped step's NaN
             clips += batch["mixture"].shape[0]
         if cfg.grad_clip > 0:
             window["grad_norm"] += (norm := float(torch.nn.utils.clip_grad_norm_(student.parameters(),

@@ -16,6 +16,7 @@ Ray Train's own restore reads its run snapshot, which a killed driver may have l
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -23,6 +24,8 @@ from pathlib import Path
 from retain_asd import fsio
 from retain_asd.train.checkpoint import clean_checkpoints, mark_complete
 from retain_asd.train.guard import DivergenceError
+
+log = logging.getLogger(__name__)
 
 EVENTS = "events.jsonl"
 SUMMARY = "summary.json"
@@ -37,16 +40,18 @@ def run_monitor(events_path: Path):
         def after_report(self, run_context, metrics, checkpoint):
             first = metrics[0] if metrics else {}
             if checkpoint is not None:  # persisted by every rank: the marker is the folder's last file
-                mark_complete(checkpoint.path, first["step"])
+                try:
+                    mark_complete(checkpoint.path, first["step"])
+                except (OSError, KeyError) as err:  # the run goes on; a re-run will not resume from this one
+                    log.warning("%s: completeness marker not written (%s)", checkpoint.path, err)
             if "resumed_from_step" in first:
                 _event(events_path, "resumed", step=first["resumed_from_step"])
             if "diverged" in first:
                 _event(events_path, "diverged", message=first["diverged"])
 
         def after_exception(self, run_context, worker_exceptions):
-            error = next(iter(worker_exceptions.values()), None)
-            _event(events_path, "worker_failure", ranks=sorted(worker_exceptions),
-                   error=f"{type(error).__name__}: {error}"[:500])
+            _event(events_path, "worker_failure", errors={rank: f"{type(e).__name__}: {e}"[:300]
+                                                          for rank, e in sorted(worker_exceptions.items())})
 
     return RunMonitor()
 
