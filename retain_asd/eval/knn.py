@@ -104,6 +104,12 @@ def knn_distance(
         raise ValueError(f"k must be in [1, {b.shape[0]}] (bank size), got {k}")
     if device.type == "cpu":
         return _knn_numpy(q.numpy(), b.numpy(), k, metric, chunk_size, _NUMPY_DTYPE[dtype])
+    return _knn_torch(q, b, k, metric, chunk_size, dtype)
+
+
+def _knn_torch(q: torch.Tensor, b: torch.Tensor, k: int, metric: str, chunk_size: int,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GPU path of `knn_distance`, in torch (it also runs on CPU tensors, which the tests use)."""
     if metric == "euclidean":
         # Translation-invariant: centring removes a common offset that would make the expansion cancel and
         # loosen the bound. Any centre is exact; the mean of <= 256 evenly spaced rows is cheap, and it is
@@ -130,7 +136,7 @@ def knn_distance(
     # from rounding the centred rows to `dtype`: together <= (D + 8) u / 2 (||x|| + ||y||)^2, 2 % slack.
     u = _UNIT_ROUNDOFF[dtype]
     gamma = 1.02 * (q.shape[1] + 8) * u / 2 / (1 - q.shape[1] * u)
-    with _highest_matmul_precision(), _torch_threads(1 if device.type == "cpu" else None):
+    with _highest_matmul_precision():
         dists, idxs = [], []
         for start in range(0, q.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
@@ -271,46 +277,22 @@ def _exact_distances(q: torch.Tensor, b: torch.Tensor, cand: torch.Tensor, keep:
     return exact
 
 
-# On the CPU the casts, norms and the product go through numpy: its BLAS (OpenBLAS) ran the float32
-# product 3x faster than torch's CPU GEMM on this project's AMD machines, and its casts 3x faster.
+# The torch path below runs on CUDA tensors only (the CPU takes `_knn_numpy`).
 _NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if x.device.type == "cpu":
-        return torch.from_numpy(x.detach().numpy().astype(_NUMPY_DTYPE[dtype], copy=False))
     return x.to(dtype)
 
 
 def _squared_norms(x: torch.Tensor) -> torch.Tensor:
     """(N, D) -> (N,) float64 sum of squares, accumulated in float64."""
-    if x.device.type == "cpu":
-        a = x.detach().numpy()
-        return torch.from_numpy(np.einsum("nd,nd->n", a, a, dtype=np.float64))
     return torch.linalg.vector_norm(x, dim=1, dtype=torch.float64) ** 2
 
 
 def _matmul_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b.T: (C, D) x (M, D) -> (C, M)."""
-    if a.device.type == "cpu":
-        return torch.from_numpy(a.detach().numpy() @ b.detach().numpy().T)
     return a @ b.T
-
-
-class _torch_threads:
-    """torch ops on one thread inside: numpy's BLAS threads keep spinning after the product, and torch's
-    own thread pool competing with them made the small (C, M) ops 50x slower on 2 cores."""
-
-    def __init__(self, n: int | None):
-        self.n = n
-
-    def __enter__(self):
-        self.saved = torch.get_num_threads()
-        if self.n is not None:
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.saved)
 
 
 class _highest_matmul_precision:

@@ -128,6 +128,25 @@ def test_float32_embeddings_with_offset_duplicates_and_parallel_chunks_match_skl
     assert torch.equal(got[1], exact64[1]) and torch.equal(got[0], exact64[0])  # same float64 re-measure
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_torch_path_used_on_cuda_matches_sklearn_on_cpu_tensors(metric):
+    # The CUDA path is the torch one; run it on CPU tensors here, on ties, duplicates and an offset.
+    from retain_asd.eval.knn import _knn_torch
+
+    rng = np.random.default_rng(8)
+    base = rng.integers(-2, 3, size=(40, 6)).astype(np.float64)
+    base[np.abs(base).sum(1) == 0, 0] = 1
+    bank = np.concatenate([base, base[rng.permutation(40)[:25]]]) + 20  # offset: centred
+    queries = np.concatenate([rng.integers(-2, 3, size=(30, 6)) + 20.5, bank[:10]])
+    for dtype in (torch.float32, torch.float64):
+        for k in (1, 4):
+            got = _knn_torch(torch.as_tensor(queries), torch.as_tensor(bank), k, metric, 7, dtype)
+            _assert_same_neighbours(got, _sklearn(queries, bank, k, metric), queries, bank, metric)
+            numpy_path = knn_distance(queries, bank, k=k, metric=metric, dtype=dtype)
+            assert torch.equal(got[1], numpy_path[1])
+            torch.testing.assert_close(got[0], numpy_path[0], rtol=1e-12, atol=1e-12)
+
+
 def test_single_query_and_blas_threads_restored():
     from threadpoolctl import threadpool_info
 
