@@ -170,8 +170,8 @@ def _knn_numpy(q: np.ndarray, b: np.ndarray, k: int, metric: str, chunk_size: in
     if metric == "euclidean":
         # Translation-invariant: a centre c removes a common offset that would make the expansion cancel.
         # Any c is exact; it is applied only where the offset is large against the spread.
-        sample = b[:: max(1, b.shape[0] // 64)].astype(np.float64)  # <= 127 evenly spaced rows
-        centre = sample.mean(0)
+        sample = b[:: max(1, b.shape[0] // 64)]  # <= 127 evenly spaced rows, no copy
+        centre = sample.mean(0, dtype=np.float64)
         spread = np.linalg.norm(sample - centre, axis=1).mean()
         if np.linalg.norm(centre) > 0.25 * spread:
             if q.dtype == dtype == b.dtype:  # x = fl(q - c) with c in `dtype`: one rounding, as a cast
