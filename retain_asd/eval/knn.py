@@ -183,8 +183,8 @@ def _knn_numpy(q: np.ndarray, b: np.ndarray, k: int, metric: str, chunk_size: in
             x, y = q.astype(dtype, copy=False), b.astype(dtype, copy=False)  # no copy for float32 input
     else:
         # Zero vectors stay zero (distance 1 to everything), as sklearn's normalize does.
-        q, b = (a.astype(np.float64) / np.maximum(np.linalg.norm(a.astype(np.float64), axis=1), 1e-300)[:, None]
-                for a in (q, b))
+        q, b = (a / np.maximum(np.linalg.norm(a, axis=1), 1e-300)[:, None]
+                for a in (q.astype(np.float64), b.astype(np.float64)))
         x, y = q.astype(dtype), b.astype(dtype)
     x_sq = np.einsum("nd,nd->n", x, x).astype(np.float64)  # (Q,) ||x||^2, summed in `dtype`
     y_sq = np.einsum("nd,nd->n", y, y).astype(np.float64)  # (M,)
