@@ -55,12 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         from retain_asd.runtime import init_ray
 
         init_ray(args.address)
-    try:
-        results = evaluate_from_config(cfg, args.checkpoint, args.out, layers=args.layers, use_ray=args.ray,
-                                       dcase_root=args.dcase_root, ground_truth_dir=args.ground_truth)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"retain-asd evaluate: {err}", file=sys.stderr)
-        return 2
+    # a bad checkpoint or path is a user error: one line from run_main (--debug for the traceback)
+    results = evaluate_from_config(cfg, args.checkpoint, args.out, layers=args.layers, use_ray=args.ray,
+                                   dcase_root=args.dcase_root, ground_truth_dir=args.ground_truth)
     for r in results:
         m = r.metrics()
         figures = {k: m[k] for k in ("hmean_low", "hmean_all", "hmean_low_dn", "hmean_all_dn") if k in m}
