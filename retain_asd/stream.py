@@ -406,6 +406,14 @@ def with_mixture(rows: dict) -> dict:
     return {**rows, "mixture": rows["clean"] + rows["noise"]}
 
 
+def iid_distinct_expectation(num_classes: int, batch_size: int) -> float:
+    """Expected distinct classes in `batch_size` iid draws from `num_classes` equally likely classes:
+    C (1 - (1 - 1/C)^b), the yardstick of a well-mixed batch (`retain-asd inspect-stream`)."""
+    if num_classes < 1 or batch_size < 0:
+        raise ValueError(f"num_classes = {num_classes}, batch_size = {batch_size}: need C >= 1, b >= 0")
+    return num_classes * (1.0 - (1.0 - 1.0 / num_classes) ** batch_size)
+
+
 def epochs_for_steps(total_steps: int, batch_size: int, grad_accum: int, rows_per_epoch: int) -> int:
     """Epochs the dataset must cover so the loop never runs dry: ceil(steps x batch x accum / rows)."""
     return max(1, -(-total_steps * batch_size * grad_accum // rows_per_epoch))
