@@ -440,8 +440,10 @@ def iter_train_batches(data_iterator, batch_size: int, seed: int, *, shuffle_buf
 
             with warnings.catch_warnings():  # arrays from the object store are read-only; the loop only reads
                 warnings.simplefilter("ignore", UserWarning)
-                out = {k: torch.as_tensor(np.ascontiguousarray(batch[k])) for k in columns if k != "mixture"}
-                if "mixture" in columns:  # Eq. 3: mixture = a1 x1 + a2 x2, formed here (one add)
+                formed = "mixture" in columns and "mixture" not in batch
+                out = {k: torch.as_tensor(np.ascontiguousarray(batch[k])) for k in columns
+                       if not (formed and k == "mixture")}
+                if formed:  # Eq. 3: mixture = a1 x1 + a2 x2, formed here (one add)
                     out["mixture"] = torch.add(out["clean"] if "clean" in out else torch.as_tensor(batch["clean"]),
                                                out["noise"] if "noise" in out else torch.as_tensor(batch["noise"]))
                 return out

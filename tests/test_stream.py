@@ -263,3 +263,73 @@ def test_clear_errors(corpus, tmp_path):
     with pytest.raises(stream.StreamError, match="noise bank is empty"):
         stream.build_stream_state(machine, empty, corpus.labels_path, **kw)
     assert Path(corpus.labels_path).is_file()
+
+
+# ------------------------------------------------------------------------------------------ well-mixed batches
+@pytest.fixture(scope="module")
+def three_machines(tmp_path_factory, ray_local):
+    """3 machines x 8 attribute classes (~100 train clips), 1 s clips, shards of 32 rows (a work unit of 2
+    shards sees part of the corpus): written shuffled (as ingest does) and, for contrast, in path order (as
+    before: a shard holds one machine)."""
+    from retain_asd.corpus.ingest import ingest
+    from retain_asd.corpus.shards import DecodeSettings
+    from retain_asd.corpus.synth import write_synthetic_corpus
+
+    root = tmp_path_factory.mktemp("mixed")
+    synth = write_synthetic_corpus(root / "synth", seed=0, clip_s=1.0, train_source_per_attr=3,
+                                   train_target_per_attr=1, test_per_domain=1, noise_clips_per_category=1,
+                                   noise_clip_s=3.0)
+    kw = {"settings": DecodeSettings(clip_s=1.0, audio_dtype="int16"), "rows_per_shard": 32}
+    return (ingest(synth.machine_root, synth.noise_root, root / "shuffled", **kw),
+            ingest(synth.machine_root, synth.noise_root, root / "path_order", shuffle_seed=None, **kw))
+
+
+def _batches(corpus, batch_size=16, num_batches=30, **kw):
+    from retain_asd.train.loop import BATCH_COLUMNS
+
+    plan = stream.build_train_stream(corpus.root / "machine", corpus.root / "noise", corpus.labels_path,
+                                     snr_sampler=SNR, seed=0, num_epochs=8, clip_samples=16000, **kw)
+    out = []
+    for batch in stream.iter_train_batches(plan.dataset.iterator(), batch_size, seed=0,
+                                           columns=(*BATCH_COLUMNS, "machine_idx"), device="cpu"):
+        out.append(batch)
+        if len(out) == num_batches:
+            break
+    return plan, out
+
+
+def test_batches_are_well_mixed(three_machines):
+    shuffled, path_order = three_machines
+    num_machine = shuffled.vocab.num_machine
+    iid = stream.iid_distinct_expectation(num_machine, 16)
+    assert num_machine == 24 and iid == pytest.approx(24 * (1 - (23 / 24) ** 16))  # 11.85
+    plan, batches = _batches(shuffled)
+    assert len(plan.state.clean.files) >= 3  # more shards than a work unit reads
+    mean = np.mean([len(set(b["machine_idx"].tolist())) for b in batches])
+    assert mean >= 0.9 * iid, (mean, iid)
+    # the stream before: shards in path order, one shard per work unit -> a batch holds a few neighbouring
+    # attribute classes of one or two machines
+    _, batches = _batches(path_order, files_per_unit=1)
+    before = np.mean([len(set(b["machine_idx"].tolist())) for b in batches])
+    assert before < 0.9 * iid, (before, iid)  # the same bar fails
+
+
+def test_mixup_partner_is_another_clip_on_real_batches(three_machines):
+    import torch
+
+    from retain_asd.train import objectives as obj
+    from retain_asd.train.student import _partners
+
+    plan, batches = _batches(three_machines[0], num_batches=20)
+    rng = np.random.default_rng(0)
+    repeats = 0
+    for batch in batches:
+        clip = batch["clip_idx"].numpy()
+        repeats += len(clip) - len(set(clip.tolist()))
+        j = _partners(batch, rng, torch.device("cpu")).numpy()
+        ids = plan.state.clean.clip_ids
+        assert (ids[clip[j]] != ids[clip]).all()  # every row, linear and SNR mixup alike (one partner rule)
+        x, _ = obj.linear_mixup(batch["mixture"], batch["mixture"][j], batch["label"], batch["label"][j],
+                                torch.full((len(j),), 0.5))
+        assert not torch.equal(x, batch["mixture"])
+    assert repeats > 0  # class-weighted draws put one clip twice in a batch: roll(1) could pair it with itself
