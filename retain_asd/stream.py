@@ -11,9 +11,9 @@ How it is built (one Ray Data dataset covering every epoch, iterated once by the
   function of (seed, epoch) (`plan_epoch`), a few numbers per draw. Each task recomputes the plan of its
   epoch from the shared state (milliseconds) instead of the driver storing num_epochs plans: the plans of a
   20k-step run would otherwise cost O(num_epochs x clips) object-store memory for no gain.
-* Work unit = (epoch, `files_per_unit` clean shard files). Units run epoch-major; within an epoch the file
-  order is a seeded permutation, and a unit's draws (of all its files) come out in the plan's random
-  order. Each task reads its shards with pyarrow (audio decoded once per unit, never on the driver), so
+* Work unit = (epoch, `files_per_unit` clean shard files, enough for >= `UNIT_ROWS` clips). Units run
+  epoch-major; within an epoch the file order is a seeded permutation, and a unit's draws (of all its
+  files) come out in the plan's random order. Each task reads its shards with pyarrow (audio decoded once per unit, never on the driver), so
   the 10+ GB corpus streams. Shards are written with records shuffled across machine types
   (`shards.write_shards`), so a unit's rows, and a batch, are a sample of the whole epoch's class-weighted
   plan, not one machine type (`retain-asd inspect-stream` measures it against the iid expectation).
@@ -50,7 +50,7 @@ TORCH_COLUMNS = ("mixture", "clean", "noise", "label", "machine_idx", "noise_idx
                  "noise_offset", "epoch")
 ID_COLUMNS = ("clip_id", "noise_id")
 MIX_ROWS_PER_BLOCK = 32  # rows per output block: 32 x 2 x 640 kB = 41 MB for 10 s clips
-FILES_PER_UNIT = 2  # shard files whose draws one work unit interleaves
+UNIT_ROWS = 512  # clips a work unit draws from at least: files_per_unit = ceil(UNIT_ROWS / rows per shard), >= 2
 
 
 class StreamError(ValueError):
@@ -282,8 +282,15 @@ def _noise_rows(bank: NoiseBank, noise: np.ndarray, offset: np.ndarray, num_samp
     return out
 
 
+def default_files_per_unit(clean: CleanIndex, unit_rows: int = UNIT_ROWS) -> int:
+    """Shard files per work unit so that a unit draws from >= `unit_rows` clips (and >= 2 files): a batch is
+    then a sample of the epoch's plan over a few hundred random clips, whatever `data.rows_per_shard`."""
+    rows_per_file = int(np.bincount(clean.file_idx).max())
+    return max(2, -(-unit_rows // rows_per_file))
+
+
 def mix_unit(state: StreamState, epoch: int, unit: int, rows_per_block: int = MIX_ROWS_PER_BLOCK,
-             files_per_unit: int = FILES_PER_UNIT) -> Iterator[dict[str, np.ndarray]]:
+             files_per_unit: int = 2) -> Iterator[dict[str, np.ndarray]]:
     """Rows of one work unit: the draws of `epoch` whose clean clip is in one of the unit's shard files,
     in the plan's random order, so a block interleaves the rows of all the unit's files.
 
@@ -362,20 +369,22 @@ class StreamPlan:
 def build_train_stream(machine_dir: str | os.PathLike, noise_dir: str | os.PathLike,
                        labels_path: str | os.PathLike, *, snr_sampler: dict, seed: int, num_epochs: int,
                        class_weighted: bool = True, split: str = "train", clip_samples: int | None = None,
-                       rows_per_block: int = MIX_ROWS_PER_BLOCK, files_per_unit: int = FILES_PER_UNIT,
+                       rows_per_block: int = MIX_ROWS_PER_BLOCK, files_per_unit: int | None = None,
                        max_tasks: int | None = None) -> StreamPlan:
     """`build_train_dataset` returning the state too. Needs Ray initialised (`runtime.init_ray`).
 
-    `max_tasks` caps the read/mix tasks running at once (None: as many as CPUs allow).
+    `files_per_unit`: shard files one work unit reads (None: `default_files_per_unit`); `max_tasks` caps the
+    read/mix tasks running at once (None: as many as CPUs allow).
     """
     import ray
 
     if num_epochs < 1:
         raise ValueError(f"num_epochs = {num_epochs}: must be >= 1")
-    if files_per_unit < 1:
+    if files_per_unit is not None and files_per_unit < 1:
         raise ValueError(f"files_per_unit = {files_per_unit}: must be >= 1")
     state = build_stream_state(machine_dir, noise_dir, labels_path, snr_sampler=snr_sampler, seed=seed,
                                class_weighted=class_weighted, split=split, clip_samples=clip_samples)
+    files_per_unit = files_per_unit or default_files_per_unit(state.clean)
     state_ref = ray.put(state)
     units_per_epoch = -(-len(state.clean.files) // files_per_unit)
     num_units = num_epochs * units_per_epoch
