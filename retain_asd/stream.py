@@ -15,8 +15,9 @@ How it is built (one Ray Data dataset covering every epoch, iterated once by the
   epoch-major; within an epoch the file order is a seeded permutation, and a unit's draws (of all its
   files) come out in the plan's random order. Each task reads its shards with pyarrow (audio decoded
   once per unit, never on the driver), so the 10+ GB corpus streams. Shards are written with records
-  shuffled across machine types (`shards.write_shards`), so a unit's rows, and a batch, are a sample of the whole epoch's class-weighted
-  plan, not one machine type (`retain-asd inspect-stream` measures it against the iid expectation).
+  shuffled across machine types (`shards.write_shards`), so a unit's rows, and a batch, are a sample of
+  the whole epoch's class-weighted plan, not one machine type (`retain-asd inspect-stream` measures it
+  against the iid expectation).
   Why not `ray.data.read_parquet` per epoch + `union`: a union of hundreds of epoch branches lets the
   executor interleave epochs arbitrarily and plans hundreds of operators; here the epoch is explicit in
   each unit and the dataset is a single fused read -> mix task per unit.
