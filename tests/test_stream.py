@@ -218,7 +218,7 @@ def test_noise_bank_is_shared_zero_copy(corpus, ray_local):
 def test_streaming_split_and_torch_batches(corpus):
     import torch
 
-    plan = _build(corpus, num_epochs=1)
+    plan = _build(corpus, num_epochs=1, files_per_unit=1)  # 5 units: blocks for both consumers
     n = plan.rows_per_epoch
     left, right = plan.dataset.streaming_split(2, equal=False)
     import threading
