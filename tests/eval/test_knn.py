@@ -43,6 +43,84 @@ def test_float32_candidates_still_match_sklearn(data):
     np.testing.assert_allclose(got_d.numpy(), want_d, rtol=1e-10)
 
 
+def _sklearn(queries, bank, k, metric="euclidean"):
+    return NearestNeighbors(n_neighbors=k, algorithm="brute", metric=metric).fit(bank).kneighbors(queries)
+
+
+def _assert_same_neighbours(got, want, queries, bank, metric="euclidean"):
+    """Distances to 1e-6 and the same ids, except inside a group of equal distances: there sklearn's
+    order is its (unstable) sort's, and ours is the lower index first."""
+    (got_d, got_i), (want_d, want_i) = (np.asarray(x) for x in got), want
+    np.testing.assert_allclose(got_d, want_d, rtol=1e-6, atol=1e-12)
+    for q, pos in zip(*np.nonzero(got_i != want_i)):
+        if metric == "euclidean":
+            row = np.linalg.norm(bank - queries[q], axis=1)  # (M,)
+        else:
+            row = 1 - bank @ queries[q] / np.linalg.norm(bank, axis=1) / np.linalg.norm(queries[q])
+        tied = np.isclose(row, row[want_i[q, pos]], rtol=0, atol=1e-12)
+        assert tied[got_i[q, pos]] and tied.sum() > 1, f"query {q}, neighbour {pos}: not a tie"
+    assert np.all(np.diff(got_i, axis=1)[np.diff(got_d, axis=1) == 0] > 0)  # ties: lower index first
+    return int((got_i != want_i).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_ties_and_duplicates_match_sklearn(dtype, metric):
+    # Small integer coordinates: many distances are exactly tied; duplicated rows (a shuffled copy of
+    # some) and queries that are bank rows (distance 0).
+    rng = np.random.default_rng(7)
+    base = rng.integers(-2, 3, size=(40, 6)).astype(np.float64)
+    base[np.abs(base).sum(1) == 0, 0] = 1  # no zero vector (cosine)
+    bank = np.concatenate([base, base[rng.permutation(40)[:25]]])  # 65 rows, 25 exact duplicates
+    queries = np.concatenate([rng.integers(-2, 3, size=(30, 6)).astype(np.float64) + 0.5, base[:10]])
+    swapped = 0
+    for k in (1, 4, 9):
+        got = knn_distance(queries, bank, k=k, metric=metric, dtype=dtype, chunk_size=7)
+        swapped += _assert_same_neighbours(got, _sklearn(queries, bank, k, metric), queries, bank, metric)
+    assert swapped > 0  # the data does hold ties that sklearn orders differently
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_genrep_sized_random_data_matches_sklearn(dtype):
+    rng = np.random.default_rng(11)
+    bank, queries = rng.normal(size=(500, 1536)), rng.normal(size=(60, 1536))
+    bank[250:260] = bank[:10]  # duplicates
+    got = knn_distance(queries, bank, k=5, dtype=dtype)
+    _assert_same_neighbours(got, _sklearn(queries, bank, 5), queries, bank)
+
+
+def test_float32_search_exact_far_from_the_origin_and_on_float32_input():
+    # Embeddings with a large common offset (like pooled transformer outputs) and close neighbours:
+    # float32 alone would confuse them; the bound keeps every possible neighbour for the float64 pass.
+    rng = np.random.default_rng(4)
+    bank = (50 + rng.normal(size=(400, 256)) * 0.01).astype(np.float32)
+    queries = (50 + rng.normal(size=(30, 256)) * 0.01).astype(np.float32)
+    want_d, want_i = _sklearn(queries, bank, 3)  # sklearn computes in float64 on float32 input
+    got_d, got_i = knn_distance(queries, bank, k=3, dtype=torch.float32)
+    np.testing.assert_array_equal(got_i.numpy(), want_i)
+    np.testing.assert_allclose(got_d.numpy(), want_d, rtol=1e-6)
+
+
+def test_matmul_precision_setting_is_restored():
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        knn_distance(np.eye(3), np.eye(3))
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_run_on_the_gpu_and_match_the_cpu(data):
+    queries, bank = data
+    want_d, want_i = knn_distance(queries, bank, k=3)
+    got_d, got_i = knn_distance(torch.as_tensor(queries).cuda(), torch.as_tensor(bank).cuda(), k=3)
+    assert got_d.is_cuda and got_i.is_cuda
+    assert torch.equal(got_i.cpu(), want_i)
+    torch.testing.assert_close(got_d.cpu(), want_d, rtol=1e-10, atol=0)
+
+
 def test_chunking_does_not_change_results(data):
     queries, bank = data
     a = knn_distance(queries, bank, k=2, chunk_size=5)
