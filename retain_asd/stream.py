@@ -390,7 +390,7 @@ def build_train_stream(machine_dir: str | os.PathLike, noise_dir: str | os.PathL
     units_per_epoch = -(-len(state.clean.files) // files_per_unit)
     num_units = num_epochs * units_per_epoch
     ds = ray.data.range(num_units, override_num_blocks=num_units).map_batches(
-        _mix_units, batch_size=None, batch_format="numpy", concurrency=max_tasks,
+        _mix_units, batch_size=None, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=max_tasks),
         fn_kwargs={"state_ref": state_ref, "units_per_epoch": units_per_epoch, "rows_per_block": rows_per_block,
                    "files_per_unit": files_per_unit})
     return StreamPlan(ds, state_ref, state, num_epochs)
