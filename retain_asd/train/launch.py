@@ -6,14 +6,18 @@
       -> stream (Ray Data) + TorchTrainer.fit()      <out>/ray/<name>/...     Ray Train checkpoints
       -> student exported in official BEATs format   <out>/student_beats.pt
       -> MLflow run (params, metric history, model)  <out>/metrics.jsonl      every report, rank 0
+      -> run summary                                 <out>/summary.json       steps, restarts, resumes, loss
 
-Re-running `pretrain` with the same config and out dir resumes from the latest checkpoint: Ray Train
-(V2) restores a run whose name and storage path already hold a run snapshot. Ray must be initialised by
-the caller (`retain_asd.runtime.init_ray`).
+A lost worker restarts the worker group from the latest checkpoint (`train.max_failures`, default 3).
+Re-running `pretrain` with the same config and out dir resumes from the newest *complete* checkpoint on disk
+(`train/recovery.py`: marker written last; incomplete and orphaned folders are removed). A non-finite loss or
+gradient norm stops the run before the optimiser applies it (`train/guard.py`): `DivergenceError`, nothing
+exported. Ray must be initialised by the caller (`retain_asd.runtime.init_ray`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -37,8 +41,9 @@ from retain_asd.models.beats import (
     save_beats,
     write_random_checkpoint,
 )
-from retain_asd.train import objectives
-from retain_asd.train.checkpoint import TRAIN_STATE, read_train_state
+from retain_asd.train import objectives, recovery
+from retain_asd.train.checkpoint import TRAIN_STATE, complete_checkpoints, read_train_state
+from retain_asd.train.guard import DivergenceError
 from retain_asd.train.loop_config import LoopConfig
 
 log = logging.getLogger(__name__)
@@ -54,6 +59,7 @@ class PretrainResult:
     checkpoint_path: str | None  # latest Ray Train checkpoint directory
     metrics: list[dict] = field(default_factory=list)  # every report of this out dir, by step
     mlflow_run_id: str | None = None
+    summary: dict = field(default_factory=dict)  # what <out>/summary.json holds
 
 
 # ---------------------------------------------------------------------------------------- model init
@@ -123,7 +129,7 @@ def loop_config_from(cfg: Config, labels_path: str | os.PathLike, init_checkpoin
         lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, total_steps=t.total_steps,
         batch_size_per_worker=t.batch_size // t.num_workers, grad_accum=t.grad_accum, grad_clip=t.grad_clip,
         log_every=t.log_every, checkpoint_every=t.checkpoint_every, seed=t.seed, stop_at_step=stop_at_step,
-        skip_seen_batches=True,
+        skip_seen_batches=True, skip_nonfinite_steps=t.skip_nonfinite_steps,
     )
 
 
@@ -204,7 +210,8 @@ def build_trainer(cfg: Config, loop_config: LoopConfig, train_dataset, out_dir: 
         run_config=RunConfig(name=cfg.name, storage_path=str(out_dir / "ray"),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=t.max_failures),
-                             callbacks=[_metrics_log_callback(out_dir / "metrics.jsonl")]),
+                             callbacks=[_metrics_log_callback(out_dir / "metrics.jsonl"),
+                                        recovery.run_monitor(out_dir / recovery.EVENTS)]),
         datasets={"train": train_dataset},
     )
 
@@ -219,9 +226,9 @@ def export_student(checkpoint_dir: str | os.PathLike, init_checkpoint: str | os.
 
 
 def latest_checkpoint(out_dir: str | os.PathLike, name: str) -> Path | None:
-    """The Ray Train checkpoint of run `name` under <out>/ray with the highest step, or None."""
-    found = [p.parent for p in (Path(out_dir) / "ray" / name).glob(f"checkpoint_*/{TRAIN_STATE}")]
-    return max(found, key=_checkpoint_step, default=None)
+    """The complete Ray Train checkpoint (`checkpoint.complete_step`) of run `name` with the highest step, or None."""
+    complete, _ = complete_checkpoints(Path(out_dir) / "ray" / name)
+    return complete[-1][1] if complete else None
 
 
 def _checkpoint_step(directory: Path) -> int:
@@ -274,7 +281,8 @@ def pretrain(cfg: Config, out_dir: str | os.PathLike, *, corpus=None, stop_at_st
     fsio.remove_stale_temps(out_dir)  # temp files of a run that was killed (config.yaml, student, MLflow pointer)
     config_path = out_dir / "config.yaml"
     init_checkpoint = resolve_init_checkpoint(cfg, out_dir)
-    checkpoint = latest_checkpoint(out_dir, cfg.name)
+    newest = recovery.prepare_resume(out_dir, cfg.name, cfg.train.keep_checkpoints)  # removes torn folders
+    checkpoint = newest[1] if newest else None
     if checkpoint is not None:  # resuming: the run must be the same
         _check_same_config(cfg, config_path)
     config_mod.dump_yaml(cfg, config_path)
@@ -288,20 +296,54 @@ def pretrain(cfg: Config, out_dir: str | os.PathLike, *, corpus=None, stop_at_st
         return PretrainResult(out_dir, student_path, config_path, 0, True, None, [], run_id)
 
     target = stop_at_step or cfg.train.total_steps
-    if checkpoint is None or _checkpoint_step(checkpoint) < target:  # else: already there, only export
+    if checkpoint is None or newest[0] < target:  # else: already there, only export
         if corpus is None:
             from retain_asd.corpus.ingest import corpus_from_config
 
             corpus = corpus_from_config(cfg.data)
-        loop_config = loop_config_from(cfg, corpus.labels_path, init_checkpoint, stop_at_step)
+        loop_config = dataclasses.replace(loop_config_from(cfg, corpus.labels_path, init_checkpoint, stop_at_step),
+                                          resume_from=str(checkpoint) if checkpoint else None)
         trainer = build_trainer(cfg, loop_config, train_dataset_from(cfg, corpus), out_dir)
-        result = trainer.fit()
+        since = recovery.fit_started(out_dir)
+        try:
+            result = trainer.fit()
+        except Exception:
+            recovery.fit_failed(out_dir)
+            raise
+        try:
+            recovery.raise_if_diverged(out_dir, since)
+        except DivergenceError as err:
+            _finish(cfg, out_dir, "diverged", None, None, message=str(err))
+            raise
         if result.checkpoint is None:
             raise RuntimeError(f"{out_dir / 'ray' / cfg.name}: the run finished without a checkpoint")
         checkpoint = Path(result.checkpoint.path)  # local storage (see build_trainer)
-    step = _checkpoint_step(checkpoint)
+    state = read_train_state(checkpoint)
+    step = int(state["step"])
     export_student(checkpoint, init_checkpoint, student_path)
     history = read_metrics(out_dir / "metrics.jsonl")
     run_id = _log_mlflow(cfg, out_dir, history, student_path) if track else None
-    return PretrainResult(out_dir, student_path, config_path, step, step == cfg.train.total_steps,
-                          str(checkpoint), history, run_id)
+    completed = step == cfg.train.total_steps
+    summary = _finish(cfg, out_dir, "completed" if completed else "stopped", checkpoint, student_path,
+                      skipped=int(state["data"].get("skipped_steps", 0)), step=step)
+    return PretrainResult(out_dir, student_path, config_path, step, completed, str(checkpoint), history, run_id,
+                          summary)
+
+
+def _finish(cfg: Config, out_dir: Path, status: str, checkpoint: Path | None, student: Path | None,
+            skipped: int = 0, step: int | None = None, message: str | None = None) -> dict:
+    """Prune checkpoints to the newest train.keep_checkpoints, write <out>/summary.json and log its line."""
+    newest = recovery.prepare_resume(out_dir, cfg.name, cfg.train.keep_checkpoints)
+    if step is None:  # diverged: the last good checkpoint
+        step = newest[0] if newest else 0
+        if newest is not None:
+            skipped = int(read_train_state(newest[1])["data"].get("skipped_steps", 0))
+        checkpoint = newest[1] if newest else None
+    summary = recovery.summary(out_dir, name=cfg.name, status=status, step=step,
+                               total_steps=cfg.train.total_steps, skipped_steps=skipped,
+                               history=read_metrics(out_dir / "metrics.jsonl"),
+                               checkpoint=str(checkpoint) if checkpoint else None,
+                               student=str(student) if student else None, message=message)
+    recovery.write_summary(out_dir, summary)
+    log.info(recovery.summary_line(summary))
+    return summary
