@@ -17,6 +17,7 @@ COMMANDS = {
     "synth": ("pipelines.synth", "write the synthetic machine + noise corpus (the embedded default)"),
     "ingest": ("pipelines.ingest", "raw corpus folders -> Parquet shards, manifest, rejects, labels"),
     "foundation": ("pipelines.foundation", "train (once) the stand-in foundation encoder on generic clean sounds"),
+    "inspect-stream": ("pipelines.inspect_stream", "the training stream per batch: classes, noises, SNRs"),
     "pretrain": ("pipelines.pretrain", "retain-not-denoise pre-training on Ray Train"),
     "evalsets": ("pipelines.evalsets", "build the Factory A / B / Mismatch evaluation sets"),
     "evaluate": ("pipelines.evaluate", "score checkpoints on the evaluation sets, log to MLflow"),

@@ -48,13 +48,18 @@ class Corpus:
 
 def ingest(machine_root: str | os.PathLike, noise_root: str | os.PathLike, out_dir: str | os.PathLike, *,
            settings: shards.DecodeSettings = shards.DecodeSettings(), rows_per_shard: int = 256,
-           ground_truth_dir: str | os.PathLike | None = None, force: bool = False) -> Corpus:
-    """Scan both corpora, write their shards (a no-op when unchanged) and the label vocabulary."""
+           ground_truth_dir: str | os.PathLike | None = None, force: bool = False,
+           shuffle_seed: int | None = 0) -> Corpus:
+    """Scan both corpora, write their shards (a no-op when unchanged) and the label vocabulary.
+
+    Machine clips are written shuffled across types (`shards.write_shards`, `shuffle_seed`; None: path order).
+    """
     out_dir = Path(out_dir)
     machine_scan = layouts.scan_dcase(machine_root, ground_truth_dir=ground_truth_dir)
     noise_scan = layouts.scan_noise(noise_root)
     machine = shards.write_shards(machine_scan.records, out_dir / "machine", settings=settings,
-                                  rows_per_shard=rows_per_shard, scan_rejects=machine_scan.rejects, force=force)
+                                  rows_per_shard=rows_per_shard, scan_rejects=machine_scan.rejects, force=force,
+                                  shuffle_seed=shuffle_seed)
     # Noise keeps its full length: the stream cuts a fresh random segment per pairing.
     noise = shards.write_shards(noise_scan.records, out_dir / "noise", settings=replace(settings, clip_s=None),
                                 rows_per_shard=rows_per_shard, scan_rejects=noise_scan.rejects, force=force)

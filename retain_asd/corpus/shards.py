@@ -174,9 +174,10 @@ def write_shard_batch(batch: pa.Table, settings: DecodeSettings, out_dir: str) -
 
 # ---------------------------------------------------------------------------------------------------- writer
 def fingerprint(records: Sequence[ClipRecord], scan_rejects: Sequence[tuple[str, str]],
-                settings: DecodeSettings, rows_per_shard: int) -> str:
+                settings: DecodeSettings, rows_per_shard: int, shuffle_seed: int | None = 0) -> str:
     h = hashlib.sha1(json.dumps({"schema": SCHEMA_VERSION, "settings": asdict(settings),
-                                 "rows_per_shard": rows_per_shard}, sort_keys=True).encode())
+                                 "rows_per_shard": rows_per_shard, "shuffle_seed": shuffle_seed},
+                                sort_keys=True).encode())
     for path in sorted([r.path for r in records] + [p for p, _ in scan_rejects]):
         try:
             st = os.stat(path)
@@ -203,8 +204,14 @@ def read_rejects(root: str | os.PathLike) -> list[tuple[str, str]]:
 
 def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
                  settings: DecodeSettings = DecodeSettings(), rows_per_shard: int = 256,
-                 scan_rejects: Sequence[tuple[str, str]] = (), force: bool = False) -> ShardSet:
+                 scan_rejects: Sequence[tuple[str, str]] = (), force: bool = False,
+                 shuffle_seed: int | None = 0) -> ShardSet:
     """Decode ``records`` in parallel with Ray Data and write them as Parquet shards into ``out_dir``.
+
+    Records are written in a seeded random order (``shuffle_seed``; None keeps the scan's path order), so
+    every shard holds a sample of all machine types and sections: the training stream reads a few shards
+    per work unit, and a batch is then well mixed instead of one machine type. Readers never depend on
+    the row order (``read_table`` sorts by path).
 
     Each Ray task decodes one batch of files and writes its own shard (``write_shard_batch``); shards hold
     at most ``rows_per_shard`` rows (fewer where files were rejected, or to give every CPU work).
@@ -217,7 +224,7 @@ def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
     out_dir = Path(out_dir)
     if rows_per_shard <= 0:
         raise ValueError(f"rows_per_shard = {rows_per_shard}: must be > 0")
-    fp = fingerprint(records, scan_rejects, settings, rows_per_shard)
+    fp = fingerprint(records, scan_rejects, settings, rows_per_shard, shuffle_seed)
     fsio.remove_stale_temps(out_dir.parent)  # `.machine.tmp-*` of an ingest that was killed
     old = None if force else read_manifest(out_dir)
     if old is not None and old.get("fingerprint") == fp:
@@ -231,6 +238,8 @@ def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
         written: list[dict] = []
         if records:
             items = [_record_row(r) for r in records]
+            if shuffle_seed is not None:  # seeded: the same input gives the same shards
+                items = [items[i] for i in np.random.default_rng(shuffle_seed).permutation(len(items))]
             # One task per shard; shards of at most rows_per_shard rows, and at least two tasks per CPU
             # when the corpus is large enough, so every core decodes.
             cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -249,6 +258,7 @@ def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
             "fingerprint": fp,
             "settings": asdict(settings),
             "rows_per_shard": rows_per_shard,
+            "shuffle_seed": shuffle_seed,
             "shards": shards,
             "counts": {
                 "inputs": len(records) + len(scan_rejects),
@@ -292,11 +302,12 @@ def read_table(root: str | os.PathLike, columns: Sequence[str] | None = None) ->
     return pa.concat_tables(tables).sort_by("path")
 
 
-def audio_matrix(table_or_column) -> np.ndarray:
+def audio_matrix(table_or_column, dtype=np.float32) -> np.ndarray:
     """The fixed-length audio column (of a table, or the column itself) as float32 (rows, samples).
 
     Zero-copy for float32 shards; int16 shards (data.audio_dtype) are rescaled by 1/32768. The one decoder
-    of machine clips, used by the training stream and the corpus readers.
+    of machine clips, used by the training stream and the corpus readers. `dtype=None` returns the stored
+    samples as they are (int16 unscaled), zero-copy: the stream converts only the rows it draws.
     """
     col = table_or_column.column("audio") if isinstance(table_or_column, pa.Table) else table_or_column
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
@@ -304,6 +315,8 @@ def audio_matrix(table_or_column) -> np.ndarray:
         raise ValueError("audio_matrix needs fixed-length clips; use audio_list for full-length noise")
     flat = col.flatten().to_numpy(zero_copy_only=False)
     x = flat.reshape(len(col), col.type.list_size)
+    if dtype is None:
+        return x
     return x.astype(np.float32) / 32768.0 if x.dtype == np.int16 else x.astype(np.float32, copy=False)
 
 

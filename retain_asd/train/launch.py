@@ -134,8 +134,9 @@ def loop_config_from(cfg: Config, labels_path: str | os.PathLike, init_checkpoin
 
 
 # ---------------------------------------------------------------------------------------- data
-def train_dataset_from(cfg: Config, corpus) -> Any:
-    """The Ray Data mixing stream, with enough epochs for total_steps x grad_accum x batch_size clips."""
+def train_stream_from(cfg: Config, corpus, num_clips: int | None = None) -> Any:
+    """The Ray Data mixing stream as a `stream.StreamPlan` (dataset + state), with enough epochs for
+    `num_clips` clips (default total_steps x grad_accum x batch_size; `retain-asd inspect-stream` asks less)."""
     from retain_asd import stream
     from retain_asd.corpus.shards import read_table
 
@@ -144,10 +145,18 @@ def train_dataset_from(cfg: Config, corpus) -> Any:
     num_train = sum(s == "train" for s in splits)
     if num_train == 0:
         raise ValueError(f"{corpus.machine.root}: no clips with split 'train' to pre-train on")
-    num_epochs = stream.epochs_for_steps(t.total_steps, t.batch_size, t.grad_accum, num_train)
-    return stream.build_train_dataset(corpus.machine.root, corpus.noise.root, corpus.labels_path,
-                                      snr_sampler=snr_sampler_args(cfg), seed=cfg.mixing.seed,
-                                      num_epochs=num_epochs, class_weighted=t.class_weighted)
+    if num_clips is None:
+        num_epochs = stream.epochs_for_steps(t.total_steps, t.batch_size, t.grad_accum, num_train)
+    else:
+        num_epochs = stream.epochs_for_steps(num_clips, 1, 1, num_train)
+    return stream.build_train_stream(corpus.machine.root, corpus.noise.root, corpus.labels_path,
+                                     snr_sampler=snr_sampler_args(cfg), seed=cfg.mixing.seed,
+                                     num_epochs=num_epochs, class_weighted=t.class_weighted)
+
+
+def train_dataset_from(cfg: Config, corpus) -> Any:
+    """The Ray Data mixing stream, with enough epochs for total_steps x grad_accum x batch_size clips."""
+    return train_stream_from(cfg, corpus).dataset
 
 
 # ---------------------------------------------------------------------------------------- trainer

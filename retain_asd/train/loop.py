@@ -34,7 +34,7 @@ from retain_asd.train.schedule import cosine_schedule
 from retain_asd.train.specaug import SpecAugment
 from retain_asd.train.student import build_models, compute_losses
 
-BATCH_COLUMNS = ("mixture", "clean", "noise", "label", "snr_db")
+BATCH_COLUMNS = ("mixture", "clean", "noise", "label", "snr_db", "clip_idx")  # clip_idx: mixup partners
 
 
 def micro_batches(shard, batch_size: int, seed: int, skip: int = 0) -> Iterator[dict]:
