@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from pipelines.common import add_config_args
+from pipelines.common import add_config_args, protocol_guard
 
 
 def parse_layers(text: str) -> list[int]:
@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.preset, args.config, args.overrides)
     except ConfigError as err:
         print(f"retain-asd evaluate: {err}", file=sys.stderr)
+        return 2
+    if not args.dcase_root and not protocol_guard(cfg, "retain-asd evaluate"):  # before any Ray work
         return 2
     if args.ray:
         from retain_asd.runtime import init_ray

@@ -31,17 +31,24 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------------------------------- sections
 @dataclass(frozen=True)
 class DataConfig:
-    machine_root: str = ""  # raw machine corpus (DCASE / MIMII DG / ToyADMOS2 tree); "" = synthetic corpus
-    noise_root: str = ""  # noise folders <root>/<category>/*.wav + categories.yaml; "" = synthetic noise
-    work_dir: str = "runs/data"  # shards, manifests, eval sets, embedding cache live here
+    """The PRE-TRAINING corpus (paper Sec. 4.1); the evaluation corpus is `eval.machine_root` / `eval.noise_root`,
+    disjoint from this one in machine types, clips and noise recordings (checked: corpus/protocol.py)."""
+
+    machine_root: str = ""  # raw machine corpus (DCASE / MIMII DG / ToyADMOS2 tree); "" = synthetic pre-training world
+    noise_root: str = ""  # noise folders <root>/<category>/*.wav + categories.yaml; "" = the world's synthetic noise
+    work_dir: str = "runs/data"  # shards (corpus_pretrain/, corpus_eval/), eval sets, embedding cache live here
     sample_rate_hz: int = 16000  # BEATs is trained on 16 kHz audio
     clip_s: float = 10.0  # DCASE clips are 10 s; everything is padded / cropped to this
     min_clip_s: float = 1.0  # shorter files are rejected rather than padded
     channel: str = "mean"  # "mean" or a channel index as a string ("0"): DCASE 2026 is stereo near/far mic
     rows_per_shard: int = 256  # Parquet rows per shard file
     audio_dtype: str = "float32"  # "float32" or "int16" audio column
-    synth_seed: int = 0  # seed of the synthetic corpus (embedded default)
-    synth_machines: tuple[str, ...] = ("fan", "pump", "gearbox")
+    pad_mode: str = "zero"  # a short clip is zero-padded to clip_s (paper Sec. 4.2); "repeat" loops it
+    include_test_normals: bool = False  # also pre-train on the normal test clips of this corpus (paper: 36,411 clips)
+    add_eval_references: bool = False  # Table-5 "+ eval-reference data": eval references + eval noise join pre-training
+    synth_seed: int = 0  # seed of the synthetic worlds (embedded default)
+    synth_machines: tuple[str, ...] = ("fan", "pump", "gearbox", "compressor", "conveyor")  # pre-training world types
+    synth_noise: tuple[str, ...] = ("pink_hum", "brown_fan", "bursts", "clatter")  # pre-training world noise
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    machine_root: str = ""  # EVALUATION corpus (other machine types than data.machine_root); "" = synthetic eval world
+    noise_root: str = ""  # its noise (categories.yaml: stationary -> Factory A, else Factory B); "" = synthetic
+    synth_machines: tuple[str, ...] = ("bearing", "blower", "slider")  # evaluation world types (when roots are "")
+    synth_noise: tuple[str, ...] = ("hvac", "transformer", "hammering", "passby")  # stationary: hvac, transformer
     conditions: tuple[str, ...] = ("factory_a", "factory_b", "mismatch")
     snrs_db: tuple[float, ...] = (-10.0, -5.0, 0.0, 5.0, 10.0, 20.0, 30.0)
     source_refs: int = 990  # normal source references per machine
@@ -190,6 +201,7 @@ LAM_MODES = ("fixed", "snr")  # fixed: the paper (lam = 0.5); snr: lam = R / (1 
 TEACHER_INPUTS = ("scaled", "unit_power")  # what the teacher hears in Eq. 5 (objectives.teacher_components)
 _CHOICES = {
     "data.audio_dtype": ("float32", "int16"),
+    "data.pad_mode": ("zero", "repeat"),
     "mixing.snr_sampler": SNR_SAMPLERS,
     "model.size": ("base", "tiny"),
     "model.family": ("beats", "eat"),
