@@ -49,6 +49,7 @@ class DataConfig:
     synth_seed: int = 0  # seed of the synthetic worlds (embedded default)
     synth_machines: tuple[str, ...] = ("fan", "pump", "gearbox", "compressor", "conveyor")  # pre-training world types
     synth_noise: tuple[str, ...] = ("pink_hum", "brown_fan", "bursts", "clatter")  # pre-training world noise
+    synth_generic_per_family: int = 0  # > 0: add generic clean sounds (Table 5 "other data", AS-20K-like) per family
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class ObjectiveConfig:
     name: str = "tagging_mixture"  # frozen | denoise | linear_mixup | snr_mixup | tagging | mixture | tagging_mixture
-    alpha: float = 1.0  # Eq. 7 weight of the tagging loss
-    beta: float = 1.0  # Eq. 7 weight of the mixture loss
+    alpha: float = 1.0  # Eq. 7 weight of the tagging (or Eq. 1 denoise) loss; 0 for objectives without one
+    beta: float = 1.0  # Eq. 7 weight of the mixture loss; 0 for objectives without one (OBJECTIVE_WEIGHTS)
     lam: float = 0.5  # Eq. 5 lambda: weight of teacher(clean) in the mixture target
     lam_mode: str = "fixed"  # "fixed" (paper) or "snr": lambda = R / (1 + R) from the sample's SNR
     align_layer: int = 12  # student/teacher layer aligned by the mixture loss (1-based)
@@ -125,6 +126,9 @@ class EvalConfig:
     k: int = 1  # kNN neighbours
     metric: str = "euclidean"  # or "cosine"
     memmixup: bool = False
+    memmixup_k: int = 5  # MemMixup: K nearest source references mixed into each target reference
+    memmixup_ratio: float = 0.9  # MemMixup: weight of the target reference in each mix
+    primary: str = "dn"  # the reported figure: "dn" (domain normalisation, paper Table 2) or "raw" (Table 3)
     batch_size: int = 16
     seed: int = 0
 
@@ -196,6 +200,18 @@ OBJECTIVES = (
     "mixture",  # Eq. 5-6: student(mixture) aligned to lam T(clean) + (1 - lam) T(noise)
     "tagging_mixture",  # Eq. 7: alpha * tagging + beta * mixture (the paper's method)
 )
+# Eq. 7 is the only weighting rule: L = alpha * L_tag + beta * L_mix for every objective. alpha weights the
+# classification term (Eq. 4 tagging, or Eq. 1 for the denoising baselines), beta the mixture term (Eq. 5-6).
+# The weights an objective can use; any other must be 0 (Table 2: "Tagging Loss (alpha=1, beta=0)").
+OBJECTIVE_WEIGHTS = {
+    "frozen": (),
+    "denoise": ("alpha",),
+    "linear_mixup": ("alpha",),
+    "snr_mixup": ("alpha",),
+    "tagging": ("alpha",),
+    "mixture": ("beta",),
+    "tagging_mixture": ("alpha", "beta"),
+}
 SNR_SAMPLERS = ("fixed", "uniform", "discrete")  # mixing.make_snr_sampler kinds
 LAM_MODES = ("fixed", "snr")  # fixed: the paper (lam = 0.5); snr: lam = R / (1 + R)
 TEACHER_INPUTS = ("scaled", "unit_power")  # what the teacher hears in Eq. 5 (objectives.teacher_components)
@@ -210,6 +226,7 @@ _CHOICES = {
     "objective.teacher_inputs": TEACHER_INPUTS,
     "eval.pooling": ("genrep", "mean", "spectral"),
     "eval.metric": ("euclidean", "cosine"),
+    "eval.primary": ("dn", "raw"),
     "foundation.objective": ("masked", "tagging", "masked_tagging"),
     "train.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
@@ -234,6 +251,9 @@ def validate(cfg: Config) -> None:
     _check(0 < d.min_clip_s <= d.clip_s, "data.min_clip_s", "in (0, data.clip_s]", d.min_clip_s)
     _check(d.channel == "mean" or d.channel.isdigit(), "data.channel", '"mean" or a channel index', d.channel)
     _check(d.rows_per_shard > 0, "data.rows_per_shard", "> 0", d.rows_per_shard)
+    _check(d.synth_generic_per_family >= 0, "data.synth_generic_per_family", ">= 0", d.synth_generic_per_family)
+    _check(len(d.synth_machines) > 0 or d.synth_generic_per_family > 0, "data.synth_machines",
+           "non-empty, or data.synth_generic_per_family > 0 (pre-training needs clips)", d.synth_machines)
     _check(m.snr_low_db <= m.snr_high_db, "mixing.snr_low_db",
            f"<= mixing.snr_high_db ({m.snr_high_db})", m.snr_low_db)
     if m.snr_sampler == "discrete":
@@ -254,6 +274,7 @@ def validate(cfg: Config) -> None:
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", t.keep_checkpoints)
     _check(0.0 <= o.lam <= 1.0, "objective.lam", "in [0, 1]", o.lam)
     _check(o.alpha >= 0 and o.beta >= 0, "objective.alpha/beta", ">= 0", (o.alpha, o.beta))
+    validate_weights(o.name, o.alpha, o.beta)
     _check(1 <= o.align_layer <= 48, "objective.align_layer", "a 1-based layer index", o.align_layer)
     _check(o.mixup_beta > 0, "objective.mixup_beta", "> 0", o.mixup_beta)
     _check(all(c in _CONDITIONS for c in e.conditions) and len(e.conditions) > 0, "eval.conditions",
@@ -266,6 +287,8 @@ def validate(cfg: Config) -> None:
     _check(e.layer >= 1, "eval.layer", ">= 1 (layers are 1-based)", e.layer)
     _check(e.ssl_layer >= 1, "eval.ssl_layer", ">= 1 (layers are 1-based)", e.ssl_layer)
     _check(e.k >= 1, "eval.k", ">= 1", e.k)
+    _check(e.memmixup_k >= 1, "eval.memmixup_k", ">= 1", e.memmixup_k)
+    _check(0.0 <= e.memmixup_ratio <= 1.0, "eval.memmixup_ratio", "in [0, 1]", e.memmixup_ratio)
     _check(all(lo <= hi for lo, hi in cfg.tune.snr_ranges_db), "tune.snr_ranges_db",
            "pairs (low, high) with low <= high", cfg.tune.snr_ranges_db)
     _check(cfg.tune.num_samples >= 1, "tune.num_samples", ">= 1", cfg.tune.num_samples)
@@ -300,6 +323,19 @@ def _numbers(value: Any, name: str) -> typing.Iterator[tuple[str, float]]:
             yield from _numbers(v, f"{name}[{i}]")
     elif isinstance(value, int | float) and not isinstance(value, bool):
         yield name, value
+
+
+def validate_weights(objective: str, alpha: float, beta: float, prefix: str = "objective.") -> None:
+    """Eq. 7 for every objective: a weight the objective cannot use must be 0, one it uses must be > 0."""
+    uses = OBJECTIVE_WEIGHTS.get(objective, ())
+    terms = {"alpha": "no tagging / classification term (Eq. 1 / 4)", "beta": "no mixture term (Eq. 5-6)"}
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if name not in uses and value != 0:
+            raise ConfigError(f"{prefix}{name} = {value!r}: objective {objective!r} has {terms[name]}, so the Eq. 7 "
+                              f"weight is unused; set {prefix}{name}: 0 (it is never silently ignored)")
+    if uses and all((alpha, beta)[("alpha", "beta").index(n)] == 0 for n in uses):
+        raise ConfigError(f"{prefix}{'/'.join(uses)} = 0: objective {objective!r} would train on a zero loss; "
+                          f"give {' or '.join(prefix + n for n in uses)} a weight > 0")
 
 
 def validate_finite(cfg: Config) -> None:

@@ -51,13 +51,14 @@ def ingest(machine_root: str | os.PathLike, noise_root: str | os.PathLike, out_d
            settings: shards.DecodeSettings = shards.DecodeSettings(), rows_per_shard: int = 256,
            ground_truth_dir: str | os.PathLike | None = None, force: bool = False,
            reference_roots: Sequence[str | os.PathLike] = (), extra_noise_roots: Sequence[str | os.PathLike] = (),
-           include_test_normals: bool = False) -> Corpus:
+           include_test_normals: bool = False, extra_machine_roots: Sequence[str | os.PathLike] = ()) -> Corpus:
     """Scan both corpora, write their shards (a no-op when unchanged) and the label vocabulary.
 
     `reference_roots`: machine corpora whose train-split clips (the evaluation references) join this corpus,
     and `extra_noise_roots`: noise folders that join it (the paper's Table-5 "+ eval-reference data"
     variant; used only through `data.add_eval_references`). `include_test_normals` keeps the normal test
     clips of `machine_root` as training clips (split "train"), as the paper's 36,411 clips suggest.
+    `extra_machine_roots`: more machine corpora whose clips all join (e.g. the generic "other data" tree).
     """
     out_dir = Path(out_dir)
     machine_scan = layouts.scan_dcase(machine_root, ground_truth_dir=ground_truth_dir)
@@ -67,6 +68,10 @@ def ingest(machine_root: str | os.PathLike, noise_root: str | os.PathLike, out_d
     if include_test_normals:
         machine_records = [replace(r, split="train") if r.split == "test" and r.label == "normal" else r
                            for r in machine_records]
+    for root in extra_machine_roots:
+        scan = layouts.scan_dcase(root)
+        machine_records += scan.records
+        machine_rejects += scan.rejects
     for root in reference_roots:
         scan = layouts.scan_dcase(root)
         machine_records += [r for r in scan.records if r.split == "train"]
@@ -118,6 +123,7 @@ class CorpusRoots:
     machine_root: str
     noise_root: str
     synthetic: bool
+    extra_machine_roots: tuple[str, ...] = ()  # more clips of the same corpus (the generic "other data" tree)
 
 
 def decode_settings(data) -> shards.DecodeSettings:
@@ -131,15 +137,31 @@ def _world_roots(world: str, machine_root: str, noise_root: str, work: Path, *, 
     from retain_asd.config import ConfigError
     from retain_asd.corpus import synth
 
+    generic = ()
+    if world == "pretrain" and data.synth_generic_per_family > 0:  # Table 5: "other data" (AS-20K-like)
+        from retain_asd.corpus.generic import write_generic_tree
+
+        generic = (write_generic_tree(work / "synth_generic", seed=seed, clips_per_family=data.synth_generic_per_family,
+                                      clip_s=data.clip_s, sample_rate_hz=data.sample_rate_hz),)
     if machine_root and noise_root:
-        return CorpusRoots(str(machine_root), str(noise_root), False)
+        return CorpusRoots(str(machine_root), str(noise_root), False, generic)
     try:
-        made = synth.write_world(world, work / f"synth_{world}", seed=seed, machines=tuple(machines),
-                                 noise_categories=tuple(noise), clip_s=data.clip_s,
-                                 sample_rate_hz=data.sample_rate_hz)
+        if machines:
+            made = synth.write_world(world, work / f"synth_{world}", seed=seed, machines=tuple(machines),
+                                     noise_categories=tuple(noise), clip_s=data.clip_s,
+                                     sample_rate_hz=data.sample_rate_hz)
+        else:  # generic sounds only: the world's noise without its machines
+            synth.write_world(world, work / f"synth_{world}_noise", seed=seed,
+                              machines=synth.WORLDS[world].machines[:1], noise_categories=tuple(noise),
+                              clip_s=data.clip_s, sample_rate_hz=data.sample_rate_hz, train_source_per_attr=0,
+                              train_target_per_attr=0, test_per_domain=0)
+            made = None
     except ValueError as err:
         raise ConfigError(f"{field_prefix}.synth_machines / {field_prefix}.synth_noise: {err}") from None
-    return CorpusRoots(machine_root or made.machine_root, noise_root or made.noise_root, True)
+    if made is None:
+        noise_made = str(work / f"synth_{world}_noise" / "noise")
+        return CorpusRoots(machine_root or generic[0], noise_root or noise_made, True, generic[1:])
+    return CorpusRoots(machine_root or made.machine_root, noise_root or made.noise_root, True, generic)
 
 
 def pretrain_roots(cfg) -> CorpusRoots:
@@ -166,6 +188,8 @@ def check_protocol(cfg):
     pre, ev = pretrain_roots(cfg), eval_roots(cfg)
     cache = Path(cfg.data.work_dir).resolve() / HASH_CACHE
     pre_scan, ev_scan = layouts.scan_dcase(pre.machine_root), layouts.scan_dcase(ev.machine_root)
+    for root in pre.extra_machine_roots:
+        pre_scan.records.extend(layouts.scan_dcase(root).records)
     pre_noise, ev_noise = layouts.scan_noise(pre.noise_root), layouts.scan_noise(ev.noise_root)
     records = [*pre_scan.records, *pre_noise.records, *ev_scan.records, *ev_noise.records]
     protocol.file_sha1s([r.path for r in records], cache)  # one cache file for both corpora
@@ -188,7 +212,7 @@ def pretrain_corpus_from_config(cfg, *, force: bool = False) -> Corpus:
         refs, noise = (ev.machine_root,), (ev.noise_root,)
     return ingest(pre.machine_root, pre.noise_root, pretrain_corpus_dir(cfg), settings=decode_settings(d),
                   rows_per_shard=d.rows_per_shard, force=force, reference_roots=refs, extra_noise_roots=noise,
-                  include_test_normals=d.include_test_normals)
+                  include_test_normals=d.include_test_normals, extra_machine_roots=pre.extra_machine_roots)
 
 
 def pretrain_corpus_dir(cfg) -> Path:
@@ -196,7 +220,9 @@ def pretrain_corpus_dir(cfg) -> Path:
     data.add_eval_references and ``_testnormals`` when data.include_test_normals (each variant its own shards)."""
     d = cfg.data
     name = PRETRAIN_EVALREFS_DIR if d.add_eval_references else PRETRAIN_DIR
-    return Path(d.work_dir).resolve() / (name + ("_testnormals" if d.include_test_normals else ""))
+    name += "_testnormals" if d.include_test_normals else ""
+    name += f"_generic{d.synth_generic_per_family}" if d.synth_generic_per_family else ""
+    return Path(d.work_dir).resolve() / name
 
 
 def eval_corpus_from_config(cfg, *, force: bool = False) -> Corpus:
