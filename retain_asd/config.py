@@ -41,7 +41,7 @@ class DataConfig:
     clip_s: float = 10.0  # DCASE clips are 10 s; everything is padded / cropped to this
     min_clip_s: float = 1.0  # shorter files are rejected rather than padded
     channel: str = "mean"  # "mean" or a channel index as a string ("0"): DCASE 2026 is stereo near/far mic
-    rows_per_shard: int = 256  # Parquet rows per shard file
+    rows_per_shard: int = 256  # at most this many Parquet rows per shard file
     audio_dtype: str = "float32"  # "float32" or "int16" audio column
     pad_mode: str = "zero"  # a short clip is zero-padded to clip_s (paper Sec. 4.2); "repeat" loops it
     include_test_normals: bool = False  # also pre-train on the normal test clips of this corpus (paper: 36,411 clips)

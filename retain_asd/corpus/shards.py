@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from retain_asd import fsio
@@ -142,6 +143,35 @@ def decode_batch(batch: pa.Table, settings: DecodeSettings) -> pa.Table:
                                              "audio")})
 
 
+DECODE_ROWS = 32  # files decoded per row group: bounds a task's memory (32 x 10 s float32 = 20 MB)
+
+
+def write_shard_batch(batch: pa.Table, settings: DecodeSettings, out_dir: str) -> pa.Table:
+    """Ray Data UDF: decode a batch (``decode_batch``, DECODE_ROWS files at a time) and write its good rows
+    as one shard in ``out_dir``, one row group per DECODE_ROWS files.
+
+    The audio never leaves the task: only the small metadata columns go back to the driver. (Decoded audio
+    through the object store, then a second pass to write it, cost more than the decoding on 2 cores.)
+    """
+    name = hashlib.sha1("\0".join(batch.column("path").to_pylist()).encode()).hexdigest()[:16]
+    path = Path(out_dir) / f"part-{name}.parquet"
+    writer, meta = None, []
+    try:
+        for start in range(0, batch.num_rows, DECODE_ROWS):
+            table = decode_batch(batch.slice(start, DECODE_ROWS), settings)
+            meta.append(table.select(["path", "class_name", "machine", "split", "noise_category", "sha1",
+                                      "audio_sha1", "repairs", "reject_reason"]))
+            good = table.filter(pc.equal(table.column("reject_reason"), "")).drop_columns(
+                ["reject_reason", "sha1", "audio_sha1"])
+            if good.num_rows:
+                writer = writer or pq.ParquetWriter(path, good.schema)
+                writer.write_table(good)
+    finally:
+        if writer is not None:
+            writer.close()
+    return pa.concat_tables(meta)
+
+
 # ---------------------------------------------------------------------------------------------------- writer
 def fingerprint(records: Sequence[ClipRecord], scan_rejects: Sequence[tuple[str, str]],
                 settings: DecodeSettings, rows_per_shard: int) -> str:
@@ -176,6 +206,9 @@ def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
                  scan_rejects: Sequence[tuple[str, str]] = (), force: bool = False) -> ShardSet:
     """Decode ``records`` in parallel with Ray Data and write them as Parquet shards into ``out_dir``.
 
+    Each Ray task decodes one batch of files and writes its own shard (``write_shard_batch``); shards hold
+    at most ``rows_per_shard`` rows (fewer where files were rejected, or to give every CPU work).
+
     ``scan_rejects`` are files the layout scan could not name; they are listed in ``rejects.csv`` with the
     decode rejects, so ``inputs == written + rejected`` in the manifest. Needs Ray (``runtime.init_ray``).
     """
@@ -201,16 +234,16 @@ def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
 
             init_ray()  # idempotent: joins the Ray of the caller, or starts the embedded one with its settings
             items = [_record_row(r) for r in records]
-            ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 8, 64)))
-            decoded = ds.map_batches(decode_batch, batch_size=8, batch_format="pyarrow",
-                                     fn_kwargs={"settings": settings}).materialize()
-            meta = decoded.select_columns(["path", "class_name", "machine", "split", "noise_category", "sha1",
-                                           "audio_sha1", "repairs", "reject_reason"]).take_all()
+            # One task per shard; shards of at most rows_per_shard rows, and at least two tasks per CPU
+            # when the corpus is large enough, so every core decodes.
+            cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+            rows_per_task = max(1, min(rows_per_shard, -(-len(items) // (2 * cpus))))
+            meta = (ray.data.from_items(items, override_num_blocks=-(-len(items) // rows_per_task))
+                    .map_batches(write_shard_batch, batch_size=rows_per_task, batch_format="pyarrow",
+                                 fn_kwargs={"settings": settings, "out_dir": str(tmp)})
+                    .take_all())
             rejects += [(m["path"], m["reject_reason"]) for m in meta if m["reject_reason"]]
             written = [m for m in meta if not m["reject_reason"]]
-            good = decoded.filter(expr="reject_reason == ''").drop_columns(["reject_reason", "sha1", "audio_sha1"])
-            if written:
-                good.write_parquet(str(tmp), max_rows_per_file=rows_per_shard, min_rows_per_file=rows_per_shard)
         for path, reason in rejects:
             log.warning("rejected %s: %s", path, reason)
         shards = sorted(p.name for p in tmp.glob("*.parquet"))
