@@ -93,6 +93,11 @@ def _file_sha1(path: str) -> str:
     return h.hexdigest()
 
 
+def file_sha1(path: str) -> str:
+    """sha1 of a file's bytes (the manifest's ``sha1``; the leakage guard hashes raw files with it)."""
+    return _file_sha1(path)
+
+
 def _audio_array(clips: list[np.ndarray], settings: DecodeSettings) -> pa.Array:
     if settings.audio_dtype == "int16":
         clips = [np.clip(np.round(c * 32768.0), -32768, 32767).astype(np.int16) for c in clips]

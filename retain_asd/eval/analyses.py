@@ -125,9 +125,9 @@ def write_table3(table: Table3, out_dir: str | os.PathLike) -> list[Path]:
     ax.set_ylabel("official score (x100, no DN)")
     ax.set_title(f"Mismatch {TABLE3_SNR_DB:g} dB, layer {table.layer}")
     ax.legend(fontsize="x-small")
-    from retain_asd.eval.report import _save
+    from retain_asd.eval.report import save_figure
 
-    return [md, _save(fig, out_dir / "table3.png")]
+    return [md, save_figure(fig, out_dir / "table3.png")]
 
 
 # ---------------------------------------------------------------------------------------------------- Fig. 2
