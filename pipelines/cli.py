@@ -23,6 +23,8 @@ COMMANDS = {
     "evaluate": ("pipelines.evaluate", "score checkpoints on the evaluation sets, log to MLflow"),
     "score": ("pipelines.score", "save a reference bank and score new clips (a deployable detector)"),
     "dcase-score": ("pipelines.dcase_score", "score evaluator-format CSVs against ground truth"),
+    "table3": ("pipelines.table3", "Table 3: wave mixture vs. embedding-mixture oracle (Mismatch 0 dB, no DN)"),
+    "layers": ("pipelines.layers", "Fig. 2: every layer of each encoder scored from one forward pass"),
     "sweep": ("pipelines.sweep", "Ray Tune search over SNR ranges and alpha/beta"),
     "demo": ("pipelines.demo", "the embedded default end to end: synth -> shards -> pretrain -> evaluate"),
 }

@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from pipelines.common import add_config_args
+from pipelines.common import add_config_args, protocol_guard
 
 
 def parse_layers(text: str) -> list[int]:
@@ -54,13 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.ray:
         from retain_asd.runtime import init_ray
 
+        if not args.dcase_root and not protocol_guard(cfg, "retain-asd evaluate"):  # before Ray starts
+            return 2
         init_ray(args.address)
     # a bad checkpoint or path is a user error: one line from run_main (--debug for the traceback)
     results = evaluate_from_config(cfg, args.checkpoint, args.out, layers=args.layers, use_ray=args.ray,
                                    dcase_root=args.dcase_root, ground_truth_dir=args.ground_truth)
     for r in results:
         m = r.metrics()
-        figures = {k: m[k] for k in ("hmean_low", "hmean_all", "hmean_low_dn", "hmean_all_dn") if k in m}
+        p = cfg.eval.primary
+        figures = {k: m[k] for k in (f"hmean_low_primary_{p}", f"hmean_all_primary_{p}", "hmean_low", "hmean_all",
+                                     "hmean_low_dn", "hmean_all_dn") if k in m}
         figures = figures or {k: v for k, v in m.items() if k.startswith("dcase/official")}
         print(f"{r.name}: " + "  ".join(f"{k}={100 * v:.2f}" for k, v in figures.items()))
     print(f"tables, plots and score files under {args.out}")

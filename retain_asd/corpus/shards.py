@@ -93,6 +93,11 @@ def _file_sha1(path: str) -> str:
     return h.hexdigest()
 
 
+def file_sha1(path: str) -> str:
+    """sha1 of a file's bytes (the manifest's ``sha1``; the leakage guard hashes raw files with it)."""
+    return _file_sha1(path)
+
+
 def _audio_array(clips: list[np.ndarray], settings: DecodeSettings) -> pa.Array:
     if settings.audio_dtype == "int16":
         clips = [np.clip(np.round(c * 32768.0), -32768, 32767).astype(np.int16) for c in clips]
@@ -237,6 +242,9 @@ def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
         rejects = list(scan_rejects)
         written: list[dict] = []
         if records:
+            from retain_asd.runtime import init_ray
+
+            init_ray()  # idempotent: joins the Ray of the caller, or starts the embedded one with its settings
             items = [_record_row(r) for r in records]
             if shuffle_seed is not None:  # seeded: the same input gives the same shards
                 items = [items[i] for i in np.random.default_rng(shuffle_seed).permutation(len(items))]
