@@ -83,12 +83,41 @@ def mlflow_run(uri: str, experiment: str, run_name: str, params: Mapping[str, An
         yield run
 
 
+def _clean(metrics: Mapping[str, float]) -> dict[str, float]:
+    return {k.replace("=", "_").replace(" ", "_"): float(v) for k, v in metrics.items()}
+
+
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     """Log to the active run; MLflow metric keys may not contain '=' or spaces, so those are replaced."""
     import mlflow
 
-    clean = {k.replace("=", "_").replace(" ", "_"): float(v) for k, v in metrics.items()}
-    mlflow.log_metrics(clean, step=step)
+    mlflow.log_metrics(_clean(metrics), step=step)
+
+
+def log_metrics_to(uri: str, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Log to a run by id from any process (e.g. the Ray Train controller, as each report arrives), stamped now."""
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    apply_env_defaults()
+    now = int(time.time() * 1000)
+    batch = [Metric(k, v, now, step or 0) for k, v in _clean(metrics).items()]
+    mlflow.MlflowClient(uri).log_batch(run_id, metrics=batch, synchronous=True)
+
+
+def active_run_id() -> str | None:
+    """The id of the run active in this process (a sweep trial's run), else None."""
+    import mlflow
+
+    run = mlflow.active_run()
+    return run.info.run_id if run else None
+
+
+def run_name(kind: str, preset: str, seed: Any) -> str:
+    """The one naming rule: ``<kind>-<preset or trial>-seed<seed>`` (kind: pretrain, evaluate)."""
+    return f"{kind}-{preset}-seed{seed}"
 
 
 def set_tags(tags: Mapping[str, Any]) -> None:
