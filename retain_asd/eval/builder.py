@@ -122,7 +122,7 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
                          ground_truth_dir: str | os.PathLike | None = None) -> list[EvalResult]:
     """Builder: evaluate each checkpoint (or "frozen") on the config's eval sets (or a DCASE folder),
     write tables, plots and score files under `out_dir/<name>/`, and log one MLflow run per checkpoint."""
-    from retain_asd.eval.dcase_mode import evaluate_dcase
+    from retain_asd.eval.dcase_mode import evaluate_dcase, source_only, write_dcase_table
     from retain_asd.eval.evalsets import evalsets_from_config
     from retain_asd.tracking import (
         active_run_id,
@@ -166,13 +166,16 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
                                          memmixup=5 if e.memmixup else 0, conditions=e.conditions,
                                          use_ray=use_ray, name=folder, embedder=embedder)
         write_score_files(result, run_dir / "scores")
-        if not dcase_root:
+        if dcase_root:
+            write_dcase_table(result, run_dir / "dcase_table.md")
+        else:
             write_reports([result], run_dir)
         params, tags = _run_params(cfg, origin, frozen), {
             "kind": "evaluate", "preset": name, "seed": str(seed), "frozen": str(frozen).lower(),
             "pretrain_run_id": origin.get("pretrain_run_id", ""), "checkpoint": path,
             "checkpoint_hash": result.checkpoint_hash, "layers": str(use_layers),
-            "mode": "dcase" if dcase_root else "evalsets"}
+            "mode": "dcase" if dcase_root else "evalsets",
+            "domains": "source only (AUC + pAUC)" if dcase_root and source_only(result) else ""}
         tags = {k: v for k, v in tags.items() if v}
         with mlflow_run(uri, cfg.tracking.experiment, run_name("evaluate", name, seed), params, tags,
                         nested=active_run_id() is not None):
