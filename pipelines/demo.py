@@ -1,7 +1,8 @@
 """`retain-asd demo`: the embedded default end to end on one machine.
 
-synthetic corpus -> Parquet shards (Ray Data) -> retain-not-denoise pre-training (Ray Train, 2 DDP workers,
-tiny encoder) -> Factory A / B / Mismatch eval sets -> frozen vs. student scores (Table-2 layout) -> MLflow.
+synthetic pre-training + evaluation worlds (disjoint, paper Sec. 4.1) -> Parquet shards (Ray Data) ->
+retain-not-denoise pre-training on the pre-training world (Ray Train, 2 DDP workers, tiny encoder) ->
+Factory A / B / Mismatch eval sets of the evaluation world -> frozen vs. student scores (Table-2 layout) -> MLflow.
 """
 
 from __future__ import annotations
@@ -29,17 +30,20 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args, "retain-asd demo", first=[f"data.work_dir={out / 'data'}"])
     if cfg is None:
         return 2
-    from retain_asd.corpus.ingest import corpus_from_config
+    from retain_asd.corpus.ingest import check_protocol, corpora_from_config
     from retain_asd.eval.builder import evaluate_from_config
     from retain_asd.train.launch import pretrain
 
+    check_protocol(cfg)  # the leakage guard, before Ray starts
     init_ray()
-    print("== 1/3 corpus: synthetic machines + noise -> Parquet shards", flush=True)
-    corpus = corpus_from_config(cfg.data)
+    print("== 1/3 corpora: the synthetic pre-training and evaluation worlds -> Parquet shards", flush=True)
+    corpus, eval_corpus, report = corpora_from_config(cfg)
     print(corpus.summary(), flush=True)
+    print(eval_corpus.summary(), flush=True)
+    print(f"protocol: {report.describe()}", flush=True)
     print(f"== 2/3 pre-training '{cfg.name}' ({cfg.objective.name}, {cfg.train.total_steps} steps, "
           f"{cfg.train.num_workers} workers)", flush=True)
-    result = pretrain(cfg, out / "pretrain", corpus=corpus)
+    result = pretrain(cfg, out / "pretrain", corpus=corpus, protocol=report)
     print(f"student: {result.student_path}", flush=True)
     print("== 3/3 evaluation: frozen encoder vs. student on Factory A / B / Mismatch", flush=True)
     evaluate_from_config(cfg, ["frozen", str(result.student_path)], out / "evaluate")

@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from pipelines.common import add_config_args
+from pipelines.common import add_config_args, protocol_guard
 
 
 def parse_layers(text: str) -> list[int]:
@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.ray:
         from retain_asd.runtime import init_ray
 
+        if not args.dcase_root and not protocol_guard(cfg, "retain-asd evaluate"):  # before Ray starts
+            return 2
         init_ray(args.address)
     try:
         results = evaluate_from_config(cfg, args.checkpoint, args.out, layers=args.layers, use_ray=args.ray,
@@ -63,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for r in results:
         m = r.metrics()
-        figures = {k: m[k] for k in ("hmean_low", "hmean_all", "hmean_low_dn", "hmean_all_dn") if k in m}
+        p = cfg.eval.primary
+        figures = {k: m[k] for k in (f"hmean_low_primary_{p}", f"hmean_all_primary_{p}", "hmean_low", "hmean_all",
+                                     "hmean_low_dn", "hmean_all_dn") if k in m}
         figures = figures or {k: v for k, v in m.items() if k.startswith("dcase/official")}
         note = ""
         if args.dcase_root:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines.common import add_config_args, config_from_args
+from pipelines.common import add_config_args, config_from_args, protocol_guard
 from retain_asd.runtime import init_ray
 
 
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     from tune.sweep import run_sweep, summarize_sweep, sweep_experiment, write_best_config
 
     check_trials(cfg)  # a bad sweep value fails here, before Ray starts
+    if not protocol_guard(cfg, "retain-asd sweep"):  # so does an overlap of the two corpora
+        return 2
     init_ray(args.address)
     grid = run_sweep(cfg, args.out)
     text, code = summarize_sweep(grid, cfg.tune.metric)

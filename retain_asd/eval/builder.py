@@ -92,7 +92,7 @@ def provenance(checkpoint: str | os.PathLike) -> dict:
         return {}
     pointer = read_run_pointer(folder)
     return {"preset": cfg.name, "seed": cfg.train.seed, "pretrain_run_id": pointer.get("run_id", ""),
-            "config": to_dict(cfg)}
+            "config": to_dict(cfg), "extra_params": pointer.get("params", {})}
 
 
 def check_checkpoints(resolved: Sequence[tuple[str, str, bool]], layer: int,
@@ -139,6 +139,10 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
     e = cfg.eval
     resolved = [resolve_checkpoint(spec, cfg, out_dir) for spec in checkpoints]  # a bad path fails first
     depths = check_checkpoints(resolved, e.layer, layers, cfg.model.family)  # a torn / foreign file, a missing layer
+    if not dcase_root:
+        from retain_asd.corpus.ingest import check_protocol
+
+        check_protocol(cfg)  # the leakage guard (CorpusOverlapError), before any ingestion or Ray work
     sets = None if dcase_root else evalsets_from_config(cfg)
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
     cache_dir = Path(cfg.data.work_dir) / "embeddings"
@@ -163,8 +167,9 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
                                     metric=e.metric, clip_s=cfg.data.clip_s, name=folder)
         else:
             result = evaluate_checkpoint(path, sets, use_layers, k=e.k, metric=e.metric,
-                                         memmixup=5 if e.memmixup else 0, conditions=e.conditions,
-                                         use_ray=use_ray, name=folder, embedder=embedder)
+                                         memmixup=e.memmixup_k if e.memmixup else 0,
+                                         memmixup_ratio=e.memmixup_ratio, conditions=e.conditions,
+                                         use_ray=use_ray, name=folder, embedder=embedder, primary=e.primary)
         write_score_files(result, run_dir / "scores")
         if dcase_root:
             write_dcase_table(result, run_dir / "dcase_table.md")
@@ -193,8 +198,9 @@ def _run_params(cfg, origin: dict, frozen: bool) -> dict:
     from retain_asd.config import to_dict
 
     values = to_dict(cfg)
-    if origin:
-        values = {**origin["config"], "eval": values["eval"], "tracking": values["tracking"]}
+    if origin:  # + what pre-training logged beside the config (protocol.* overlap counts)
+        values = {**origin["config"], "eval": values["eval"], "tracking": values["tracking"],
+                  **origin.get("extra_params", {})}
     if frozen:
         values["objective"] = {**values["objective"], "name": "frozen"}
     return values

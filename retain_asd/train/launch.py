@@ -275,9 +275,11 @@ def read_run_pointer(out_dir: str | os.PathLike) -> dict:
 
 
 @contextlib.contextmanager
-def _tracked_run(cfg: Config, out_dir: Path, track: bool):
+def _tracked_run(cfg: Config, out_dir: Path, track: bool, protocol=None):
     """One MLflow run per out dir, open around training (so metrics go in live) and the export; its id is kept
-    in <out>/mlflow_run.json, so a resumed run continues it. Nested under the active run (a sweep trial's)."""
+    in <out>/mlflow_run.json, so a resumed run continues it. Nested under the active run (a sweep trial's).
+    `protocol`: the leakage guard's ``OverlapReport``, logged as ``protocol.*`` params (and kept in the pointer,
+    so the evaluation of this student logs the same keys)."""
     if not track:
         yield None
         return
@@ -285,14 +287,19 @@ def _tracked_run(cfg: Config, out_dir: Path, track: bool):
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
     state = read_run_pointer(out_dir)
-    params = config_mod.to_dict(cfg) if not state.get("run_id") else None
+    extra = state.get("params", {})
+    if protocol is not None:  # what the two corpora share (data.add_eval_references)
+        from retain_asd.corpus.protocol import overlap_params
+
+        extra = overlap_params(protocol)
+    params = {**config_mod.to_dict(cfg), **extra} if not state.get("run_id") else None
     tags = {"kind": "pretrain", "preset": cfg.name, "seed": str(cfg.train.seed), "objective": cfg.objective.name,
             "out_dir": str(out_dir)}
     with tracking.mlflow_run(uri, cfg.tracking.experiment, tracking.run_name("pretrain", cfg.name, cfg.train.seed),
                              params=params, tags=tags, run_id=state.get("run_id"),
                              nested=tracking.active_run_id() is not None) as run:
         fsio.write_json(out_dir / RUN_POINTER, {"run_id": run.info.run_id, "tracking_uri": uri,
-                                                "experiment": cfg.tracking.experiment})
+                                                "experiment": cfg.tracking.experiment, "params": extra})
         yield uri, run.info.run_id
 
 
@@ -308,10 +315,12 @@ def _log_outputs(out_dir: Path, summary: dict) -> None:
 
 # ---------------------------------------------------------------------------------------- pretrain
 def pretrain(cfg: Config, out_dir: str | os.PathLike, *, corpus=None, stop_at_step: int | None = None,
-             track: bool = True) -> PretrainResult:
+             track: bool = True, protocol=None) -> PretrainResult:
     """Pre-train (or resume) the student of `cfg` into `out_dir`; export it; log the run to MLflow.
 
-    `corpus`: an ingested `Corpus` (default: `corpus_from_config(cfg.data)`). `stop_at_step`: stop after
+    `corpus`: the ingested PRE-TRAINING corpus (default: `ingest.corpora_from_config(cfg)`, which runs the
+    leakage guard against the evaluation corpus first); `protocol`: the guard's ``OverlapReport`` when the
+    caller passes `corpus` (logged as MLflow params). `stop_at_step`: stop after
     that optimiser step (a checkpoint is written there; a later call resumes), e.g. for time-limited jobs.
     """
     out_dir = Path(out_dir).resolve()
@@ -328,17 +337,17 @@ def pretrain(cfg: Config, out_dir: str | os.PathLike, *, corpus=None, stop_at_st
     if not objectives.objective_terms(cfg.objective.name).trains_student:
         log.warning("objective %r trains nothing: exporting the initial encoder as %s", cfg.objective.name,
                     student_path)
-        with _tracked_run(cfg, out_dir, track) as run:
+        with _tracked_run(cfg, out_dir, track, protocol) as run:
             save_beats(load_beats(init_checkpoint), student_path)
             if run:
                 _log_outputs(out_dir, _summary(cfg, student_path, 0, True, []))
         return PretrainResult(out_dir, student_path, config_path, 0, True, None, [], run and run[1])
     done = checkpoint is not None and _checkpoint_step(checkpoint) >= (stop_at_step or cfg.train.total_steps)
     if corpus is None and not done:
-        from retain_asd.corpus.ingest import corpus_from_config
+        from retain_asd.corpus.ingest import corpora_from_config
 
-        corpus = corpus_from_config(cfg.data)  # before the MLflow run: a corpus error is no failed run
-    with _tracked_run(cfg, out_dir, track) as run:
+        corpus, _, protocol = corpora_from_config(cfg)  # before the MLflow run: a corpus error is no failed run
+    with _tracked_run(cfg, out_dir, track, protocol) as run:
         step, checkpoint = _train(cfg, out_dir, corpus, init_checkpoint, checkpoint, stop_at_step, run)
         export_student(checkpoint, init_checkpoint, student_path)
         history = read_metrics(out_dir / "metrics.jsonl")

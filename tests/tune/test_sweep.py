@@ -28,13 +28,13 @@ def test_trial_config_applies_choices():
 
 
 @pytest.mark.slow
-def test_grid_sweep_runs_each_point_once_nested_runs_and_compare_shows_every_trial(ray_local, tmp_path):
+def test_grid_sweep_runs_each_point_once_nested_runs_and_compare_shows_every_trial(ray_local, tmp_path, small_worlds):
     from retain_asd.eval.compare import compare_experiment
     from tune.sweep import run_sweep, write_best_config
 
     db = tmp_path / "mlflow.db"
-    cfg = load_config("smoke", overrides=[
-        f"data.work_dir={tmp_path / 'data'}", f"tracking.tracking_uri=sqlite:///{db}", "data.synth_machines=[fan]",
+    cfg = load_config("smoke", overrides=[*small_worlds,
+        f"data.work_dir={tmp_path / 'data'}", f"tracking.tracking_uri=sqlite:///{db}",
         "train.total_steps=2", "train.warmup_steps=1", "train.checkpoint_every=2", "tune.max_concurrent=2",
         "tune.snr_ranges_db=[[0.0, 0.0], [-5.0, 5.0]]", "tune.alphas=[0.5, 2.0]", "tune.betas=[1.0]",
         "eval.source_refs=6", "eval.target_refs=2", "eval.test_normal=2", "eval.test_anomaly=2",
