@@ -5,7 +5,8 @@
          seeded random one for smoke runs)
       -> stream (Ray Data) + TorchTrainer.fit()      <out>/ray/<name>/...     Ray Train checkpoints
       -> student exported in official BEATs format   <out>/student_beats.pt
-      -> MLflow run (params, metric history, model)  <out>/metrics.jsonl      every report, rank 0
+      -> MLflow run (params, live metrics, config,   <out>/metrics.jsonl      every report, rank 0
+         summary and student as artifacts)         <out>/mlflow_run.json    its run id (read by evaluate)
       -> run summary                                 <out>/summary.json       steps, restarts, resumes, loss
 
 A lost worker restarts the worker group from the latest checkpoint (`train.max_failures`, default 3).
@@ -17,6 +18,7 @@ exported. Ray must be initialised by the caller (`retain_asd.runtime.init_ray`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -160,8 +162,9 @@ def train_dataset_from(cfg: Config, corpus) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- trainer
-def _metrics_log_callback(path: Path):
-    """A Ray Train callback appending rank 0's metrics of every report to a JSONL file.
+def _metrics_log_callback(path: Path, uri: str | None = None, run_id: str | None = None):
+    """A Ray Train callback for rank 0's metrics of every report, as it arrives: appended to a JSONL file and,
+    with ``run_id``, logged live to that MLflow run (step, losses, lr, clips/s; timestamps of the report).
 
     Ray Train V2 keeps only the metrics attached to checkpoints in `Result.metrics_dataframe`; this keeps
     the full history (runs in the controller, so `path` must be on a file system it can reach).
@@ -170,7 +173,18 @@ def _metrics_log_callback(path: Path):
 
     class MetricsLog(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            fsio.append_line(path, json.dumps(metrics[0]))
+            row = metrics[0]
+            fsio.append_line(path, json.dumps(row))
+            if run_id is None or "step" not in row:
+                return
+            numbers = {k: v for k, v in row.items()
+                       if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)}
+            try:
+                from retain_asd import tracking
+
+                tracking.log_metrics_to(uri, run_id, numbers, step=int(row["step"]))
+            except Exception as err:  # the store being down must not stop training; metrics.jsonl has it all
+                log.warning("MLflow: could not log step %s live (%s)", row["step"], err)
 
     return MetricsLog()
 
@@ -184,12 +198,27 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def build_trainer(cfg: Config, loop_config: LoopConfig, train_dataset, out_dir: str | os.PathLike):
+def resolve_use_gpu(setting: str) -> bool:
+    """``train.use_gpu``: "true" / "false" as given; "auto" = the connected Ray cluster has a GPU (its total
+    resources, so GPU nodes an autoscaler has not started yet are not counted: pass true for those)."""
+    if setting in ("true", "false"):
+        return setting == "true"
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    if gpus:
+        log.info("train.use_gpu=auto: the cluster has %s GPUs; one per worker", gpus)
+    return gpus > 0
+
+
+def build_trainer(cfg: Config, loop_config: LoopConfig, train_dataset, out_dir: str | os.PathLike,
+                  mlflow_run: tuple[str, str] | None = None):
     """TorchTrainer: fractional-CPU workers (Ray Data read tasks need CPUs too), keep-N checkpoints.
 
     `train.placement_strategy` places the workers (STRICT_SPREAD: one per node). The stream is split
     between the workers in dataset order (`preserve_order`), not by which block finished first or where it
     lives, so each rank sees the same rows on one node or several and a run is reproducible for its seed.
+    `mlflow_run`: (tracking URI, run id) that rank 0's metrics are logged to live.
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -198,19 +227,20 @@ def build_trainer(cfg: Config, loop_config: LoopConfig, train_dataset, out_dir: 
 
     out_dir = Path(out_dir).resolve()
     t = cfg.train
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    use_gpu = resolve_use_gpu(t.use_gpu)
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # deterministic split: OutputSplitter then ignores locality and arrival order
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=t.placement_strategy),
         dataset_config=DataConfig(execution_options=ingest),
         run_config=RunConfig(name=cfg.name, storage_path=str(out_dir / "ray"),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=t.max_failures),
-                             callbacks=[_metrics_log_callback(out_dir / "metrics.jsonl"),
+                             callbacks=[_metrics_log_callback(out_dir / "metrics.jsonl", *(mlflow_run or ())),
                                         recovery.run_monitor(out_dir / recovery.EVENTS)]),
         datasets={"train": train_dataset},
     )
@@ -245,31 +275,57 @@ def _check_same_config(cfg: Config, path: Path) -> None:
                               "resuming would mix them. Use another --out, or delete the folder to start over")
 
 
-def _log_mlflow(cfg: Config, out_dir: Path, history: list[dict], student_path: Path, protocol=None) -> str:
-    """One MLflow run per out dir (its id kept in <out>/mlflow_run.json, so a resumed run continues it)."""
+RUN_POINTER = "mlflow_run.json"  # {"run_id", "tracking_uri", "experiment"}: what `evaluate` tags its runs with
+
+
+def read_run_pointer(out_dir: str | os.PathLike) -> dict:
+    """The MLflow run of a pre-training out dir (``<out>/mlflow_run.json``), {} when it was not tracked."""
+    path = Path(out_dir) / RUN_POINTER
+    if not path.is_file():
+        return {}
+    state = fsio.read_json(path, fix="delete it; the next run then logs to a new MLflow run")
+    if not isinstance(state, dict):
+        raise fsio.CorruptFileError(f"{path}: not a JSON object; delete it; the next run then logs to a new "
+                                    "MLflow run")
+    return state
+
+
+@contextlib.contextmanager
+def _tracked_run(cfg: Config, out_dir: Path, track: bool, protocol=None):
+    """One MLflow run per out dir, open around training (so metrics go in live) and the export; its id is kept
+    in <out>/mlflow_run.json, so a resumed run continues it. Nested under the active run (a sweep trial's).
+    `protocol`: the leakage guard's ``OverlapReport``, logged as ``protocol.*`` params (and kept in the pointer,
+    so the evaluation of this student logs the same keys)."""
+    if not track:
+        yield None
+        return
     from retain_asd import tracking
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
-    state_path = out_dir / "mlflow_run.json"
-    state = (fsio.read_json(state_path, fix="delete it; the next run then logs to a new MLflow run")
-             if state_path.is_file() else {"run_id": None, "logged_step": 0})
-    params = config_mod.to_dict(cfg) if state["run_id"] is None else None
-    if params is not None and protocol is not None:  # what the two corpora share (data.add_eval_references)
+    state = read_run_pointer(out_dir)
+    extra = state.get("params", {})
+    if protocol is not None:  # what the two corpora share (data.add_eval_references)
         from retain_asd.corpus.protocol import overlap_params
 
-        params = {**params, **overlap_params(protocol)}
-    tags = {"objective": cfg.objective.name, "out_dir": str(out_dir), "student_beats": str(student_path)}
-    with tracking.mlflow_run(uri, cfg.tracking.experiment, cfg.name, params=params, tags=tags,
-                             run_id=state["run_id"]) as run:
-        for row in history:
-            if row["step"] > state["logged_step"]:
-                numbers = {k: v for k, v in row.items()
-                           if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-                tracking.log_metrics(numbers, step=row["step"])
-        tracking.set_tags({"student_beats": str(student_path)})
-        state = {"run_id": run.info.run_id, "logged_step": max([r["step"] for r in history], default=0)}
-    fsio.write_json(state_path, state)
-    return state["run_id"]
+        extra = overlap_params(protocol)
+    params = {**config_mod.to_dict(cfg), **extra} if not state.get("run_id") else None
+    tags = {"kind": "pretrain", "preset": cfg.name, "seed": str(cfg.train.seed), "objective": cfg.objective.name,
+            "out_dir": str(out_dir)}
+    with tracking.mlflow_run(uri, cfg.tracking.experiment, tracking.run_name("pretrain", cfg.name, cfg.train.seed),
+                             params=params, tags=tags, run_id=state.get("run_id"),
+                             nested=tracking.active_run_id() is not None) as run:
+        fsio.write_json(out_dir / RUN_POINTER, {"run_id": run.info.run_id, "tracking_uri": uri,
+                                                "experiment": cfg.tracking.experiment, "params": extra})
+        yield uri, run.info.run_id
+
+
+def _log_outputs(out_dir: Path, student_path: Path) -> None:
+    """The run summary, the resolved config.yaml and the exported student as artifacts of the active run."""
+    from retain_asd import tracking
+
+    tracking.set_tags({"student_beats": str(student_path)})
+    for name in ("config.yaml", "summary.json", "student_beats.pt"):
+        tracking.log_artifact(out_dir / name)
 
 
 # ---------------------------------------------------------------------------------------- pretrain
@@ -281,6 +337,8 @@ def pretrain(cfg: Config, out_dir: str | os.PathLike, *, corpus=None, stop_at_st
     leakage guard against the evaluation corpus first); `protocol`: the guard's ``OverlapReport`` when the
     caller passes `corpus` (logged as MLflow params). `stop_at_step`: stop after
     that optimiser step (a checkpoint is written there; a later call resumes), e.g. for time-limited jobs.
+    A re-run resumes from the newest COMPLETE checkpoint on disk (`recovery.prepare_resume`); the run ends
+    with <out>/summary.json; a divergence raises `DivergenceError` and exports nothing.
     """
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -297,43 +355,55 @@ def pretrain(cfg: Config, out_dir: str | os.PathLike, *, corpus=None, stop_at_st
     if not objectives.objective_terms(cfg.objective.name).trains_student:
         log.warning("objective %r trains nothing: exporting the initial encoder as %s", cfg.objective.name,
                     student_path)
-        save_beats(load_beats(init_checkpoint), student_path)
-        run_id = _log_mlflow(cfg, out_dir, [], student_path, protocol) if track else None
-        return PretrainResult(out_dir, student_path, config_path, 0, True, None, [], run_id)
+        with _tracked_run(cfg, out_dir, track, protocol) as run:
+            save_beats(load_beats(init_checkpoint), student_path)
+            summary = _finish(cfg, out_dir, "completed", None, student_path, step=0)
+            if run:
+                _log_outputs(out_dir, student_path)
+        return PretrainResult(out_dir, student_path, config_path, 0, True, None, [], run and run[1], summary)
+    done = newest is not None and newest[0] >= (stop_at_step or cfg.train.total_steps)
+    if corpus is None and not done:
+        from retain_asd.corpus.ingest import corpora_from_config
 
-    target = stop_at_step or cfg.train.total_steps
-    if checkpoint is None or newest[0] < target:  # else: already there, only export
-        if corpus is None:
-            from retain_asd.corpus.ingest import corpora_from_config
+        corpus, _, protocol = corpora_from_config(cfg)  # before the MLflow run: a corpus error is no failed run
+    with _tracked_run(cfg, out_dir, track, protocol) as run:
+        checkpoint = checkpoint if done else _train(cfg, out_dir, corpus, init_checkpoint, checkpoint,
+                                                    stop_at_step, run)
+        state = read_train_state(checkpoint)
+        step = int(state["step"])
+        export_student(checkpoint, init_checkpoint, student_path)
+        history = read_metrics(out_dir / "metrics.jsonl")
+        completed = step == cfg.train.total_steps
+        summary = _finish(cfg, out_dir, "completed" if completed else "stopped", checkpoint, student_path,
+                          skipped=int(state["data"].get("skipped_steps", 0)), step=step)
+        if run:
+            _log_outputs(out_dir, student_path)
+    return PretrainResult(out_dir, student_path, config_path, step, completed, str(checkpoint), history,
+                          run and run[1], summary)
 
-            corpus, _, protocol = corpora_from_config(cfg)
-        loop_config = dataclasses.replace(loop_config_from(cfg, corpus.labels_path, init_checkpoint, stop_at_step),
-                                          resume_from=str(checkpoint) if checkpoint else None)
-        trainer = build_trainer(cfg, loop_config, train_dataset_from(cfg, corpus), out_dir)
-        since = recovery.fit_started(out_dir)
-        try:
-            result = trainer.fit()
-        except Exception:
-            recovery.fit_failed(out_dir)
-            raise
-        try:
-            recovery.raise_if_diverged(out_dir, since)
-        except DivergenceError as err:
-            _finish(cfg, out_dir, "diverged", None, None, message=str(err))
-            raise
-        if result.checkpoint is None:
-            raise RuntimeError(f"{out_dir / 'ray' / cfg.name}: the run finished without a checkpoint")
-        checkpoint = Path(result.checkpoint.path)  # local storage (see build_trainer)
-    state = read_train_state(checkpoint)
-    step = int(state["step"])
-    export_student(checkpoint, init_checkpoint, student_path)
-    history = read_metrics(out_dir / "metrics.jsonl")
-    run_id = _log_mlflow(cfg, out_dir, history, student_path, protocol) if track else None
-    completed = step == cfg.train.total_steps
-    summary = _finish(cfg, out_dir, "completed" if completed else "stopped", checkpoint, student_path,
-                      skipped=int(state["data"].get("skipped_steps", 0)), step=step)
-    return PretrainResult(out_dir, student_path, config_path, step, completed, str(checkpoint), history, run_id,
-                          summary)
+
+def _train(cfg: Config, out_dir: Path, corpus, init_checkpoint: Path, checkpoint: Path | None,
+           stop_at_step: int | None, run: tuple[str, str] | None) -> Path:
+    """Fit up to stop_at_step / total_steps from `checkpoint` (or the start); the newest checkpoint.
+
+    Worker losses are survived by Ray Train (train.max_failures); a divergence stops the run here."""
+    loop_config = dataclasses.replace(loop_config_from(cfg, corpus.labels_path, init_checkpoint, stop_at_step),
+                                      resume_from=str(checkpoint) if checkpoint else None)
+    trainer = build_trainer(cfg, loop_config, train_dataset_from(cfg, corpus), out_dir, mlflow_run=run)
+    since = recovery.fit_started(out_dir)
+    try:
+        result = trainer.fit()
+    except Exception:
+        recovery.fit_failed(out_dir)
+        raise
+    try:
+        recovery.raise_if_diverged(out_dir, since)
+    except DivergenceError as err:
+        _finish(cfg, out_dir, "diverged", None, None, message=str(err))
+        raise
+    if result.checkpoint is None:
+        raise RuntimeError(f"{out_dir / 'ray' / cfg.name}: the run finished without a checkpoint")
+    return Path(result.checkpoint.path)  # local storage (see build_trainer)
 
 
 def _finish(cfg: Config, out_dir: Path, status: str, checkpoint: Path | None, student: Path | None,
@@ -350,6 +420,7 @@ def _finish(cfg: Config, out_dir: Path, status: str, checkpoint: Path | None, st
                                history=read_metrics(out_dir / "metrics.jsonl"),
                                checkpoint=str(checkpoint) if checkpoint else None,
                                student=str(student) if student else None, message=message)
+    summary["seed"] = cfg.train.seed
     recovery.write_summary(out_dir, summary)
     log.info(recovery.summary_line(summary))
     return summary
