@@ -79,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         state = "objective 'frozen' trains nothing; exported the initial encoder"
     else:
         state = "done" if result.completed else f"stopped at step {result.step} (rerun to resume)"
-    print(summary_line(result.summary) if result.summary else
-          f"pretrain {cfg.name}: {state}, {result.step}/{cfg.train.total_steps} steps")
+    if cfg.objective.name == "frozen" or not result.summary:
+        print(f"pretrain {cfg.name}: {state}, {result.step}/{cfg.train.total_steps} steps")
+    else:
+        print(summary_line(result.summary))
     print(f"  student (BEATs format): {result.student_path}")
     print(f"  config:                 {result.config_path}")
     print(f"  latest checkpoint:      {result.checkpoint_path}")

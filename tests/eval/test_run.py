@@ -124,6 +124,7 @@ def test_dcase_mode_on_a_dcase2023_tree(work, tmp_path):
 
 def test_evaluate_cli_eat30_preset_on_a_random_official_layout_eat(work, tmp_path, capsys, small_pretrain_root):
     """Acceptance: `evaluate --preset eat30 --checkpoint <EAT .pt> --checkpoint frozen` on the smoke sets."""
+    from pipelines.common import run_main
     from pipelines.evaluate import main
     from retain_asd.models.eat import eat_tiny
     from retain_asd.models.eat import write_random_checkpoint as write_random_eat
@@ -132,18 +133,19 @@ def test_evaluate_cli_eat30_preset_on_a_random_official_layout_eat(work, tmp_pat
     overrides = [*_protocol(work, small_pretrain_root), f"data.work_dir={work}",
                  f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "eval.source_refs=8",
                  "eval.target_refs=2", "eval.test_normal=2", "eval.test_anomaly=2", "eval.batch_size=8",
-                 "eval.snrs_db=[-5.0, 5.0]", "eval.conditions=[factory_a]"]
+                 "eval.snrs_db=[-5.0, 5.0]", "eval.conditions=[factory_a]",
+                 "eval.layer=2"]  # the tiny EAT has 2 blocks; 'frozen' (eval.ssl_layer 12) is clamped with a warning
     out = tmp_path / "out"
     argv = ["--preset", "eat30", "--checkpoint", str(eat), "--checkpoint", "frozen", "--out", str(out)]
-    assert main([*argv, *overrides]) == 2  # 'frozen' needs the released checkpoint: named in the error
+    assert run_main(main, [*argv, *overrides]) == 2  # 'frozen' needs the released checkpoint: named in the error
     assert "EAT-base_epoch30_pt.pt" in capsys.readouterr().err
     with pytest.warns(UserWarning, match="layer 12 > the encoder's 2 blocks"):
-        assert main([*argv, *overrides, f"model.checkpoint={eat}"]) == 0
+        assert run_main(main, [*argv, *overrides, f"model.checkpoint={eat}"]) == 0
     for name in ("eat_random", "frozen"):
         assert (out / name / "table2.md").is_file()
     printed = capsys.readouterr().out
-    assert "eat_random: hmean_all=" in printed and "frozen: hmean_all=" in printed
+    assert "eat_random: hmean_all_primary_dn=" in printed and "frozen: hmean_all_primary_dn=" in printed
     beats = work / "ckpt.pt"  # a BEATs checkpoint under model.family=eat: an error naming both
-    assert main(["--preset", "eat30", "--checkpoint", str(beats), "--out", str(out), *overrides]) == 2
+    assert run_main(main, ["--preset", "eat30", "--checkpoint", str(beats), "--out", str(out), *overrides]) == 2
     err = capsys.readouterr().err
     assert str(beats) in err and "a beats checkpoint, but model.family = 'eat'" in err
