@@ -56,6 +56,19 @@ def user_error(err: BaseException) -> BaseException | None:
     return None
 
 
+def report_user_error(prog: str, err: BaseException) -> int:
+    """An entry point's own handling of ``err``: a user error is one line plus the --debug hint (exit code 2);
+    with --debug / RETAIN_ASD_DEBUG=1, or for anything that is not a user error, it is raised again."""
+    import os
+
+    found = user_error(err)
+    if found is None or os.environ.get("RETAIN_ASD_DEBUG") == "1":
+        raise err
+    message = " ".join(str(found).split()) or type(found).__name__
+    print(f"{prog}: error: {message}\n{DEBUG_HINT}", file=sys.stderr)
+    return 2
+
+
 def run_main(main, argv: Sequence[str] | None = None, prog: str = "retain-asd") -> int:
     """Run an entry point's ``main(argv)``: a user error is one line on stderr and exit code 2 (``--debug``
     anywhere in argv, or RETAIN_ASD_DEBUG=1, shows the traceback instead); the embedded Ray the command
@@ -67,6 +80,9 @@ def run_main(main, argv: Sequence[str] | None = None, prog: str = "retain-asd") 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("RETAIN_ASD_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
+    debug_before = os.environ.get("RETAIN_ASD_DEBUG")
+    if debug:  # entry points that report their own user errors (report_user_error) re-raise them too
+        os.environ["RETAIN_ASD_DEBUG"] = "1"
     ray = sys.modules.get("ray")
     ray_before = ray is not None and ray.is_initialized()  # a caller's Ray (tests, a notebook) is left alone
     code = 1
@@ -83,6 +99,10 @@ def run_main(main, argv: Sequence[str] | None = None, prog: str = "retain-asd") 
         print(f"{prog}: error: {message}\n{DEBUG_HINT}", file=sys.stderr)
         code = 2
     finally:
+        if debug_before is None:
+            os.environ.pop("RETAIN_ASD_DEBUG", None)
+        else:
+            os.environ["RETAIN_ASD_DEBUG"] = debug_before
         note = None if ray_before else finish_local_ray(ok=code == 0)
         if note:
             print(note, file=sys.stderr)

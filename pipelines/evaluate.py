@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from pipelines.common import add_config_args, protocol_guard
+from pipelines.common import add_config_args, protocol_guard, report_user_error
 
 
 def parse_layers(text: str) -> list[int]:
@@ -57,9 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.dcase_root and not protocol_guard(cfg, "retain-asd evaluate"):  # before Ray starts
             return 2
         init_ray(args.address)
-    # a bad checkpoint or path is a user error: one line from run_main (--debug for the traceback)
-    results = evaluate_from_config(cfg, args.checkpoint, args.out, layers=args.layers, use_ray=args.ray,
-                                   dcase_root=args.dcase_root, ground_truth_dir=args.ground_truth)
+    try:  # a bad checkpoint, path or corpus is a user error: one line (--debug for the traceback)
+        results = evaluate_from_config(cfg, args.checkpoint, args.out, layers=args.layers, use_ray=args.ray,
+                                       dcase_root=args.dcase_root, ground_truth_dir=args.ground_truth)
+    except Exception as err:
+        return report_user_error("retain-asd evaluate", err)
     for r in results:
         m = r.metrics()
         p = cfg.eval.primary
