@@ -23,6 +23,7 @@ COMMANDS = {
     "score": ("pipelines.score", "save a reference bank and score new clips (a deployable detector)"),
     "dcase-score": ("pipelines.dcase_score", "score evaluator-format CSVs against ground truth"),
     "sweep": ("pipelines.sweep", "Ray Tune search over SNR ranges and alpha/beta"),
+    "study": ("pipelines.study", "the Table-2 rows over several seeds: mean and 95% interval per cell"),
     "demo": ("pipelines.demo", "the embedded default end to end: synth -> shards -> pretrain -> evaluate"),
 }
 

@@ -19,7 +19,10 @@ from retain_asd.eval.run import evaluate_checkpoint, write_reports, write_score_
 
 
 def resolve_checkpoint(spec: str, cfg, out_dir: Path) -> tuple[str, str, bool]:
-    """(name, path, is_frozen) of a --checkpoint value: a BEATs .pt, a folder holding one, or "frozen"."""
+    """(name, path, is_frozen) of a --checkpoint value: a BEATs .pt, a folder holding one, or "frozen".
+
+    "frozen" is model.checkpoint, else (model.init = "foundation") the cached stand-in foundation encoder, the
+    one every student of the config starts from (`train.launch.initial_encoder`), else a random encoder."""
     from retain_asd.models.beats import beats_base, beats_tiny, write_random_checkpoint
 
     if spec == "frozen":
@@ -34,8 +37,12 @@ def resolve_checkpoint(spec: str, cfg, out_dir: Path) -> tuple[str, str, bool]:
                 raise FileNotFoundError(f"model.checkpoint = {cfg.model.checkpoint!r}: file not found; 'frozen' "
                                         f"evaluates that checkpoint: pass an official {cfg.model.family} .pt")
             return "frozen", cfg.model.checkpoint, True
-        warnings.warn("model.checkpoint is empty: 'frozen' is a RANDOM encoder (fine for smoke runs only)",
-                      stacklevel=2)
+        if cfg.model.init == "foundation":  # the stand-in encoder every student of this config starts from
+            from retain_asd.train.launch import initial_encoder
+
+            return "frozen", str(initial_encoder(cfg)), True
+        warnings.warn("model.checkpoint is empty and model.init = 'random': 'frozen' is a RANDOM encoder (fine "
+                      "for smoke runs only)", stacklevel=2)
         path = out_dir / "frozen_random.pt"
         if not path.is_file():
             write_random_checkpoint(path, beats_tiny() if cfg.model.size == "tiny" else beats_base(), cfg.train.seed)
@@ -76,9 +83,12 @@ def check_checkpoints(resolved: Sequence[tuple[str, str, bool]], layer: int,
 def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.PathLike,
                          layers: Sequence[int] | None = None, use_ray: bool = False,
                          dcase_root: str | os.PathLike | None = None,
-                         ground_truth_dir: str | os.PathLike | None = None) -> list[EvalResult]:
+                         ground_truth_dir: str | os.PathLike | None = None, sets=None,
+                         track: bool = True) -> list[EvalResult]:
     """Builder: evaluate each checkpoint (or "frozen") on the config's eval sets (or a DCASE folder),
-    write tables, plots and score files under `out_dir/<name>/`, and log one MLflow run per checkpoint."""
+    write tables, plots and score files under `out_dir/<name>/`, and log one MLflow run per checkpoint.
+
+    `sets`: built `EvalSets` to use instead of the config's; `track=False`: no MLflow run (the caller logs)."""
     from retain_asd.config import to_dict
     from retain_asd.eval.dcase_mode import evaluate_dcase
     from retain_asd.eval.evalsets import evalsets_from_config
@@ -90,7 +100,8 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
     e = cfg.eval
     resolved = [resolve_checkpoint(spec, cfg, out_dir) for spec in checkpoints]  # a bad path fails first
     depths = check_checkpoints(resolved, e.layer, layers, cfg.model.family)  # a torn / foreign file, a missing layer
-    sets = None if dcase_root else evalsets_from_config(cfg)
+    if sets is None and not dcase_root:
+        sets = evalsets_from_config(cfg)
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
     cache_dir = Path(cfg.data.work_dir) / "embeddings"
     results, seen = [], {}
@@ -118,9 +129,10 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
             write_reports([result], run_dir)
         params = {"config": to_dict(cfg), "checkpoint": path, "checkpoint_hash": result.checkpoint_hash,
                   "layers": use_layers, "mode": "dcase" if dcase_root else "evalsets"}
-        with mlflow_run(uri, cfg.tracking.experiment, f"evaluate-{name}", params, {"kind": "evaluate"}):
-            log_metrics(result.metrics())
-            log_artifacts(run_dir, artifact_path="evaluate")
+        if track:
+            with mlflow_run(uri, cfg.tracking.experiment, f"evaluate-{name}", params, {"kind": "evaluate"}):
+                log_metrics(result.metrics())
+                log_artifacts(run_dir, artifact_path="evaluate")
         results.append(result)
     if not dcase_root and len(results) > 1:
         write_reports(results, out_dir)
