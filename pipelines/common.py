@@ -98,8 +98,9 @@ def quiet_run(log_path, verbose: bool = False, *, address: str | None = None, st
     embedded Ray it started inside the block, so its shutdown messages go to the log too."""
     import ray
 
-    from retain_asd.runtime import finish_local_ray, init_ray, quiet_console, set_data_progress
+    from retain_asd.runtime import finish_local_ray, init_ray, limit_torch_threads, quiet_console, set_data_progress
 
+    limit_torch_threads()
     ray_before = ray.is_initialized()  # a caller's Ray (tests, a notebook) is left running
     with quiet_console(None if verbose else log_path, verbose) as console:
         if not verbose:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
-from pipelines.common import add_config_args
+from pipelines.common import add_config_args, quiet_run
 
 
 def parse_layers(text: str) -> list[int]:
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ground-truth", help="evaluator ground-truth folder for DCASE eval data (with --dcase-root)")
     p.add_argument("--ray", action="store_true", help="embed with a Ray Data actor pool (GPU when present)")
     p.add_argument("--address", help="Ray cluster address (with --ray)")
+    p.add_argument("--verbose", action="store_true", help="Ray's and MLflow's own logs and warnings on the console "
+                   "(default: in <out>/evaluate.log)")
     return p
 
 
@@ -51,13 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"retain-asd evaluate: {err}", file=sys.stderr)
         return 2
-    if args.ray:
-        from retain_asd.runtime import init_ray
-
-        init_ray(args.address)
     try:
-        results = evaluate_from_config(cfg, args.checkpoint, args.out, layers=args.layers, use_ray=args.ray,
-                                       dcase_root=args.dcase_root, ground_truth_dir=args.ground_truth)
+        with quiet_run(Path(args.out) / "evaluate.log", args.verbose, address=args.address, start_ray=args.ray):
+            results = evaluate_from_config(cfg, args.checkpoint, args.out, layers=args.layers, use_ray=args.ray,
+                                           dcase_root=args.dcase_root, ground_truth_dir=args.ground_truth)
     except (FileNotFoundError, ValueError) as err:
         print(f"retain-asd evaluate: {err}", file=sys.stderr)
         return 2

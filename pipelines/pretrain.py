@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from pipelines.common import add_config_args, config_from_args
+from pipelines.common import add_config_args, config_from_args, quiet_run
 from retain_asd.config import ConfigError
-from retain_asd.runtime import init_ray
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-at-step", type=int, help="stop after this optimiser step (checkpointed; rerun to resume)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or an embedded local Ray)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
+    p.add_argument("--verbose", action="store_true", help="Ray's and MLflow's own logs on the console "
+                   "(default: in <out>/pretrain.log)")
     return p
 
 
@@ -57,9 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, BEATsCheckpointError) as err:
         print(f"retain-asd pretrain: model.checkpoint: {err}", file=sys.stderr)
         return 2
-    init_ray(args.address)
     try:
-        result = pretrain(cfg, args.out, stop_at_step=args.stop_at_step, track=not args.no_mlflow)
+        with quiet_run(Path(args.out) / "pretrain.log", args.verbose, address=args.address) as console:
+            console.say(f"pretrain {cfg.name}: {cfg.objective.name}, {cfg.train.total_steps} steps, "
+                        f"{cfg.train.num_workers} workers")
+            result = pretrain(cfg, args.out, stop_at_step=args.stop_at_step, track=not args.no_mlflow)
     except (ConfigError, FileNotFoundError) as err:
         print(f"retain-asd pretrain: {err}", file=sys.stderr)
         return 2

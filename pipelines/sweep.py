@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from pipelines.common import add_config_args, config_from_args
-from retain_asd.runtime import init_ray
+from pipelines.common import add_config_args, config_from_args, quiet_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, default_preset="tagging_mixture_pm5")
     p.add_argument("--out", default="runs/sweep", help="sweep folder (default: %(default)s)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or an embedded local Ray)")
+    p.add_argument("--verbose", action="store_true", help="Ray's, Tune's and MLflow's own logs on the console "
+                   "(default: in <out>/sweep.log)")
     return p
 
 
@@ -28,9 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     from tune.sweep import run_sweep, summarize_sweep
 
     check_trials(cfg)  # a bad sweep value fails here, before Ray starts
-    init_ray(args.address)
-    text, code = summarize_sweep(run_sweep(cfg, args.out), cfg.tune.metric)
-    print(text)
+    with quiet_run(Path(args.out) / "sweep.log", args.verbose, address=args.address) as console:
+        console.say(f"sweep {cfg.name}: {cfg.tune.num_samples} trials, each a pretrain + evaluate")
+        text, code = summarize_sweep(run_sweep(cfg, args.out), cfg.tune.metric)
+    console.say(text)
     return code
 
 
