@@ -115,3 +115,23 @@ def quiet_run(log_path, verbose: bool = False, *, address: str | None = None, st
         finally:
             if start_ray and not ray_before:
                 finish_local_ray(ok=ok)
+
+
+def protocol_guard(cfg: Config, prog: str) -> bool:
+    """The leakage guard of an entry point, before any Ray work (paper Sec. 4.1: two non-overlapping corpora).
+
+    Compares the raw pre-training corpus (data.*) with the evaluation corpus (eval.*) by content hash. False
+    after printing the error (the overlapping files and the fix; the caller returns exit code 2).
+    """
+    from retain_asd.corpus.ingest import check_protocol
+    from retain_asd.corpus.protocol import CorpusOverlapError
+
+    try:
+        report = check_protocol(cfg)
+    except CorpusOverlapError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return False
+    if report:
+        print(f"{prog}: data.add_eval_references: true: pre-training adds the evaluation references and noise on "
+              f"purpose (Table 5, '+ eval-reference data'); {report.describe(limit=1)}", file=sys.stderr)
+    return True

@@ -1,7 +1,9 @@
 """`retain-asd evalsets`: build the Factory A / B / Mismatch evaluation sets (recipes + manifest).
 
-Reads the ingested corpus under `<data.work_dir>/corpus` and writes `<data.work_dir>/evalsets/`. Counts,
-SNRs and the seed come from the `eval` section of the config. Re-running on an unchanged corpus is a no-op.
+Reads only the evaluation corpus (eval.machine_root / eval.noise_root, or the synthetic evaluation world),
+ingested under `<data.work_dir>/corpus_eval`, and writes `<data.work_dir>/evalsets/`. Counts, SNRs and the
+seed come from the `eval` section of the config. Re-running on an unchanged corpus is a no-op. The leakage
+guard first checks that it shares nothing with the pre-training corpus (data.*).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import logging
 import sys
 
-from pipelines.common import add_config_args
+from pipelines.common import add_config_args, protocol_guard
 from retain_asd.config import ConfigError, load_config
 
 
@@ -30,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.preset, args.config, args.overrides)  # errors reported below with the others
+        if not protocol_guard(cfg, "retain-asd evalsets"):
+            return 2
         sets = evalsets_from_config(cfg, force=args.force)
     except (ConfigError, EvalSetError, FileNotFoundError) as err:
         print(f"retain-asd evalsets: {err}", file=sys.stderr)

@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipelines.common import add_config_args, quiet_run
+from pipelines.common import add_config_args, protocol_guard, quiet_run
 
 
 def parse_layers(text: str) -> list[int]:
@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"retain-asd evaluate: {err}", file=sys.stderr)
         return 2
+    if not args.dcase_root and not protocol_guard(cfg, "retain-asd evaluate"):  # before Ray starts
+        return 2
     try:
         with quiet_run(Path(args.out) / "evaluate.log", args.verbose, address=args.address, start_ray=args.ray):
             results = evaluate_from_config(cfg, args.checkpoint, args.out, layers=args.layers, use_ray=args.ray,
@@ -63,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for r in results:
         m = r.metrics()
-        figures = {k: m[k] for k in ("hmean_low", "hmean_all", "hmean_low_dn", "hmean_all_dn") if k in m}
+        p = cfg.eval.primary
+        figures = {k: m[k] for k in (f"hmean_low_primary_{p}", f"hmean_all_primary_{p}", "hmean_low", "hmean_all",
+                                     "hmean_low_dn", "hmean_all_dn") if k in m}
         figures = figures or {k: v for k, v in m.items() if k.startswith("dcase/official")}
         print(f"{r.name}: " + "  ".join(f"{k}={100 * v:.2f}" for k, v in figures.items()))
     print(f"tables, plots and score files under {args.out}")

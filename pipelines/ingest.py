@@ -1,7 +1,10 @@
 """`retain-asd ingest`: raw corpus folders -> Parquet shards + manifest + rejects + labels.json.
 
-With no --machine-root/--noise-root the synthetic corpus (the embedded default) is written and ingested.
-Re-running on unchanged input is a no-op; a changed file rebuilds the shards.
+Both corpora of the paper's protocol (Sec. 4.1), each into its own folder under the work folder: the
+pre-training corpus (--machine-root/--noise-root, data.*) into `corpus_pretrain/` and the evaluation corpus
+(--eval-machine-root/--eval-noise-root, eval.*) into `corpus_eval/`. An empty root means the synthetic
+pre-training / evaluation world (the embedded default). What the two share is reported (pretrain, evaluate,
+evalsets and sweep refuse it). Re-running on unchanged input is a no-op; a changed file rebuilds the shards.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--machine-root", help="DCASE 2020-2025 / MIMII DG / ToyADMOS2 folder (default: synthetic)")
     p.add_argument("--noise-root", help="noise folder <root>/<category>/*.wav + categories.yaml")
+    p.add_argument("--eval-machine-root", help="evaluation corpus: machine folder (default: eval.machine_root, "
+                                               "else the synthetic evaluation world)")
+    p.add_argument("--eval-noise-root", help="evaluation corpus: noise folder (categories.yaml: stationary -> "
+                                             "Factory A, else Factory B)")
     p.add_argument("--out", help="work folder (default: data.work_dir of the config)")
     add_config_args(p)
     p.add_argument("--rows-per-shard", type=int, help="Parquet rows per shard file")
@@ -29,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from retain_asd.corpus.ingest import corpus_from_config
+    from retain_asd.config import ConfigError
+    from retain_asd.corpus.ingest import eval_corpus_from_config, pretrain_corpus_from_config
     from retain_asd.corpus.names import LayoutError
+    from retain_asd.corpus.protocol import find_overlaps
 
     cfg = config_from_args(args, "retain-asd ingest")
     if cfg is None:
@@ -38,13 +47,20 @@ def main(argv: list[str] | None = None) -> int:
     data = replace(cfg.data, machine_root=args.machine_root or cfg.data.machine_root,
                    noise_root=args.noise_root or cfg.data.noise_root, work_dir=args.out or cfg.data.work_dir,
                    rows_per_shard=args.rows_per_shard or cfg.data.rows_per_shard)
+    ev = replace(cfg.eval, machine_root=args.eval_machine_root or cfg.eval.machine_root,
+                 noise_root=args.eval_noise_root or cfg.eval.noise_root)
+    cfg = replace(cfg, data=data, eval=ev)
     init_ray(args.address)
     try:
-        corpus = corpus_from_config(data, force=args.force)
-    except (LayoutError, FileExistsError) as err:
+        pre = pretrain_corpus_from_config(cfg, force=args.force)
+        evc = eval_corpus_from_config(cfg, force=args.force)
+    except (LayoutError, FileExistsError, ConfigError) as err:
         print(f"retain-asd ingest: {err}", file=sys.stderr)
         return 2
-    print(corpus.summary())
+    print("pre-training corpus:\n" + pre.summary())
+    print("evaluation corpus:\n" + evc.summary())
+    report = find_overlaps(pre, evc)
+    print(f"protocol: {report.describe()}")
     return 0
 
 

@@ -5,7 +5,9 @@
 
 Writes <out>/config.yaml (resolved config), <out>/student_beats.pt (official BEATs layout), Ray Train
 checkpoints under <out>/ray/, the metric history <out>/metrics.jsonl, and an MLflow run. Running the
-same command again resumes from the latest checkpoint. The corpus (data.*) is ingested first when needed.
+same command again resumes from the latest checkpoint. The pre-training corpus (data.*) is ingested first when
+needed; the leakage guard refuses a pre-training corpus that shares a machine type, clip or noise recording with
+the evaluation corpus (eval.*), unless data.add_eval_references: true (Table 5, recorded in MLflow and config.yaml).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipelines.common import add_config_args, config_from_args, quiet_run
+from pipelines.common import add_config_args, config_from_args, protocol_guard, quiet_run
 from retain_asd.config import ConfigError
 
 
@@ -58,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         check_init_checkpoint(cfg)  # a missing, torn or foreign model.checkpoint fails before Ray starts
     except (ConfigError, BEATsCheckpointError) as err:
         print(f"retain-asd pretrain: model.checkpoint: {err}", file=sys.stderr)
+        return 2
+    if not protocol_guard(cfg, "retain-asd pretrain"):  # before Ray starts
         return 2
     try:
         with quiet_run(Path(args.out) / "pretrain.log", args.verbose, address=args.address) as console:

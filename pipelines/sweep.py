@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipelines.common import add_config_args, config_from_args, quiet_run
+from pipelines.common import add_config_args, config_from_args, protocol_guard, quiet_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     from tune.sweep import run_sweep, summarize_sweep
 
     check_trials(cfg)  # a bad sweep value fails here, before Ray starts
+    if not protocol_guard(cfg, "retain-asd sweep"):  # so does an overlap of the two corpora
+        return 2
     with quiet_run(Path(args.out) / "sweep.log", args.verbose, address=args.address) as console:
         console.say(f"sweep {cfg.name}: {cfg.tune.num_samples} trials, each a pretrain + evaluate")
         text, code = summarize_sweep(run_sweep(cfg, args.out), cfg.tune.metric)

@@ -31,17 +31,25 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------------------------------- sections
 @dataclass(frozen=True)
 class DataConfig:
-    machine_root: str = ""  # raw machine corpus (DCASE / MIMII DG / ToyADMOS2 tree); "" = synthetic corpus
-    noise_root: str = ""  # noise folders <root>/<category>/*.wav + categories.yaml; "" = synthetic noise
-    work_dir: str = "runs/data"  # shards, manifests, eval sets, embedding cache live here
+    """The PRE-TRAINING corpus (paper Sec. 4.1); the evaluation corpus is `eval.machine_root` / `eval.noise_root`,
+    disjoint from this one in machine types, clips and noise recordings (checked: corpus/protocol.py)."""
+
+    machine_root: str = ""  # raw machine corpus (DCASE / MIMII DG / ToyADMOS2 tree); "" = synthetic pre-training world
+    noise_root: str = ""  # noise folders <root>/<category>/*.wav + categories.yaml; "" = the world's synthetic noise
+    work_dir: str = "runs/data"  # shards (corpus_pretrain/, corpus_eval/), eval sets, embedding cache live here
     sample_rate_hz: int = 16000  # BEATs is trained on 16 kHz audio
     clip_s: float = 10.0  # DCASE clips are 10 s; everything is padded / cropped to this
     min_clip_s: float = 1.0  # shorter files are rejected rather than padded
     channel: str = "mean"  # "mean" or a channel index as a string ("0"): DCASE 2026 is stereo near/far mic
     rows_per_shard: int = 256  # Parquet rows per shard file
     audio_dtype: str = "float32"  # "float32" or "int16" audio column
-    synth_seed: int = 0  # seed of the synthetic corpus (embedded default)
-    synth_machines: tuple[str, ...] = ("fan", "pump", "gearbox")
+    pad_mode: str = "zero"  # a short clip is zero-padded to clip_s (paper Sec. 4.2); "repeat" loops it
+    include_test_normals: bool = False  # also pre-train on the normal test clips of this corpus (paper: 36,411 clips)
+    add_eval_references: bool = False  # Table-5 "+ eval-reference data": eval references + eval noise join pre-training
+    synth_seed: int = 0  # seed of the synthetic worlds (embedded default)
+    synth_machines: tuple[str, ...] = ("fan", "pump", "gearbox", "compressor", "conveyor")  # pre-training world types
+    synth_noise: tuple[str, ...] = ("pink_hum", "brown_fan", "bursts", "clatter")  # pre-training world noise
+    synth_generic_per_family: int = 0  # > 0: add generic clean sounds (Table 5 "other data", AS-20K-like) per family
 
 
 @dataclass(frozen=True)
@@ -68,8 +76,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class ObjectiveConfig:
     name: str = "tagging_mixture"  # frozen | denoise | linear_mixup | snr_mixup | tagging | mixture | tagging_mixture
-    alpha: float = 1.0  # Eq. 7 weight of the tagging loss
-    beta: float = 1.0  # Eq. 7 weight of the mixture loss
+    alpha: float = 1.0  # Eq. 7 weight of the tagging (or Eq. 1 denoise) loss; 0 for objectives without one
+    beta: float = 1.0  # Eq. 7 weight of the mixture loss; 0 for objectives without one (OBJECTIVE_WEIGHTS)
     lam: float = 0.5  # Eq. 5 lambda: weight of teacher(clean) in the mixture target
     lam_mode: str = "fixed"  # "fixed" (paper) or "snr": lambda = R / (1 + R) from the sample's SNR
     align_layer: int = 12  # student/teacher layer aligned by the mixture loss (1-based)
@@ -104,6 +112,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    machine_root: str = ""  # EVALUATION corpus (other machine types than data.machine_root); "" = synthetic eval world
+    noise_root: str = ""  # its noise (categories.yaml: stationary -> Factory A, else Factory B); "" = synthetic
+    synth_machines: tuple[str, ...] = ("bearing", "blower", "slider")  # evaluation world types (when roots are "")
+    synth_noise: tuple[str, ...] = ("hvac", "transformer", "hammering", "passby")  # stationary: hvac, transformer
     conditions: tuple[str, ...] = ("factory_a", "factory_b", "mismatch")
     snrs_db: tuple[float, ...] = (-10.0, -5.0, 0.0, 5.0, 10.0, 20.0, 30.0)
     source_refs: int = 990  # normal source references per machine
@@ -116,6 +128,9 @@ class EvalConfig:
     k: int = 1  # kNN neighbours
     metric: str = "euclidean"  # or "cosine"
     memmixup: bool = False
+    memmixup_k: int = 5  # MemMixup: K nearest source references mixed into each target reference
+    memmixup_ratio: float = 0.9  # MemMixup: weight of the target reference in each mix
+    primary: str = "dn"  # the reported figure: "dn" (domain normalisation, paper Table 2) or "raw" (Table 3)
     batch_size: int = 16
     seed: int = 0
 
@@ -168,9 +183,6 @@ class StudyConfig:
                              "tagging_mixture_0db")  # presets, or label:preset (their objective + mixing)
     seeds: tuple[int, ...] = (0, 1, 2)  # train.seed and mixing.seed of each run
     extra_layers: tuple[int, ...] = ()  # layers scored besides the primary one (logged, not in the table)
-    eval_refs_per_attr: int = 3  # evaluation world: source training clips per attribute combination
-    eval_target_refs_per_attr: int = 2  # target training clips per attribute value
-    eval_tests_per_domain: int = 6  # normal (and as many anomalous) test clips per domain and machine
 
 
 @dataclass(frozen=True)
@@ -202,11 +214,24 @@ OBJECTIVES = (
     "mixture",  # Eq. 5-6: student(mixture) aligned to lam T(clean) + (1 - lam) T(noise)
     "tagging_mixture",  # Eq. 7: alpha * tagging + beta * mixture (the paper's method)
 )
+# Eq. 7 is the only weighting rule: L = alpha * L_tag + beta * L_mix for every objective. alpha weights the
+# classification term (Eq. 4 tagging, or Eq. 1 for the denoising baselines), beta the mixture term (Eq. 5-6).
+# The weights an objective can use; any other must be 0 (Table 2: "Tagging Loss (alpha=1, beta=0)").
+OBJECTIVE_WEIGHTS = {
+    "frozen": (),
+    "denoise": ("alpha",),
+    "linear_mixup": ("alpha",),
+    "snr_mixup": ("alpha",),
+    "tagging": ("alpha",),
+    "mixture": ("beta",),
+    "tagging_mixture": ("alpha", "beta"),
+}
 SNR_SAMPLERS = ("fixed", "uniform", "discrete")  # mixing.make_snr_sampler kinds
 LAM_MODES = ("fixed", "snr")  # fixed: the paper (lam = 0.5); snr: lam = R / (1 + R)
 TEACHER_INPUTS = ("scaled", "unit_power")  # what the teacher hears in Eq. 5 (objectives.teacher_components)
 _CHOICES = {
     "data.audio_dtype": ("float32", "int16"),
+    "data.pad_mode": ("zero", "repeat"),
     "mixing.snr_sampler": SNR_SAMPLERS,
     "model.size": ("base", "tiny"),
     "model.family": ("beats", "eat"),
@@ -216,6 +241,7 @@ _CHOICES = {
     "objective.teacher_inputs": TEACHER_INPUTS,
     "eval.pooling": ("genrep", "mean", "spectral"),
     "eval.metric": ("euclidean", "cosine"),
+    "eval.primary": ("dn", "raw"),
     "foundation.objective": ("masked", "tagging", "masked_tagging"),
     "train.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
@@ -240,6 +266,9 @@ def validate(cfg: Config) -> None:
     _check(0 < d.min_clip_s <= d.clip_s, "data.min_clip_s", "in (0, data.clip_s]", d.min_clip_s)
     _check(d.channel == "mean" or d.channel.isdigit(), "data.channel", '"mean" or a channel index', d.channel)
     _check(d.rows_per_shard > 0, "data.rows_per_shard", "> 0", d.rows_per_shard)
+    _check(d.synth_generic_per_family >= 0, "data.synth_generic_per_family", ">= 0", d.synth_generic_per_family)
+    _check(len(d.synth_machines) > 0 or d.synth_generic_per_family > 0, "data.synth_machines",
+           "non-empty, or data.synth_generic_per_family > 0 (pre-training needs clips)", d.synth_machines)
     _check(m.snr_low_db <= m.snr_high_db, "mixing.snr_low_db",
            f"<= mixing.snr_high_db ({m.snr_high_db})", m.snr_low_db)
     if m.snr_sampler == "discrete":
@@ -260,6 +289,7 @@ def validate(cfg: Config) -> None:
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", t.keep_checkpoints)
     _check(0.0 <= o.lam <= 1.0, "objective.lam", "in [0, 1]", o.lam)
     _check(o.alpha >= 0 and o.beta >= 0, "objective.alpha/beta", ">= 0", (o.alpha, o.beta))
+    validate_weights(o.name, o.alpha, o.beta)
     _check(1 <= o.align_layer <= 48, "objective.align_layer", "a 1-based layer index", o.align_layer)
     _check(o.mixup_beta > 0, "objective.mixup_beta", "> 0", o.mixup_beta)
     _check(all(c in _CONDITIONS for c in e.conditions) and len(e.conditions) > 0, "eval.conditions",
@@ -272,6 +302,8 @@ def validate(cfg: Config) -> None:
     _check(e.layer >= 1, "eval.layer", ">= 1 (layers are 1-based)", e.layer)
     _check(e.ssl_layer >= 1, "eval.ssl_layer", ">= 1 (layers are 1-based)", e.ssl_layer)
     _check(e.k >= 1, "eval.k", ">= 1", e.k)
+    _check(e.memmixup_k >= 1, "eval.memmixup_k", ">= 1", e.memmixup_k)
+    _check(0.0 <= e.memmixup_ratio <= 1.0, "eval.memmixup_ratio", "in [0, 1]", e.memmixup_ratio)
     _check(all(lo <= hi for lo, hi in cfg.tune.snr_ranges_db), "tune.snr_ranges_db",
            "pairs (low, high) with low <= high", cfg.tune.snr_ranges_db)
     _check(cfg.tune.num_samples >= 1, "tune.num_samples", ">= 1", cfg.tune.num_samples)
@@ -288,9 +320,6 @@ def validate(cfg: Config) -> None:
     _check(0 <= fd.warmup_steps < fd.steps, "foundation.warmup_steps", "in [0, foundation.steps)", fd.warmup_steps)
     st = cfg.study
     _check(len(st.rows) > 0 and len(st.seeds) > 0, "study.rows/seeds", "non-empty", (st.rows, st.seeds))
-    _check(min(st.eval_refs_per_attr, st.eval_target_refs_per_attr, st.eval_tests_per_domain) >= 1,
-           "study.eval_refs_per_attr/eval_target_refs_per_attr/eval_tests_per_domain", ">= 1",
-           (st.eval_refs_per_attr, st.eval_target_refs_per_attr, st.eval_tests_per_domain))
     validate_numbers(cfg)
 
 
@@ -317,6 +346,19 @@ def _numbers(value: Any, name: str) -> typing.Iterator[tuple[str, float]]:
             yield from _numbers(v, f"{name}[{i}]")
     elif isinstance(value, int | float) and not isinstance(value, bool):
         yield name, value
+
+
+def validate_weights(objective: str, alpha: float, beta: float, prefix: str = "objective.") -> None:
+    """Eq. 7 for every objective: a weight the objective cannot use must be 0, one it uses must be > 0."""
+    uses = OBJECTIVE_WEIGHTS.get(objective, ())
+    terms = {"alpha": "no tagging / classification term (Eq. 1 / 4)", "beta": "no mixture term (Eq. 5-6)"}
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if name not in uses and value != 0:
+            raise ConfigError(f"{prefix}{name} = {value!r}: objective {objective!r} has {terms[name]}, so the Eq. 7 "
+                              f"weight is unused; set {prefix}{name}: 0 (it is never silently ignored)")
+    if uses and all((alpha, beta)[("alpha", "beta").index(n)] == 0 for n in uses):
+        raise ConfigError(f"{prefix}{'/'.join(uses)} = 0: objective {objective!r} would train on a zero loss; "
+                          f"give {' or '.join(prefix + n for n in uses)} a weight > 0")
 
 
 def validate_finite(cfg: Config) -> None:

@@ -330,15 +330,18 @@ def run_study(cfg: Config, out_dir: str | os.PathLike, *, evaluation_sets=None, 
     else:  # model.init = random: smoke tests only, each run draws its own random encoder
         say("initial encoder: RANDOM (model.init = random: a smoke run, not a study)")
     t0 = time.perf_counter()
-    if corpus is None:
-        from retain_asd.corpus.ingest import corpus_from_config
+    if corpus is None:  # both worlds, guarded: no machine type, clip or noise recording shared (Sec. 4.1)
+        from retain_asd.corpus.ingest import corpora_from_config
 
-        corpus = corpus_from_config(cfg.data)
+        corpus, _, report = corpora_from_config(cfg)
+        say(f"protocol: {report.describe(limit=1)}")
     say(f"pre-training corpus: {corpus.root} ({corpus.vocab.num_machine} machine + {corpus.vocab.num_noise} "
         f"noise classes, {time.perf_counter() - t0:.0f} s)")
     t0 = time.perf_counter()
     if evaluation_sets is None:
-        evaluation_sets = evaluation_sets_from_config(cfg)
+        from retain_asd.eval.evalsets import evalsets_from_config
+
+        evaluation_sets = evalsets_from_config(cfg)  # from the evaluation corpus only
     say(f"evaluation sets: {evaluation_sets.root} ({len(evaluation_sets.machines)} machines "
         f"{', '.join(evaluation_sets.machines)}; {len(cfg.eval.conditions)} conditions x "
         f"{len(evaluation_sets.snrs_db)} SNRs, {time.perf_counter() - t0:.0f} s)")
@@ -394,11 +397,12 @@ def run_cell(cfg: Config, row: Row, seed: int, where: Path, *, corpus, evaluatio
     (result,) = evaluate_from_config(rc, [spec], where / "evaluate", layers=layers, sets=evaluation_sets,
                                      track=False)
     eval_s = time.perf_counter() - t0
-    scores = result.official_by_set()
-    overall = result.table2()[-1]
+    dn = result.primary == "dn"  # eval.primary: the reported figure (DN, as the paper's Table 2, or raw)
+    scores = result.official_by_set(domain_norm=dn)
+    overall = result.table2(domain_norm=dn)[-1]
     figures = result.metrics()
     last = trained.metrics[-1] if trained.metrics else {}
-    extra = {"steps": trained.step, "primary_layer": result.primary_layer,
+    extra = {"steps": trained.step, "primary_layer": result.primary_layer, "primary": result.primary,
              "final_loss": last.get("loss"), "objective": rc.objective.name}
     tags = {"kind": "study_row", "study": cfg.name, "row": row.label, "seed": str(seed)}
     tracking.delete_runs(uri, experiment, tags)  # a run of this cell left by an interrupted study
@@ -435,33 +439,6 @@ def _log_summary(uri: str, experiment: str, cfg: Config, table: StudyTable, summ
         return run.info.run_id
 
 
-# ---------------------------------------------------------------------------------------------------- eval world
-def evaluation_sets_from_config(cfg: Config):
-    """The evaluation sets of the evaluation world (machine types and noises the pre-training never saw).
-
-    Written under <data.work_dir>/eval_world (synthetic world `eval`), ingested to <work>/eval_corpus, sets in
-    <work>/eval_sets; each step is reused when unchanged.
-    """
-    from retain_asd.corpus import shards, synth
-    from retain_asd.corpus.ingest import ingest
-    from retain_asd.eval.evalsets import EvalSetParams, build_evalsets
-
-    d, e, s = cfg.data, cfg.eval, cfg.study
-    work = Path(d.work_dir).resolve()
-    made = synth.write_eval_world(work / "eval_world", seed=d.synth_seed + 1, clip_s=d.clip_s,
-                                  sample_rate_hz=d.sample_rate_hz, train_source_per_attr=s.eval_refs_per_attr,
-                                  train_target_per_attr=s.eval_target_refs_per_attr,
-                                  test_per_domain=s.eval_tests_per_domain,
-                                  noise_clip_s=30 * d.clip_s)  # 30 disjoint clip-long segments per recording
-    settings = shards.DecodeSettings(sample_rate_hz=d.sample_rate_hz, clip_s=d.clip_s, min_clip_s=d.min_clip_s,
-                                     channel=d.channel, audio_dtype=d.audio_dtype)
-    ingest(made.machine_root, made.noise_root, work / "eval_corpus", settings=settings,
-           rows_per_shard=d.rows_per_shard)
-    params = EvalSetParams(snrs_db=tuple(e.snrs_db), source_refs=e.source_refs, target_refs=e.target_refs,
-                           test_normal=e.test_normal, test_anomaly=e.test_anomaly, seed=e.seed)
-    return build_evalsets(work / "eval_corpus", work / "eval_sets", params)
-
-
 __all__ = ["CellResult", "Row", "StudyResult", "StudyTable", "TABLE2_ROWS", "check_study",
-           "evaluation_sets_from_config", "mean_interval", "parse_rows", "read_cell", "row_config", "run_cell",
+           "mean_interval", "parse_rows", "read_cell", "row_config", "run_cell",
            "run_study", "study_plan", "summarise"]

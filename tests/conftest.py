@@ -50,6 +50,36 @@ def small_corpus(tmp_path_factory, ray_local) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def small_worlds(tmp_path_factory) -> list[str]:
+    """The two synthetic worlds of the paper's protocol, small (10 s clips): the pre-training world (fan; noise
+    pink_hum, bursts) and the evaluation world (bearing; stationary hvac for Factory A, non-stationary
+    hammering for Factory B). Returns the config overrides that point data.* and eval.* at them."""
+    from retain_asd.corpus.synth import write_eval_world, write_pretrain_world
+
+    root = tmp_path_factory.mktemp("small_worlds")
+    pre = write_pretrain_world(root / "pretrain", machines=("fan",), noise_categories=("pink_hum", "bursts"),
+                               train_source_per_attr=2, train_target_per_attr=2, test_per_domain=2,
+                               noise_clips_per_category=2, noise_clip_s=20.0)
+    ev = write_eval_world(root / "eval", machines=("bearing",), noise_categories=("hvac", "hammering"),
+                          train_source_per_attr=2, train_target_per_attr=2, test_per_domain=4,
+                          noise_clips_per_category=2, noise_clip_s=60.0)
+    return [f"data.machine_root={pre.machine_root}", f"data.noise_root={pre.noise_root}",
+            f"eval.machine_root={ev.machine_root}", f"eval.noise_root={ev.noise_root}"]
+
+
+@pytest.fixture(scope="session")
+def small_pretrain_root(tmp_path_factory) -> list[str]:
+    """A tiny pre-training corpus disjoint from `small_corpus` (gearbox, other noise recordings), 2 s clips:
+    the overrides data.machine_root / data.noise_root that pass the leakage guard against it."""
+    from retain_asd.corpus.synth import write_synthetic_corpus
+
+    s = write_synthetic_corpus(tmp_path_factory.mktemp("small_pretrain") / "synth", seed=1, machines=("gearbox",),
+                               train_source_per_attr=1, train_target_per_attr=1, test_per_domain=1, clip_s=2.0,
+                               noise_categories=("brown_fan",), noise_clips_per_category=1, noise_clip_s=4.0)
+    return [f"data.machine_root={s.machine_root}", f"data.noise_root={s.noise_root}"]
+
+
 def pytest_collection_modifyitems(items):
     """A test marked ``reliability("case")`` records its case in the JUnit XML (scripts/reliability_table.py)."""
     for item in items:

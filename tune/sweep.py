@@ -49,12 +49,13 @@ def run_sweep(cfg: Config, out_dir: str | Path, *, trial_resources: dict | None 
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune.search import BasicVariantGenerator
 
-    from retain_asd.corpus.ingest import corpus_from_config
+    from retain_asd.corpus.ingest import check_protocol, corpora_from_config
     from retain_asd.eval.evalsets import evalsets_from_config
 
     check_trials(cfg)  # every trial's config, before any work
+    check_protocol(cfg)  # the leakage guard on the raw folders, before any Ray work
     out_dir = Path(out_dir).resolve()
-    corpus = corpus_from_config(cfg.data)  # once, on the driver: trials only read it
+    corpus, _, _ = corpora_from_config(cfg)  # once, on the driver: trials only read the pre-training corpus
     evalsets_from_config(cfg)  # built once and cached; trials reuse them
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
     experiment = f"{cfg.tracking.experiment}-sweep"

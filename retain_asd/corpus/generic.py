@@ -129,3 +129,40 @@ def generic_batch(seed: int, step: int, batch_size: int, *, num_samples: int,
 
 
 __all__ = ["FAMILIES", "GENERIC_VERSION", "generic_batch", "generic_clip"]
+
+
+# ---------------------------------------------------------------------------------------------------- a corpus
+GENERIC_PREFIX = "as_"  # machine-type folder of a family in the written tree ("as_harmonic": AudioSet-like)
+
+
+def write_generic_tree(root, *, seed: int = 0, clips_per_family: int = 8, clip_s: float = 10.0,
+                       sample_rate_hz: int = 16000) -> str:
+    """The paper's Table-5 "other data" (AS-20K: general audio, no machine sounds) in the embedded world:
+    `clips_per_family` clean generic clips per family written as a DCASE-style train tree
+    ``<root>/machines/dev_data/raw/as_<family>/train/section_00_source_train_normal_<i>_noAttribute.wav``, so
+    ingestion and the stream treat each family as one class, as AS-20K's labels would be. Returns the machine
+    root. Reused when already written with the same arguments (``<root>/generic.json``)."""
+    import json
+    from pathlib import Path
+
+    from retain_asd import fsio
+    from retain_asd.audio import write_audio
+
+    root = Path(root)
+    machine_root = root / "machines"
+    params = dict(version=GENERIC_VERSION, seed=seed, clips_per_family=clips_per_family, clip_s=clip_s,
+                  sample_rate_hz=sample_rate_hz)
+    stamp = root / "generic.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == params:
+        return str(machine_root)
+    num_samples = int(round(clip_s * sample_rate_hz))
+    for f, family in enumerate(FAMILIES):
+        folder = machine_root / "dev_data" / "raw" / f"{GENERIC_PREFIX}{family}" / "train"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(clips_per_family):
+            rng = np.random.default_rng([seed, 7, f, i])
+            x = generic_clip(family, rng, num_samples=num_samples, sample_rate_hz=sample_rate_hz)
+            write_audio(folder / f"section_00_source_train_normal_{i:04d}_noAttribute.wav", x.astype(np.float32),
+                        sample_rate_hz)
+    fsio.write_text(stamp, json.dumps(params))
+    return str(machine_root)

@@ -10,6 +10,7 @@ Output folder::
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -48,21 +49,46 @@ class Corpus:
 
 def ingest(machine_root: str | os.PathLike, noise_root: str | os.PathLike, out_dir: str | os.PathLike, *,
            settings: shards.DecodeSettings = shards.DecodeSettings(), rows_per_shard: int = 256,
-           ground_truth_dir: str | os.PathLike | None = None, force: bool = False) -> Corpus:
-    """Scan both corpora, write their shards (a no-op when unchanged) and the label vocabulary."""
+           ground_truth_dir: str | os.PathLike | None = None, force: bool = False,
+           reference_roots: Sequence[str | os.PathLike] = (), extra_noise_roots: Sequence[str | os.PathLike] = (),
+           include_test_normals: bool = False, extra_machine_roots: Sequence[str | os.PathLike] = ()) -> Corpus:
+    """Scan both corpora, write their shards (a no-op when unchanged) and the label vocabulary.
+
+    `reference_roots`: machine corpora whose train-split clips (the evaluation references) join this corpus,
+    and `extra_noise_roots`: noise folders that join it (the paper's Table-5 "+ eval-reference data"
+    variant; used only through `data.add_eval_references`). `include_test_normals` keeps the normal test
+    clips of `machine_root` as training clips (split "train"), as the paper's 36,411 clips suggest.
+    `extra_machine_roots`: more machine corpora whose clips all join (e.g. the generic "other data" tree).
+    """
     out_dir = Path(out_dir)
     machine_scan = layouts.scan_dcase(machine_root, ground_truth_dir=ground_truth_dir)
     noise_scan = layouts.scan_noise(noise_root)
-    machine = shards.write_shards(machine_scan.records, out_dir / "machine", settings=settings,
-                                  rows_per_shard=rows_per_shard, scan_rejects=machine_scan.rejects, force=force)
+    machine_records, noise_records = list(machine_scan.records), list(noise_scan.records)
+    machine_rejects, noise_rejects = list(machine_scan.rejects), list(noise_scan.rejects)
+    if include_test_normals:
+        machine_records = [replace(r, split="train") if r.split == "test" and r.label == "normal" else r
+                           for r in machine_records]
+    for root in extra_machine_roots:
+        scan = layouts.scan_dcase(root)
+        machine_records += scan.records
+        machine_rejects += scan.rejects
+    for root in reference_roots:
+        scan = layouts.scan_dcase(root)
+        machine_records += [r for r in scan.records if r.split == "train"]
+    for root in extra_noise_roots:
+        scan = layouts.scan_noise(root)
+        noise_records += scan.records
+        noise_rejects += scan.rejects
+    machine = shards.write_shards(machine_records, out_dir / "machine", settings=settings,
+                                  rows_per_shard=rows_per_shard, scan_rejects=machine_rejects, force=force)
     # Noise keeps its full length: the stream cuts a fresh random segment per pairing.
-    noise = shards.write_shards(noise_scan.records, out_dir / "noise", settings=replace(settings, clip_s=None),
-                                rows_per_shard=rows_per_shard, scan_rejects=noise_scan.rejects, force=force)
+    noise = shards.write_shards(noise_records, out_dir / "noise", settings=replace(settings, clip_s=None),
+                                rows_per_shard=rows_per_shard, scan_rejects=noise_rejects, force=force)
     labels_path = out_dir / "labels.json"
     if machine.rebuilt or noise.rebuilt or not labels_path.is_file():
         kept = {s["path"] for s in machine.manifest["sources"]} | {s["path"] for s in noise.manifest["sources"]}
-        vocab = build_vocab([r for r in machine_scan.records if r.path in kept],
-                            [r for r in noise_scan.records if r.path in kept])
+        vocab = build_vocab([r for r in machine_records if r.path in kept],
+                            [r for r in noise_records if r.path in kept])
         vocab.to_json(labels_path)
     else:
         vocab = LabelVocab.from_json(labels_path)
@@ -81,19 +107,150 @@ def load_corpus(out_dir: str | os.PathLike) -> Corpus:
     return Corpus(out_dir, sets["machine"], sets["noise"], LabelVocab.from_json(out_dir / "labels.json"))
 
 
-def corpus_from_config(data, *, force: bool = False) -> Corpus:
-    """Builder: a ``DataConfig`` -> the ingested corpus, writing the synthetic one when no root is given."""
+# ---------------------------------------------------------------------------------------------------- builders
+# The paper's protocol (Sec. 4.1): a pre-training corpus (data.machine_root / data.noise_root) and a disjoint
+# evaluation corpus (eval.machine_root / eval.noise_root), each ingested into its own folder under work_dir.
+PRETRAIN_DIR = "corpus_pretrain"
+PRETRAIN_EVALREFS_DIR = "corpus_pretrain_evalrefs"  # data.add_eval_references: true (Table 5, last row)
+EVAL_DIR = "corpus_eval"
+HASH_CACHE = "protocol_sha1.json"
+
+
+@dataclass(frozen=True)
+class CorpusRoots:
+    """The raw folders of one corpus (the synthetic world's when the config leaves them empty)."""
+
+    machine_root: str
+    noise_root: str
+    synthetic: bool
+    extra_machine_roots: tuple[str, ...] = ()  # more clips of the same corpus (the generic "other data" tree)
+
+
+def decode_settings(data) -> shards.DecodeSettings:
+    """A ``DataConfig`` -> how clips are decoded (both corpora share it: same rate, length and padding)."""
+    return shards.DecodeSettings(sample_rate_hz=data.sample_rate_hz, clip_s=data.clip_s, min_clip_s=data.min_clip_s,
+                                 channel=data.channel, audio_dtype=data.audio_dtype, pad_mode=data.pad_mode)
+
+
+def _world_roots(world: str, machine_root: str, noise_root: str, work: Path, *, seed: int, machines, noise,
+                 data, field_prefix: str) -> CorpusRoots:
+    from retain_asd.config import ConfigError
     from retain_asd.corpus import synth
 
-    work = Path(data.work_dir).resolve()
-    machine_root, noise_root = data.machine_root, data.noise_root
-    if not machine_root or not noise_root:
-        made = synth.write_synthetic_corpus(work / "synth", seed=data.synth_seed, machines=data.synth_machines,
-                                            clip_s=data.clip_s, sample_rate_hz=data.sample_rate_hz)
-        machine_root = machine_root or made.machine_root
-        noise_root = noise_root or made.noise_root
-    settings = shards.DecodeSettings(sample_rate_hz=data.sample_rate_hz, clip_s=data.clip_s,
-                                     min_clip_s=data.min_clip_s, channel=data.channel,
-                                     audio_dtype=data.audio_dtype)
-    return ingest(machine_root, noise_root, work / "corpus", settings=settings,
-                  rows_per_shard=data.rows_per_shard, force=force)
+    generic = ()
+    if world == "pretrain" and data.synth_generic_per_family > 0:  # Table 5: "other data" (AS-20K-like)
+        from retain_asd.corpus.generic import write_generic_tree
+
+        generic = (write_generic_tree(work / "synth_generic", seed=seed, clips_per_family=data.synth_generic_per_family,
+                                      clip_s=data.clip_s, sample_rate_hz=data.sample_rate_hz),)
+    if machine_root and noise_root:
+        return CorpusRoots(str(machine_root), str(noise_root), False, generic)
+    try:
+        if machines:
+            made = synth.write_world(world, work / f"synth_{world}", seed=seed, machines=tuple(machines),
+                                     noise_categories=tuple(noise), clip_s=data.clip_s,
+                                     sample_rate_hz=data.sample_rate_hz)
+        else:  # generic sounds only: the world's noise without its machines
+            synth.write_world(world, work / f"synth_{world}_noise", seed=seed,
+                              machines=synth.WORLDS[world].machines[:1], noise_categories=tuple(noise),
+                              clip_s=data.clip_s, sample_rate_hz=data.sample_rate_hz, train_source_per_attr=0,
+                              train_target_per_attr=0, test_per_domain=0)
+            made = None
+    except ValueError as err:
+        raise ConfigError(f"{field_prefix}.synth_machines / {field_prefix}.synth_noise: {err}") from None
+    if made is None:
+        noise_made = str(work / f"synth_{world}_noise" / "noise")
+        return CorpusRoots(machine_root or generic[0], noise_root or noise_made, True, generic[1:])
+    return CorpusRoots(machine_root or made.machine_root, noise_root or made.noise_root, True, generic)
+
+
+def pretrain_roots(cfg) -> CorpusRoots:
+    """The pre-training corpus's raw folders; writes the synthetic pre-training world when a root is empty."""
+    d = cfg.data
+    return _world_roots("pretrain", d.machine_root, d.noise_root, Path(d.work_dir).resolve(), seed=d.synth_seed,
+                        machines=d.synth_machines, noise=d.synth_noise, data=d, field_prefix="data")
+
+
+def eval_roots(cfg) -> CorpusRoots:
+    """The evaluation corpus's raw folders; writes the synthetic evaluation world when a root is empty."""
+    d, e = cfg.data, cfg.eval
+    return _world_roots("eval", e.machine_root, e.noise_root, Path(d.work_dir).resolve(), seed=d.synth_seed,
+                        machines=e.synth_machines, noise=e.synth_noise, data=d, field_prefix="eval")
+
+
+def check_protocol(cfg):
+    """The leakage guard on the raw folders, before any ingestion or Ray work: no shared machine type, clip or
+    noise recording between the two corpora (content hash of the file bytes). Raises
+    ``protocol.CorpusOverlapError`` naming the first overlapping files and the fix; with
+    ``data.add_eval_references: true`` returns the ``OverlapReport`` of what overlaps instead."""
+    from retain_asd.corpus import protocol
+
+    pre, ev = pretrain_roots(cfg), eval_roots(cfg)
+    cache = Path(cfg.data.work_dir).resolve() / HASH_CACHE
+    pre_scan, ev_scan = layouts.scan_dcase(pre.machine_root), layouts.scan_dcase(ev.machine_root)
+    for root in pre.extra_machine_roots:
+        pre_scan.records.extend(layouts.scan_dcase(root).records)
+    pre_noise, ev_noise = layouts.scan_noise(pre.noise_root), layouts.scan_noise(ev.noise_root)
+    records = [*pre_scan.records, *pre_noise.records, *ev_scan.records, *ev_noise.records]
+    protocol.file_sha1s([r.path for r in records], cache)  # one cache file for both corpora
+    pre_manifest = protocol.raw_manifest(pre_scan.records, pre_noise.records, cache)
+    ev_manifest = protocol.raw_manifest(ev_scan.records, ev_noise.records, cache)
+    pre_manifest["root"], ev_manifest["root"] = pre.machine_root, ev.machine_root
+    return protocol.check_disjoint(pre_manifest, ev_manifest,
+                                   allow_eval_references=cfg.data.add_eval_references)
+
+
+def pretrain_corpus_from_config(cfg, *, force: bool = False) -> Corpus:
+    """Builder: the ingested pre-training corpus, ``<work_dir>/corpus_pretrain`` (the synthetic pre-training
+    world when data.machine_root / noise_root are empty). With ``data.add_eval_references`` the evaluation
+    corpus's references (train split) and noise join it, in ``<work_dir>/corpus_pretrain_evalrefs``."""
+    d = cfg.data
+    pre = pretrain_roots(cfg)
+    refs, noise = (), ()
+    if d.add_eval_references:
+        ev = eval_roots(cfg)
+        refs, noise = (ev.machine_root,), (ev.noise_root,)
+    return ingest(pre.machine_root, pre.noise_root, pretrain_corpus_dir(cfg), settings=decode_settings(d),
+                  rows_per_shard=d.rows_per_shard, force=force, reference_roots=refs, extra_noise_roots=noise,
+                  include_test_normals=d.include_test_normals, extra_machine_roots=pre.extra_machine_roots)
+
+
+def pretrain_corpus_dir(cfg) -> Path:
+    """Where the pre-training corpus is ingested: ``corpus_pretrain``, with ``_evalrefs`` when
+    data.add_eval_references and ``_testnormals`` when data.include_test_normals (each variant its own shards)."""
+    d = cfg.data
+    name = PRETRAIN_EVALREFS_DIR if d.add_eval_references else PRETRAIN_DIR
+    name += "_testnormals" if d.include_test_normals else ""
+    name += f"_generic{d.synth_generic_per_family}" if d.synth_generic_per_family else ""
+    return Path(d.work_dir).resolve() / name
+
+
+def eval_corpus_from_config(cfg, *, force: bool = False) -> Corpus:
+    """Builder: the ingested evaluation corpus, ``<work_dir>/corpus_eval`` (the synthetic evaluation world
+    when eval.machine_root / noise_root are empty)."""
+    d = cfg.data
+    ev = eval_roots(cfg)
+    return ingest(ev.machine_root, ev.noise_root, Path(d.work_dir).resolve() / EVAL_DIR,
+                  settings=decode_settings(d), rows_per_shard=d.rows_per_shard, force=force)
+
+
+def corpora_from_config(cfg, *, force: bool = False):
+    """Both corpora, guarded: the raw-file check first (no Ray), then both ingested, then the same check on
+    the two manifests (which also compare the decoded audio, so a re-encoded copy is caught).
+    Returns ``(pretrain Corpus, eval Corpus, OverlapReport)``; needs Ray when a corpus must be (re)ingested."""
+    from retain_asd.corpus import protocol
+
+    check_protocol(cfg)
+    pre, ev = pretrain_corpus_from_config(cfg, force=force), eval_corpus_from_config(cfg, force=force)
+    # With data.add_eval_references the pre-training corpus holds the eval references and noise: the report
+    # then counts them (what the run trains on), and an evaluation test clip is still refused.
+    report = protocol.check_disjoint(pre, ev, allow_eval_references=cfg.data.add_eval_references)
+    return pre, ev, report
+
+
+def corpus_from_config(data, *, force: bool = False) -> Corpus:
+    """The pre-training corpus of a ``DataConfig`` alone (no eval references): ``<work_dir>/corpus_pretrain``.
+    Prefer `pretrain_corpus_from_config(cfg)`, which honours ``data.add_eval_references``."""
+    from retain_asd.config import Config
+
+    return pretrain_corpus_from_config(Config(data=replace(data, add_eval_references=False)), force=force)

@@ -211,3 +211,39 @@ def overlap_params(report: OverlapReport, prefix: str = "protocol.") -> dict[str
     out[f"{prefix}shared_machine_types"] = ",".join(report.machine_types)
     return out
 
+
+
+# ---------------------------------------------------------------------------------------------------- raw folders
+def file_sha1s(paths, cache_path: str | os.PathLike | None = None) -> dict[str, str]:
+    """``{path: sha1 of the file bytes}``; with `cache_path` (a JSON file) a file whose size and mtime are
+    unchanged is not read again, so the guard costs a stat per file on a re-run."""
+    from retain_asd import fsio
+    from retain_asd.corpus.shards import _file_sha1
+
+    cache: dict = {}
+    if cache_path is not None and Path(cache_path).is_file():
+        try:
+            cache = json.loads(Path(cache_path).read_text())
+        except (OSError, ValueError):
+            cache = {}
+    out, fresh = {}, {}
+    for path in paths:
+        st = os.stat(path)
+        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        hit = cache.get(path)
+        sha = hit[1] if isinstance(hit, list) and len(hit) == 2 and hit[0] == stamp else _file_sha1(path)
+        out[path] = sha
+        fresh[path] = [stamp, sha]
+    if cache_path is not None and fresh != cache:
+        fsio.write_text(cache_path, json.dumps(fresh))
+    return out
+
+
+def raw_manifest(machine_records, noise_records, cache_path: str | os.PathLike | None = None) -> dict:
+    """A manifest dict (the ``sources`` the guard reads) made from scan records (``layouts.ClipRecord``) by
+    hashing the raw files on the driver: the guard can run before any ingestion or Ray work. Only ``sha1``
+    (the bytes) is known here; the ingested manifests add ``audio_sha1`` (a re-encoded copy)."""
+    records = [*machine_records, *noise_records]
+    hashes = file_sha1s([r.path for r in records], cache_path)
+    return {"sources": [{"path": r.path, "sha1": hashes[r.path], "machine": r.machine if r.kind == "machine" else None,
+                         "split": r.split, "noise_category": r.noise_category} for r in records]}

@@ -197,6 +197,9 @@ def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
         rejects = list(scan_rejects)
         written: list[dict] = []
         if records:
+            from retain_asd.runtime import init_ray
+
+            init_ray()  # idempotent: joins the Ray of the caller, or starts the embedded one with its settings
             items = [_record_row(r) for r in records]
             ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 8, 64)))
             decoded = ds.map_batches(decode_batch, batch_size=8, batch_format="pyarrow",

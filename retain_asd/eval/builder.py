@@ -100,6 +100,10 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
     e = cfg.eval
     resolved = [resolve_checkpoint(spec, cfg, out_dir) for spec in checkpoints]  # a bad path fails first
     depths = check_checkpoints(resolved, e.layer, layers, cfg.model.family)  # a torn / foreign file, a missing layer
+    if not dcase_root:
+        from retain_asd.corpus.ingest import check_protocol
+
+        check_protocol(cfg)  # the leakage guard (CorpusOverlapError), before any ingestion or Ray work
     if sets is None and not dcase_root:
         sets = evalsets_from_config(cfg)
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
@@ -122,8 +126,9 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
                                     metric=e.metric, clip_s=cfg.data.clip_s, name=name)
         else:
             result = evaluate_checkpoint(path, sets, use_layers, k=e.k, metric=e.metric,
-                                         memmixup=5 if e.memmixup else 0, conditions=e.conditions,
-                                         use_ray=use_ray, name=name, embedder=embedder)
+                                         memmixup=e.memmixup_k if e.memmixup else 0,
+                                         memmixup_ratio=e.memmixup_ratio, conditions=e.conditions,
+                                         use_ray=use_ray, name=name, embedder=embedder, primary=e.primary)
         write_score_files(result, run_dir / "scores")
         if not dcase_root:
             write_reports([result], run_dir)

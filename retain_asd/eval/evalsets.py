@@ -303,12 +303,20 @@ def load_evalsets(root: str | os.PathLike) -> EvalSets:
 
 
 def evalsets_from_config(cfg, force: bool = False) -> EvalSets:
-    """Builder: a Config -> the sets of `<work_dir>/corpus` under `<work_dir>/evalsets`."""
+    """Builder: a Config -> the sets of the EVALUATION corpus (`eval.machine_root` / `eval.noise_root`, or the
+    synthetic evaluation world), ingested into `<work_dir>/corpus_eval` when needed, under `<work_dir>/evalsets`.
+
+    Only the evaluation corpus is read (paper Sec. 4.1): the references, test clips and Factory A / B noise
+    are never the pre-training corpus's. The leakage guard (`ingest.check_protocol`) is the entry point's job.
+    """
+    from retain_asd.corpus.ingest import eval_corpus_from_config
+
     e = cfg.eval
     work = Path(cfg.data.work_dir)
     params = EvalSetParams(snrs_db=tuple(e.snrs_db), source_refs=e.source_refs, target_refs=e.target_refs,
                            test_normal=e.test_normal, test_anomaly=e.test_anomaly, seed=e.seed)
-    return build_evalsets(work / "corpus", work / "evalsets", params, force=force)
+    corpus = eval_corpus_from_config(cfg)
+    return build_evalsets(corpus.root, work / "evalsets", params, force=force)
 
 
 # ---------------------------------------------------------------------------------------------------- mixtures

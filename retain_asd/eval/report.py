@@ -39,10 +39,12 @@ def _pct(x: float | None) -> str:
     return "" if x is None or math.isnan(x) else f"{100 * x:.2f}"
 
 
-def table2_rows(results: Results) -> tuple[list[str], list[list[str]]]:
-    """Header and rows (strings, x100, 2 decimals) of the Table-2 layout: run, cells, hmean_low, hmean_all."""
+def table2_rows(results: Results, label: str = "") -> tuple[list[str], list[list[str]]]:
+    """Header and rows (strings, x100, 2 decimals) of the Table-2 layout: run, cells, hmean_low, hmean_all.
+    `label` names the figure in the first column ("run (DN, primary)")."""
     columns = _columns(results)
-    header = ["run"] + [f"{c}/snr_{s}" for c, s in columns] + ["hmean_low", "hmean_all"]
+    header = [f"run ({label})" if label else "run"] + [f"{c}/snr_{s}" for c, s in columns] + ["hmean_low",
+                                                                                              "hmean_all"]
     rows = []
     for run, cells in results.items():
         cells = {(str(c), int(s)): float(v) for (c, s), v in cells.items()}
@@ -56,18 +58,18 @@ def _write_text_atomic(path, text: str) -> Path:
     return fsio.write_text(path, text)
 
 
-def write_table2_markdown(results: Results, path) -> Path:
-    """Table 2 as a GitHub markdown table (empty cells shown as '–')."""
-    header, rows = table2_rows(results)
-    pretty = ["run"] + [h.replace("/snr_", " ") + " dB" for h in header[1:-2]] + header[-2:]
+def write_table2_markdown(results: Results, path, label: str = "") -> Path:
+    """Table 2 as a GitHub markdown table (empty cells shown as '–'); `label`: see `table2_rows`."""
+    header, rows = table2_rows(results, label)
+    pretty = header[:1] + [h.replace("/snr_", " ") + " dB" for h in header[1:-2]] + header[-2:]
     lines = ["| " + " | ".join(pretty) + " |", "|" + "---|" + "---:|" * (len(pretty) - 1)]
     lines += ["| " + " | ".join(cell or "–" for cell in row) + " |" for row in rows]
     return _write_text_atomic(path, "\n".join(lines) + "\n")
 
 
-def write_table2_csv(results: Results, path) -> Path:
+def write_table2_csv(results: Results, path, label: str = "") -> Path:
     """Table 2 as CSV with a header row; columns `<condition>/snr_<dB>`, hmean_low, hmean_all."""
-    header, rows = table2_rows(results)
+    header, rows = table2_rows(results, label)
     with fsio.atomic_write(path, newline="") as f:
         csv.writer(f, lineterminator="\n").writerows([header, *rows])
     return Path(path)

@@ -50,6 +50,7 @@ class EvalResult:
     checkpoint_hash: str
     primary_layer: int
     cells: list[Cell] = field(default_factory=list)
+    primary: str = "dn"  # the reported figure (eval.primary): "dn" or "raw"; both are always computed
 
     def official_by_set(self, layer: int | None = None, domain_norm: bool = False) -> dict[tuple[str, int], float]:
         layer = self.primary_layer if layer is None else layer
@@ -84,6 +85,9 @@ class EvalResult:
                     where = pre if row.condition == "all" else f"{pre}{row.condition}/"
                     out[f"{where}hmean_low{suffix}"] = row.hmean_low
                     out[f"{where}hmean_all{suffix}"] = row.hmean_all
+                    if dn == (self.primary == "dn"):  # the primary figure, labelled: hmean_all_primary_dn
+                        out[f"{where}hmean_low_primary_{self.primary}"] = row.hmean_low
+                        out[f"{where}hmean_all_primary_{self.primary}"] = row.hmean_all
         return {k: float(v) for k, v in out.items() if not math.isnan(v)}
 
 
@@ -92,21 +96,22 @@ def cell_name(c: Cell) -> str:
     return c.condition if math.isnan(c.snr_db) else f"{c.condition}/snr_{int(c.snr_db)}"
 
 
-def _bank(machine: str, source: np.ndarray, target: np.ndarray, memmixup: int) -> knn.MemoryBank:
+def _bank(machine: str, source: np.ndarray, target: np.ndarray, memmixup: int,
+          memmixup_ratio: float = 0.9) -> knn.MemoryBank:
     if len(target) == 0:
         warnings.warn(f"{machine}: no target references; the source bank stands in for the target bank",
                       stacklevel=3)
         target = source
     as64 = lambda x: torch.from_numpy(np.asarray(x, dtype=np.float64))  # noqa: E731
     bank = knn.MemoryBank(machine, as64(source), as64(target))
-    return bank.with_memmixup(memmixup) if memmixup > 0 else bank
+    return bank.with_memmixup(memmixup, memmixup_ratio) if memmixup > 0 else bank
 
 
 def score_machine(machine: str, ref_source: np.ndarray, ref_target: np.ndarray, test: np.ndarray, is_anomaly,
                   is_target, wav_names, sections, k: int, metric: str, domain_norm: bool, memmixup: int = 0,
-                  threshold: bool = True) -> MachineResult | None:
+                  threshold: bool = True, memmixup_ratio: float = 0.9) -> MachineResult | None:
     """kNN scores of one machine's tests against its banks and their DCASE figures (None if undefined)."""
-    bank = _bank(machine, ref_source, ref_target, memmixup)
+    bank = _bank(machine, ref_source, ref_target, memmixup, memmixup_ratio)
     scores = bank.score(test, k=k, metric=metric, domain_norm=domain_norm)
     is_anomaly, is_target = np.asarray(is_anomaly, bool), np.asarray(is_target, bool)
     try:

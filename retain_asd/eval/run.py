@@ -29,16 +29,18 @@ def evaluate_checkpoint(model_or_path, evalsets: EvalSets, layers: int | Sequenc
                         metric: str = "euclidean", domain_norm: Sequence[bool] = (False, True), memmixup: int = 0,
                         pooling: str = "genrep", conditions: Sequence[str] | None = None,
                         cache_dir: str | os.PathLike | None = None, batch_size: int = 16, use_ray: bool = False,
-                        name: str = "model", embedder: Embedder | None = None) -> EvalResult:
+                        name: str = "model", embedder: Embedder | None = None, memmixup_ratio: float = 0.9,
+                        primary: str = "dn") -> EvalResult:
     """Every (condition, SNR) set x layer x DN on/off -> per-machine figures and the official score.
 
     `layers`: one 1-based layer or several (all from one forward per clip); the first is the primary.
-    `memmixup`: 0 = off, K > 0 = MemMixup with the K nearest source references of each target reference.
+    `memmixup`: 0 = off, K > 0 = MemMixup with the K nearest source references of each target reference,
+    mixed at `memmixup_ratio`. `primary` ("dn" | "raw"): the figure reported first (both are computed).
     """
     layers = [layers] if isinstance(layers, int) else list(layers)
     embedder = embedder or Embedder(model_or_path, pooling=pooling, cache_dir=cache_dir, batch_size=batch_size)
     source = MixtureSource(evalsets.corpus_root)
-    result = EvalResult(name, embedder.checkpoint_hash, layers[0])
+    result = EvalResult(name, embedder.checkpoint_hash, layers[0], primary=primary)
     for condition in conditions or ("factory_a", "factory_b", "mismatch"):
         for snr_db in evalsets.snrs_db:
             rows = evalsets.rows(condition, snr_db)
@@ -57,7 +59,7 @@ def evaluate_checkpoint(model_or_path, evalsets: EvalSets, layers: int | Sequenc
                             machine, embs[layer][idx["ref_source"]], embs[layer][idx["ref_target"]],
                             embs[layer][idx["test"]], [r["label"] == "anomaly" for r in tests],
                             [r["domain"] == "target" for r in tests], [r["wav_name"] for r in tests],
-                            [r["section"] for r in tests], k, metric, dn, memmixup)
+                            [r["section"] for r in tests], k, metric, dn, memmixup, memmixup_ratio=memmixup_ratio)
                         if res is not None:
                             machines[machine] = res
                     if machines:
@@ -90,8 +92,9 @@ def write_score_files(result: EvalResult, out_dir: str | os.PathLike) -> list[Pa
 
 
 # ---------------------------------------------------------------------------------------------------- reports
-def write_reports(results: Sequence[EvalResult], out_dir: str | os.PathLike) -> list[Path]:
-    """Table 2 (markdown + CSV, raw and DN) and plots for several checkpoints side by side."""
+def write_reports(results: Sequence[EvalResult], out_dir: str | os.PathLike, primary: str | None = None) -> list[Path]:
+    """Table 2 (markdown + CSV, raw and DN) and plots for several checkpoints side by side; each table's first
+    column says which figure it holds and which one is primary (`primary`, default: the results' own)."""
     from retain_asd.eval import report
 
     out_dir = Path(out_dir)
@@ -101,8 +104,10 @@ def write_reports(results: Sequence[EvalResult], out_dir: str | os.PathLike) -> 
         if not table:
             continue
         tag = "_dn" if dn else ""
-        paths += [report.write_table2_markdown(table, out_dir / f"table2{tag}.md"),
-                  report.write_table2_csv(table, out_dir / f"table2{tag}.csv"),
+        first = primary or (results[0].primary if results else "dn")
+        label = ("DN" if dn else "raw") + (", primary" if dn == (first == "dn") else "")
+        paths += [report.write_table2_markdown(table, out_dir / f"table2{tag}.md", label=label),
+                  report.write_table2_csv(table, out_dir / f"table2{tag}.csv", label=label),
                   report.plot_score_vs_snr(table, out_dir / f"score_vs_snr{tag}.png")]
     if any(len(r.layers) > 1 for r in results):
         per_layer = {}

@@ -253,7 +253,7 @@ def _check_same_config(cfg: Config, path: Path) -> None:
                               "resuming would mix them. Use another --out, or delete the folder to start over")
 
 
-def _log_mlflow(cfg: Config, out_dir: Path, history: list[dict], student_path: Path) -> str:
+def _log_mlflow(cfg: Config, out_dir: Path, history: list[dict], student_path: Path, protocol=None) -> str:
     """One MLflow run per out dir (its id kept in <out>/mlflow_run.json, so a resumed run continues it)."""
     from retain_asd import tracking
 
@@ -262,6 +262,10 @@ def _log_mlflow(cfg: Config, out_dir: Path, history: list[dict], student_path: P
     state = (fsio.read_json(state_path, fix="delete it; the next run then logs to a new MLflow run")
              if state_path.is_file() else {"run_id": None, "logged_step": 0})
     params = config_mod.to_dict(cfg) if state["run_id"] is None else None
+    if params is not None and protocol is not None:  # what the two corpora share (data.add_eval_references)
+        from retain_asd.corpus.protocol import overlap_params
+
+        params = {**params, **overlap_params(protocol)}
     tags = {"objective": cfg.objective.name, "out_dir": str(out_dir), "student_beats": str(student_path)}
     with tracking.mlflow_run(uri, cfg.tracking.experiment, cfg.name, params=params, tags=tags,
                              run_id=state["run_id"]) as run:
@@ -278,10 +282,12 @@ def _log_mlflow(cfg: Config, out_dir: Path, history: list[dict], student_path: P
 
 # ---------------------------------------------------------------------------------------- pretrain
 def pretrain(cfg: Config, out_dir: str | os.PathLike, *, corpus=None, stop_at_step: int | None = None,
-             track: bool = True) -> PretrainResult:
+             track: bool = True, protocol=None) -> PretrainResult:
     """Pre-train (or resume) the student of `cfg` into `out_dir`; export it; log the run to MLflow.
 
-    `corpus`: an ingested `Corpus` (default: `corpus_from_config(cfg.data)`). `stop_at_step`: stop after
+    `corpus`: the ingested PRE-TRAINING corpus (default: `ingest.corpora_from_config(cfg)`, which runs the
+    leakage guard against the evaluation corpus first); `protocol`: the guard's ``OverlapReport`` when the
+    caller passes `corpus` (logged as MLflow params). `stop_at_step`: stop after
     that optimiser step (a checkpoint is written there; a later call resumes), e.g. for time-limited jobs.
     """
     out_dir = Path(out_dir).resolve()
@@ -299,15 +305,15 @@ def pretrain(cfg: Config, out_dir: str | os.PathLike, *, corpus=None, stop_at_st
         log.warning("objective %r trains nothing: exporting the initial encoder as %s", cfg.objective.name,
                     student_path)
         save_beats(load_beats(init_checkpoint), student_path)
-        run_id = _log_mlflow(cfg, out_dir, [], student_path) if track else None
+        run_id = _log_mlflow(cfg, out_dir, [], student_path, protocol) if track else None
         return PretrainResult(out_dir, student_path, config_path, 0, True, None, [], run_id)
 
     target = stop_at_step or cfg.train.total_steps
     if checkpoint is None or _checkpoint_step(checkpoint) < target:  # else: already there, only export
         if corpus is None:
-            from retain_asd.corpus.ingest import corpus_from_config
+            from retain_asd.corpus.ingest import corpora_from_config
 
-            corpus = corpus_from_config(cfg.data)
+            corpus, _, protocol = corpora_from_config(cfg)
         loop_config = loop_config_from(cfg, corpus.labels_path, init_checkpoint, stop_at_step)
         trainer = build_trainer(cfg, loop_config, train_dataset_from(cfg, corpus), out_dir)
         result = trainer.fit()
@@ -317,6 +323,6 @@ def pretrain(cfg: Config, out_dir: str | os.PathLike, *, corpus=None, stop_at_st
     step = _checkpoint_step(checkpoint)
     export_student(checkpoint, init_checkpoint, student_path)
     history = read_metrics(out_dir / "metrics.jsonl")
-    run_id = _log_mlflow(cfg, out_dir, history, student_path) if track else None
+    run_id = _log_mlflow(cfg, out_dir, history, student_path, protocol) if track else None
     return PretrainResult(out_dir, student_path, config_path, step, step == cfg.train.total_steps,
                           str(checkpoint), history, run_id)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retain_asd.config import LAM_MODES, OBJECTIVES, TEACHER_INPUTS
+from retain_asd.config import LAM_MODES, OBJECTIVE_WEIGHTS, OBJECTIVES, TEACHER_INPUTS
 from retain_asd.mixing import snr_gains
 
 DEFAULT_LAM = 0.5  # paper default (Eq. 5)
@@ -76,6 +76,8 @@ _TERMS = {
     "tagging_mixture": ObjectiveTerms(True, False, True, True, "none"),
 }
 assert tuple(_TERMS) == OBJECTIVES
+assert all(("alpha" in OBJECTIVE_WEIGHTS[k]) == (t.uses_tagging or t.uses_denoise)
+           and ("beta" in OBJECTIVE_WEIGHTS[k]) == t.uses_mixture for k, t in _TERMS.items())
 
 
 def objective_terms(objective: str) -> ObjectiveTerms:
@@ -250,24 +252,22 @@ def combined_loss(
     tagging: torch.Tensor | None, mixture: torch.Tensor | None, alpha: float, beta: float, *,
     denoise: torch.Tensor | None = None,
 ) -> LossTerms:
-    """Eq. 7: L = alpha * L_tag + beta * L_mix, the one home of the weighting rule.
+    """Eq. 7: L = alpha * L_tag + beta * L_mix, the one weighting rule of every objective.
 
-    alpha and beta weight only Eq. 7, i.e. when both terms are present; a single term (tagging alone,
-    mixture alone, or the Eq. 1 `denoise` term of the baselines) is the loss itself, unweighted.
-    A term passed as None is absent (not computed).
+    The classification term (Eq. 4 `tagging`, or the Eq. 1 `denoise` term of the baselines) is weighted by
+    alpha, the mixture term by beta: tagging alone is "alpha=1, beta=0", mixture alone "alpha=0, beta=1"
+    (Table 2). A term passed as None is absent (not computed); the config refuses a non-zero weight for an
+    absent term (`config.validate_weights`).
     """
     if alpha < 0 or beta < 0:
         raise ValueError(f"alpha, beta: loss weights must be >= 0, got {alpha}, {beta}")
     if denoise is not None:
         if tagging is not None or mixture is not None:
             raise ValueError("combined_loss: the denoise term (Eq. 1) is not combined with tagging or mixture")
-        return LossTerms(total=denoise, denoise=denoise)
+        return LossTerms(total=alpha * denoise, denoise=denoise)
     if tagging is None and mixture is None:
         raise ValueError("combined_loss: needs at least one of tagging, mixture, denoise")
-    if tagging is not None and mixture is not None:
-        total = alpha * tagging + beta * mixture
-    else:
-        total = tagging if tagging is not None else mixture
+    total = sum(w * t for w, t in ((alpha, tagging), (beta, mixture)) if t is not None)
     return LossTerms(total=total, tagging=tagging, mixture=mixture)
 
 

@@ -8,7 +8,8 @@ Choices where the paper is silent:
   * the tagging head pools the encoder *output* (last block) by the mean over all T*F tokens, like
     BEATs' own fine-tuning head (`BEATs.logits`); the mixture loss reads `align_layer` (1-based).
     When only the mixture loss is used the blocks above `align_layer` are not computed.
-  * single-term objectives are unweighted; alpha and beta weight only Eq. 7 (`objectives.combined_loss`).
+  * Eq. 7 weights every objective: alpha the classification term (Eq. 4, or Eq. 1 for the denoising
+    baselines), beta the mixture term (`objectives.combined_loss`); an unused weight is a config error.
   * the mixup baselines pair each sample with the batch rolled by one; snr_mixup draws its SNR from
     the configured SNR sampler.
 """

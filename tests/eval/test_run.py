@@ -21,6 +21,7 @@ def work(tmp_path_factory, small_corpus) -> Path:
     root = tmp_path_factory.mktemp("run")
     for name in ("synth", "corpus"):
         (root / name).symlink_to(small_corpus / name)
+    (root / "corpus_eval").symlink_to(small_corpus / "corpus")  # the evaluation corpus, already ingested
     write_random_checkpoint(root / "ckpt.pt", beats_tiny(), seed=0)
     return root
 
@@ -70,13 +71,20 @@ def test_figures_equal_knn_and_metrics(work, sets, tmp_path):
     assert (tmp_path / "scores/factory_a/snr_-5/layer_3/dn/anomaly_score_pump_section_00_test.csv") in files
 
 
-def test_evaluate_cli_smoke_preset_writes_tables_and_mlflow_run(work, sets, tmp_path):
+def _protocol(work, pretrain_root):
+    """Overrides: the small corpus is the evaluation corpus (2 s clips), a disjoint one the pre-training corpus."""
+    return [*pretrain_root, f"eval.machine_root={work / 'synth' / 'machines'}",
+            f"eval.noise_root={work / 'synth' / 'noise'}", "data.clip_s=2.0"]
+
+
+def test_evaluate_cli_smoke_preset_writes_tables_and_mlflow_run(work, sets, tmp_path, small_pretrain_root):
     import mlflow
 
     from pipelines.evaluate import main
 
     db = tmp_path / "mlflow.db"
-    overrides = [f"data.work_dir={work}", f"tracking.tracking_uri=sqlite:///{db}", "eval.source_refs=8",
+    overrides = [*_protocol(work, small_pretrain_root), f"data.work_dir={work}",
+                 f"tracking.tracking_uri=sqlite:///{db}", "eval.source_refs=8",
                  "eval.target_refs=2", "eval.test_normal=2", "eval.test_anomaly=2", "eval.batch_size=8",
                  "eval.snrs_db=[-5.0, 5.0]"]
     argv = ["--preset", "smoke", "--checkpoint", str(work / "ckpt.pt"), "--checkpoint", "frozen",
@@ -112,16 +120,17 @@ def test_dcase_mode_on_a_dcase2023_tree(work, tmp_path):
     assert (tmp_path / "scores/dcase/raw/anomaly_score_fan_section_00_test.csv").is_file()
 
 
-def test_evaluate_cli_eat30_preset_on_a_random_official_layout_eat(work, tmp_path, capsys):
+def test_evaluate_cli_eat30_preset_on_a_random_official_layout_eat(work, tmp_path, capsys, small_pretrain_root):
     """Acceptance: `evaluate --preset eat30 --checkpoint <EAT .pt> --checkpoint frozen` on the smoke sets."""
     from pipelines.evaluate import main
     from retain_asd.models.eat import eat_tiny
     from retain_asd.models.eat import write_random_checkpoint as write_random_eat
 
     eat = write_random_eat(tmp_path / "eat_random.pt", eat_tiny(), seed=0)
-    overrides = [f"data.work_dir={work}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-                 "eval.source_refs=8", "eval.target_refs=2", "eval.test_normal=2", "eval.test_anomaly=2",
-                 "eval.batch_size=8", "eval.snrs_db=[-5.0, 5.0]", "eval.conditions=[factory_a]"]
+    overrides = [*_protocol(work, small_pretrain_root), f"data.work_dir={work}",
+                 f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "eval.source_refs=8",
+                 "eval.target_refs=2", "eval.test_normal=2", "eval.test_anomaly=2", "eval.batch_size=8",
+                 "eval.snrs_db=[-5.0, 5.0]", "eval.conditions=[factory_a]"]
     out = tmp_path / "out"
     argv = ["--preset", "eat30", "--checkpoint", str(eat), "--checkpoint", "frozen", "--out", str(out)]
     assert main([*argv, *overrides]) == 2  # 'frozen' needs the released checkpoint: named in the error

@@ -9,7 +9,6 @@ from pipelines.cli import main
 # The smoke config at its smallest: 1 s clips, one SNR, a few evaluation clips, 6 training steps.
 SMALL = ["study.rows=[frozen, denoise]", "study.seeds=[0]", "data.clip_s=1.0", "eval.snrs_db=[0.0]",
          "eval.ssl_layer=2", "eval.source_refs=2", "eval.target_refs=2", "eval.test_normal=2", "eval.test_anomaly=2",
-         "study.eval_refs_per_attr=1", "study.eval_target_refs_per_attr=1", "study.eval_tests_per_domain=2",
          "data.synth_machines=[fan]", "tracking.experiment=demo-test"]
 
 

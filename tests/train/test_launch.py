@@ -16,9 +16,16 @@ from retain_asd.train.checkpoint import read_train_state, state_digest
 from retain_asd.train.launch import loop_config_from, pretrain, read_metrics
 from retain_asd.train.loop_config import LoopConfig
 
+WORLDS: list[str] = []  # overrides pointing data.* / eval.* at the small synthetic worlds (conftest)
+
+
+@pytest.fixture(autouse=True)
+def _worlds(small_worlds):
+    WORLDS[:] = small_worlds
+
 
 def _cfg(tmp_path, preset="smoke", *more):
-    return load_config(preset, overrides=[f"data.work_dir={tmp_path / 'data'}", "data.synth_machines=[fan]",
+    return load_config(preset, overrides=[f"data.work_dir={tmp_path / 'data'}", *WORLDS,
                                           f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *more])
 
 
@@ -75,7 +82,8 @@ def test_frozen_exports_the_initial_encoder_without_training(tmp_path):
 def test_cli_frozen_and_missing_checkpoint(ray_local, tmp_path, capsys):
     from pipelines.pretrain import main
 
-    common = [f"data.work_dir={tmp_path / 'data'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    common = [f"data.work_dir={tmp_path / 'data'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+              *WORLDS]
     with pytest.warns(UserWarning, match="RANDOM"):
         assert main(["--preset", "frozen", "--out", str(tmp_path / "frozen"), "model.size=tiny", *common]) == 0
     printed = capsys.readouterr().out

@@ -41,13 +41,13 @@ def test_tagging_mixture_equals_eq7_built_by_hand(init_path):
     assert not torch.allclose(snr.mixture, losses.mixture)
 
 
-def test_single_term_objectives_are_unweighted_and_denoise_ignores_noise_classes(init_path):
+def test_every_objective_is_weighted_by_eq7_and_denoise_ignores_noise_classes(init_path):
     student, teacher = make_models(init_path)
     batch = make_batch(4)
     aug = SpecAugment(8, 20, 0)
     tagging = compute_losses(student, None, aug, batch, loop_config(objective="tagging"), *generators())
     both = compute_losses(student, teacher, aug, batch, loop_config(), *generators())
-    assert tagging.mixture is None and torch.equal(tagging.total, both.tagging)  # alpha only in Eq. 7
+    assert tagging.mixture is None and torch.allclose(tagging.total, 0.7 * both.tagging)  # Eq. 7: alpha L_tag
 
     denoise = compute_losses(student, None, aug, batch, loop_config(objective="denoise"), *generators())
     flipped = dict(batch, label=batch["label"].clone())
@@ -58,7 +58,8 @@ def test_single_term_objectives_are_unweighted_and_denoise_ignores_noise_classes
 
     mixture_only = compute_losses(make_models(init_path, head=False, top_layer=2)[0], teacher, aug, batch,
                                   loop_config(objective="mixture"), *generators())
-    assert mixture_only.tagging is None and torch.equal(mixture_only.total, both.mixture)
+    assert mixture_only.tagging is None and torch.allclose(mixture_only.total, 1.3 * both.mixture)  # beta L_mix
+    assert torch.allclose(denoise.total, 0.7 * denoise.denoise)  # the denoise baselines: alpha L_denoise
 
 
 def test_mixup_baselines_mix_the_student_input(init_path):
@@ -72,7 +73,7 @@ def test_mixup_baselines_mix_the_student_input(init_path):
     x, y = obj.linear_mixup(batch["mixture"], batch["mixture"].roll(1, 0), batch["label"],
                             batch["label"].roll(1, 0), ratio)
     logits = student.head(student.encoder.extract_layers(x)[0][-1].mean(1))
-    torch.testing.assert_close(linear.total, obj.denoise_loss(logits, y, NUM_MACHINE), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(linear.total, 0.7 * obj.denoise_loss(logits, y, NUM_MACHINE), rtol=1e-5, atol=1e-6)
     assert len({plain.total.item(), linear.total.item(), snr.total.item()}) == 3
 
 

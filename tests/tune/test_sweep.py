@@ -23,11 +23,11 @@ def test_trial_config_applies_choices():
 
 
 @pytest.mark.slow
-def test_two_trial_sweep_reports_hmeans_to_tune_and_mlflow(ray_local, tmp_path):
+def test_two_trial_sweep_reports_hmeans_to_tune_and_mlflow(ray_local, tmp_path, small_worlds):
     from tune.sweep import run_sweep
 
     db = tmp_path / "mlflow.db"
-    cfg = load_config("smoke", overrides=[
+    cfg = load_config("smoke", overrides=[*small_worlds,
         f"data.work_dir={tmp_path / 'data'}", f"tracking.tracking_uri=sqlite:///{db}",
         "train.total_steps=2", "train.warmup_steps=1", "train.checkpoint_every=2",
         "tune.num_samples=2", "tune.snr_ranges_db=[[0.0, 0.0]]", "tune.alphas=[0.5, 2.0]", "tune.betas=[1.0]",
