@@ -404,9 +404,10 @@ def run_cell(cfg: Config, row: Row, seed: int, where: Path, *, corpus, evaluatio
     last = trained.metrics[-1] if trained.metrics else {}
     extra = {"steps": trained.step, "primary_layer": result.primary_layer, "primary": result.primary,
              "final_loss": last.get("loss"), "objective": rc.objective.name}
-    tags = {"kind": "study_row", "study": cfg.name, "row": row.label, "seed": str(seed)}
+    # kind=evaluate, preset=<row>, seed: the run convention `retain-asd compare` groups by (row, seeds)
+    tags = {"kind": "evaluate", "study": cfg.name, "preset": row.label, "seed": str(seed)}
     tracking.delete_runs(uri, experiment, tags)  # a run of this cell left by an interrupted study
-    tags |= {"preset": row.preset, "objective": rc.objective.name}
+    tags |= {"row_preset": row.preset, "objective": rc.objective.name}
     with tracking.mlflow_run(uri, experiment, f"{row.label}/seed{seed}", params=to_dict(rc), tags=tags) as run:
         for h in trained.metrics:  # the training curve
             numbers = {f"train/{k}": v for k, v in h.items()
