@@ -22,6 +22,7 @@ COMMANDS = {
     "evaluate": ("pipelines.evaluate", "score checkpoints on the evaluation sets, log to MLflow"),
     "score": ("pipelines.score", "save a reference bank and score new clips (a deployable detector)"),
     "dcase-score": ("pipelines.dcase_score", "score evaluator-format CSVs against ground truth"),
+    "compare": ("pipelines.compare", "Table 2 across the runs of an MLflow experiment (mean and 95% CI over seeds)"),
     "sweep": ("pipelines.sweep", "Ray Tune search over SNR ranges and alpha/beta"),
     "study": ("pipelines.study", "the Table-2 rows over several seeds: mean and 95% interval per cell"),
     "demo": ("pipelines.demo", "the embedded default end to end: synth -> shards -> pretrain -> evaluate"),

@@ -1,6 +1,6 @@
 """`retain-asd dcase-score`: score a folder of evaluator-format files against DCASE ground truth.
 
-    retain-asd dcase-score --scores DIR --ground-truth DIR [--json]
+    retain-asd dcase-score --scores DIR --ground-truth DIR [--json] [--out DIR]
     python -m pipelines.dcase_score --scores DIR --ground-truth DIR [--json]
 
 Per section AUC_source, AUC_target, pAUC (metrics.py) and the official score: one harmonic mean
@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ground-truth", required=True, metavar="DIR",
                         help="evaluator folder with ground_truth_data/, ground_truth_domain/ (2022+) and "
                              "optionally ground_truth_attributes/ (maps full names to anonymised ones)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="also write DIR/result.csv in the official evaluator's result layout (precision, recall "
+                             "and F1 from decision_result_*.csv files beside the scores, when present)")
     parser.add_argument("--json", action="store_true",
                         help='print one JSON object {"official_score": ..., "sections": [...]} '
                              "instead of a table")
@@ -43,6 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dcase-score: error: {err}", file=sys.stderr)
         return 2
     official = official_score([r.score for r in results])
+    if args.out:
+        from pathlib import Path
+
+        from retain_asd.eval.dcase_files import write_result_csv
+
+        path = write_result_csv(results, Path(args.out) / "result.csv")
+        print(f"evaluator result layout: {path}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         sections = [{"machine": r.machine, "section": r.section, "auc_source": r.score.auc_source,
                      "auc_target": r.score.auc_target, "pauc": r.score.pauc} for r in results]

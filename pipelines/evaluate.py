@@ -69,7 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         figures = {k: m[k] for k in (f"hmean_low_primary_{p}", f"hmean_all_primary_{p}", "hmean_low", "hmean_all",
                                      "hmean_low_dn", "hmean_all_dn") if k in m}
         figures = figures or {k: v for k, v in m.items() if k.startswith("dcase/official")}
-        print(f"{r.name}: " + "  ".join(f"{k}={100 * v:.2f}" for k, v in figures.items()))
+        note = ""
+        if args.dcase_root:
+            from retain_asd.eval.dcase_mode import source_only
+
+            note = "  (source domain only: AUC + pAUC, no target AUC)" if source_only(r) else ""
+        print(f"{r.name}: " + "  ".join(f"{k}={100 * v:.2f}" for k, v in figures.items()) + note)
     print(f"tables, plots and score files under {args.out}")
     return 0
 

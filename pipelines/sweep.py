@@ -1,5 +1,13 @@
 """`retain-asd sweep`: Ray Tune over SNR ranges and alpha/beta (config section `tune`), each trial a full
-pretrain + evaluate; every trial is an MLflow run in `<experiment>-sweep`, best by `tune.metric`.
+pretrain + evaluate.
+
+    retain-asd sweep --preset tagging_mixture_pm5 --out runs/sweep model.checkpoint=BEATs_iter3.pt
+    retain-asd compare --experiment retain-asd-sweep
+
+tune.search=grid (default) runs every (SNR range, alpha, beta) once; random / optuna draw tune.num_samples
+points; tune.max_concurrent trials run at once. Every trial is an MLflow run in `<experiment>-sweep` with
+its pre-training and evaluation runs nested under it; the best trial (by tune.metric) is written as a
+preset file, <out>/best.yaml (use it with --config).
 """
 
 from __future__ import annotations
@@ -12,8 +20,9 @@ from pipelines.common import add_config_args, config_from_args, protocol_guard, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="retain-asd sweep", description=__doc__)
-    add_config_args(p, default_preset="tagging_mixture_pm5")
+    p = argparse.ArgumentParser(prog="retain-asd sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
     p.add_argument("--out", default="runs/sweep", help="sweep folder (default: %(default)s)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or an embedded local Ray)")
     p.add_argument("--verbose", action="store_true", help="Ray's, Tune's and MLflow's own logs on the console "
@@ -22,20 +31,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset is None and args.config is None:  # a bare sweep would start hours of base-BEATs trials
+        parser.error("give --preset NAME or --config FILE (the base config every trial starts from)")
     cfg = config_from_args(args, "retain-asd sweep")
     if cfg is None:
         return 2
+
     from tune.space import check_trials
-    from tune.sweep import run_sweep, summarize_sweep
+    from tune.sweep import run_sweep, summarize_sweep, sweep_experiment, write_best_config
 
     check_trials(cfg)  # a bad sweep value fails here, before Ray starts
     if not protocol_guard(cfg, "retain-asd sweep"):  # so does an overlap of the two corpora
         return 2
     with quiet_run(Path(args.out) / "sweep.log", args.verbose, address=args.address) as console:
         console.say(f"sweep {cfg.name}: {cfg.tune.num_samples} trials, each a pretrain + evaluate")
-        text, code = summarize_sweep(run_sweep(cfg, args.out), cfg.tune.metric)
+        grid = run_sweep(cfg, args.out)
+        text, code = summarize_sweep(grid, cfg.tune.metric)
+        best = write_best_config(grid, cfg, Path(args.out) / "best.yaml")
     console.say(text)
+    if best:
+        console.say(f"best trial's config: {best} (retain-asd pretrain --config {best} --out DIR)")
+    console.say(f"compare the trials: retain-asd compare --experiment {sweep_experiment(cfg)} "
+                f"data.work_dir={cfg.data.work_dir}")
     return code
 
 

@@ -29,6 +29,10 @@ class ConfigError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------- sections
+class AutoBool(str):
+    """A config field that is ``auto``, ``true`` or ``false`` (YAML booleans accepted), kept as that string."""
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """The PRE-TRAINING corpus (paper Sec. 4.1); the evaluation corpus is `eval.machine_root` / `eval.noise_root`,
@@ -100,7 +104,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # max grad norm; 0 = off
     class_weighted: bool = True  # sample clips with weight 1 / count(class)
     num_workers: int = 2  # DDP workers (Ray Train)
-    use_gpu: bool = False
+    use_gpu: AutoBool = "auto"  # auto: a GPU per worker when the Ray cluster has GPUs; true / false to force
     cpus_per_worker: float = 0.5  # fractional so Ray Data read tasks keep a CPU (see README)
     placement_strategy: str = "PACK"  # Ray placement of the workers: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     log_every: int = 10  # steps between ray.train.report of losses
@@ -137,12 +141,13 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class TuneConfig:
-    num_samples: int = 8
+    num_samples: int = 8  # draws of the random / optuna search (the grid runs each of its points once)
     snr_ranges_db: tuple[tuple[float, float], ...] = ((-5.0, 5.0), (0.0, 0.0), (-10.0, 10.0), (-5.0, 15.0))
     alphas: tuple[float, ...] = (0.5, 1.0, 2.0)
     betas: tuple[float, ...] = (0.5, 1.0, 2.0)
     metric: str = "hmean_all"
-    max_concurrent: int = 1
+    max_concurrent: int = 1  # trials at once (Ray Tune's max_concurrent_trials)
+    search: str = "grid"  # grid: every (SNR range, alpha, beta) once; random: num_samples draws; optuna: TPE
 
 
 @dataclass(frozen=True)
@@ -244,6 +249,8 @@ _CHOICES = {
     "eval.primary": ("dn", "raw"),
     "foundation.objective": ("masked", "tagging", "masked_tagging"),
     "train.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    "train.use_gpu": ("auto", "true", "false"),
+    "tune.search": ("grid", "random", "optuna"),
 }
 _CONDITIONS = ("factory_a", "factory_b", "mismatch")
 
@@ -410,6 +417,12 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         return tuple(_coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{name}: union types are not supported in the config")
+    if tp is AutoBool:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, str):
+            return value.lower()
+        raise ConfigError(f"{name} = {value!r}: expected auto, true or false")
     if tp is bool:
         if isinstance(value, bool):
             return value

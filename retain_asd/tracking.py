@@ -83,12 +83,41 @@ def mlflow_run(uri: str, experiment: str, run_name: str, params: Mapping[str, An
         yield run
 
 
+def _clean(metrics: Mapping[str, float]) -> dict[str, float]:
+    return {k.replace("=", "_").replace(" ", "_"): float(v) for k, v in metrics.items()}
+
+
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     """Log to the active run; MLflow metric keys may not contain '=' or spaces, so those are replaced."""
     import mlflow
 
-    clean = {k.replace("=", "_").replace(" ", "_"): float(v) for k, v in metrics.items()}
-    mlflow.log_metrics(clean, step=step)
+    mlflow.log_metrics(_clean(metrics), step=step)
+
+
+def log_metrics_to(uri: str, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Log to a run by id from any process (e.g. the Ray Train controller, as each report arrives), stamped now."""
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    apply_env_defaults()
+    now = int(time.time() * 1000)
+    batch = [Metric(k, v, now, step or 0) for k, v in _clean(metrics).items()]
+    mlflow.MlflowClient(uri).log_batch(run_id, metrics=batch, synchronous=True)
+
+
+def active_run_id() -> str | None:
+    """The id of the run active in this process (a sweep trial's run), else None."""
+    import mlflow
+
+    run = mlflow.active_run()
+    return run.info.run_id if run else None
+
+
+def run_name(kind: str, preset: str, seed: Any) -> str:
+    """The one naming rule: ``<kind>-<preset or trial>-seed<seed>`` (kind: pretrain, evaluate)."""
+    return f"{kind}-{preset}-seed{seed}"
 
 
 def set_tags(tags: Mapping[str, Any]) -> None:
@@ -132,3 +161,42 @@ def compare_runs(uri: str, experiment: str, metrics: list[str]) -> list[dict[str
         row.update({m: r.get(f"metrics.{m}") for m in metrics})
         rows.append(row)
     return rows
+
+
+def experiment_runs(uri: str, experiment: str, filter_string: str = "") -> list[dict[str, Any]]:
+    """Every run of an experiment (``mlflow.search_runs``, optionally filtered with MLflow's filter syntax, e.g.
+    ``"tags.preset LIKE 'tagging%'"``) as plain dicts: run_id, run_name, status, tags, params, metrics (the
+    latest value of each). A missing experiment is a ValueError naming the experiments the store has."""
+    import math
+
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        names = sorted(e.name for e in mlflow.search_experiments())
+        raise ValueError(f"MLflow experiment {experiment!r} not found in {uri}; it has: "
+                         f"{', '.join(names) or 'no experiments'} (pass --experiment NAME, and --tracking-uri or "
+                         "the config whose data.work_dir holds the store)")
+    try:
+        frame = mlflow.search_runs(experiment_names=[experiment], filter_string=filter_string or "",
+                                   output_format="pandas")
+    except mlflow.exceptions.MlflowException as err:
+        raise ValueError(f"--runs {filter_string!r}: {err.message}") from None
+    out = []
+    for _, r in frame.iterrows():
+        def section(prefix: str, row=r) -> dict[str, Any]:
+            return {k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix) and v is not None
+                    and not (isinstance(v, float) and math.isnan(v))}
+
+        tags = section("tags.")
+        out.append({"run_id": r["run_id"], "run_name": tags.get("mlflow.runName", ""), "status": r["status"],
+                    "tags": tags, "params": section("params."),
+                    "metrics": {k: float(v) for k, v in section("metrics.").items()}})
+    return out
+
+
+def log_artifact(path: str | os.PathLike, artifact_path: str | None = None) -> None:
+    """Copy one file into the active run's artifacts."""
+    import mlflow
+
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)

@@ -163,12 +163,13 @@ def test_a_bad_line_inside_metrics_names_the_file_and_line(tmp_path):
 @pytest.mark.parametrize("content", ["", '{"run_id": "ab'])
 def test_empty_or_torn_mlflow_run_pointer_names_the_file_and_the_fix(tmp_path, content):
     from retain_asd.config import load_config
-    from retain_asd.train.launch import _log_mlflow
+    from retain_asd.train.launch import _tracked_run
 
     cfg = load_config("smoke", overrides=[f"data.work_dir={tmp_path / 'data'}"])
     (tmp_path / "mlflow_run.json").write_text(content)
     with pytest.raises(CorruptFileError) as err:
-        _log_mlflow(cfg, tmp_path, [], tmp_path / "student_beats.pt")
+        with _tracked_run(cfg, tmp_path, track=True):
+            pass
     assert str(tmp_path / "mlflow_run.json") in str(err.value) and "delete it" in str(err.value)
 
 

@@ -8,15 +8,25 @@ from typing import Any
 from retain_asd.config import Config, TuneConfig, from_dict, to_dict
 
 
+def axes(tune_cfg: TuneConfig) -> dict[str, list]:
+    """The swept quantities and their values."""
+    return {"snr_range_db": [list(r) for r in tune_cfg.snr_ranges_db], "alpha": list(tune_cfg.alphas),
+            "beta": list(tune_cfg.betas)}
+
+
 def search_space(tune_cfg: TuneConfig) -> dict[str, Any]:
-    """Ray Tune param space: one categorical axis per swept quantity."""
+    """Ray Tune param space. ``tune.search = grid``: ``tune.grid_search`` axes, so every combination runs exactly
+    once; ``random`` / ``optuna``: categorical axes that the search draws ``tune.num_samples`` points from."""
     from ray import tune
 
-    return {
-        "snr_range_db": tune.choice([list(r) for r in tune_cfg.snr_ranges_db]),
-        "alpha": tune.choice(list(tune_cfg.alphas)),
-        "beta": tune.choice(list(tune_cfg.betas)),
-    }
+    make = tune.grid_search if tune_cfg.search == "grid" else tune.choice
+    return {name: make(values) for name, values in axes(tune_cfg).items()}
+
+
+def trial_name(base: str, choices: dict[str, Any]) -> str:
+    """A trial's readable name (its runs, its row in `retain-asd compare`): ``<base>-snr<lo>_<hi>-a<alpha>-b<beta>``."""
+    low, high = (float(x) for x in choices["snr_range_db"])
+    return f"{base}-snr{low:g}_{high:g}-a{float(choices['alpha']):g}-b{float(choices['beta']):g}"
 
 
 def trial_config(base: Config, choices: dict[str, Any], name: str) -> Config:

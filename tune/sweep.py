@@ -3,7 +3,8 @@ range and alpha/beta, score it on the eval sets, report the Table-2 harmonic mea
 
 Three layers as in Ray's train/tune interop example: the loop (retain_asd.train.loop) runs per worker,
 ``pretrain`` builds the TorchTrainer, and the Tuner below runs one ``pretrain`` per trial. Trial folders
-and run names come from trial ids (no timestamps), so a restarted sweep resumes its trials.
+come from trial ids and run names from the trial's choices (no timestamps), so a restarted sweep resumes its
+trials. ``tune.search = grid`` (default) runs every point of the grid exactly once.
 """
 
 from __future__ import annotations
@@ -14,28 +15,37 @@ from typing import Any
 
 from retain_asd.config import Config, from_dict, to_dict
 from retain_asd.tracking import ensure_experiment, resolve_tracking_uri
-from tune.space import check_trials, search_space, trial_config
+from tune.space import check_trials, search_space, trial_config, trial_name
 
 log = logging.getLogger(__name__)
 
 REPORTED = ("hmean_all", "hmean_low", "hmean_all_dn", "hmean_low_dn")
 
 
-def run_trial(choices: dict[str, Any], *, base: dict, corpus_root: str, out_dir: str) -> None:
-    """Tune function trainable: pretrain + evaluate one choice of (SNR range, alpha, beta)."""
+def run_trial(choices: dict[str, Any], *, base: dict, corpus_root: str, out_dir: str, uri: str) -> None:
+    """Tune function trainable: pretrain + evaluate one choice of (SNR range, alpha, beta).
+
+    One MLflow run per trial (``kind=trial``, named after its choices) in the sweep's experiment, with the
+    trial's pre-training and evaluation runs nested under it; its figures are logged to it too.
+    """
     from ray import tune
 
+    from retain_asd import tracking
     from retain_asd.corpus.ingest import load_corpus
     from retain_asd.eval.builder import evaluate_from_config
     from retain_asd.train.launch import pretrain
 
     trial_id = tune.get_context().get_trial_id()
-    cfg = trial_config(from_dict(base), choices, name=f"{base['name']}-{trial_id}")
+    name = trial_name(base["name"], choices)
+    cfg = trial_config(from_dict(base), choices, name=name)
     trial_dir = Path(out_dir) / "trials" / trial_id
-    result = pretrain(cfg, trial_dir / "pretrain", corpus=load_corpus(corpus_root))
-    (scores,) = evaluate_from_config(cfg, [str(result.student_path)], trial_dir / "evaluate")
-    figures = scores.metrics()
-    tune.report({k: figures[k] for k in REPORTED if k in figures} | {"step": result.step})
+    tags = {"kind": "trial", "preset": name, "seed": str(cfg.train.seed), "trial_id": trial_id}
+    with tracking.mlflow_run(uri, cfg.tracking.experiment, f"trial-{name}", params=choices, tags=tags):
+        result = pretrain(cfg, trial_dir / "pretrain", corpus=load_corpus(corpus_root))
+        (scores,) = evaluate_from_config(cfg, [str(trial_dir / "pretrain")], trial_dir / "evaluate")
+        figures = {k: v for k, v in scores.metrics().items() if k in REPORTED}
+        tracking.log_metrics(figures)
+    tune.report(figures | {"step": result.step})
 
 
 # A trial only drives a TorchTrainer: it holds no CPU, or the workers (0.5 CPU each) plus Ray Data's read
@@ -43,11 +53,34 @@ def run_trial(choices: dict[str, Any], *, base: dict, corpus_root: str, out_dir:
 TRIAL_RESOURCES = {"CPU": 0.0, "memory": 256 * 1024**2}
 
 
+def sweep_experiment(cfg: Config) -> str:
+    """The MLflow experiment of a sweep: every trial's run, its pre-training and evaluation runs."""
+    return f"{cfg.tracking.experiment}-sweep"
+
+
+def _search(cfg: Config):
+    """(search algorithm, num_samples, max_concurrent_trials) for ``tune.search``; the concurrency goes to the
+    one place Ray honours it (Tune's ConcurrencyLimiter for a searcher, else the variant generator)."""
+    from ray.tune.search import BasicVariantGenerator
+
+    t = cfg.tune
+    if t.search == "grid":
+        return None, 1, t.max_concurrent  # Ray's own variant generator: each grid point once
+    if t.search == "random":
+        return BasicVariantGenerator(random_state=cfg.train.seed, max_concurrent=t.max_concurrent), t.num_samples, None
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(seed=cfg.train.seed)
+    except (ImportError, AssertionError) as err:
+        raise ValueError(f"tune.search = optuna needs the optuna package ({err}); pip install optuna, or use "
+                         "tune.search=grid / random") from None
+    return searcher, t.num_samples, t.max_concurrent
+
+
 def run_sweep(cfg: Config, out_dir: str | Path, *, trial_resources: dict | None = None):
     """Run the sweep of ``cfg.tune`` and return the ResultGrid (best trial by ``cfg.tune.metric``)."""
     from ray import tune
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
-    from ray.tune.search import BasicVariantGenerator
 
     from retain_asd.corpus.ingest import check_protocol, corpora_from_config
     from retain_asd.eval.evalsets import evalsets_from_config
@@ -58,27 +91,39 @@ def run_sweep(cfg: Config, out_dir: str | Path, *, trial_resources: dict | None 
     corpus, _, _ = corpora_from_config(cfg)  # once, on the driver: trials only read the pre-training corpus
     evalsets_from_config(cfg)  # built once and cached; trials reuse them
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
-    experiment = f"{cfg.tracking.experiment}-sweep"
-    ensure_experiment(uri, experiment)
-    trainable = tune.with_parameters(run_trial, base=to_dict(cfg), corpus_root=str(corpus.root),
-                                     out_dir=str(out_dir))
+    experiment = sweep_experiment(cfg)
+    ensure_experiment(uri, experiment)  # trials need it to exist
+    base = to_dict(cfg)
+    base["tracking"] = {**base["tracking"], "tracking_uri": uri, "experiment": experiment}
+    trainable = tune.with_parameters(run_trial, base=base, corpus_root=str(corpus.root), out_dir=str(out_dir),
+                                     uri=uri)
     trainable = tune.with_resources(trainable, trial_resources or TRIAL_RESOURCES)
     previous = out_dir / "ray" / f"{cfg.name}-sweep"
     if tune.Tuner.can_restore(previous):  # a restarted sweep resumes its unfinished trials
         log.info("resuming the sweep in %s", previous)
         return tune.Tuner.restore(str(previous), trainable, resume_errored=True).fit()
+    searcher, num_samples, concurrent = _search(cfg)
     tuner = tune.Tuner(
         trainable,
         param_space=search_space(cfg.tune),
-        tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="max", num_samples=cfg.tune.num_samples,
-                                    max_concurrent_trials=cfg.tune.max_concurrent,
-                                    search_alg=BasicVariantGenerator(random_state=cfg.train.seed,
-                                                                     max_concurrent=cfg.tune.max_concurrent)),
-        run_config=tune.RunConfig(name=f"{cfg.name}-sweep", storage_path=str(out_dir / "ray"),
-                                  callbacks=[MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment,
-                                                                  save_artifact=False)]),
+        tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="max", num_samples=num_samples,
+                                    max_concurrent_trials=concurrent, search_alg=searcher),
+        run_config=tune.RunConfig(name=f"{cfg.name}-sweep", storage_path=str(out_dir / "ray")),
     )
     return tuner.fit()
+
+
+def write_best_config(grid, cfg: Config, path: str | Path) -> Path | None:
+    """The best trial's config (by ``tune.metric``) as a preset file, for ``--config PATH``; None when no trial
+    reported the metric."""
+    from retain_asd.config import dump_yaml
+
+    ranked = [r for r in grid if r.error is None and isinstance((r.metrics or {}).get(cfg.tune.metric), int | float)]
+    if not ranked:
+        return None
+    best = max(ranked, key=lambda r: r.metrics[cfg.tune.metric])
+    choices = {k: best.config[k] for k in ("snr_range_db", "alpha", "beta")}
+    return dump_yaml(trial_config(cfg, choices, name=trial_name(cfg.name, choices)), path)
 
 
 # ---------------------------------------------------------------------------------------------------- summary

@@ -2,8 +2,8 @@
 
 Output folder::
 
-    <out>/machine/   part-*.parquet, manifest.json, rejects.csv   (fixed-length clips)
-    <out>/noise/     part-*.parquet, manifest.json, rejects.csv   (full-length noise recordings)
+    <out>/machine/   part-*.parquet, manifest.json, rejects.csv, source.json   (fixed-length clips)
+    <out>/noise/     part-*.parquet, manifest.json, rejects.csv, source.json   (full-length noise recordings)
     <out>/labels.json                                              (machine-attribute + noise classes)
 """
 
@@ -14,8 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from retain_asd import fsio
 from retain_asd.corpus import layouts, shards
 from retain_asd.corpus.labels import LabelVocab, build_vocab
+
+SOURCE = "source.json"  # beside each shard set: {"root": the raw folder it was ingested from}
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,8 @@ def ingest(machine_root: str | os.PathLike, noise_root: str | os.PathLike, out_d
     # Noise keeps its full length: the stream cuts a fresh random segment per pairing.
     noise = shards.write_shards(noise_records, out_dir / "noise", settings=replace(settings, clip_s=None),
                                 rows_per_shard=rows_per_shard, scan_rejects=noise_rejects, force=force)
+    for shard_set, root in ((machine, machine_root), (noise, noise_root)):  # what `guard_real_corpus` reads
+        fsio.write_json(shard_set.root / SOURCE, {"root": str(Path(root).resolve())})
     labels_path = out_dir / "labels.json"
     if machine.rebuilt or noise.rebuilt or not labels_path.is_file():
         kept = {s["path"] for s in machine.manifest["sources"]} | {s["path"] for s in noise.manifest["sources"]}
@@ -93,6 +98,34 @@ def ingest(machine_root: str | os.PathLike, noise_root: str | os.PathLike, out_d
     else:
         vocab = LabelVocab.from_json(labels_path)
     return Corpus(out_dir, machine, noise, vocab)
+
+
+def ingested_from(shard_dir: str | os.PathLike) -> str | None:
+    """The raw folder a shard folder was ingested from (recorded by `ingest`; for older folders the common
+    folder of its sources), None when nothing was ingested there."""
+    if (Path(shard_dir) / SOURCE).is_file():
+        return str(fsio.read_json(Path(shard_dir) / SOURCE, fix="re-run `retain-asd ingest`")["root"])
+    manifest = shards.read_manifest(shard_dir)
+    paths = [str(Path(s["path"]).resolve()) for s in (manifest or {}).get("sources", [])]
+    return os.path.commonpath(paths) if paths else None
+
+
+def guard_real_corpus(shard_dir: str | os.PathLike, synth_dir: str | os.PathLike, root_key: str) -> None:
+    """Refuse to write the synthetic corpus over shards ingested from real data (``shard_dir``).
+
+    Called for every corpus folder whose root (``root_key``, e.g. data.machine_root) is empty in the config:
+    the run would otherwise re-synthesise and silently replace the real clips. The error names the root to pass.
+    """
+    source = ingested_from(shard_dir)
+    if source is None:
+        return
+    synth = Path(synth_dir).resolve()
+    if Path(source) == synth or synth in Path(source).parents:
+        return
+    raise FileExistsError(
+        f"{shard_dir} holds a corpus ingested from real data ({source}), but {root_key} is empty, which would "
+        f"replace it with the synthetic corpus. Pass {root_key}={source} (the folder it was ingested from), or "
+        "use another data.work_dir for a synthetic run")
 
 
 def load_corpus(out_dir: str | os.PathLike) -> Corpus:
@@ -210,6 +243,7 @@ def pretrain_corpus_from_config(cfg, *, force: bool = False) -> Corpus:
     if d.add_eval_references:
         ev = eval_roots(cfg)
         refs, noise = (ev.machine_root,), (ev.noise_root,)
+    _guard_synthetic(cfg, pretrain_corpus_dir(cfg), "pretrain", d.machine_root, d.noise_root, "data")
     return ingest(pre.machine_root, pre.noise_root, pretrain_corpus_dir(cfg), settings=decode_settings(d),
                   rows_per_shard=d.rows_per_shard, force=force, reference_roots=refs, extra_noise_roots=noise,
                   include_test_normals=d.include_test_normals, extra_machine_roots=pre.extra_machine_roots)
@@ -225,11 +259,21 @@ def pretrain_corpus_dir(cfg) -> Path:
     return Path(d.work_dir).resolve() / name
 
 
+def _guard_synthetic(cfg, corpus_dir: Path, world: str, machine_root: str, noise_root: str, prefix: str) -> None:
+    """`guard_real_corpus` for each empty root of one corpus (its synthetic world would replace real shards)."""
+    synth_dir = Path(cfg.data.work_dir).resolve()  # the synthetic worlds (and generic trees) are written here
+    for name, root in (("machine", machine_root), ("noise", noise_root)):
+        if not root:
+            guard_real_corpus(corpus_dir / name, synth_dir, f"{prefix}.{name}_root")
+
+
 def eval_corpus_from_config(cfg, *, force: bool = False) -> Corpus:
     """Builder: the ingested evaluation corpus, ``<work_dir>/corpus_eval`` (the synthetic evaluation world
     when eval.machine_root / noise_root are empty)."""
     d = cfg.data
     ev = eval_roots(cfg)
+    _guard_synthetic(cfg, Path(d.work_dir).resolve() / EVAL_DIR, "eval", cfg.eval.machine_root, cfg.eval.noise_root,
+                     "eval")
     return ingest(ev.machine_root, ev.noise_root, Path(d.work_dir).resolve() / EVAL_DIR,
                   settings=decode_settings(d), rows_per_shard=d.rows_per_shard, force=force)
 

@@ -8,6 +8,7 @@ evaluation itself (`run.py`, `dcase_mode.py`) never reads a Config.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,8 +20,9 @@ from retain_asd.eval.run import evaluate_checkpoint, write_reports, write_score_
 
 
 def resolve_checkpoint(spec: str, cfg, out_dir: Path) -> tuple[str, str, bool]:
-    """(name, path, is_frozen) of a --checkpoint value: a BEATs .pt, a folder holding one, or "frozen".
-
+    """(row name, path, is_frozen) of a --checkpoint value: "frozen"; a .pt file; a pre-training out folder
+    (its student_beats.pt) or another folder holding exactly one .pt; any of these as NAME=PATH to name the
+    row. Without NAME a pre-trained student is named after its preset (config.yaml beside it), else the file.
     "frozen" is model.checkpoint, else (model.init = "foundation") the cached stand-in foundation encoder, the
     one every student of the config starts from (`train.launch.initial_encoder`), else a random encoder."""
     from retain_asd.models.beats import beats_base, beats_tiny, write_random_checkpoint
@@ -47,16 +49,56 @@ def resolve_checkpoint(spec: str, cfg, out_dir: Path) -> tuple[str, str, bool]:
         if not path.is_file():
             write_random_checkpoint(path, beats_tiny() if cfg.model.size == "tiny" else beats_base(), cfg.train.seed)
         return "frozen", str(path), True
-    path = Path(spec)
+    name, path = _split_name(spec)
     if path.is_dir():
-        found = [p for p in sorted(path.rglob("*.pt")) if not p.name.startswith(".")]
+        student = path / "student_beats.pt"  # a pre-training out folder: its exported student
+        found = ([student] if student.is_file()
+                 else [p for p in sorted(path.rglob("*.pt")) if not p.name.startswith(".")])
         if len(found) != 1:
-            raise FileNotFoundError(f"{path}: expected exactly one BEATs .pt file inside, found {len(found)}; "
-                                    "pass the file itself")
+            raise FileNotFoundError(f"{path}: no student_beats.pt (the export of a finished `retain-asd pretrain`) "
+                                    f"and {len(found)} other .pt files inside; pass a pre-training out folder or "
+                                    "the .pt file itself")
         path = found[0]
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found; pass a BEATs .pt file or 'frozen'")
-    return path.stem, str(path), False
+        raise FileNotFoundError(f"{path}: checkpoint not found; pass a BEATs .pt file, a pre-training out folder, "
+                                "NAME=PATH or 'frozen'")
+    if name is None:
+        pretrained = provenance(path)
+        name = pretrained["preset"] if pretrained else path.stem
+    return name, str(path), False
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def _split_name(spec: str) -> tuple[str | None, Path]:
+    """'NAME=PATH' -> (NAME, PATH) (NAME names the row); a plain path -> (None, path)."""
+    name, sep, rest = spec.partition("=")
+    if not sep or Path(spec).exists():
+        return None, Path(spec)
+    if not _NAME.match(name):
+        raise ValueError(f"--checkpoint {spec!r}: NAME in NAME=PATH must be letters, digits, '_', '.', '+', '-'")
+    return name, Path(rest)
+
+
+def provenance(checkpoint: str | os.PathLike) -> dict:
+    """What pre-training left beside a checkpoint: {"preset", "seed", "pretrain_run_id", "config"} from its
+    config.yaml and MLflow run pointer (mlflow_run.json); {} for a checkpoint from elsewhere."""
+    from retain_asd.config import ConfigError, load_config, to_dict
+    from retain_asd.train.launch import read_run_pointer
+
+    folder = Path(checkpoint).parent
+    if not (folder / "config.yaml").is_file():
+        return {}
+    try:
+        cfg = load_config(path=folder / "config.yaml")
+    except ConfigError as err:
+        warnings.warn(f"{folder / 'config.yaml'}: not a config of this version ({err}); the run is named after "
+                      "the file", stacklevel=2)
+        return {}
+    pointer = read_run_pointer(folder)
+    return {"preset": cfg.name, "seed": cfg.train.seed, "pretrain_run_id": pointer.get("run_id", ""),
+            "config": to_dict(cfg)}
 
 
 def check_checkpoints(resolved: Sequence[tuple[str, str, bool]], layer: int,
@@ -89,10 +131,16 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
     write tables, plots and score files under `out_dir/<name>/`, and log one MLflow run per checkpoint.
 
     `sets`: built `EvalSets` to use instead of the config's; `track=False`: no MLflow run (the caller logs)."""
-    from retain_asd.config import to_dict
-    from retain_asd.eval.dcase_mode import evaluate_dcase
+    from retain_asd.eval.dcase_mode import evaluate_dcase, source_only, write_dcase_table
     from retain_asd.eval.evalsets import evalsets_from_config
-    from retain_asd.tracking import log_artifacts, log_metrics, mlflow_run, resolve_tracking_uri
+    from retain_asd.tracking import (
+        active_run_id,
+        log_artifacts,
+        log_metrics,
+        mlflow_run,
+        resolve_tracking_uri,
+        run_name,
+    )
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,8 +158,11 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
     cache_dir = Path(cfg.data.work_dir) / "embeddings"
     results, seen = [], {}
     for name, path, frozen in resolved:
-        seen[name] = seen.get(name, 0) + 1
-        name = name if seen[name] == 1 else f"{name}_{seen[name]}"
+        origin = {} if frozen else provenance(path)
+        seed = origin.get("seed", cfg.train.seed)
+        folder = f"{name}-seed{seed}" if origin else name
+        seen[folder] = seen.get(folder, 0) + 1
+        folder = folder if seen[folder] == 1 else f"{folder}_{seen[folder]}"
         num_layers = depths[path]
         primary = e.ssl_layer if frozen else e.layer  # SSL baselines (Table 2): layer 12
         if primary > num_layers:
@@ -120,25 +171,46 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
             primary = num_layers
         use_layers = [primary] + [x for x in (layers or []) if x != primary and x <= num_layers]
         embedder = Embedder(path, pooling=e.pooling, cache_dir=cache_dir, batch_size=e.batch_size)
-        run_dir = out_dir / name
+        run_dir = out_dir / folder
         if dcase_root:
             result = evaluate_dcase(embedder, dcase_root, use_layers, ground_truth_dir=ground_truth_dir, k=e.k,
-                                    metric=e.metric, clip_s=cfg.data.clip_s, name=name)
+                                    metric=e.metric, clip_s=cfg.data.clip_s, name=folder)
         else:
             result = evaluate_checkpoint(path, sets, use_layers, k=e.k, metric=e.metric,
                                          memmixup=e.memmixup_k if e.memmixup else 0,
                                          memmixup_ratio=e.memmixup_ratio, conditions=e.conditions,
-                                         use_ray=use_ray, name=name, embedder=embedder, primary=e.primary)
+                                         use_ray=use_ray, name=folder, embedder=embedder, primary=e.primary)
         write_score_files(result, run_dir / "scores")
-        if not dcase_root:
+        if dcase_root:
+            write_dcase_table(result, run_dir / "dcase_table.md")
+        else:
             write_reports([result], run_dir)
-        params = {"config": to_dict(cfg), "checkpoint": path, "checkpoint_hash": result.checkpoint_hash,
-                  "layers": use_layers, "mode": "dcase" if dcase_root else "evalsets"}
+        params, tags = _run_params(cfg, origin, frozen), {
+            "kind": "evaluate", "preset": name, "seed": str(seed), "frozen": str(frozen).lower(),
+            "pretrain_run_id": origin.get("pretrain_run_id", ""), "checkpoint": path,
+            "checkpoint_hash": result.checkpoint_hash, "layers": str(use_layers),
+            "mode": "dcase" if dcase_root else "evalsets",
+            "domains": "source only (AUC + pAUC)" if dcase_root and source_only(result) else ""}
+        tags = {k: v for k, v in tags.items() if v}
         if track:
-            with mlflow_run(uri, cfg.tracking.experiment, f"evaluate-{name}", params, {"kind": "evaluate"}):
+            with mlflow_run(uri, cfg.tracking.experiment, run_name("evaluate", name, seed), params, tags,
+                            nested=active_run_id() is not None):
                 log_metrics(result.metrics())
                 log_artifacts(run_dir, artifact_path="evaluate")
         results.append(result)
     if not dcase_root and len(results) > 1:
         write_reports(results, out_dir)
     return results
+
+
+def _run_params(cfg, origin: dict, frozen: bool) -> dict:
+    """The flattened config keys pre-training logs (same keys in both runs): the scored student's own config
+    (config.yaml beside it) with this evaluation's eval / tracking sections; "frozen" says so in objective.name."""
+    from retain_asd.config import to_dict
+
+    values = to_dict(cfg)
+    if origin:
+        values = {**origin["config"], "eval": values["eval"], "tracking": values["tracking"]}
+    if frozen:
+        values["objective"] = {**values["objective"], "name": "frozen"}
+    return values

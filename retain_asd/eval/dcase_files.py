@@ -20,11 +20,15 @@ domain without cross-domain anomalies).
 from __future__ import annotations
 
 import csv
+import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import scipy.stats
+from sklearn.metrics import roc_auc_score
 
 from retain_asd import fsio
 from retain_asd.corpus.groundtruth import read_truth_sections
@@ -223,10 +227,38 @@ def read_section_scores(scores_dir, truth: SectionTruth) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class DomainDecisions:
+    """Precision, recall and F1 of the decisions on one domain's test clips (the evaluator's definitions)."""
+
+    precision: float
+    recall: float
+    f1: float
+
+
+@dataclass(frozen=True)
 class SectionResult:
     machine: str
     section: str
     score: MachineScore
+    auc_all: float = math.nan  # AUC over every test clip of the section
+    decisions: dict[str, DomainDecisions] | None = None  # "source" / "target"; None without decision files
+
+
+def decision_figures(decisions, is_anomaly, is_target) -> dict[str, DomainDecisions]:
+    """Per domain, the clips of that domain (normal and anomalous): precision = tp / (tp + fp), recall =
+    tp / (tp + fn), F1, each denominator floored at float epsilon, as the DCASE evaluator computes them."""
+    eps = sys.float_info.epsilon
+    d, a, t = (np.asarray(x, dtype=bool) for x in (decisions, is_anomaly, is_target))
+    out = {}
+    for domain, sel in (("source", ~t), ("target", t)):
+        if not sel.any():
+            continue
+        tp = float(np.sum(d[sel] & a[sel]))
+        fp = float(np.sum(d[sel] & ~a[sel]))
+        fn = float(np.sum(~d[sel] & a[sel]))
+        prec, rec = tp / max(tp + fp, eps), tp / max(tp + fn, eps)
+        out[domain] = DomainDecisions(prec, rec, 2 * prec * rec / max(prec + rec, eps))
+    return out
 
 
 def score_submission(scores_dir, gt_dir) -> list[SectionResult]:
@@ -243,5 +275,69 @@ def score_submission(scores_dir, gt_dir) -> list[SectionResult]:
     results = []
     for t in truths:
         scores = read_section_scores(scores_dir, t)
-        results.append(SectionResult(t.machine, t.section, machine_scores(scores, t.is_anomaly, t.is_target)))
+        decided = None
+        decision_path = decision_result_path(scores_dir, t.machine, t.section)
+        if decision_path.is_file():
+            decided = decision_figures(align(t, read_decision_file(decision_path), str(decision_path)),
+                                       t.is_anomaly, t.is_target)
+        auc_all = float(roc_auc_score(t.is_anomaly, scores)) if 0 < t.is_anomaly.sum() < len(scores) else math.nan
+        results.append(SectionResult(t.machine, t.section, machine_scores(scores, t.is_anomaly, t.is_target),
+                                     auc_all, decided))
     return results
+
+
+RESULT_COLUMNS = ["AUC (all)", "AUC (source)", "AUC (target)", "pAUC", "precision (source)", "precision (target)",
+                  "recall (source)", "recall (target)", "F1 score (source)", "F1 score (target)"]
+
+
+def write_result_csv(results: Sequence[SectionResult], path) -> Path:
+    """The DCASE 2022-2025 evaluators' ``result_<team>.csv`` layout: per machine type its name, a header row,
+    one row per section, then arithmetic / harmonic means (overall, source, target) of AUC, pAUC, precision,
+    recall and F1; finally the official score and its 95% jackknife interval. Figures that cannot be computed
+    (no decision files: precision / recall / F1; no target clips: target columns) are left empty."""
+    from retain_asd.eval.metrics import official_score, official_score_interval
+
+    def fmt(x) -> str:
+        return "" if x is None or (isinstance(x, float) and math.isnan(x)) else repr(float(x))
+
+    def mean_rows(rows: list[list[float]]) -> list[list[str]]:
+        out = []
+        for label, pick in (("arithmetic mean", slice(None)), ("harmonic mean", slice(None)),
+                            ("source harmonic mean", "source"), ("target harmonic mean", "target")):
+            cols = []
+            for j in range(5):  # AUC, pAUC, precision, recall, F1 over both domains (source values, then target)
+                values = [r[j] for r in rows if pick in (slice(None), r[5])]
+                values = [v for v in values if not math.isnan(v)]
+                if not values:
+                    cols.append("")
+                elif label == "arithmetic mean":
+                    cols.append(fmt(np.mean(values)))
+                else:
+                    cols.append(fmt(scipy.stats.hmean(np.maximum(values, sys.float_info.epsilon))))
+            out.append([label, "", *cols])
+        return out
+
+    lines: list[list[str]] = []
+    for machine in dict.fromkeys(r.machine for r in results):
+        mine = [r for r in results if r.machine == machine]
+        lines += [[machine], ["section", *RESULT_COLUMNS]]
+        per_domain = []
+        for r in mine:
+            dec = r.decisions or {}
+            nan = DomainDecisions(math.nan, math.nan, math.nan)
+            src, tgt = dec.get("source", nan), dec.get("target", nan)
+            lines.append([r.section, fmt(r.auc_all), fmt(r.score.auc_source), fmt(r.score.auc_target),
+                          fmt(r.score.pauc), fmt(src.precision), fmt(tgt.precision), fmt(src.recall),
+                          fmt(tgt.recall), fmt(src.f1), fmt(tgt.f1)])
+            per_domain.append([r.score.auc_source, r.score.pauc, src.precision, src.recall, src.f1, "source"])
+            per_domain.append([r.score.auc_target, r.score.pauc, tgt.precision, tgt.recall, tgt.f1, "target"])
+        lines.append(["", "", "AUC", "pAUC", "precision", "recall", "F1 score"])
+        lines += mean_rows(per_domain)
+        lines.append([])
+    scores = [r.score for r in results]
+    lines.append(["official score", fmt(official_score(scores))])
+    if len(scores) >= 2:
+        lines.append(["official score ci95", fmt(official_score_interval(scores).half_width)])
+    with fsio.atomic_write(path, newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(lines)
+    return Path(path)

@@ -36,7 +36,9 @@ def evaluate_dcase(embedder: Embedder, dcase_root, layers: Sequence[int], *, gro
     """GenRep on a DCASE 2020-2025 folder: per machine and section, banks from the train split (source /
     target normals), tests from the test split (dev: labels from names; eval: `ground_truth_dir` CSVs).
 
-    Cells have condition ``dcase`` and snr_db NaN; machines are keyed ``<machine>_section_<NN>``.
+    Cells have condition ``dcase`` and snr_db NaN; machines are keyed ``<machine>_section_<NN>`` (DCASE 2020:
+    the machine id is the section). A 2020 tree has no target domain: figures are AUC_source and pAUC
+    (`source_only`). A folder where no section can be scored raises ValueError saying why.
     """
     from retain_asd.corpus.layouts import scan_dcase
 
@@ -46,6 +48,7 @@ def evaluate_dcase(embedder: Embedder, dcase_root, layers: Sequence[int], *, gro
     result = EvalResult(name, embedder.checkpoint_hash, list(layers)[0])
     groups = sorted({(r.machine, r.section) for r in scan.records})
     per_cell: dict[tuple[int, bool], dict[str, MachineResult]] = {}
+    skipped = []
     for machine, section in groups:
         recs = [r for r in scan.records if (r.machine, r.section) == (machine, section)]
         refs = [r for r in recs if r.split == "train" and r.label == "normal"]
@@ -53,6 +56,10 @@ def evaluate_dcase(embedder: Embedder, dcase_root, layers: Sequence[int], *, gro
         if not refs or not tests:
             log.warning("%s section %s: %d references, %d labelled tests; skipped", machine, section, len(refs),
                         len(tests))
+            skipped.append(f"{machine} section {section}: {len(refs)} train normals, {len(tests)} labelled tests")
+            continue
+        if len({r.label for r in tests}) < 2:
+            skipped.append(f"{machine} section {section}: the tests are all {tests[0].label}")
             continue
         paths = [r.path for r in refs + tests]
         keys = _file_keys(paths, clip_s)
@@ -76,7 +83,36 @@ def evaluate_dcase(embedder: Embedder, dcase_root, layers: Sequence[int], *, gro
                                     [section] * len(tests), k, metric, dn)
                 if res is not None:
                     per_cell.setdefault((layer, dn), {})[f"{machine}_section_{section}"] = res
+    if not per_cell:  # never a run without figures
+        why = "; ".join(skipped[:4]) or f"no clips found ({len(scan.rejects)} files skipped)"
+        raise ValueError(f"{dcase_root}: nothing to score: every machine section needs train normals and test "
+                         f"clips of both labels (normal and anomaly); {why}")
     for (layer, dn), machines in per_cell.items():
         official = metrics.official_score([m.figures for m in machines.values()])
         result.cells.append(Cell("dcase", math.nan, layer, dn, machines, official))
     return result
+
+
+def source_only(result: EvalResult) -> bool:
+    """True when no section had target-domain tests (DCASE 2020): figures are AUC + pAUC, no target AUC."""
+    return all(math.isnan(m.figures.auc_target) for c in result.cells for m in c.machines.values())
+
+
+def write_dcase_table(result: EvalResult, path) -> Path:
+    """Per machine section: AUC source / target, pAUC, hmean (x100), raw and DN, and the official score."""
+    from retain_asd import fsio
+
+    def pct(x: float) -> str:
+        return "–" if math.isnan(x) else f"{100 * x:.2f}"
+
+    lines = []
+    if source_only(result):
+        lines += ["Source domain only (DCASE 2020 layout): AUC and pAUC, no target AUC; official = harmonic mean "
+                  "of AUC_source and pAUC over the sections.", ""]
+    for c in sorted((c for c in result.cells if c.layer == result.primary_layer), key=lambda c: c.domain_norm):
+        lines += [f"### {'DN' if c.domain_norm else 'raw kNN scores'}: official {pct(c.official)}", "",
+                  "| section | AUC source | AUC target | pAUC | hmean |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {name} | {pct(m.figures.auc_source)} | {pct(m.figures.auc_target)} | {pct(m.figures.pauc)} | "
+                  f"{pct(m.figures.hmean)} |" for name, m in sorted(c.machines.items())]
+        lines.append("")
+    return fsio.write_text(path, "\n".join(lines))

@@ -112,11 +112,16 @@ class MachineScore:
 
 
 def machine_scores(scores, is_anomaly, is_target, max_fpr: float = MAX_FPR) -> MachineScore:
-    """AUC_source, AUC_target, pAUC and their hmean for the test clips of one machine/section."""
+    """AUC_source, AUC_target, pAUC and their hmean for the test clips of one machine/section.
+
+    Source-only test sets (DCASE 2020: no target clip at all): auc_target is NaN and the hmean runs over
+    AUC and pAUC only.
+    """
     a_s = auc_source(scores, is_anomaly, is_target)
-    a_t = auc_target(scores, is_anomaly, is_target)
+    source_only = not np.asarray(is_target, dtype=bool).any()
+    a_t = math.nan if source_only else auc_target(scores, is_anomaly, is_target)
     p = pauc(scores, is_anomaly, max_fpr=max_fpr)
-    return MachineScore(a_s, a_t, p, _clipped_hmean([a_s, a_t, p]))
+    return MachineScore(a_s, a_t, p, _clipped_hmean([a_s, p] if source_only else [a_s, a_t, p]))
 
 
 def _clipped_hmean(values) -> float:
@@ -125,11 +130,13 @@ def _clipped_hmean(values) -> float:
 
 
 def official_score(scores: Sequence[MachineScore]) -> float:
-    """ONE harmonic mean over [AUC_s of all sections, AUC_t of all sections, pAUC of all sections]."""
+    """ONE harmonic mean over [AUC_s of all sections, AUC_t of all sections, pAUC of all sections]
+    (source-only sections, auc_target NaN, add no AUC_t)."""
     if len(scores) == 0:
         raise ValueError("official_score needs at least one MachineScore")
     values = (
-        [s.auc_source for s in scores] + [s.auc_target for s in scores] + [s.pauc for s in scores]
+        [s.auc_source for s in scores] + [s.auc_target for s in scores if not math.isnan(s.auc_target)]
+        + [s.pauc for s in scores]
     )
     return _clipped_hmean(values)
 

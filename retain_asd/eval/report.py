@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 from retain_asd import fsio  # noqa: E402
 from retain_asd.eval.metrics import table2  # noqa: E402
@@ -114,3 +117,179 @@ def _save(fig, path) -> Path:
         return fsio.savefig(fig, path, dpi=120)
     finally:
         plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------- compare
+# The cross-run comparison (`retain-asd compare`, `retain_asd.eval.compare.compare_experiment`): runs of an
+# MLflow experiment as plain records, grouped into rows (preset or sweep trial) with the mean and a 95%
+# t-interval over seeds, in the Table-2 layout. Column keys are the evaluation's own MLflow metric keys
+# (`results.EvalResult.metrics`): ``<condition>/snr_<dB>/official[_dn]``, ``hmean_low[_dn]``, ``hmean_all[_dn]``.
+CONDITION_ORDER = ("factory_a", "factory_b", "mismatch")
+VARIANTS = {"raw": "", "dn": "_dn"}
+VARIANT_TITLES = {"raw": "raw kNN scores", "dn": "DN (GenRep domain normalisation)"}
+CHANCE = 0.5  # official score (hmean of AUCs and McClish pAUC) of a random detector
+_CELL = re.compile(r"^(?P<condition>[A-Za-z0-9_.-]+)/snr_(?P<snr>-?\d+)/official$")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One MLflow run as plain data (what `tracking.experiment_runs` returns)."""
+
+    run_id: str
+    run_name: str
+    status: str  # MLflow: FINISHED, FAILED, KILLED, RUNNING, SCHEDULED
+    tags: Mapping[str, str]
+    params: Mapping[str, str]
+    metrics: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    mean: float
+    half_width: float  # 95% t-interval half width over seeds; NaN with one value
+    n: int
+
+
+@dataclass(frozen=True)
+class ComparisonRow:
+    name: str  # the preset (or sweep trial) the runs belong to
+    seeds: tuple[str, ...]  # of the runs that produced figures
+    runs: int  # runs in the group (failed included)
+    failed: int  # runs that failed or logged no figures
+    estimates: Mapping[str, Estimate]  # metric key -> mean / interval over the group's finished runs
+
+    @property
+    def status(self) -> str:
+        if self.failed == 0:
+            return "ok"
+        return "FAILED" if self.failed == self.runs else f"{self.failed} of {self.runs} failed"
+
+
+def mean_interval(values, confidence: float = 0.95) -> Estimate:
+    """Mean and Student-t interval half width (t_{n-1} * s / sqrt(n)) of per-seed figures; NaN for n < 2."""
+    xs = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+    if len(xs) == 0:
+        return Estimate(math.nan, math.nan, 0)
+    if len(xs) == 1:
+        return Estimate(float(xs[0]), math.nan, 1)
+    from scipy import stats
+
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(xs) - 1) * xs.std(ddof=1) / math.sqrt(len(xs)))
+    return Estimate(float(xs.mean()), half, len(xs))
+
+
+def group_name(record: RunRecord) -> str:
+    """The row a run belongs to: its `preset` tag (the pre-trained preset / sweep trial), else the config name."""
+    t, p = record.tags, record.params
+    return str(t.get("preset") or p.get("name") or p.get("config.name") or record.run_name or record.run_id)
+
+
+def run_seed(record: RunRecord) -> str:
+    t, p = record.tags, record.params
+    return str(t.get("seed") or p.get("train.seed") or p.get("config.train.seed") or "?")
+
+
+def comparison_columns(records) -> list[tuple[str, int]]:
+    """(condition, snr_db) cells present in any run: the paper's condition order first, SNRs ascending."""
+    cells = set()
+    for r in records:
+        for key in r.metrics:
+            m = _CELL.match(key)
+            if m:
+                cells.add((m["condition"], int(m["snr"])))
+    rank = {c: i for i, c in enumerate(CONDITION_ORDER)}
+    return sorted(cells, key=lambda c: (rank.get(c[0], len(rank)), c[0], c[1]))
+
+
+def metric_keys(columns, variant: str) -> list[str]:
+    """MLflow metric keys of one variant ("raw" / "dn") in table order: cells, then hmean_low, hmean_all."""
+    s = VARIANTS[variant]
+    return [f"{c}/snr_{snr}/official{s}" for c, snr in columns] + [f"hmean_low{s}", f"hmean_all{s}"]
+
+
+def comparison_rows(records, metric: str = "hmean_low") -> list[ComparisonRow]:
+    """Group run records into rows; a run counts as failed when MLflow says so or it logged no figures.
+
+    Rows are sorted by ``metric`` (best first); rows without it (failed) come last.
+    """
+    groups: dict[str, list[RunRecord]] = {}
+    for r in records:
+        groups.setdefault(group_name(r), []).append(r)
+    keys = {k for r in records for k in r.metrics}
+    rows = []
+    for name, runs in groups.items():
+        ok = [r for r in runs if r.status == "FINISHED" and r.metrics]
+        estimates = {k: mean_interval([r.metrics.get(k, math.nan) for r in ok]) for k in sorted(keys)}
+        rows.append(ComparisonRow(name, tuple(sorted((run_seed(r) for r in ok), key=_seed_order)), len(runs),
+                                  len(runs) - len(ok), {k: e for k, e in estimates.items() if e.n}))
+    key = lambda row: (-row.estimates[metric].mean if metric in row.estimates else math.inf, row.name)  # noqa: E731
+    return sorted(rows, key=key)
+
+
+def _seed_order(seed: str):
+    return (0, int(seed), "") if seed.lstrip("-").isdigit() else (1, 0, seed)
+
+
+def _pm(e: Estimate | None) -> str:
+    if e is None or math.isnan(e.mean):
+        return "–"
+    return f"{100 * e.mean:.2f}" + ("" if math.isnan(e.half_width) else f" ± {100 * e.half_width:.2f}")
+
+
+def comparison_markdown(rows, columns, primary: str = "raw", title: str = "") -> str:
+    """Both variants as markdown tables (x100, mean ± 95% half width over seeds), the primary one first and
+    labelled; ``hmean{-10,-5,0}`` is `hmean_low`, ``All`` is `hmean_all`."""
+    header = (["run", "seeds", "status"] + [f"{c} {s} dB" for c, s in columns] + ["hmean{-10,-5,0}", "All"])
+    out = [f"## {title}".rstrip()] if title else []
+    for variant in sorted(VARIANTS, key=lambda v: v != primary):
+        label = "primary" if variant == primary else "secondary"
+        out += ["", f"### {VARIANT_TITLES[variant]} ({label})", "",
+                "| " + " | ".join(header) + " |", "|---|---:|---|" + "---:|" * (len(header) - 3)]
+        for row in rows:
+            cells = [_pm(row.estimates.get(k)) for k in metric_keys(columns, variant)]
+            out.append("| " + " | ".join([row.name, str(len(row.seeds)), row.status, *cells]) + " |")
+    out += ["", "Official DCASE score x100: mean ± 95% t-interval half width over seeds (no interval with one "
+            "seed); hmean{-10,-5,0} = harmonic mean over every condition at -10, -5 and 0 dB, All = over every "
+            "SNR. Chance = 50."]
+    return "\n".join(out) + "\n"
+
+
+def write_comparison_csv(rows, columns, path) -> Path:
+    """One line per row: name, status, runs, failed, seeds, then for raw and DN every metric key (the mean, in
+    MLflow's units) and ``<key>_ci95`` (the half width); a key is exactly the evaluation's MLflow metric key."""
+    keys = metric_keys(columns, "raw") + metric_keys(columns, "dn")
+    header = ["run", "status", "runs", "failed", "seeds"] + [x for k in keys for x in (k, f"{k}_ci95")]
+
+    def num(x: float) -> str:
+        return "" if math.isnan(x) else repr(float(x))
+
+    lines = [header]
+    for row in rows:
+        values = []
+        for k in keys:
+            e = row.estimates.get(k)
+            values += ["", ""] if e is None else [num(e.mean), num(e.half_width)]
+        lines.append([row.name, row.status, row.runs, row.failed, " ".join(row.seeds), *values])
+    with fsio.atomic_write(path, newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(lines)
+    return Path(path)
+
+
+def plot_comparison_snr(rows, condition: str, snrs, variant: str, path) -> Path:
+    """One condition's official score (x100) vs SNR, one line per row with its 95% interval, and chance."""
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    s = VARIANTS[variant]
+    for row in rows:
+        pts = [(snr, row.estimates.get(f"{condition}/snr_{snr}/official{s}")) for snr in snrs]
+        pts = [(x, e) for x, e in pts if e is not None]
+        if pts:
+            err = [0.0 if math.isnan(e.half_width) else 100 * e.half_width for _, e in pts]
+            ax.errorbar([x for x, _ in pts], [100 * e.mean for _, e in pts], yerr=err, marker="o", capsize=3,
+                        label=f"{row.name} (n={len(row.seeds)})")
+    ax.axhline(100 * CHANCE, color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.set_title(f"{condition}: {VARIANT_TITLES[variant]}")
+    ax.set_xlabel("SNR (dB)")
+    ax.set_ylabel("official score (x100)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)

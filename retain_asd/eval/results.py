@@ -29,7 +29,7 @@ class MachineResult:
     is_anomaly: np.ndarray  # (N,) bool
     is_target: np.ndarray  # (N,) bool
     figures: metrics.MachineScore
-    threshold: float | None = None  # gamma-fit decision threshold (raw scores only)
+    threshold: float | None = None  # decision threshold: gamma fit (raw), normal 90% quantile (DN)
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,7 @@ class EvalResult:
 
 
 # ---------------------------------------------------------------------------------------------------- scoring
+DN_THRESHOLD = 1.2815515655446004  # scipy.stats.norm.ppf(0.9)
 def cell_name(c: Cell) -> str:
     return c.condition if math.isnan(c.snr_db) else f"{c.condition}/snr_{int(c.snr_db)}"
 
@@ -120,7 +121,14 @@ def score_machine(machine: str, ref_source: np.ndarray, ref_target: np.ndarray, 
         warnings.warn(f"{machine}: no figures ({err})", stacklevel=2)
         return None
     thr = None
-    if threshold and not domain_norm and len(ref_source) > k and len(ref_target) > k:
+    if threshold and domain_norm:
+        # DN scores are z-scores over the tests: the 90% quantile of a standard normal, the analogue of the
+        # baseline's 90% gamma quantile (label-free, like the raw threshold).
+        thr = DN_THRESHOLD
+    elif threshold and len(ref_source) > k and len(ref_target) > k:
         # Decisions from the references' leave-one-out scores, never from test labels (DCASE baseline).
         thr = metrics.gamma_threshold(bank.reference_scores(k, metric))
+    elif threshold and len(ref_source) > k and len(ref_target) == 0:  # source only (DCASE 2020)
+        loo = knn.leave_one_out_distance(bank.source, k, metric)
+        thr = metrics.gamma_threshold(np.asarray(loo, dtype=np.float64))
     return MachineResult(machine, list(wav_names), list(sections), scores, is_anomaly, is_target, figures, thr)

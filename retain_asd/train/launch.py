@@ -6,7 +6,8 @@
          random one for smoke runs)
       -> stream (Ray Data) + TorchTrainer.fit()      <out>/ray/<name>/...     Ray Train checkpoints
       -> student exported in official BEATs format   <out>/student_beats.pt
-      -> MLflow run (params, metric history, model)  <out>/metrics.jsonl      every report, rank 0
+      -> MLflow run (params, live metrics, config,   <out>/metrics.jsonl      every report, rank 0
+         summary and student as artifacts)         <out>/mlflow_run.json    its run id (read by evaluate)
 
 Re-running `pretrain` with the same config and out dir resumes from the latest checkpoint: Ray Train
 (V2) restores a run whose name and storage path already hold a run snapshot. Ray must be initialised by
@@ -15,6 +16,7 @@ the caller (`retain_asd.runtime.init_ray`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -169,8 +171,9 @@ def train_dataset_from(cfg: Config, corpus) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- trainer
-def _metrics_log_callback(path: Path):
-    """A Ray Train callback appending rank 0's metrics of every report to a JSONL file.
+def _metrics_log_callback(path: Path, uri: str | None = None, run_id: str | None = None):
+    """A Ray Train callback for rank 0's metrics of every report, as it arrives: appended to a JSONL file and,
+    with ``run_id``, logged live to that MLflow run (step, losses, lr, clips/s; timestamps of the report).
 
     Ray Train V2 keeps only the metrics attached to checkpoints in `Result.metrics_dataframe`; this keeps
     the full history (runs in the controller, so `path` must be on a file system it can reach).
@@ -179,7 +182,18 @@ def _metrics_log_callback(path: Path):
 
     class MetricsLog(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            fsio.append_line(path, json.dumps(metrics[0]))
+            row = metrics[0]
+            fsio.append_line(path, json.dumps(row))
+            if run_id is None or "step" not in row:
+                return
+            numbers = {k: v for k, v in row.items()
+                       if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)}
+            try:
+                from retain_asd import tracking
+
+                tracking.log_metrics_to(uri, run_id, numbers, step=int(row["step"]))
+            except Exception as err:  # the store being down must not stop training; metrics.jsonl has it all
+                log.warning("MLflow: could not log step %s live (%s)", row["step"], err)
 
     return MetricsLog()
 
@@ -193,12 +207,27 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def build_trainer(cfg: Config, loop_config: LoopConfig, train_dataset, out_dir: str | os.PathLike):
+def resolve_use_gpu(setting: str) -> bool:
+    """``train.use_gpu``: "true" / "false" as given; "auto" = the connected Ray cluster has a GPU (its total
+    resources, so GPU nodes an autoscaler has not started yet are not counted: pass true for those)."""
+    if setting in ("true", "false"):
+        return setting == "true"
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    if gpus:
+        log.info("train.use_gpu=auto: the cluster has %s GPUs; one per worker", gpus)
+    return gpus > 0
+
+
+def build_trainer(cfg: Config, loop_config: LoopConfig, train_dataset, out_dir: str | os.PathLike,
+                  mlflow_run: tuple[str, str] | None = None):
     """TorchTrainer: fractional-CPU workers (Ray Data read tasks need CPUs too), keep-N checkpoints.
 
     `train.placement_strategy` places the workers (STRICT_SPREAD: one per node). The stream is split
     between the workers in dataset order (`preserve_order`), not by which block finished first or where it
     lives, so each rank sees the same rows on one node or several and a run is reproducible for its seed.
+    `mlflow_run`: (tracking URI, run id) that rank 0's metrics are logged to live.
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -207,19 +236,20 @@ def build_trainer(cfg: Config, loop_config: LoopConfig, train_dataset, out_dir: 
 
     out_dir = Path(out_dir).resolve()
     t = cfg.train
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    use_gpu = resolve_use_gpu(t.use_gpu)
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # deterministic split: OutputSplitter then ignores locality and arrival order
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=t.placement_strategy),
         dataset_config=DataConfig(execution_options=ingest),
         run_config=RunConfig(name=cfg.name, storage_path=str(out_dir / "ray"),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=t.max_failures),
-                             callbacks=[_metrics_log_callback(out_dir / "metrics.jsonl")]),
+                             callbacks=[_metrics_log_callback(out_dir / "metrics.jsonl", *(mlflow_run or ()))]),
         datasets={"train": train_dataset},
     )
 
@@ -253,31 +283,55 @@ def _check_same_config(cfg: Config, path: Path) -> None:
                               "resuming would mix them. Use another --out, or delete the folder to start over")
 
 
-def _log_mlflow(cfg: Config, out_dir: Path, history: list[dict], student_path: Path, protocol=None) -> str:
-    """One MLflow run per out dir (its id kept in <out>/mlflow_run.json, so a resumed run continues it)."""
+RUN_POINTER = "mlflow_run.json"  # {"run_id", "tracking_uri", "experiment"}: what `evaluate` tags its runs with
+
+
+def read_run_pointer(out_dir: str | os.PathLike) -> dict:
+    """The MLflow run of a pre-training out dir (``<out>/mlflow_run.json``), {} when it was not tracked."""
+    path = Path(out_dir) / RUN_POINTER
+    if not path.is_file():
+        return {}
+    state = fsio.read_json(path, fix="delete it; the next run then logs to a new MLflow run")
+    if not isinstance(state, dict):
+        raise fsio.CorruptFileError(f"{path}: not a JSON object; delete it; the next run then logs to a new "
+                                    "MLflow run")
+    return state
+
+
+@contextlib.contextmanager
+def _tracked_run(cfg: Config, out_dir: Path, track: bool, protocol=None):
+    """One MLflow run per out dir, open around training (so metrics go in live) and the export; its id is kept
+    in <out>/mlflow_run.json, so a resumed run continues it. Nested under the active run (a sweep trial's)."""
+    if not track:
+        yield None
+        return
     from retain_asd import tracking
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
-    state_path = out_dir / "mlflow_run.json"
-    state = (fsio.read_json(state_path, fix="delete it; the next run then logs to a new MLflow run")
-             if state_path.is_file() else {"run_id": None, "logged_step": 0})
-    params = config_mod.to_dict(cfg) if state["run_id"] is None else None
+    state = read_run_pointer(out_dir)
+    params = config_mod.to_dict(cfg) if not state.get("run_id") else None
     if params is not None and protocol is not None:  # what the two corpora share (data.add_eval_references)
         from retain_asd.corpus.protocol import overlap_params
 
         params = {**params, **overlap_params(protocol)}
-    tags = {"objective": cfg.objective.name, "out_dir": str(out_dir), "student_beats": str(student_path)}
-    with tracking.mlflow_run(uri, cfg.tracking.experiment, cfg.name, params=params, tags=tags,
-                             run_id=state["run_id"]) as run:
-        for row in history:
-            if row["step"] > state["logged_step"]:
-                numbers = {k: v for k, v in row.items()
-                           if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-                tracking.log_metrics(numbers, step=row["step"])
-        tracking.set_tags({"student_beats": str(student_path)})
-        state = {"run_id": run.info.run_id, "logged_step": max([r["step"] for r in history], default=0)}
-    fsio.write_json(state_path, state)
-    return state["run_id"]
+    tags = {"kind": "pretrain", "preset": cfg.name, "seed": str(cfg.train.seed), "objective": cfg.objective.name,
+            "out_dir": str(out_dir)}
+    with tracking.mlflow_run(uri, cfg.tracking.experiment, tracking.run_name("pretrain", cfg.name, cfg.train.seed),
+                             params=params, tags=tags, run_id=state.get("run_id"),
+                             nested=tracking.active_run_id() is not None) as run:
+        fsio.write_json(out_dir / RUN_POINTER, {"run_id": run.info.run_id, "tracking_uri": uri,
+                                                "experiment": cfg.tracking.experiment})
+        yield uri, run.info.run_id
+
+
+def _log_outputs(out_dir: Path, summary: dict) -> None:
+    """The run summary, the resolved config.yaml and the exported student as artifacts of the active run."""
+    from retain_asd import tracking
+
+    fsio.write_json(out_dir / "summary.json", summary, indent=2)
+    tracking.set_tags({"student_beats": summary["student_beats"]})
+    for name in ("config.yaml", "summary.json", "student_beats.pt"):
+        tracking.log_artifact(out_dir / name)
 
 
 # ---------------------------------------------------------------------------------------- pretrain
@@ -304,25 +358,40 @@ def pretrain(cfg: Config, out_dir: str | os.PathLike, *, corpus=None, stop_at_st
     if not objectives.objective_terms(cfg.objective.name).trains_student:
         log.warning("objective %r trains nothing: exporting the initial encoder as %s", cfg.objective.name,
                     student_path)
-        save_beats(load_beats(init_checkpoint), student_path)
-        run_id = _log_mlflow(cfg, out_dir, [], student_path, protocol) if track else None
-        return PretrainResult(out_dir, student_path, config_path, 0, True, None, [], run_id)
+        with _tracked_run(cfg, out_dir, track, protocol) as run:
+            save_beats(load_beats(init_checkpoint), student_path)
+            if run:
+                _log_outputs(out_dir, _summary(cfg, student_path, 0, True, []))
+        return PretrainResult(out_dir, student_path, config_path, 0, True, None, [], run and run[1])
+    done = checkpoint is not None and _checkpoint_step(checkpoint) >= (stop_at_step or cfg.train.total_steps)
+    if corpus is None and not done:
+        from retain_asd.corpus.ingest import corpora_from_config
 
+        corpus, _, protocol = corpora_from_config(cfg)  # guarded; before the MLflow run: no failed run
+    with _tracked_run(cfg, out_dir, track, protocol) as run:
+        step, checkpoint = _train(cfg, out_dir, corpus, init_checkpoint, checkpoint, stop_at_step, run)
+        export_student(checkpoint, init_checkpoint, student_path)
+        history = read_metrics(out_dir / "metrics.jsonl")
+        if run:
+            _log_outputs(out_dir, _summary(cfg, student_path, step, step == cfg.train.total_steps, history))
+    return PretrainResult(out_dir, student_path, config_path, step, step == cfg.train.total_steps,
+                          str(checkpoint), history, run and run[1])
+
+
+def _summary(cfg: Config, student_path: Path, step: int, completed: bool, history: list[dict]) -> dict:
+    return {"name": cfg.name, "seed": cfg.train.seed, "step": step, "total_steps": cfg.train.total_steps,
+            "completed": completed, "student_beats": str(student_path), "last_report": history[-1] if history else {}}
+
+
+def _train(cfg: Config, out_dir: Path, corpus, init_checkpoint: Path, checkpoint: Path | None,
+           stop_at_step: int | None, run: tuple[str, str] | None) -> tuple[int, Path]:
+    """Fit up to stop_at_step / total_steps (unless a checkpoint is already there): (step, its checkpoint)."""
     target = stop_at_step or cfg.train.total_steps
     if checkpoint is None or _checkpoint_step(checkpoint) < target:  # else: already there, only export
-        if corpus is None:
-            from retain_asd.corpus.ingest import corpora_from_config
-
-            corpus, _, protocol = corpora_from_config(cfg)
         loop_config = loop_config_from(cfg, corpus.labels_path, init_checkpoint, stop_at_step)
-        trainer = build_trainer(cfg, loop_config, train_dataset_from(cfg, corpus), out_dir)
+        trainer = build_trainer(cfg, loop_config, train_dataset_from(cfg, corpus), out_dir, mlflow_run=run)
         result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError(f"{out_dir / 'ray' / cfg.name}: the run finished without a checkpoint")
         checkpoint = Path(result.checkpoint.path)  # local storage (see build_trainer)
-    step = _checkpoint_step(checkpoint)
-    export_student(checkpoint, init_checkpoint, student_path)
-    history = read_metrics(out_dir / "metrics.jsonl")
-    run_id = _log_mlflow(cfg, out_dir, history, student_path, protocol) if track else None
-    return PretrainResult(out_dir, student_path, config_path, step, step == cfg.train.total_steps,
-                          str(checkpoint), history, run_id)
+    return _checkpoint_step(checkpoint), checkpoint

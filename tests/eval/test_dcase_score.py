@@ -232,3 +232,41 @@ def test_unbalanced_machine_and_clear_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["--scores", str(tmp_path / "empty"), "--ground-truth", str(tmp_path / "gt")]) == 2
     assert "anomaly_score_gadget_section_00_test.csv" in capsys.readouterr().err
+
+
+@needs_data
+def test_dcase_score_out_writes_the_evaluator_result_layout_with_decisions(tmp_path, capsys):
+    """`--out DIR`: DIR/result.csv in the evaluator's layout; precision / recall / F1 from the decision files."""
+    truth = truth_2022()
+    scores = made_up_scores(truth, seed=2)
+    write_scores(tmp_path / "sub", truth, scores)
+    decided = {}
+    for key, (names, *_rest) in truth.items():
+        decided[key] = (scores[key] > 0.5).astype(int)
+        write_decisions(tmp_path / "sub", key[0], key[1], names, decided[key])
+    assert main(["--scores", str(tmp_path / "sub"), "--ground-truth", str(GT_2022), "--out",
+                 str(tmp_path / "res")]) == 0
+    assert "evaluator result layout" in capsys.readouterr().out
+    rows = read_csv(tmp_path / "res" / "result.csv")
+    key = sorted(truth)[0]
+    names, is_anomaly, is_target, _ = truth[key]
+    start = rows.index([key[0]])
+    assert rows[start + 1] == ["section", "AUC (all)", "AUC (source)", "AUC (target)", "pAUC", "precision (source)",
+                               "precision (target)", "recall (source)", "recall (target)", "F1 score (source)",
+                               "F1 score (target)"]
+    row = dict(zip(rows[start + 1], rows[start + 2]))
+    fig = machine_scores(scores[key], is_anomaly, is_target)
+    assert row["section"] == key[1] and float(row["AUC (source)"]) == pytest.approx(fig.auc_source, abs=1e-12)
+    src = is_target == 0
+    d, a = decided[key][src].astype(bool), is_anomaly[src].astype(bool)
+    tp, fp, fn = np.sum(d & a), np.sum(d & ~a), np.sum(~d & a)
+    assert float(row["precision (source)"]) == pytest.approx(tp / (tp + fp), abs=1e-12)
+    assert float(row["recall (source)"]) == pytest.approx(tp / (tp + fn), abs=1e-12)
+    official = next(r for r in rows if r[0] == "official score")
+    assert float(official[1]) == pytest.approx(expected_json(truth, scores)["official_score"], abs=1e-12)
+    # Without decision files the decision columns stay empty (never made up).
+    write_scores(tmp_path / "bare", truth, scores)
+    assert main(["--scores", str(tmp_path / "bare"), "--ground-truth", str(GT_2022), "--out",
+                 str(tmp_path / "res2")]) == 0
+    bare = read_csv(tmp_path / "res2" / "result.csv")
+    assert dict(zip(bare[start + 1], bare[start + 2]))["precision (source)"] == ""

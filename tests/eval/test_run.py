@@ -98,7 +98,9 @@ def test_evaluate_cli_smoke_preset_writes_tables_and_mlflow_run(work, sets, tmp_
     assert (tmp_path / "out/table2.md").read_text().count("\n") == 4  # header, rule, 2 runs
     mlflow.set_tracking_uri(f"sqlite:///{db}")
     runs = mlflow.search_runs(experiment_names=["retain-asd"], output_format="list")
-    assert sorted(r.info.run_name for r in runs) == ["evaluate-ckpt", "evaluate-frozen"]
+    assert sorted(r.info.run_name for r in runs) == ["evaluate-ckpt-seed0", "evaluate-frozen-seed0"]
+    frozen = next(r for r in runs if r.data.tags["frozen"] == "true")
+    assert frozen.data.params["objective.name"] == "frozen" and frozen.data.tags["preset"] == "frozen"
     keys = set(runs[0].data.metrics)
     for k in ("factory_a/snr_-5/official", "factory_a/snr_-5/official_dn", "mismatch/snr_5/official",
               "hmean_all", "hmean_all_dn", "factory_b/hmean_all", "factory_a/snr_5/fan/auc_source"):

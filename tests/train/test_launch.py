@@ -101,6 +101,7 @@ def test_pretrain_smoke_stops_after_a_checkpoint_and_resumes(ray_local, tmp_path
     with pytest.warns(UserWarning, match="RANDOM"):
         first = pretrain(cfg, out, stop_at_step=3)
     assert (first.step, first.completed) == (3, False)
+    exported_first = first.student_path.stat().st_mtime  # after that fit() returned
     saved = read_train_state(first.checkpoint_path)
     saved_optimizer = state_digest(saved["optimizer"])
     assert all(int(s["step"]) == 3 for s in saved["optimizer"]["state"].values())
@@ -135,5 +136,28 @@ def test_pretrain_smoke_stops_after_a_checkpoint_and_resumes(ray_local, tmp_path
     run = runs[0]
     assert run.data.params["objective.name"] == "tagging_mixture" and run.data.params["train.total_steps"] == "6"
     assert run.data.tags["student_beats"] == str(second.student_path)
-    losses = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
+    client = mlflow.MlflowClient()
+    losses = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in losses) == [2, 3, 4, 6]
+    assert run.info.run_name == "pretrain-smoke-seed0" and run.data.tags["kind"] == "pretrain"
+    # Live from rank 0 as each report arrived: steps 2 and 3 were in MLflow before the first fit() returned and
+    # its student was exported (not back-filled afterwards); lr and clips/s too.
+    at = {m.step: m.timestamp for m in losses}
+    assert at[2] < at[3] <= exported_first * 1000 < at[4] < at[6]
+    assert {"lr", "clips_per_s"} <= set(run.data.metrics)
+    artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "summary.json", "student_beats.pt"} <= artifacts
+
+    # Its evaluation: the out folder means its student; one experiment, tagged with the pre-training run.
+    from retain_asd.eval.builder import evaluate_from_config
+
+    ecfg = _cfg(tmp_path, "smoke", "eval.source_refs=6", "eval.target_refs=2", "eval.test_normal=2",
+                "eval.test_anomaly=2", "eval.snrs_db=[-5.0, 5.0]", "eval.conditions=[factory_a]")
+    (scored,) = evaluate_from_config(ecfg, [str(out)], tmp_path / "eval")
+    _, runs = _mlflow_runs(tmp_path)
+    ev = next(r for r in runs if r.data.tags.get("kind") == "evaluate")
+    assert ev.data.tags["pretrain_run_id"] == run.info.run_id and ev.data.tags["frozen"] == "false"
+    assert ev.info.run_name == "evaluate-smoke-seed0" and ev.data.tags["preset"] == "smoke"
+    assert set(ev.data.params) == set(run.data.params)  # the same flattened config keys
+    assert ev.data.params["objective.alpha"] == run.data.params["objective.alpha"]
+    assert ev.data.metrics["factory_a/snr_-5/official"] == scored.metrics()["factory_a/snr_-5/official"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import mlflow
 import pytest
 
 from retain_asd.config import load_config
-from tune.space import search_space, trial_config
+from tune.space import search_space, trial_config, trial_name
 
 
 def test_trial_config_applies_choices():
@@ -17,35 +19,48 @@ def test_trial_config_applies_choices():
     ranged = trial_config(base, {"snr_range_db": [-10.0, 10.0], "alpha": 1.0, "beta": 1.0}, name="t2")
     assert (ranged.mixing.snr_sampler, ranged.mixing.snr_low_db, ranged.mixing.snr_high_db) == (
         "uniform", -10.0, 10.0)
-    space = search_space(base.tune)
+    space = search_space(base.tune)  # the default: a grid, every point once
     assert sorted(space) == ["alpha", "beta", "snr_range_db"]
-    assert [list(r) for r in base.tune.snr_ranges_db] == space["snr_range_db"].categories
+    assert space["snr_range_db"] == {"grid_search": [list(r) for r in base.tune.snr_ranges_db]}
+    drawn = search_space(dataclasses.replace(base.tune, search="random"))  # still available as a setting
+    assert [list(r) for r in base.tune.snr_ranges_db] == drawn["snr_range_db"].categories
+    assert trial_name("tm", {"snr_range_db": [-5.0, 5.0], "alpha": 2.0, "beta": 0.5}) == "tm-snr-5_5-a2-b0.5"
 
 
 @pytest.mark.slow
-def test_two_trial_sweep_reports_hmeans_to_tune_and_mlflow(ray_local, tmp_path, small_worlds):
-    from tune.sweep import run_sweep
+def test_grid_sweep_runs_each_point_once_nested_runs_and_compare_shows_every_trial(ray_local, tmp_path, small_worlds):
+    from retain_asd.eval.compare import compare_experiment
+    from tune.sweep import run_sweep, write_best_config
 
     db = tmp_path / "mlflow.db"
     cfg = load_config("smoke", overrides=[*small_worlds,
         f"data.work_dir={tmp_path / 'data'}", f"tracking.tracking_uri=sqlite:///{db}",
-        "train.total_steps=2", "train.warmup_steps=1", "train.checkpoint_every=2",
-        "tune.num_samples=2", "tune.snr_ranges_db=[[0.0, 0.0]]", "tune.alphas=[0.5, 2.0]", "tune.betas=[1.0]",
-        "eval.source_refs=6", "eval.target_refs=2", "eval.test_normal=2", "eval.test_anomaly=2"])
+        "train.total_steps=2", "train.warmup_steps=1", "train.checkpoint_every=2", "tune.max_concurrent=2",
+        "tune.snr_ranges_db=[[0.0, 0.0], [-5.0, 5.0]]", "tune.alphas=[0.5, 2.0]", "tune.betas=[1.0]",
+        "eval.source_refs=6", "eval.target_refs=2", "eval.test_normal=2", "eval.test_anomaly=2",
+        "eval.snrs_db=[-5.0, 5.0]", "eval.conditions=[factory_a]"])
     grid = run_sweep(cfg, tmp_path / "sweep")
-    assert len(grid) == 2 and not grid.errors
+    assert len(grid) == 4 and not grid.errors
     frame = grid.get_dataframe()
-    assert frame["hmean_all"].between(0.0, 1.0).all() and frame["hmean_low"].between(0.0, 1.0).all()
-    assert (frame["step"] == 2).all()
-    best = grid.get_best_result()
-    assert best.metrics["hmean_all"] == frame["hmean_all"].max()
+    points = sorted((tuple(r), a) for r, a in zip(frame["config/snr_range_db"], frame["config/alpha"]))
+    assert points == [((-5.0, 5.0), 0.5), ((-5.0, 5.0), 2.0), ((0.0, 0.0), 0.5), ((0.0, 0.0), 2.0)]  # each once
+    assert frame["hmean_all"].between(0.0, 1.0).all() and (frame["step"] == 2).all()
     mlflow.set_tracking_uri(f"sqlite:///{db}")
-    trials = mlflow.search_runs(experiment_names=["retain-asd-sweep"], output_format="list")
-    assert len(trials) == 2 and all("hmean_all" in r.data.metrics for r in trials)
-    assert sorted(float(r.data.params["alpha"]) for r in trials) == sorted(frame["config/alpha"].tolist())
-    # every trial also left its own pretrain and evaluate runs for side-by-side comparison
-    runs = mlflow.search_runs(experiment_names=["retain-asd"], output_format="list")
-    assert len([r for r in runs if r.info.run_name.startswith("evaluate-")]) == 2
+    runs = mlflow.search_runs(experiment_names=["retain-asd-sweep"], output_format="list")
+    trials = {r.info.run_id: r for r in runs if r.data.tags.get("kind") == "trial"}
+    assert len(trials) == 4 and all("hmean_all" in r.data.metrics for r in trials.values())
+    for kind in ("pretrain", "evaluate"):  # nested under their trial's run, in the same experiment
+        children = [r for r in runs if r.data.tags.get("kind") == kind]
+        assert sorted(r.data.tags["mlflow.parentRunId"] for r in children) == sorted(trials)
+    result = compare_experiment("retain-asd-sweep", tracking_uri=f"sqlite:///{db}", out_dir=tmp_path / "cmp",
+                                metric="hmean_all")
+    assert sorted(r.name for r in result.rows) == [
+        "smoke-snr-5_5-a0.5-b1", "smoke-snr-5_5-a2-b1", "smoke-snr0_0-a0.5-b1", "smoke-snr0_0-a2-b1"]
+    assert all(r.status == "ok" and r.seeds == ("0",) for r in result.rows)
+    best = write_best_config(grid, cfg, tmp_path / "best.yaml")
+    chosen = load_config(path=best)
+    top = grid.get_best_result()
+    assert chosen.objective.alpha == top.config["alpha"] and chosen.name == result.rows[0].name
 
 
 # ---------------------------------------------------------------------------------------------------- summary
