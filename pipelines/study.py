@@ -44,7 +44,7 @@ def run_and_print(cfg, out: Path, *, address: str | None, verbose: bool, log_nam
     from pipelines.common import quiet_run
     from retain_asd.config import uses_foundation
     from retain_asd.runtime import _isatty
-    from retain_asd.study import run_study
+    from retain_asd.study import run_study, study_metric
     from retain_asd.train.foundation import foundation_path
     from retain_asd.train.launch import foundation_cache_dir, initial_encoder
 
@@ -58,14 +58,14 @@ def run_and_print(cfg, out: Path, *, address: str | None, verbose: bool, log_nam
                 initial_encoder(cfg, progress=None if verbose else _isatty(console.stream))
         result = run_study(cfg, out, say=console.say, progress=False)
     console.say("")
-    console.say(f"Table 2 (official score x100, mean ± 95% interval over seeds; hmean_low: SNR -10/-5/0 dB, "
-                f"hmean_all: every SNR; over {', '.join(cfg.eval.conditions)}):")
-    console.say(result.table.compact())
-    console.say(f"full table (every condition x SNR): {result.table_path} (CSV and plots beside it)")
+    console.say(f"Table 2 over seeds ({result.comparison.primary} primary; official score x100, mean ± 95% interval; "
+                "hmean{-10,-5,0} and All over " + ", ".join(cfg.eval.conditions) + "):")
+    console.say(result.table)
+    console.say(f"every condition x SNR: {result.table_path} (CSV and plots beside it)")
     console.say(f"MLflow: {result.tracking_uri}, experiment '{result.experiment}'")
     console.say(f"  open it with: mlflow ui --backend-store-uri {result.tracking_uri}")
-    console.say(f"  side by side: retain-asd compare --experiment {result.experiment} "
-                f"tracking.tracking_uri={result.tracking_uri}")
+    console.say(f"  the same table: retain-asd compare --experiment {result.experiment} --metric "
+                f"{study_metric(cfg)} --tracking-uri {result.tracking_uri}")
     return 0
 
 

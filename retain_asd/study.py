@@ -8,8 +8,9 @@
            evaluate on the 7 SNRs x 3 conditions (kNN)          evaluate/
            one MLflow run `<row>/seed<k>` (config, metrics, tables)
            result.json (written last: a finished cell of the study; a re-run skips it)
-      -> summary: mean and 95% interval over seeds per cell, hmean_low and hmean_all (Table-2 layout),
-         <out>/summary/table2.{md,csv}, plots, one MLflow run `summary`
+      -> summary: `compare_experiment` over the study's MLflow runs (what `retain-asd compare` prints): mean and
+         95% interval over seeds per cell, hmean{-10,-5,0} and All, raw and DN; <out>/summary/comparison.{md,csv},
+         plots, one MLflow run `summary`
 
 Rows are presets (`retain_asd/presets/<preset>.yaml`) whose `objective` and `mixing` sections are merged
 over the study config; a row is named by its preset, or `label:preset` (e.g. the demo's
@@ -90,20 +91,6 @@ def row_config(cfg: Config, row: Row, seed: int) -> Config:
     return from_dict(values)
 
 
-# ---------------------------------------------------------------------------------------------------- statistics
-def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
-    """(mean, half-width of the Student-t interval of the mean); half-width 0 for one value or equal values."""
-    x = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
-    if len(x) == 0:
-        return math.nan, math.nan
-    if len(x) == 1:
-        return float(x[0]), 0.0
-    import scipy.stats
-
-    sem = float(x.std(ddof=1)) / math.sqrt(len(x))
-    return float(x.mean()), float(scipy.stats.t.ppf(0.5 + level / 2, len(x) - 1) * sem)
-
-
 # ---------------------------------------------------------------------------------------------------- results
 @dataclass
 class CellResult:
@@ -145,124 +132,55 @@ def read_cell(path: Path) -> CellResult | None:
 
 
 # ---------------------------------------------------------------------------------------------------- summary
-@dataclass(frozen=True)
-class StudyTable:
-    """Mean and 95% interval over seeds per row and column (official score x100)."""
-
-    columns: list[str]  # "<condition>/snr_<dB>" ..., "hmean_low", "hmean_all"
-    rows: dict[str, dict[str, tuple[float, float, int]]]  # row -> column -> (mean, half-width, seeds)
-
-    def markdown(self, digits: int = 2) -> str:
-        head = ["row"] + [c.replace("/snr_", " ") + (" dB" if "/snr_" in c else "") for c in self.columns]
-        lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(self.columns)]
-        for row, cells in self.rows.items():
-            lines.append("| " + " | ".join([row] + [fmt_cell(cells.get(c), digits) for c in self.columns]) + " |")
-        return "\n".join(lines) + "\n"
-
-    def compact(self, digits: int = 2) -> str:
-        """The console form: one line per row with hmean_low and hmean_all (mean +- 95% half-width, seeds)."""
-        width = max([len("row")] + [len(r) for r in self.rows])
-        lines = [f"{'row':<{width}}  {'hmean_low':>15}  {'hmean_all':>15}  seeds"]
-        for row, cells in self.rows.items():
-            low, all_ = cells.get("hmean_low"), cells.get("hmean_all")
-            n = (low or all_ or (0, 0, 0))[2]
-            lines.append(f"{row:<{width}}  {fmt_cell(low, digits):>15}  {fmt_cell(all_, digits):>15}  {n}")
-        return "\n".join(lines)
-
-    def csv_rows(self) -> list[list]:
-        header = ["row", "seeds"] + [f"{c}{s}" for c in self.columns for s in ("", "_ci95")]
-        out = [header]
-        for row, cells in self.rows.items():
-            n = max((v[2] for v in cells.values()), default=0)
-            line: list = [row, n]
-            for c in self.columns:
-                m, h, _ = cells.get(c, (math.nan, math.nan, 0))
-                line += [round(m, 4), round(h, 4)]
-            out.append(line)
-        return out
+def study_metric(cfg: Config) -> str:
+    """The ranking figure of `compare_experiment` that makes eval.primary's table the primary one."""
+    return "hmean_low_dn" if cfg.eval.primary == "dn" else "hmean_low"
 
 
-def fmt_cell(cell: tuple[float, float, int] | None, digits: int = 2) -> str:
-    if cell is None or math.isnan(cell[0]):
-        return "–"
-    mean, half, n = cell
-    return f"{mean:.{digits}f}" if n <= 1 else f"{mean:.{digits}f} ± {half:.{digits}f}"
+def compact_table(comparison, order: Sequence[str] | None = None) -> str:
+    """The console form of a `compare_experiment` result: one line per row, Table-2 order, with hmean{-10,-5,0}
+    and All of the primary variant, then of the other (the same numbers `retain-asd compare` prints)."""
+    from retain_asd.eval.report import _pm
+
+    primary = comparison.primary
+    other = "raw" if primary == "dn" else "dn"
+    suffix = {"raw": "", "dn": "_dn"}
+    rows = {r.name: r for r in comparison.rows}
+    names = [n for n in (order or []) if n in rows] + [n for n in rows if n not in (order or [])]
+    width = max([len("row")] + [len(n) for n in names])
+    head = (f"{'row':<{width}}  seeds  {primary + ' hmean{-10,-5,0}':>19}  {primary + ' All':>15}  "
+            f"{other + ' hmean{-10,-5,0}':>19}  {other + ' All':>15}")
+    lines = [head]
+    for n in names:
+        r = rows[n]
+        cells = [_pm(r.estimates.get(f"hmean_{k}{suffix[v]}")) for v in (primary, other) for k in ("low", "all")]
+        lines.append(f"{n:<{width}}  {len(r.seeds):>5}  {cells[0]:>19}  {cells[1]:>15}  {cells[2]:>19}  "
+                     f"{cells[3]:>15}" + ("" if r.status == "ok" else f"  ({r.status})"))
+    return "\n".join(lines)
 
 
-def summarise(cells: Sequence[CellResult], row_order: Sequence[str] | None = None) -> StudyTable:
-    """The Table-2 layout over seeds: per (condition, SNR) cell and for hmean_low / hmean_all, the mean over
-    seeds of each seed's figure (the hmeans are computed per seed, then averaged), x100."""
-    by_row: dict[str, list[CellResult]] = {}
-    for c in cells:
-        by_row.setdefault(c.row, []).append(c)
-    order = [r for r in (row_order or []) if r in by_row] + [r for r in by_row if r not in (row_order or [])]
-    keys = sorted({k for c in cells for k in c.scores}, key=lambda k: (_condition_rank(k[0]), k[1]))
-    columns = [f"{c}/snr_{s}" for c, s in keys] + ["hmean_low", "hmean_all"]
-    table: dict[str, dict[str, tuple[float, float, int]]] = {}
-    for row in order:
-        runs = by_row[row]
-        out = {}
-        for key, col in zip(keys, columns):
-            values = [100 * r.scores[key] for r in runs if key in r.scores]
-            out[col] = (*mean_interval(values), len(values))
-        for col in ("hmean_low", "hmean_all"):
-            values = [100 * getattr(r, col) for r in runs]
-            out[col] = (*mean_interval(values), len(values))
-        table[row] = out
-    return StudyTable(columns, table)
-
-
-def _condition_rank(condition: str) -> int:
-    order = ("factory_a", "factory_b", "mismatch")
-    return order.index(condition) if condition in order else len(order)
-
-
-def plot_study(table: StudyTable, path: Path) -> Path:
-    """Score vs SNR per condition, one line per row with its 95% interval as error bars."""
+def plot_hmeans(comparison, order: Sequence[str], path: Path) -> Path:
+    """hmean{-10,-5,0} and All of the primary variant per row with 95% intervals (the answer at a glance)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    conditions = list(dict.fromkeys(c.split("/")[0] for c in table.columns if "/snr_" in c))
-    fig, axes = plt.subplots(1, len(conditions), figsize=(4.2 * len(conditions), 3.4), sharey=True, squeeze=False)
-    for ax, condition in zip(axes[0], conditions):
-        for row, cells in table.rows.items():
-            pts = sorted((int(c.split("snr_")[1]), *cells[c][:2]) for c in table.columns
-                         if c.startswith(f"{condition}/snr_"))
-            if pts:
-                xs, ms, hs = zip(*pts)
-                ax.errorbar(xs, ms, yerr=hs, marker="o", ms=3, capsize=2, label=row)
-        ax.set_title(condition)
-        ax.set_xlabel("SNR (dB)")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("official score (x100)")
-    axes[0][-1].legend(fontsize="x-small")
-    fig.tight_layout()
-    try:
-        return fsio.savefig(fig, path, dpi=120)
-    finally:
-        plt.close(fig)
-
-
-def plot_hmeans(table: StudyTable, path: Path) -> Path:
-    """hmean_low and hmean_all per row with 95% intervals (the study's answer at a glance)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(table.rows)
+    s = "_dn" if comparison.primary == "dn" else ""
+    rows = {r.name: r for r in comparison.rows}
+    names = [n for n in order if n in rows]
     fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(names) + 2), 3.6))
     x = np.arange(len(names))
-    for i, col in enumerate(("hmean_low", "hmean_all")):
-        means = [table.rows[r][col][0] for r in names]
-        halves = [table.rows[r][col][1] for r in names]
-        ax.bar(x + (i - 0.5) * 0.38, means, 0.38, yerr=halves, capsize=3, label=col)
+    for i, (key, label) in enumerate(((f"hmean_low{s}", "hmean{-10,-5,0}"), (f"hmean_all{s}", "All"))):
+        est = [rows[n].estimates.get(key) for n in names]
+        means = [100 * e.mean if e else math.nan for e in est]
+        halves = [0.0 if (e is None or math.isnan(e.half_width)) else 100 * e.half_width for e in est]
+        ax.bar(x + (i - 0.5) * 0.38, means, 0.38, yerr=halves, capsize=3, label=label)
     ax.set_xticks(x, names, rotation=30, ha="right", fontsize="small")
-    ax.set_ylabel("official score (x100)")
-    lows = [table.rows[r][c][0] - table.rows[r][c][1] for r in names for c in ("hmean_low", "hmean_all")]
-    ax.set_ylim(max(0.0, min(lows) - 5), None)
+    ax.set_ylabel(f"official score x100 ({comparison.primary})")
+    finite = [m for m in means if not math.isnan(m)] or [50.0]
+    ax.set_ylim(max(0.0, min(finite) - 10), None)
+    ax.axhline(50.0, color="grey", lw=0.8, ls=":")  # chance
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
@@ -280,7 +198,8 @@ Say = Callable[[str], None]
 class StudyResult:
     out_dir: Path
     cells: list[CellResult]
-    table: StudyTable
+    comparison: object  # retain_asd.eval.compare.Comparison: the Table-2 layout over seeds, from MLflow
+    table: str  # its console form (`compact_table`)
     tracking_uri: str
     experiment: str
     summary_run_id: str | None
@@ -361,23 +280,18 @@ def run_study(cfg: Config, out_dir: str | os.PathLike, *, evaluation_sets=None, 
         say(f"[{i}/{len(plan)}] {row.label} seed {seed}: hmean_low {100 * cell.hmean_low:.2f}, hmean_all "
             f"{100 * cell.hmean_all:.2f} (train {cell.train_s:.0f} s, eval {cell.eval_s:.0f} s)")
 
-    table = summarise(cells, [r.label for r in parse_rows(cfg.study.rows)])
+    # The table comes from the MLflow runs, by the function `retain-asd compare` uses: the same numbers.
+    from retain_asd.eval.compare import compare_experiment
+
     summary = out_dir / "summary"
-    paths = [fsio.write_text(summary / "table2.md", table.markdown()),
-             _write_csv(summary / "table2.csv", table.csv_rows()),
-             plot_study(table, summary / "score_vs_snr.png"), plot_hmeans(table, summary / "hmeans.png")]
-    fsio.write_text(summary / "cells.json", json.dumps([c.to_json() for c in cells], indent=1))
-    run_id = _log_summary(uri, experiment, cfg, table, summary)
-    log.info("study summary: %s", [str(p) for p in paths])
-    return StudyResult(out_dir, cells, table, uri, experiment, run_id, summary / "table2.md")
-
-
-def _write_csv(path: Path, rows: list[list]) -> Path:
-    import csv
-
-    with fsio.atomic_write(path, newline="") as f:
-        csv.writer(f, lineterminator="\n").writerows(rows)
-    return path
+    order = [r.label for r in parse_rows(cfg.study.rows)]
+    comparison = compare_experiment(experiment, tracking_uri=uri, out_dir=summary, runs=f"tags.study = '{cfg.name}'",
+                                    metric=study_metric(cfg), log_run=False)
+    plot_hmeans(comparison, order, summary / "hmeans.png")
+    fsio.write_json(summary / "cells.json", [c.to_json() for c in cells], indent=1)
+    run_id = _log_summary(uri, experiment, cfg, comparison, summary)
+    table = compact_table(comparison, order)
+    return StudyResult(out_dir, cells, comparison, table, uri, experiment, run_id, summary / "comparison.md")
 
 
 def run_cell(cfg: Config, row: Row, seed: int, where: Path, *, corpus, evaluation_sets, uri: str,
@@ -422,24 +336,25 @@ def run_cell(cfg: Config, row: Row, seed: int, where: Path, *, corpus, evaluatio
     return cell
 
 
-def _log_summary(uri: str, experiment: str, cfg: Config, table: StudyTable, summary: Path) -> str:
-    """The summary run (replaced at each call, so a resumed study keeps one): mean / interval metrics."""
+def _log_summary(uri: str, experiment: str, cfg: Config, comparison, summary: Path) -> str:
+    """The summary run (replaced at each call, so a resumed study keeps one): per-row means and half widths of
+    the hmeans, the comparison's markdown, CSV and plots."""
     from retain_asd import tracking
 
     tracking.delete_runs(uri, experiment, {"kind": "study_summary", "study": cfg.name})
     metrics = {}
-    for row, cells in table.rows.items():
-        for col in ("hmean_low", "hmean_all"):
-            mean, half, _ = cells[col]
-            metrics[f"{row}/{col}"] = mean / 100
-            metrics[f"{row}/{col}_ci95"] = half / 100
+    for row in comparison.rows:
+        for key, e in row.estimates.items():
+            if key.startswith("hmean_") and "/" not in key and not math.isnan(e.mean):
+                metrics[f"{row.name}/{key}"] = e.mean
+                if not math.isnan(e.half_width):
+                    metrics[f"{row.name}/{key}_ci95"] = e.half_width
     with tracking.mlflow_run(uri, experiment, "summary", params={"study": to_dict(cfg.study)},
                              tags={"kind": "study_summary", "study": cfg.name}) as run:
-        tracking.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)})
+        tracking.log_metrics(metrics)
         tracking.log_artifacts(summary, artifact_path="summary")
         return run.info.run_id
 
 
-__all__ = ["CellResult", "Row", "StudyResult", "StudyTable", "TABLE2_ROWS", "check_study",
-           "mean_interval", "parse_rows", "read_cell", "row_config", "run_cell",
-           "run_study", "study_plan", "summarise"]
+__all__ = ["CellResult", "Row", "StudyResult", "TABLE2_ROWS", "check_study", "compact_table", "parse_rows",
+           "read_cell", "row_config", "run_cell", "run_study", "study_metric", "study_plan"]

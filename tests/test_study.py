@@ -1,30 +1,15 @@
-"""`retain-asd study`: rows from presets, the interval over seeds, the resume skip, one MLflow run per row x
-seed plus a summary run. Real Ray, MLflow and Parquet on the small synthetic corpus (frozen rows: no training)."""
+"""`retain-asd study`: rows from presets, the resume skip, one MLflow run per row x seed plus a summary run, and
+the table is `retain-asd compare`'s. Real Ray, MLflow and Parquet on the small synthetic worlds (frozen rows:
+no training)."""
 
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
 from retain_asd.config import ConfigError, load_config
-from retain_asd.study import (
-    RESULT,
-    CellResult,
-    mean_interval,
-    parse_rows,
-    row_config,
-    run_study,
-    summarise,
-)
-
-
-def test_mean_interval_is_the_student_t_interval():
-    mean, half = mean_interval([0.70, 0.72, 0.74])
-    assert mean == pytest.approx(0.72)
-    assert half == pytest.approx(4.302653 * 0.02 / math.sqrt(3), rel=1e-5)  # t(0.975, 2) * sd / sqrt(n)
-    assert mean_interval([0.5]) == (0.5, 0.0) and mean_interval([0.6, 0.6])[1] == 0.0
+from retain_asd.study import RESULT, parse_rows, row_config, run_study
 
 
 def test_rows_take_objective_and_mixing_from_their_preset(tmp_path):
@@ -45,58 +30,44 @@ def test_rows_take_objective_and_mixing_from_their_preset(tmp_path):
         parse_rows(["denoise", "denoise"])
 
 
-def test_summary_averages_each_seeds_hmeans():
-    cells = [CellResult("a", s, {("factory_a", 0): v, ("factory_a", -10): v}, v, v) for s, v in
-             enumerate([0.6, 0.7, 0.8])]
-    cells.append(CellResult("b", 0, {("factory_a", 0): 0.5}, 0.5, 0.5))
-    table = summarise(cells, ["b", "a"])
-    assert list(table.rows) == ["b", "a"]
-    assert table.columns == ["factory_a/snr_-10", "factory_a/snr_0", "hmean_low", "hmean_all"]
-    mean, half, n = table.rows["a"]["hmean_all"]
-    assert (round(mean, 6), n) == (70.0, 3) and half == pytest.approx(100 * mean_interval([0.6, 0.7, 0.8])[1])
-    assert "70.00 ± " in table.markdown() and table.rows["b"]["hmean_low"] == (50.0, 0.0, 1)
-
-
-@pytest.fixture(scope="module")
-def study_setup(small_corpus, tmp_path_factory):
-    from retain_asd.corpus.ingest import load_corpus
-    from retain_asd.eval.evalsets import EvalSetParams, build_evalsets
-
-    tmp = tmp_path_factory.mktemp("study")
-    sets = build_evalsets(small_corpus / "corpus", tmp / "sets",
-                          EvalSetParams(snrs_db=(-10.0, 0.0, 10.0), source_refs=6, target_refs=2, test_normal=4,
-                                        test_anomaly=4))
-    return tmp, load_corpus(small_corpus / "corpus"), sets
-
-
-def test_rerun_skips_finished_rows(study_setup, ray_local, tmp_path):
+def test_rerun_skips_finished_rows(small_worlds, ray_local, tmp_path):
+    from retain_asd.eval.compare import compare_experiment
     from retain_asd.tracking import compare_runs
 
-    _, corpus, sets = study_setup
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = load_config("smoke", overrides=[f"data.work_dir={tmp_path / 'work'}", f"tracking.tracking_uri={uri}",
-                                          "tracking.experiment=study-test", "study.rows=[frozen, again:frozen]",
-                                          "study.seeds=[0, 1]", "eval.ssl_layer=2", "data.clip_s=2.0"])
+    cfg = load_config("smoke", overrides=[*small_worlds, f"data.work_dir={tmp_path / 'work'}",
+                                          f"tracking.tracking_uri={uri}", "tracking.experiment=study-test",
+                                          "study.rows=[frozen, again:frozen]", "study.seeds=[0, 1]",
+                                          "eval.ssl_layer=2", "data.clip_s=2.0", "eval.snrs_db=[-5.0, 5.0]",
+                                          "eval.source_refs=6", "eval.target_refs=2", "eval.test_normal=2",
+                                          "eval.test_anomaly=2"])
     lines: list[str] = []
-    first = run_study(cfg, tmp_path / "out", evaluation_sets=sets, corpus=corpus, say=lines.append)
+    first = run_study(cfg, tmp_path / "out", say=lines.append)
     assert len(first.cells) == 4 and not any(c.skipped for c in first.cells)
-    assert first.table.rows["frozen"]["hmean_all"][1] == 0.0  # frozen is deterministic: no spread over seeds
-    runs = compare_runs(uri, "study-test", ["hmean_all"])
+    assert [(c.row, c.seed) for c in first.cells] == [("frozen", 0), ("again", 0), ("frozen", 1), ("again", 1)]
+    runs = compare_runs(uri, "study-test", ["hmean_all_dn"])
     assert sorted(r["run_name"] for r in runs) == ["again/seed0", "again/seed1", "frozen/seed0", "frozen/seed1",
                                                    "summary"]
-    by_name = {r["run_name"]: r["hmean_all"] for r in runs}
-    assert by_name["frozen/seed1"] == pytest.approx(first.cells[2].hmean_all)
+    by_name = {r["run_name"]: r["hmean_all_dn"] for r in runs}
+    assert by_name["frozen/seed1"] == pytest.approx(first.cells[2].hmean_all)  # eval.primary: DN
+    rows = {r.name: r for r in first.comparison.rows}
+    assert set(rows) == {"frozen", "again"} and rows["frozen"].seeds == ("0", "1")
+    assert rows["frozen"].estimates["hmean_all_dn"].n == 2  # (smoke: a random encoder per seed, so a spread)
+    assert first.table.splitlines()[1].startswith("frozen ")  # Table-2 order, not ranked
+    # `retain-asd compare` on the same experiment: the same numbers
+    again = compare_experiment("study-test", tracking_uri=uri, out_dir=tmp_path / "cmp", metric="hmean_low_dn",
+                               log_run=False)
+    assert again.markdown.split("\n", 1)[1] == first.comparison.markdown.split("\n", 1)[1]
 
     # a finished cell is skipped; a cell without its result.json (interrupted) runs again, once in MLflow
     (tmp_path / "out" / "rows" / "again" / "seed1" / RESULT).unlink()
     lines.clear()
-    second = run_study(cfg, tmp_path / "out", evaluation_sets=sets, corpus=corpus, say=lines.append)
+    second = run_study(cfg, tmp_path / "out", say=lines.append)
     skipped = [c for c in second.cells if c.skipped]
     assert [(c.row, c.seed) for c in skipped] == [("frozen", 0), ("again", 0), ("frozen", 1)]
     assert sum("skipped" in line for line in lines) == 3
     assert [c.hmean_all for c in second.cells] == pytest.approx([c.hmean_all for c in first.cells])
     names = sorted(r["run_name"] for r in compare_runs(uri, "study-test", ["hmean_all"]))
-    assert names == sorted(["again/seed0", "again/seed1", "frozen/seed0", "frozen/seed1", "summary"])
-    table = (tmp_path / "out" / "summary" / "table2.md").read_text()
-    assert table.splitlines()[2].startswith("| frozen | ")
+    assert names == ["again/seed0", "again/seed1", "frozen/seed0", "frozen/seed1", "summary"]
+    assert second.table == first.table
     assert json.loads((tmp_path / "out" / "rows" / "again" / "seed1" / RESULT).read_text())["row"] == "again"
