@@ -198,7 +198,7 @@ def _isatty(stream) -> bool:
 @contextlib.contextmanager
 def quiet_console(log_path: str | os.PathLike | None, verbose: bool = False):
     """Yield a `Console`. Quiet (default): all other output goes to `log_path` (appended), Python loggers at
-    INFO, warnings captured; `verbose` or no `log_path`: nothing is redirected (the console is sys.stdout)."""
+    INFO, warnings too; `verbose` or no `log_path`: nothing is redirected (the console is sys.stdout)."""
     if verbose or log_path is None:
         yield Console(sys.stdout)
         return
@@ -221,11 +221,9 @@ def quiet_console(log_path: str | os.PathLike | None, verbose: bool = False):
         sys.stdout = sys.stderr = log_file
         root.handlers = [handler]
         root.setLevel(logging.INFO)
-        logging.captureWarnings(True)
-        yield console
+        yield console  # warnings print to sys.stderr: the log too
     finally:
         console.stream, console.log_path = old_streams[0], None  # still usable after the block
-        logging.captureWarnings(False)
         root.handlers, root.level = old_handlers, old_level
         sys.stdout, sys.stderr = old_streams
         log_file.flush()
