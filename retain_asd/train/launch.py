@@ -310,8 +310,8 @@ def _tracked_run(cfg: Config, out_dir: Path, track: bool, protocol=None):
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
     state = read_run_pointer(out_dir)
     params = config_mod.to_dict(cfg) if not state.get("run_id") else None
-    if params is not None and protocol is not None:  # what the two corpora share (data.add_eval_references)
-        from retain_asd.corpus.protocol import overlap_params
+    if params is not None and protocol:  # what the corpora share, only when they do (data.add_eval_references):
+        from retain_asd.corpus.protocol import overlap_params  # a disjoint run keeps evaluate's param keys
 
         params = {**params, **overlap_params(protocol)}
     tags = {"kind": "pretrain", "preset": cfg.name, "seed": str(cfg.train.seed), "objective": cfg.objective.name,
