@@ -1,12 +1,19 @@
 """Throughput of the training stream: mixed 10 s clips/s through Ray Data against a plain numpy loop.
 
-    python benchmarks/stream.py [--epochs 8] [--batch-size 64] [--out benchmarks/results/stream.json]
-                                [--cpus-per-node 1] [--skip-two-nodes]
+    python benchmarks/stream.py [--epochs 24] [--batch-size 64] [--repeats 2] [--out benchmarks/results/stream.json]
+                                [--cpus-per-node 1] [--skip-two-nodes] [--skip-variants]
 
-Both sides read the same shards of a synthetic corpus (written once under --work) and mix at random
-SNRs: the stream through `iter_train_batches` (torch tensors, after a warm-up), the baseline as one
-process reading each shard with pyarrow and calling `mixing.mix_at_snr` per clip. A per-stage profile
-(parquet decode, noise segments, Eq. 3 in float64 vs float32, Arrow->torch) says where the time goes.
+Both sides read the same int16 shards of a synthetic corpus (written once under --work, shuffled across
+machine types as `ingest` writes them) and mix at random SNRs: the stream consumed as the training loop
+consumes it (`loop.BATCH_COLUMNS` through `iter_train_batches`, torch tensors, the mixture formed on the
+consumer, after a warm-up), the baseline as one process reading each shard with pyarrow and calling
+`mixing.mix_at_snr` per clip. Each repeat measures both, in alternating order, so a ratio is always
+taken within one repeat on the same (shared) machine; `ratio` is the median over repeats.
+
+Also measured (each against the numpy loop of its own repeat): the scaling with 1 and 2 concurrent
+read/mix tasks; float32 shards; one shard per work unit on path-ordered shards (the stream before
+well-mixed batches); larger output blocks; `preserve_order` (the deterministic split `build_trainer`
+uses). A per-stage profile (parquet decode, noise segments, Eq. 3, Arrow->torch) says where the time goes.
 
 Scale-out (`bench_stream_scale_out`): the same stream on a simulated cluster (`ray.cluster_utils.Cluster`,
 separate raylets and object stores on this machine) with one node, then two nodes of the same size; the
@@ -20,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,27 +42,47 @@ from retain_asd.runtime import init_ray, set_data_progress
 SNR = {"kind": "uniform", "low_db": -5.0, "high_db": 5.0}
 
 
-def make_corpus(work: Path, per_attr: int):
+def make_corpus(work: Path, per_attr: int, audio_dtype: str = "int16", shuffle_seed: int | None = 0):
     from retain_asd.corpus.ingest import ingest
+    from retain_asd.corpus.shards import DecodeSettings
     from retain_asd.corpus.synth import write_synthetic_corpus
 
     synth = write_synthetic_corpus(work / "synth", seed=0, machines=("fan", "pump"),
                                    train_source_per_attr=per_attr, train_target_per_attr=2, test_per_domain=1,
                                    noise_clips_per_category=3, noise_clip_s=30.0)
-    return ingest(synth.machine_root, synth.noise_root, work / "corpus", rows_per_shard=32)
+    order = "path" if shuffle_seed is None else f"shuffled{shuffle_seed}"
+    return ingest(synth.machine_root, synth.noise_root, work / f"corpus_{audio_dtype}_{order}", rows_per_shard=32,
+                  settings=DecodeSettings(audio_dtype=audio_dtype), shuffle_seed=shuffle_seed)
 
 
-def bench_stream(corpus, epochs: int, batch_size: int, warmup_batches: int) -> dict:
-    plan = stream.build_train_stream(corpus.root / "machine", corpus.root / "noise", corpus.labels_path,
-                                     snr_sampler=SNR, seed=0, num_epochs=epochs)
-    clips, t0 = 0, None
-    for i, batch in enumerate(stream.iter_train_batches(plan.dataset.iterator(), batch_size, seed=0)):
-        if i == warmup_batches:
-            t0, clips = time.perf_counter(), 0
-        clips += int(batch["mixture"].shape[0])
-    seconds = time.perf_counter() - t0
-    return {"clips": clips, "seconds": seconds, "clips_per_s": clips / seconds,
-            "rows_planned": plan.num_rows, "warmup_batches": warmup_batches}
+def bench_stream(corpus, epochs: int, batch_size: int, warmup_batches: int, *, preserve_order: bool = False,
+                 **stream_kw) -> dict:
+    """Clips/s of the stream consumed as `train.loop.micro_batches` consumes it (after `warmup_batches`)."""
+    from ray.data import DataContext
+
+    from retain_asd.train.loop import BATCH_COLUMNS
+
+    ctx = DataContext.get_current()
+    before = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = preserve_order
+    try:
+        plan = stream.build_train_stream(corpus.root / "machine", corpus.root / "noise", corpus.labels_path,
+                                         snr_sampler=SNR, seed=0, num_epochs=epochs, **stream_kw)
+        clips, t0, distinct = 0, None, []
+        batches = stream.iter_train_batches(plan.dataset.iterator(), batch_size, seed=0,
+                                            columns=(*BATCH_COLUMNS, "machine_idx"), device="cpu")
+        for i, batch in enumerate(batches):
+            if i == warmup_batches:
+                t0, clips = time.perf_counter(), 0
+            batch = {k: v.to("cpu", non_blocking=True) for k, v in batch.items()}
+            clips += int(batch["mixture"].shape[0])
+            distinct.append(len(set(batch["machine_idx"].tolist())))
+        seconds = time.perf_counter() - t0
+    finally:
+        ctx.execution_options.preserve_order = before
+    return {"clips": clips, "seconds": seconds, "clips_per_s": clips / seconds, "rows_planned": plan.num_rows,
+            "warmup_batches": warmup_batches, "mean_distinct_machine_classes": float(np.mean(distinct)),
+            "settings": {"preserve_order": preserve_order, **stream_kw}}
 
 
 def bench_numpy(corpus, epochs: int) -> dict:
@@ -85,8 +113,9 @@ def profile_stages(corpus, repeats: int = 3) -> dict:
     rows = 0
     for _ in range(repeats):
         for f in files:
-            rows += len(shards.audio_matrix(pq.read_table(f, columns=["audio"])))
+            rows += len(shards.audio_matrix(pq.read_table(f, columns=["audio"]), dtype=None))
     decode = (time.perf_counter() - t) / rows
+    raw = shards.audio_matrix(pq.read_table(files[0], columns=["audio"]), dtype=None)[:32]
     x = shards.audio_matrix(pq.read_table(files[0], columns=["audio"]))[:32].copy()  # (32, S)
     rng = np.random.default_rng(0)
     noise = rng.standard_normal(x.shape).astype(np.float32)
@@ -98,15 +127,32 @@ def profile_stages(corpus, repeats: int = 3) -> dict:
             fn()
         return (time.perf_counter() - t) / (n * len(x))
 
-    out = {
-        "parquet_decode_ms": 1e3 * decode,
+    def scale_in_place():
+        a, b = x.copy(), noise.copy()
+        mixing.scale_batch_at_snr(a, b, snr)
+
+    return {
+        "parquet_read_ms": 1e3 * decode,
+        "int16_to_float32_ms": 1e3 * per_clip(lambda: raw.astype(np.float32) * np.float32(1 / 32768)),
         "mix_at_snr_float64_ms": 1e3 * per_clip(lambda: [mixing.mix_at_snr(a, b, s) for a, b, s in
                                                           zip(x, noise, snr, strict=True)]),
-        "mix_batch_float32_ms": 1e3 * per_clip(lambda: mixing.mix_batch_at_snr(x, noise, snr)),
-        # a row carries 3 clip-length arrays (mixture, clean, noise): one copy of each into a batch
+        "mix_batch_float32_3_arrays_ms": 1e3 * per_clip(lambda: mixing.mix_batch_at_snr(x, noise, snr)),
+        "scale_in_place_2_arrays_ms": 1e3 * per_clip(scale_in_place),  # includes the 2 copies it starts from
         "batch_copy_3_arrays_ms": 1e3 * per_clip(lambda: torch.tensor(np.concatenate([x, x, x]))),
+        "batch_copy_2_arrays_plus_add_ms": 1e3 * per_clip(
+            lambda: torch.add(torch.tensor(x), torch.tensor(noise))),
     }
-    return out
+
+
+def _vs_numpy(corpus, epochs: int, batch_size: int, warmup: int, repeat: int, **kw) -> dict:
+    """One repeat: the stream and the numpy loop back to back (order alternates), and their ratio."""
+    if repeat % 2 == 0:
+        ray_side, numpy_side = bench_stream(corpus, epochs, batch_size, warmup, **kw), bench_numpy(corpus, epochs)
+    else:
+        numpy_side = bench_numpy(corpus, epochs)
+        ray_side = bench_stream(corpus, epochs, batch_size, warmup, **kw)
+    return {"ray_stream": ray_side, "numpy_loop": numpy_side,
+            "ratio": ray_side["clips_per_s"] / numpy_side["clips_per_s"]}
 
 
 def _simulated_cluster(num_nodes: int, cpus_per_node: int):
@@ -161,27 +207,43 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/retain_asd_bench_stream", help="corpus cache folder")
     parser.add_argument("--per-attr", type=int, default=8, help="synthetic source clips per attribute")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=24, help="epochs of 104 clips (>= 2,000 after warm-up)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--warmup-batches", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2, help="stream vs numpy pairs; ratio = their median")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "stream.json"))
     parser.add_argument("--cpus-per-node", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                         help="CPUs of each simulated node in the 1- vs 2-node comparison")
     parser.add_argument("--skip-two-nodes", action="store_true", help="leave out the simulated 2-node run")
+    parser.add_argument("--skip-variants", action="store_true",
+                        help="leave out the variants (float32 shards, path order, blocks, preserve_order)")
     args = parser.parse_args(argv)
 
     init_ray(num_cpus=os.cpu_count(), quiet=True)
     set_data_progress(False)
-    corpus = make_corpus(Path(args.work), args.per_attr)
-    result = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "profile_ms_per_clip": profile_stages(corpus),
-        "numpy_loop": bench_numpy(corpus, args.epochs),
-        "ray_stream": bench_stream(corpus, args.epochs, args.batch_size, args.warmup_batches),
-    }
+    work = Path(args.work)
+    corpus = make_corpus(work, args.per_attr)
+    run = (corpus, args.epochs, args.batch_size, args.warmup_batches)
+    result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                          "load_avg_at_start": os.getloadavg()},
+              "profile_ms_per_clip": profile_stages(corpus)}
+    repeats = [_vs_numpy(*run, repeat=r) for r in range(args.repeats)]
+    result["repeats"] = repeats
+    result["ratio"] = statistics.median(r["ratio"] for r in repeats)
+    result["ray_stream"], result["numpy_loop"] = repeats[0]["ray_stream"], repeats[0]["numpy_loop"]
     result["clips_per_epoch"] = result["ray_stream"]["rows_planned"] // args.epochs
-    ray_s, numpy_s = result["ray_stream"]["clips_per_s"], result["numpy_loop"]["clips_per_s"]
-    result["ratio_stream_over_numpy"] = ray_s / numpy_s
+    result["scaling"] = {f"tasks_{k}": _vs_numpy(*run, repeat=k, max_tasks=k) for k in (1, 2)}
+    result["scaling"]["ratio_2_over_1_tasks"] = (result["scaling"]["tasks_2"]["ray_stream"]["clips_per_s"]
+                                                 / result["scaling"]["tasks_1"]["ray_stream"]["clips_per_s"])
+    if not args.skip_variants:
+        path_order = make_corpus(work, args.per_attr, shuffle_seed=None)
+        result["variants"] = {
+            "float32_shards": _vs_numpy(make_corpus(work, args.per_attr, "float32"), *run[1:], repeat=0),
+            "path_order_one_file_per_unit": _vs_numpy(path_order, *run[1:], repeat=1, files_per_unit=1),
+            "rows_per_block_64": _vs_numpy(*run, repeat=0, rows_per_block=64),
+            "preserve_order": _vs_numpy(*run, repeat=1, preserve_order=True),
+        }
+    result["ratio_stream_over_numpy"] = result["ratio"]
     if not args.skip_two_nodes:
         import ray
 

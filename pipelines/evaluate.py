@@ -54,15 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"retain-asd evaluate: {err}", file=sys.stderr)
         return 2
-    if not args.dcase_root and not protocol_guard(cfg, "retain-asd evaluate"):  # before Ray starts
+    if args.ray and not args.dcase_root and not protocol_guard(cfg, "retain-asd evaluate"):  # before Ray starts
         return 2
-    try:
-        with quiet_run(Path(args.out) / "evaluate.log", args.verbose, address=args.address, start_ray=args.ray):
-            results = evaluate_from_config(cfg, args.checkpoint, args.out, layers=args.layers, use_ray=args.ray,
-                                           dcase_root=args.dcase_root, ground_truth_dir=args.ground_truth)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"retain-asd evaluate: {err}", file=sys.stderr)
-        return 2
+    # a bad checkpoint or path is a user error: one line from run_main (--debug for the traceback)
+    with quiet_run(Path(args.out) / "evaluate.log", args.verbose, address=args.address, start_ray=args.ray):
+        results = evaluate_from_config(cfg, args.checkpoint, args.out, layers=args.layers, use_ray=args.ray,
+                                       dcase_root=args.dcase_root, ground_truth_dir=args.ground_truth)
     for r in results:
         m = r.metrics()
         p = cfg.eval.primary

@@ -4,8 +4,11 @@
     retain-asd pretrain --preset tagging_mixture_pm5 --out runs/tm_pm5 model.checkpoint=BEATs_iter3.pt
 
 Writes <out>/config.yaml (resolved config), <out>/student_beats.pt (official BEATs layout), Ray Train
-checkpoints under <out>/ray/, the metric history <out>/metrics.jsonl, and an MLflow run. Running the
-same command again resumes from the latest checkpoint. The pre-training corpus (data.*) is ingested first when
+checkpoints under <out>/ray/, the metric history <out>/metrics.jsonl, the run summary <out>/summary.json
+(steps, worker-group restarts, resumes, final loss) and an MLflow run. A lost worker restarts the group from
+the latest checkpoint (train.max_failures, default 3). Running the same command again resumes from the
+newest complete checkpoint. A non-finite loss or gradient norm stops the run (exit code 1, nothing exported;
+train.skip_nonfinite_steps=N skips up to N such steps). The pre-training corpus (data.*) is ingested first when
 needed; the leakage guard refuses a pre-training corpus that shares a machine type, clip or noise recording with
 the evaluation corpus (eval.*), unless data.add_eval_references: true (Table 5, recorded in MLflow and config.yaml).
 """
@@ -54,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
     from retain_asd.models.beats import BEATsCheckpointError
+    from retain_asd.train.guard import DivergenceError
     from retain_asd.train.launch import pretrain
+    from retain_asd.train.recovery import summary_line
 
     try:
         check_init_checkpoint(cfg)  # a missing, torn or foreign model.checkpoint fails before Ray starts
@@ -71,14 +76,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"retain-asd pretrain: {err}", file=sys.stderr)
         return 2
+    except DivergenceError as err:
+        print(f"retain-asd pretrain: {cfg.name} {err}", file=sys.stderr)
+        return 1
     if cfg.objective.name == "frozen":
         state = "objective 'frozen' trains nothing; exported the initial encoder"
     else:
         state = "done" if result.completed else f"stopped at step {result.step} (rerun to resume)"
-    print(f"pretrain {cfg.name}: {state}, {result.step}/{cfg.train.total_steps} steps")
+    print(summary_line(result.summary) if result.summary else
+          f"pretrain {cfg.name}: {state}, {result.step}/{cfg.train.total_steps} steps")
     print(f"  student (BEATs format): {result.student_path}")
     print(f"  config:                 {result.config_path}")
     print(f"  latest checkpoint:      {result.checkpoint_path}")
+    if result.summary:
+        print(f"  summary:                {result.out_dir / 'summary.json'}")
     if result.mlflow_run_id:
         print(f"  MLflow run:             {result.mlflow_run_id}")
     return 0

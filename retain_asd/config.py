@@ -45,7 +45,7 @@ class DataConfig:
     clip_s: float = 10.0  # DCASE clips are 10 s; everything is padded / cropped to this
     min_clip_s: float = 1.0  # shorter files are rejected rather than padded
     channel: str = "mean"  # "mean" or a channel index as a string ("0"): DCASE 2026 is stereo near/far mic
-    rows_per_shard: int = 256  # Parquet rows per shard file
+    rows_per_shard: int = 256  # at most this many Parquet rows per shard file
     audio_dtype: str = "float32"  # "float32" or "int16" audio column
     pad_mode: str = "zero"  # a short clip is zero-padded to clip_s (paper Sec. 4.2); "repeat" loops it
     include_test_normals: bool = False  # also pre-train on the normal test clips of this corpus (paper: 36,411 clips)
@@ -110,7 +110,8 @@ class TrainConfig:
     log_every: int = 10  # steps between ray.train.report of losses
     checkpoint_every: int = 500  # steps between checkpoints
     keep_checkpoints: int = 2
-    max_failures: int = 0  # Ray Train FailureConfig
+    max_failures: int = 3  # Ray Train FailureConfig: worker-group restarts from the latest checkpoint
+    skip_nonfinite_steps: int = 0  # divergence guard: skip up to N steps with a non-finite loss / grad norm
     seed: int = 0
 
 
@@ -378,6 +379,8 @@ def validate_numbers(cfg: Config) -> None:
     t, o, e, tu = cfg.train, cfg.objective, cfg.eval, cfg.tune
     _check(t.num_workers >= 1, "train.num_workers", ">= 1", t.num_workers)
     _check(t.max_failures >= 0, "train.max_failures", ">= 0 (worker-group restarts)", t.max_failures)
+    _check(t.skip_nonfinite_steps >= 0, "train.skip_nonfinite_steps", ">= 0 (steps the divergence guard may skip)",
+           t.skip_nonfinite_steps)
     _check(e.batch_size > 0, "eval.batch_size", "> 0", e.batch_size)
     _check(e.layer <= 48, "eval.layer", "a 1-based layer index (<= the encoder's depth)", e.layer)
     _check(min(o.freq_mask_bins, o.time_mask_frames, o.num_masks) >= 0,

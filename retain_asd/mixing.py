@@ -154,6 +154,40 @@ def mix_batch_at_snr(clean: np.ndarray, noise: np.ndarray, snr_db: np.ndarray) -
     return mixture, clean_part, noise_part
 
 
+def scale_batch_at_snr(clean: np.ndarray, noise: np.ndarray, snr_db: np.ndarray) -> None:
+    """Eq. 3 on a batch, in place: (B, S) float32 clean -> a1 x1, noise -> a2 x2 (the mixture is their sum).
+
+    The training stream's form of `mix_batch_at_snr` (same gains, same checks): no new clip-length array,
+    one BLAS dot per row for the powers. Raises `MixingError` for a silent or non-finite row.
+    """
+    if clean.dtype != np.float32 or noise.dtype != np.float32 or clean.shape != noise.shape or clean.ndim != 2:
+        raise MixingError(f"scale_batch_at_snr: clean {clean.shape} {clean.dtype}, noise {noise.shape} "
+                          f"{noise.dtype}: need equal (B, S) float32")
+    if clean.shape[1] == 0:
+        raise MixingError("scale_batch_at_snr: empty rows (0 samples)")
+    with np.errstate(over="ignore", invalid="ignore"):
+        p_clean = np.asarray([float(x @ x) for x in clean]) / clean.shape[1]  # float32 BLAS dot per row
+        p_noise = np.asarray([float(x @ x) for x in noise]) / noise.shape[1]
+    for name, p in (("clean", p_clean), ("noise", p_noise)):
+        bad = ~(np.isfinite(p) & (p > 0))
+        if bad.any():
+            raise MixingError(f"{name} row(s) {np.flatnonzero(bad)[:5].tolist()}: silent or "
+                              "non-finite; an SNR is undefined, drop these clips")
+    snr_db = np.asarray(snr_db, dtype=np.float64)
+    if snr_db.shape not in ((), (len(clean),)):
+        raise MixingError(f"scale_batch_at_snr: snr_db {snr_db.shape}: need one SNR per row ({len(clean)},)")
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        a1, a2 = snr_gains(p_clean, p_noise, snr_db)
+        a1 = np.broadcast_to(a1, p_clean.shape).astype(np.float32)
+        a2 = np.asarray(a2).astype(np.float32)
+    bad = ~(np.isfinite(a1) & (a1 > 0) & np.isfinite(a2))
+    if bad.any():
+        raise MixingError(f"row(s) {np.flatnonzero(bad)[:5].tolist()}: the SNR or the gains are not finite "
+                          "(snr_db must be finite, the inputs audio-scaled)")
+    clean *= a1[:, None]
+    noise *= a2[:, None]
+
+
 # --- dataset-level scaling (evaluation sets) -------------------------------------------------------
 
 

@@ -11,16 +11,20 @@ How it is built (one Ray Data dataset covering every epoch, iterated once by the
   function of (seed, epoch) (`plan_epoch`), a few numbers per draw. Each task recomputes the plan of its
   epoch from the shared state (milliseconds) instead of the driver storing num_epochs plans: the plans of a
   20k-step run would otherwise cost O(num_epochs x clips) object-store memory for no gain.
-* Work unit = (epoch, clean shard file). Units run epoch-major; within an epoch the file order is a seeded
-  permutation, and within a file the draws come out in the plan's random order. Each task reads its shard
-  with pyarrow (audio decoded once per unit, never on the driver), so the 10+ GB corpus streams.
+* Work unit = (epoch, `files_per_unit` clean shard files, enough for >= `UNIT_ROWS` clips). Units run
+  epoch-major; within an epoch the file order is a seeded permutation, and a unit's draws (of all its
+  files) come out in the plan's random order. Each task reads its shards with pyarrow (audio decoded
+  once per unit, never on the driver), so the 10+ GB corpus streams. Shards are written with records
+  shuffled across machine types (`shards.write_shards`), so a unit's rows, and a batch, are a sample of
+  the whole epoch's class-weighted plan, not one machine type (`retain-asd inspect-stream` measures it
+  against the iid expectation).
   Why not `ray.data.read_parquet` per epoch + `union`: a union of hundreds of epoch branches lets the
   executor interleave epochs arbitrarily and plans hundreds of operators; here the epoch is explicit in
   each unit and the dataset is a single fused read -> mix task per unit.
-* Batches: `iter_train_batches` (numeric columns as tensors). Smaller shards (`data.rows_per_shard`)
-  mix classes more within a batch.
+* Batches: `iter_train_batches` (numeric columns as tensors). Rows carry two audio arrays, clean part and
+  noise part; the mixture (their exact sum) is formed on the consumer.
 
-Eq. 3 (`mixing.mix_batch_at_snr`, gains from `mixing.snr_gains`): noise segment (`mixing.noise_segment`) to
+Eq. 3 (`mixing.scale_batch_at_snr`, gains from `mixing.snr_gains`): noise segment (`mixing.noise_segment`) to
 unit power, clean scaled so that P(a1 x1) / P(a2 x2) = R. Shards are decoded by `shards.audio_matrix`.
 """
 
@@ -43,10 +47,11 @@ from retain_asd.corpus.labels import LabelVocab
 
 # Numeric columns the training loop gets as tensors; clip_id / noise_id (strings) stay in the dataset
 # for inspection but cannot become tensors.
-TORCH_COLUMNS = ("mixture", "clean", "noise", "label", "machine_idx", "noise_idx", "snr_db", "noise_offset",
-                 "epoch")
+TORCH_COLUMNS = ("mixture", "clean", "noise", "label", "machine_idx", "noise_idx", "clip_idx", "snr_db",
+                 "noise_offset", "epoch")
 ID_COLUMNS = ("clip_id", "noise_id")
-MIX_ROWS_PER_BLOCK = 32  # rows per output block: 32 x 3 x 640 kB = 61 MB for 10 s clips
+MIX_ROWS_PER_BLOCK = 32  # rows per output block: 32 x 2 x 640 kB = 41 MB for 10 s clips
+UNIT_ROWS = 512  # clips a work unit draws from at least: files_per_unit = ceil(UNIT_ROWS / rows per shard), >= 2
 
 
 class StreamError(ValueError):
@@ -252,49 +257,96 @@ def _cached_plan(state: StreamState, epoch: int) -> EpochPlan:
     return _PLANS[key]
 
 
-def mix_unit(state: StreamState, epoch: int, position: int,
-             rows_per_block: int = MIX_ROWS_PER_BLOCK) -> Iterator[dict[str, np.ndarray]]:
-    """Rows of one work unit: the draws of `epoch` whose clean clip is in the epoch's `position`-th file."""
+def unit_files(plan: EpochPlan, unit: int, files_per_unit: int) -> np.ndarray:
+    """Shard files of the epoch's `unit`-th work unit: `files_per_unit` consecutive files of the epoch's
+    seeded file order (the last unit may have fewer)."""
+    return plan.file_order[unit * files_per_unit : (unit + 1) * files_per_unit]
+
+
+def _gather_rows(matrices: list[np.ndarray], file_pos: np.ndarray, rows: np.ndarray, num_samples: int) -> np.ndarray:
+    """(b, S) float32 clean rows from the unit's decoded files (int16 rescaled by 1/32768), a fresh array."""
+    out = np.empty((len(rows), num_samples), dtype=np.float32)
+    for k, matrix in enumerate(matrices):
+        sel = np.flatnonzero(file_pos == k)
+        if len(sel):
+            out[sel] = matrix[rows[sel]]  # casts int16 -> float32 while copying
+            if matrix.dtype == np.int16:
+                out[sel] *= np.float32(1.0 / 32768.0)
+    return out
+
+
+def _noise_rows(bank: NoiseBank, noise: np.ndarray, offset: np.ndarray, num_samples: int) -> np.ndarray:
+    """(b, S) float32 noise segments (`mixing.noise_segment`), copied into one fresh array."""
+    out = np.empty((len(noise), num_samples), dtype=np.float32)
+    for i, (j, o) in enumerate(zip(noise.tolist(), offset.tolist(), strict=True)):
+        out[i] = mixing.noise_segment(bank.recording(j), o, num_samples)
+    return out
+
+
+def default_files_per_unit(clean: CleanIndex, unit_rows: int = UNIT_ROWS) -> int:
+    """Shard files per work unit so that a unit draws from >= `unit_rows` clips (and >= 2 files): a batch is
+    then a sample of the epoch's plan over a few hundred random clips, whatever `data.rows_per_shard`."""
+    rows_per_file = int(np.bincount(clean.file_idx).max())
+    return max(2, -(-unit_rows // rows_per_file))
+
+
+def mix_unit(state: StreamState, epoch: int, unit: int, rows_per_block: int = MIX_ROWS_PER_BLOCK,
+             files_per_unit: int = 2) -> Iterator[dict[str, np.ndarray]]:
+    """Rows of one work unit: the draws of `epoch` whose clean clip is in one of the unit's shard files,
+    in the plan's random order, so a block interleaves the rows of all the unit's files.
+
+    Two audio columns: clean = a1 x1 and noise = a2 x2 (Eq. 3, scaled in place); the mixture is their sum,
+    formed by the consumer (`iter_train_batches`), so a third clip-length array never crosses the object
+    store.
+    """
     plan = _cached_plan(state, epoch)
     clean, bank = state.clean, state.bank
-    file_idx = int(plan.file_order[position])
-    draws = np.flatnonzero(clean.file_idx[plan.clean] == file_idx)  # plan order = random output order
+    files = unit_files(plan, unit, files_per_unit)
+    draw_files = clean.file_idx[plan.clean]
+    draws = np.flatnonzero(np.isin(draw_files, files))  # plan order = random output order
     if len(draws) == 0:
         return
-    path = clean.files[file_idx]
-    table = pq.read_table(path, columns=["clip_id", "audio"])
-    matrix = shards.audio_matrix(table)  # (rows in file, S)
-    file_ids = table.column("clip_id").to_numpy(zero_copy_only=False)
+    matrices, file_ids = [], []
+    for f in files:
+        table = pq.read_table(clean.files[int(f)], columns=["clip_id", "audio"])
+        matrices.append(shards.audio_matrix(table, dtype=None))  # (rows in file, S), int16 or float32
+        file_ids.append(table.column("clip_id").to_numpy(zero_copy_only=False).astype(str))
+    position = {int(f): k for k, f in enumerate(files)}
     for lo in range(0, len(draws), rows_per_block):
         d = draws[lo : lo + rows_per_block]
         ci = plan.clean[d]
+        file_pos = np.asarray([position[int(f)] for f in draw_files[d]], dtype=np.int64)
         rows = clean.row_in_file[ci]
-        if not np.array_equal(file_ids[rows].astype(str), clean.clip_ids[ci]):
-            raise StreamError(f"{path}: rows changed since the stream was planned; rebuild the dataset")
-        noise = np.stack([mixing.noise_segment(bank.recording(j), o, clean.num_samples)
-                          for j, o in zip(plan.noise[d], plan.noise_offset[d], strict=True)])  # (b, S)
-        mixture, clean_part, noise_part = mixing.mix_batch_at_snr(matrix[rows], noise, plan.snr_db[d])
+        for k in np.unique(file_pos):
+            sel = file_pos == k
+            if not np.array_equal(file_ids[k][rows[sel]], clean.clip_ids[ci[sel]]):
+                raise StreamError(f"{clean.files[int(files[k])]}: rows changed since the stream was planned; "
+                                  "rebuild the dataset")
+        noise_ids = plan.noise[d]
+        clean_part = _gather_rows(matrices, file_pos, rows, clean.num_samples)
+        noise_part = _noise_rows(bank, noise_ids, plan.noise_offset[d], clean.num_samples)
+        mixing.scale_batch_at_snr(clean_part, noise_part, plan.snr_db[d])
         machine_idx = clean.machine_idx[ci]
-        noise_idx = bank.noise_idx[plan.noise[d]]
+        noise_idx = bank.noise_idx[noise_ids]
         label = np.zeros((len(d), state.num_classes), dtype=np.float32)  # (b, C+N) multi-hot (Eq. 4 target)
         label[np.arange(len(d)), machine_idx] = 1.0
         label[np.arange(len(d)), noise_idx] = 1.0
-        yield {"mixture": mixture, "clean": clean_part, "noise": noise_part, "label": label,
-               "machine_idx": machine_idx, "noise_idx": noise_idx,
+        yield {"clean": clean_part, "noise": noise_part, "label": label,
+               "machine_idx": machine_idx, "noise_idx": noise_idx, "clip_idx": ci,
                "snr_db": plan.snr_db[d].astype(np.float32), "clip_id": clean.clip_ids[ci],
-               "noise_id": bank.noise_ids[plan.noise[d]], "noise_offset": plan.noise_offset[d],
+               "noise_id": bank.noise_ids[noise_ids], "noise_offset": plan.noise_offset[d],
                "epoch": np.full(len(d), epoch, dtype=np.int64)}
 
 
-def _mix_units(batch: dict[str, np.ndarray], *, state_ref, num_files: int,
-               rows_per_block: int) -> Iterator[dict[str, np.ndarray]]:
+def _mix_units(batch: dict[str, np.ndarray], *, state_ref, units_per_epoch: int, rows_per_block: int,
+               files_per_unit: int) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data UDF: unit ids -> mixed rows. `state_ref` resolves zero-copy from the object store."""
     import ray
 
     state = ray.get(state_ref)
     for unit in batch["id"]:
-        epoch, position = divmod(int(unit), num_files)
-        yield from mix_unit(state, epoch, position, rows_per_block)
+        epoch, position = divmod(int(unit), units_per_epoch)
+        yield from mix_unit(state, epoch, position, rows_per_block, files_per_unit)
 
 
 @dataclass(frozen=True)
@@ -318,20 +370,29 @@ class StreamPlan:
 def build_train_stream(machine_dir: str | os.PathLike, noise_dir: str | os.PathLike,
                        labels_path: str | os.PathLike, *, snr_sampler: dict, seed: int, num_epochs: int,
                        class_weighted: bool = True, split: str = "train", clip_samples: int | None = None,
-                       rows_per_block: int = MIX_ROWS_PER_BLOCK) -> StreamPlan:
-    """`build_train_dataset` returning the state too. Needs Ray initialised (`runtime.init_ray`)."""
+                       rows_per_block: int = MIX_ROWS_PER_BLOCK, files_per_unit: int | None = None,
+                       max_tasks: int | None = None) -> StreamPlan:
+    """`build_train_dataset` returning the state too. Needs Ray initialised (`runtime.init_ray`).
+
+    `files_per_unit`: shard files one work unit reads (None: `default_files_per_unit`); `max_tasks` caps the
+    read/mix tasks running at once (None: as many as CPUs allow).
+    """
     import ray
 
     if num_epochs < 1:
         raise ValueError(f"num_epochs = {num_epochs}: must be >= 1")
+    if files_per_unit is not None and files_per_unit < 1:
+        raise ValueError(f"files_per_unit = {files_per_unit}: must be >= 1")
     state = build_stream_state(machine_dir, noise_dir, labels_path, snr_sampler=snr_sampler, seed=seed,
                                class_weighted=class_weighted, split=split, clip_samples=clip_samples)
+    files_per_unit = files_per_unit or default_files_per_unit(state.clean)
     state_ref = ray.put(state)
-    num_files = len(state.clean.files)
-    num_units = num_epochs * num_files
+    units_per_epoch = -(-len(state.clean.files) // files_per_unit)
+    num_units = num_epochs * units_per_epoch
     ds = ray.data.range(num_units, override_num_blocks=num_units).map_batches(
-        _mix_units, batch_size=None, batch_format="numpy",
-        fn_kwargs={"state_ref": state_ref, "num_files": num_files, "rows_per_block": rows_per_block})
+        _mix_units, batch_size=None, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=max_tasks),
+        fn_kwargs={"state_ref": state_ref, "units_per_epoch": units_per_epoch, "rows_per_block": rows_per_block,
+                   "files_per_unit": files_per_unit})
     return StreamPlan(ds, state_ref, state, num_epochs)
 
 
@@ -340,13 +401,27 @@ def build_train_dataset(machine_dir: str | os.PathLike, noise_dir: str | os.Path
                         class_weighted: bool = True, split: str = "train", clip_samples: int | None = None):
     """The training stream: `num_epochs` epochs of mixed, labelled rows as one lazy `ray.data.Dataset`.
 
-    Columns: mixture, clean (a1 x1), noise (a2 x2) float32 (S,); label float32 (C+N,) multi-hot;
-    machine_idx, noise_idx int64 (vocabulary indices); snr_db float32; clip_id, noise_id str;
-    noise_offset, epoch int64. `snr_sampler` holds the kwargs of `mixing.make_snr_sampler`.
+    Columns: clean (a1 x1), noise (a2 x2) float32 (S,) (the mixture is clean + noise: `with_mixture`,
+    `iter_train_batches`); label float32 (C+N,) multi-hot; machine_idx, noise_idx int64 (vocabulary
+    indices); clip_idx int64 (index of the clean clip in the stream's index); snr_db float32; clip_id,
+    noise_id str; noise_offset, epoch int64. `snr_sampler` holds the kwargs of `mixing.make_snr_sampler`.
     """
     return build_train_stream(machine_dir, noise_dir, labels_path, snr_sampler=snr_sampler, seed=seed,
                               num_epochs=num_epochs, class_weighted=class_weighted, split=split,
                               clip_samples=clip_samples).dataset
+
+
+def with_mixture(rows: dict) -> dict:
+    """A row or numpy batch of the stream with its `mixture` (= clean + noise, Eq. 3) added."""
+    return {**rows, "mixture": rows["clean"] + rows["noise"]}
+
+
+def iid_distinct_expectation(num_classes: int, batch_size: int) -> float:
+    """Expected distinct classes in `batch_size` iid draws from `num_classes` equally likely classes:
+    C (1 - (1 - 1/C)^b), the yardstick of a well-mixed batch (`retain-asd inspect-stream`)."""
+    if num_classes < 1 or batch_size < 0:
+        raise ValueError(f"num_classes = {num_classes}, batch_size = {batch_size}: need C >= 1, b >= 0")
+    return num_classes * (1.0 - (1.0 - 1.0 / num_classes) ** batch_size)
 
 
 def epochs_for_steps(total_steps: int, batch_size: int, grad_accum: int, rows_per_epoch: int) -> int:
@@ -362,7 +437,8 @@ def iter_train_batches(data_iterator, batch_size: int, seed: int, *, shuffle_buf
     Rows already come in a seeded random order within each shard and shards in a seeded random order per
     epoch, so the default uses no extra buffer: Ray's local shuffle buffer (`shuffle_buffer_rows` > 0,
     seeded with `seed`) cost 16x throughput here with 2 MB rows (262 -> 16 clips/s, benchmarks/stream.py).
-    `drop_last` keeps every step's batch full. Only `columns` (numeric) are returned,
+    `drop_last` keeps every step's batch full. Only `columns` (numeric) are returned (`mixture` is
+    formed here as clean + noise),
     as torch tensors on `device`; on the CPU they may share read-only memory with the object store, so
     the loop must not modify them in place.
     """
@@ -374,7 +450,13 @@ def iter_train_batches(data_iterator, batch_size: int, seed: int, *, shuffle_buf
 
             with warnings.catch_warnings():  # arrays from the object store are read-only; the loop only reads
                 warnings.simplefilter("ignore", UserWarning)
-                return {k: torch.as_tensor(np.ascontiguousarray(batch[k])) for k in columns}
+                formed = "mixture" in columns and "mixture" not in batch
+                out = {k: torch.as_tensor(np.ascontiguousarray(batch[k])) for k in columns
+                       if not (formed and k == "mixture")}
+                if formed:  # Eq. 3: mixture = a1 x1 + a2 x2, formed here (one add)
+                    out["mixture"] = torch.add(out["clean"] if "clean" in out else torch.as_tensor(batch["clean"]),
+                                               out["noise"] if "noise" in out else torch.as_tensor(batch["noise"]))
+                return out
 
     return data_iterator.iter_torch_batches(
         batch_size=batch_size, collate_fn=_ToTorch(), device=device, drop_last=True,

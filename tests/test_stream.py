@@ -154,6 +154,7 @@ def test_rows_are_correct_mixtures(corpus, rows0):
     noise_cls = dict(zip(noise["clip_id"].to_pylist(), noise["class_name"].to_pylist(), strict=True))
     noise_audio = dict(zip(noise["clip_id"].to_pylist(), shards.audio_list(noise), strict=True))
 
+    plan_ids = _build(corpus, num_epochs=1).state.clean.clip_ids
     n = len(train)
     assert len(rows0) == 2 * n and Counter(int(r["epoch"]) for r in rows0) == {0: n, 1: n}
     for r in rows0:
@@ -162,7 +163,8 @@ def test_rows_are_correct_mixtures(corpus, rows0):
         assert (int(r["machine_idx"]), int(r["noise_idx"])) == (m, j)
         assert r["label"].shape == (vocab.num_classes,) and r["label"].sum() == 2.0
         assert r["label"][m] == 1.0 and r["label"][j] == 1.0
-        np.testing.assert_array_equal(r["mixture"], r["clean"] + r["noise"])
+        assert "mixture" not in r  # two audio arrays cross the object store; the consumer adds them
+        assert str(plan_ids[int(r["clip_idx"])]) == str(r["clip_id"])
         p_clean, p_noise = mixing.power(r["clean"]), mixing.power(r["noise"])
         assert abs(p_noise - 1.0) < 1e-4
         assert abs(10 * np.log10(p_clean / p_noise) - float(r["snr_db"])) < 0.01
@@ -189,7 +191,8 @@ def test_same_seed_same_rows_other_seed_and_epoch_differ(corpus, rows0):
     assert sorted(map(_key, again)) == sorted(map(_key, rows0))
     by_key = {_key(r): r for r in rows0}
     for r in again:
-        np.testing.assert_array_equal(r["mixture"], by_key[_key(r)]["mixture"])
+        np.testing.assert_array_equal(r["clean"], by_key[_key(r)]["clean"])
+        np.testing.assert_array_equal(r["noise"], by_key[_key(r)]["noise"])
     other = _rows(_build(corpus, seed=1))
     assert {_key(r) for r in other}.isdisjoint({_key(r) for r in rows0})  # continuous SNRs never coincide
     e0 = Counter((str(r["clip_id"]), str(r["noise_id"])) for r in rows0 if int(r["epoch"]) == 0)
@@ -215,7 +218,7 @@ def test_noise_bank_is_shared_zero_copy(corpus, ray_local):
 def test_streaming_split_and_torch_batches(corpus):
     import torch
 
-    plan = _build(corpus, num_epochs=1)
+    plan = _build(corpus, num_epochs=1, files_per_unit=1)  # 5 units: blocks for both consumers
     n = plan.rows_per_epoch
     left, right = plan.dataset.streaming_split(2, equal=False)
     import threading
@@ -236,6 +239,7 @@ def test_streaming_split_and_torch_batches(corpus):
     assert set(batch) == set(stream.TORCH_COLUMNS)
     assert batch["mixture"].shape == (4, S) and batch["mixture"].dtype == torch.float32
     assert batch["label"].shape == (4, plan.state.num_classes) and batch["noise_idx"].dtype == torch.int64
+    torch.testing.assert_close(batch["mixture"], batch["clean"] + batch["noise"], rtol=0, atol=0)
 
 
 def test_clear_errors(corpus, tmp_path):
@@ -259,3 +263,73 @@ def test_clear_errors(corpus, tmp_path):
     with pytest.raises(stream.StreamError, match="noise bank is empty"):
         stream.build_stream_state(machine, empty, corpus.labels_path, **kw)
     assert Path(corpus.labels_path).is_file()
+
+
+# ------------------------------------------------------------------------------------------ well-mixed batches
+@pytest.fixture(scope="module")
+def three_machines(tmp_path_factory, ray_local):
+    """3 machines x 8 attribute classes (~100 train clips), 1 s clips, shards of 32 rows (a work unit of 2
+    shards sees part of the corpus): written shuffled (as ingest does) and, for contrast, in path order (as
+    before: a shard holds one machine)."""
+    from retain_asd.corpus.ingest import ingest
+    from retain_asd.corpus.shards import DecodeSettings
+    from retain_asd.corpus.synth import write_synthetic_corpus
+
+    root = tmp_path_factory.mktemp("mixed")
+    synth = write_synthetic_corpus(root / "synth", seed=0, clip_s=1.0, train_source_per_attr=3,
+                                   train_target_per_attr=1, test_per_domain=1, noise_clips_per_category=1,
+                                   noise_clip_s=3.0)
+    kw = {"settings": DecodeSettings(clip_s=1.0, audio_dtype="int16"), "rows_per_shard": 32}
+    return (ingest(synth.machine_root, synth.noise_root, root / "shuffled", **kw),
+            ingest(synth.machine_root, synth.noise_root, root / "path_order", shuffle_seed=None, **kw))
+
+
+def _batches(corpus, batch_size=16, num_batches=30, **kw):
+    from retain_asd.train.loop import BATCH_COLUMNS
+
+    plan = stream.build_train_stream(corpus.root / "machine", corpus.root / "noise", corpus.labels_path,
+                                     snr_sampler=SNR, seed=0, num_epochs=8, clip_samples=16000, **kw)
+    out = []
+    for batch in stream.iter_train_batches(plan.dataset.iterator(), batch_size, seed=0,
+                                           columns=(*BATCH_COLUMNS, "machine_idx"), device="cpu"):
+        out.append(batch)
+        if len(out) == num_batches:
+            break
+    return plan, out
+
+
+def test_batches_are_well_mixed(three_machines):
+    shuffled, path_order = three_machines
+    num_machine = shuffled.vocab.num_machine
+    iid = stream.iid_distinct_expectation(num_machine, 16)
+    assert num_machine == 24 and iid == pytest.approx(24 * (1 - (23 / 24) ** 16))  # 11.85
+    plan, batches = _batches(shuffled)
+    assert len(plan.state.clean.files) >= 3  # more shards than a work unit reads
+    mean = np.mean([len(set(b["machine_idx"].tolist())) for b in batches])
+    assert mean >= 0.9 * iid, (mean, iid)
+    # the stream before: shards in path order, one shard per work unit -> a batch holds a few neighbouring
+    # attribute classes of one or two machines
+    _, batches = _batches(path_order, files_per_unit=1)
+    before = np.mean([len(set(b["machine_idx"].tolist())) for b in batches])
+    assert before < 0.9 * iid, (before, iid)  # the same bar fails
+
+
+def test_mixup_partner_is_another_clip_on_real_batches(three_machines):
+    import torch
+
+    from retain_asd.train import objectives as obj
+    from retain_asd.train.student import _partners
+
+    plan, batches = _batches(three_machines[0], num_batches=20)
+    rng = np.random.default_rng(0)
+    repeats = 0
+    for batch in batches:
+        clip = batch["clip_idx"].numpy()
+        repeats += len(clip) - len(set(clip.tolist()))
+        j = _partners(batch, rng, torch.device("cpu")).numpy()
+        ids = plan.state.clean.clip_ids
+        assert (ids[clip[j]] != ids[clip]).all()  # every row, linear and SNR mixup alike (one partner rule)
+        x, _ = obj.linear_mixup(batch["mixture"], batch["mixture"][j], batch["label"], batch["label"][j],
+                                torch.full((len(j),), 0.5))
+        assert not torch.equal(x, batch["mixture"])
+    assert repeats > 0  # class-weighted draws put one clip twice in a batch: roll(1) could pair it with itself

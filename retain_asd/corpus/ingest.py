@@ -54,7 +54,8 @@ def ingest(machine_root: str | os.PathLike, noise_root: str | os.PathLike, out_d
            settings: shards.DecodeSettings = shards.DecodeSettings(), rows_per_shard: int = 256,
            ground_truth_dir: str | os.PathLike | None = None, force: bool = False,
            reference_roots: Sequence[str | os.PathLike] = (), extra_noise_roots: Sequence[str | os.PathLike] = (),
-           include_test_normals: bool = False, extra_machine_roots: Sequence[str | os.PathLike] = ()) -> Corpus:
+           include_test_normals: bool = False, extra_machine_roots: Sequence[str | os.PathLike] = (),
+           shuffle_seed: int | None = 0) -> Corpus:
     """Scan both corpora, write their shards (a no-op when unchanged) and the label vocabulary.
 
     `reference_roots`: machine corpora whose train-split clips (the evaluation references) join this corpus,
@@ -62,6 +63,7 @@ def ingest(machine_root: str | os.PathLike, noise_root: str | os.PathLike, out_d
     variant; used only through `data.add_eval_references`). `include_test_normals` keeps the normal test
     clips of `machine_root` as training clips (split "train"), as the paper's 36,411 clips suggest.
     `extra_machine_roots`: more machine corpora whose clips all join (e.g. the generic "other data" tree).
+    Machine clips are written shuffled across types (`shards.write_shards`, `shuffle_seed`; None: path order).
     """
     out_dir = Path(out_dir)
     machine_scan = layouts.scan_dcase(machine_root, ground_truth_dir=ground_truth_dir)
@@ -83,7 +85,8 @@ def ingest(machine_root: str | os.PathLike, noise_root: str | os.PathLike, out_d
         noise_records += scan.records
         noise_rejects += scan.rejects
     machine = shards.write_shards(machine_records, out_dir / "machine", settings=settings,
-                                  rows_per_shard=rows_per_shard, scan_rejects=machine_rejects, force=force)
+                                  rows_per_shard=rows_per_shard, scan_rejects=machine_rejects, force=force,
+                                  shuffle_seed=shuffle_seed)
     # Noise keeps its full length: the stream cuts a fresh random segment per pairing.
     noise = shards.write_shards(noise_records, out_dir / "noise", settings=replace(settings, clip_s=None),
                                 rows_per_shard=rows_per_shard, scan_rejects=noise_rejects, force=force)
@@ -238,6 +241,7 @@ def pretrain_corpus_from_config(cfg, *, force: bool = False) -> Corpus:
     world when data.machine_root / noise_root are empty). With ``data.add_eval_references`` the evaluation
     corpus's references (train split) and noise join it, in ``<work_dir>/corpus_pretrain_evalrefs``."""
     d = cfg.data
+    _guard_corpus(pretrain_corpus_dir(cfg), "pretrain", d.machine_root, d.noise_root, "data", d.work_dir)
     pre = pretrain_roots(cfg)
     refs, noise = (), ()
     if d.add_eval_references:
@@ -270,12 +274,21 @@ def _guard_synthetic(cfg, corpus_dir: Path, world: str, machine_root: str, noise
 def eval_corpus_from_config(cfg, *, force: bool = False) -> Corpus:
     """Builder: the ingested evaluation corpus, ``<work_dir>/corpus_eval`` (the synthetic evaluation world
     when eval.machine_root / noise_root are empty)."""
-    d = cfg.data
+    d, e = cfg.data, cfg.eval
+    _guard_corpus(Path(d.work_dir).resolve() / EVAL_DIR, "eval", e.machine_root, e.noise_root, "eval", d.work_dir)
     ev = eval_roots(cfg)
     _guard_synthetic(cfg, Path(d.work_dir).resolve() / EVAL_DIR, "eval", cfg.eval.machine_root, cfg.eval.noise_root,
                      "eval")
     return ingest(ev.machine_root, ev.noise_root, Path(d.work_dir).resolve() / EVAL_DIR,
                   settings=decode_settings(d), rows_per_shard=d.rows_per_shard, force=force)
+
+
+def _guard_corpus(corpus_dir: Path, world: str, machine_root: str, noise_root: str, prefix: str, work_dir) -> None:
+    """`guard_real_corpus` on each shard folder of one corpus whose root the config leaves empty."""
+    synth = Path(work_dir).resolve() / f"synth_{world}"
+    for name, root in (("machine", machine_root), ("noise", noise_root)):
+        if not root:
+            guard_real_corpus(Path(corpus_dir) / name, synth, f"{prefix}.{name}_root")
 
 
 def corpora_from_config(cfg, *, force: bool = False):

@@ -218,7 +218,7 @@ def file_sha1s(paths, cache_path: str | os.PathLike | None = None) -> dict[str, 
     """``{path: sha1 of the file bytes}``; with `cache_path` (a JSON file) a file whose size and mtime are
     unchanged is not read again, so the guard costs a stat per file on a re-run."""
     from retain_asd import fsio
-    from retain_asd.corpus.shards import _file_sha1
+    from retain_asd.corpus.shards import file_sha1
 
     cache: dict = {}
     if cache_path is not None and Path(cache_path).is_file():
@@ -231,7 +231,7 @@ def file_sha1s(paths, cache_path: str | os.PathLike | None = None) -> dict[str, 
         st = os.stat(path)
         stamp = f"{st.st_size}:{st.st_mtime_ns}"
         hit = cache.get(path)
-        sha = hit[1] if isinstance(hit, list) and len(hit) == 2 and hit[0] == stamp else _file_sha1(path)
+        sha = hit[1] if isinstance(hit, list) and len(hit) == 2 and hit[0] == stamp else file_sha1(path)
         out[path] = sha
         fresh[path] = [stamp, sha]
     if cache_path is not None and fresh != cache:

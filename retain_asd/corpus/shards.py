@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from retain_asd import fsio
@@ -92,6 +93,11 @@ def _file_sha1(path: str) -> str:
     return h.hexdigest()
 
 
+def file_sha1(path: str) -> str:
+    """sha1 of a file's bytes (the manifest's ``sha1``; the leakage guard hashes raw files with it)."""
+    return _file_sha1(path)
+
+
 def _audio_array(clips: list[np.ndarray], settings: DecodeSettings) -> pa.Array:
     if settings.audio_dtype == "int16":
         clips = [np.clip(np.round(c * 32768.0), -32768, 32767).astype(np.int16) for c in clips]
@@ -142,11 +148,41 @@ def decode_batch(batch: pa.Table, settings: DecodeSettings) -> pa.Table:
                                              "audio")})
 
 
+DECODE_ROWS = 32  # files decoded per row group: bounds a task's memory (32 x 10 s float32 = 20 MB)
+
+
+def write_shard_batch(batch: pa.Table, settings: DecodeSettings, out_dir: str) -> pa.Table:
+    """Ray Data UDF: decode a batch (``decode_batch``, DECODE_ROWS files at a time) and write its good rows
+    as one shard in ``out_dir``, one row group per DECODE_ROWS files.
+
+    The audio never leaves the task: only the small metadata columns go back to the driver. (Decoded audio
+    through the object store, then a second pass to write it, cost more than the decoding on 2 cores.)
+    """
+    name = hashlib.sha1("\0".join(batch.column("path").to_pylist()).encode()).hexdigest()[:16]
+    path = Path(out_dir) / f"part-{name}.parquet"
+    writer, meta = None, []
+    try:
+        for start in range(0, batch.num_rows, DECODE_ROWS):
+            table = decode_batch(batch.slice(start, DECODE_ROWS), settings)
+            meta.append(table.select(["path", "class_name", "machine", "split", "noise_category", "sha1",
+                                      "audio_sha1", "repairs", "reject_reason"]))
+            good = table.filter(pc.equal(table.column("reject_reason"), "")).drop_columns(
+                ["reject_reason", "sha1", "audio_sha1"])
+            if good.num_rows:
+                writer = writer or pq.ParquetWriter(path, good.schema)
+                writer.write_table(good)
+    finally:
+        if writer is not None:
+            writer.close()
+    return pa.concat_tables(meta)
+
+
 # ---------------------------------------------------------------------------------------------------- writer
 def fingerprint(records: Sequence[ClipRecord], scan_rejects: Sequence[tuple[str, str]],
-                settings: DecodeSettings, rows_per_shard: int) -> str:
+                settings: DecodeSettings, rows_per_shard: int, shuffle_seed: int | None = 0) -> str:
     h = hashlib.sha1(json.dumps({"schema": SCHEMA_VERSION, "settings": asdict(settings),
-                                 "rows_per_shard": rows_per_shard}, sort_keys=True).encode())
+                                 "rows_per_shard": rows_per_shard, "shuffle_seed": shuffle_seed},
+                                sort_keys=True).encode())
     for path in sorted([r.path for r in records] + [p for p, _ in scan_rejects]):
         try:
             st = os.stat(path)
@@ -173,8 +209,17 @@ def read_rejects(root: str | os.PathLike) -> list[tuple[str, str]]:
 
 def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
                  settings: DecodeSettings = DecodeSettings(), rows_per_shard: int = 256,
-                 scan_rejects: Sequence[tuple[str, str]] = (), force: bool = False) -> ShardSet:
+                 scan_rejects: Sequence[tuple[str, str]] = (), force: bool = False,
+                 shuffle_seed: int | None = 0) -> ShardSet:
     """Decode ``records`` in parallel with Ray Data and write them as Parquet shards into ``out_dir``.
+
+    Records are written in a seeded random order (``shuffle_seed``; None keeps the scan's path order), so
+    every shard holds a sample of all machine types and sections: the training stream reads a few shards
+    per work unit, and a batch is then well mixed instead of one machine type. Readers never depend on
+    the row order (``read_table`` sorts by path).
+
+    Each Ray task decodes one batch of files and writes its own shard (``write_shard_batch``); shards hold
+    at most ``rows_per_shard`` rows (fewer where files were rejected, or to give every CPU work).
 
     ``scan_rejects`` are files the layout scan could not name; they are listed in ``rejects.csv`` with the
     decode rejects, so ``inputs == written + rejected`` in the manifest. Needs Ray (``runtime.init_ray``).
@@ -184,7 +229,7 @@ def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
     out_dir = Path(out_dir)
     if rows_per_shard <= 0:
         raise ValueError(f"rows_per_shard = {rows_per_shard}: must be > 0")
-    fp = fingerprint(records, scan_rejects, settings, rows_per_shard)
+    fp = fingerprint(records, scan_rejects, settings, rows_per_shard, shuffle_seed)
     fsio.remove_stale_temps(out_dir.parent)  # `.machine.tmp-*` of an ingest that was killed
     old = None if force else read_manifest(out_dir)
     if old is not None and old.get("fingerprint") == fp:
@@ -201,16 +246,18 @@ def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
 
             init_ray()  # idempotent: joins the Ray of the caller, or starts the embedded one with its settings
             items = [_record_row(r) for r in records]
-            ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 8, 64)))
-            decoded = ds.map_batches(decode_batch, batch_size=8, batch_format="pyarrow",
-                                     fn_kwargs={"settings": settings}).materialize()
-            meta = decoded.select_columns(["path", "class_name", "machine", "split", "noise_category", "sha1",
-                                           "audio_sha1", "repairs", "reject_reason"]).take_all()
+            if shuffle_seed is not None:  # seeded: the same input gives the same shards
+                items = [items[i] for i in np.random.default_rng(shuffle_seed).permutation(len(items))]
+            # One task per shard; shards of at most rows_per_shard rows, and at least two tasks per CPU
+            # when the corpus is large enough, so every core decodes.
+            cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+            rows_per_task = max(1, min(rows_per_shard, -(-len(items) // (2 * cpus))))
+            meta = (ray.data.from_items(items, override_num_blocks=-(-len(items) // rows_per_task))
+                    .map_batches(write_shard_batch, batch_size=rows_per_task, batch_format="pyarrow",
+                                 fn_kwargs={"settings": settings, "out_dir": str(tmp)})
+                    .take_all())
             rejects += [(m["path"], m["reject_reason"]) for m in meta if m["reject_reason"]]
             written = [m for m in meta if not m["reject_reason"]]
-            good = decoded.filter(expr="reject_reason == ''").drop_columns(["reject_reason", "sha1", "audio_sha1"])
-            if written:
-                good.write_parquet(str(tmp), max_rows_per_file=rows_per_shard, min_rows_per_file=rows_per_shard)
         for path, reason in rejects:
             log.warning("rejected %s: %s", path, reason)
         shards = sorted(p.name for p in tmp.glob("*.parquet"))
@@ -219,6 +266,7 @@ def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
             "fingerprint": fp,
             "settings": asdict(settings),
             "rows_per_shard": rows_per_shard,
+            "shuffle_seed": shuffle_seed,
             "shards": shards,
             "counts": {
                 "inputs": len(records) + len(scan_rejects),
@@ -262,11 +310,12 @@ def read_table(root: str | os.PathLike, columns: Sequence[str] | None = None) ->
     return pa.concat_tables(tables).sort_by("path")
 
 
-def audio_matrix(table_or_column) -> np.ndarray:
+def audio_matrix(table_or_column, dtype=np.float32) -> np.ndarray:
     """The fixed-length audio column (of a table, or the column itself) as float32 (rows, samples).
 
     Zero-copy for float32 shards; int16 shards (data.audio_dtype) are rescaled by 1/32768. The one decoder
-    of machine clips, used by the training stream and the corpus readers.
+    of machine clips, used by the training stream and the corpus readers. `dtype=None` returns the stored
+    samples as they are (int16 unscaled), zero-copy: the stream converts only the rows it draws.
     """
     col = table_or_column.column("audio") if isinstance(table_or_column, pa.Table) else table_or_column
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
@@ -274,6 +323,8 @@ def audio_matrix(table_or_column) -> np.ndarray:
         raise ValueError("audio_matrix needs fixed-length clips; use audio_list for full-length noise")
     flat = col.flatten().to_numpy(zero_copy_only=False)
     x = flat.reshape(len(col), col.type.list_size)
+    if dtype is None:
+        return x
     return x.astype(np.float32) / 32768.0 if x.dtype == np.int16 else x.astype(np.float32, copy=False)
 
 

@@ -98,7 +98,7 @@ def provenance(checkpoint: str | os.PathLike) -> dict:
         return {}
     pointer = read_run_pointer(folder)
     return {"preset": cfg.name, "seed": cfg.train.seed, "pretrain_run_id": pointer.get("run_id", ""),
-            "config": to_dict(cfg)}
+            "config": to_dict(cfg), "extra_params": pointer.get("params", {})}
 
 
 def check_checkpoints(resolved: Sequence[tuple[str, str, bool]], layer: int,
@@ -209,8 +209,85 @@ def _run_params(cfg, origin: dict, frozen: bool) -> dict:
     from retain_asd.config import to_dict
 
     values = to_dict(cfg)
-    if origin:
-        values = {**origin["config"], "eval": values["eval"], "tracking": values["tracking"]}
+    if origin:  # + what pre-training logged beside the config (protocol.* overlap counts)
+        values = {**origin["config"], "eval": values["eval"], "tracking": values["tracking"],
+                  **origin.get("extra_params", {})}
     if frozen:
         values["objective"] = {**values["objective"], "name": "frozen"}
     return values
+
+
+# ---------------------------------------------------------------------------------------------------- analyses
+def _prepare(cfg, checkpoints: Sequence[str], out_dir: Path):
+    """Resolve and open every checkpoint, run the leakage guard, build the eval sets: (resolved, depths, sets)."""
+    from retain_asd.corpus.ingest import check_protocol
+    from retain_asd.eval.evalsets import evalsets_from_config
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resolved = [resolve_checkpoint(spec, cfg, out_dir) for spec in checkpoints]
+    depths = check_checkpoints(resolved, 1, None, cfg.model.family)
+    check_protocol(cfg)
+    return resolved, depths, evalsets_from_config(cfg)
+
+
+def table3_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.PathLike, *, layer: int | None = None):
+    """Builder of `retain-asd table3`: Table 3 (Mismatch 0 dB, per machine, no DN) for the checkpoints (the first,
+    e.g. "frozen", also gives the embedding-mixture oracle); table3.md, table3.png, one MLflow run."""
+    from retain_asd.config import to_dict
+    from retain_asd.eval.analyses import TABLE3_SNR_DB, table3, write_table3
+    from retain_asd.tracking import log_artifacts, log_metrics, mlflow_run, resolve_tracking_uri
+
+    out_dir = Path(out_dir)
+    resolved, _, sets = _prepare(cfg, checkpoints, out_dir)
+    if "mismatch" not in cfg.eval.conditions or TABLE3_SNR_DB not in sets.snrs_db:
+        raise ValueError(f"Table 3 needs the Mismatch set at {TABLE3_SNR_DB:g} dB: eval.conditions = "
+                         f"{list(cfg.eval.conditions)}, eval.snrs_db = {sets.snrs_db}; add 'mismatch' / 0.0")
+    e = cfg.eval
+    use = layer or (e.ssl_layer if resolved[0][2] else e.layer)
+    result = table3(sets, [(name, path) for name, path, _ in resolved], use, lam=cfg.objective.lam, k=e.k,
+                    metric=e.metric, pooling=e.pooling, batch_size=e.batch_size)
+    paths = write_table3(result, out_dir)
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
+    params = {"config": to_dict(cfg), "checkpoints": [p for _, p, _ in resolved], "layer": use}
+    with mlflow_run(uri, cfg.tracking.experiment, "table3", params, {"kind": "table3"}):
+        log_metrics(result.metrics())
+        log_artifacts(out_dir, artifact_path="table3")
+    return result, paths
+
+
+def layers_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.PathLike):
+    """Builder of `retain-asd layers` (Fig. 2): every layer of each encoder from one forward pass per clip,
+    scored by the primary Table-2 hmean over all sets; layers.md, score_per_layer.png, one MLflow run per
+    encoder with ``layerwise/hmean_all_primary_<dn|raw>`` logged at step = layer (and the raw / DN figures)."""
+    from retain_asd.eval.analyses import layerwise_markdown
+    from retain_asd.eval.report import plot_score_per_layer
+    from retain_asd.tracking import log_artifacts, log_metrics, mlflow_run, resolve_tracking_uri
+
+    out_dir = Path(out_dir)
+    resolved, depths, sets = _prepare(cfg, checkpoints, out_dir)
+    e = cfg.eval
+    primary_dn = e.primary == "dn"
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
+    scores: dict[str, dict[int, float]] = {}
+    for name, path, _ in resolved:
+        layers = list(range(1, depths[path] + 1))
+        embedder = Embedder(path, pooling=e.pooling, cache_dir=Path(cfg.data.work_dir) / "embeddings",
+                            batch_size=e.batch_size)
+        result = evaluate_checkpoint(path, sets, layers, k=e.k, metric=e.metric, conditions=e.conditions,
+                                     name=name, embedder=embedder, primary=e.primary)
+        scores[name] = {x: result.table2(x, primary_dn)[-1].hmean_all for x in layers}
+        with mlflow_run(uri, cfg.tracking.experiment, f"layers-{name}", {"checkpoint": path, "layers": layers},
+                        {"kind": "layers"}):
+            for x in layers:
+                figures = {f"layerwise/hmean_all_primary_{e.primary}": scores[name][x],
+                           "layerwise/hmean_all": result.table2(x, False)[-1].hmean_all,
+                           "layerwise/hmean_all_dn": result.table2(x, True)[-1].hmean_all}
+                log_metrics({k: v for k, v in figures.items() if v == v}, step=x)
+            log_metrics({f"layer_{x}/hmean_all_primary_{e.primary}": v for x, v in scores[name].items() if v == v})
+    figure = f"hmean over all sets ({'DN' if primary_dn else 'raw'}, primary)"
+    md = fsio.write_text(out_dir / "layers.md", layerwise_markdown(scores, figure))
+    png = plot_score_per_layer(scores, out_dir / "score_per_layer.png")
+    with mlflow_run(uri, cfg.tracking.experiment, "layers", {"checkpoints": [p for _, p, _ in resolved]},
+                    {"kind": "layers"}):
+        log_artifacts(out_dir, artifact_path="layers")
+    return scores, [md, png]

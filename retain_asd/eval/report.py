@@ -111,6 +111,11 @@ def plot_score_per_layer(scores: Mapping[str, Mapping[int, float]], path) -> Pat
     return _save(fig, path)
 
 
+def save_figure(fig, path) -> Path:
+    """Save a matplotlib figure atomically and close it (as every plot of this module)."""
+    return _save(fig, path)
+
+
 def _save(fig, path) -> Path:
     fig.tight_layout()
     try:

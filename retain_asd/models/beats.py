@@ -348,16 +348,23 @@ class GatedRelPosAttention(nn.Module):
             self.grep_a = nn.Parameter(torch.ones(1, num_heads, 1, 1))
 
     def rel_pos_gate(self, q: Tensor) -> Tensor:
-        """(B, H, N, hd) unscaled queries -> (B, H, N, 1) gate in (1, 2 + ...) per query and head."""
-        B, H, N, _ = q.shape
-        gate_a, gate_b = torch.sigmoid(self.grep_linear(q).view(B, H, N, 2, 4).sum(-1)).chunk(2, dim=-1)
+        """(B, H, N, hd) unscaled queries -> (B, H, N, 1) gate in (1, 2 + ...) per query and head.
+
+        Official: sigmoid(grep_linear(q).view(..., 2, 4).sum(-1)); the sum over each group of 4 outputs is
+        folded into the weights first (a linear map of 2 outputs, not 8 then a sum: same value).
+        """
+        w = self.grep_linear.weight.view(2, 4, -1).sum(1)  # (2, hd)
+        b = self.grep_linear.bias.view(2, 4).sum(1)  # (2,)
+        gate_a, gate_b = torch.sigmoid(F.linear(q, w, b)).chunk(2, dim=-1)  # (B, H, N, 1) each
         return gate_a * (gate_b * self.grep_a - 1.0) + 2.0
 
     def forward(self, x: Tensor, position_bias: Tensor | None, key_padding_mask: Tensor | None) -> Tensor:
         B, N, D = x.shape
-        q = self.q_proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, hd)
-        k = self.k_proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        # q, k, v in one matrix product (one pass over x); the parameters keep the official names.
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (3D, D)
+        bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        qkv = F.linear(x, weight, bias).view(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd) each
 
         mask = None
         if position_bias is not None:

@@ -151,3 +151,71 @@ def read_digests(directory: str | os.PathLike) -> dict[int, dict]:
     for path in sorted(Path(directory).glob("digest_rank*.json")):
         out[int(path.stem.removeprefix("digest_rank"))] = json.loads(path.read_text())
     return out
+
+
+# -------------------------------------------------------------------------------------------- completeness
+# Ray Train writes a checkpoint folder rank by rank and records it in its run snapshot; a kill can leave a
+# folder with some ranks' files, or a complete folder the snapshot never recorded. A folder counts as complete
+# only when its marker, written last (after every rank's files were persisted), lists every file with its size
+# and sha256 and they all match.
+COMPLETE = "complete.json"
+CHECKPOINT_GLOB = "checkpoint_*"
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def mark_complete(directory: str | os.PathLike, step: int) -> Path:
+    """Write the completeness marker of a persisted checkpoint folder (atomically, as its last file)."""
+    directory = Path(directory)
+    files = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _file_digest(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != COMPLETE and not fsio.is_temp(p)}
+    if TRAIN_STATE not in files:
+        raise FileNotFoundError(f"{directory}: no {TRAIN_STATE}; not a complete training checkpoint")
+    return fsio.write_json(directory / COMPLETE, {"step": int(step), "files": files})
+
+
+def complete_step(directory: str | os.PathLike, verify: bool = True) -> int | None:
+    """The step of a complete checkpoint folder (marker present, every listed file there with its size and,
+    with `verify`, its sha256); None for an incomplete, torn or foreign one."""
+    directory = Path(directory)
+    try:
+        marker = json.loads((directory / COMPLETE).read_text())
+        for name, meta in marker["files"].items():
+            path = directory / name
+            if path.stat().st_size != meta["bytes"] or (verify and _file_digest(path) != meta["sha256"]):
+                return None
+        return int(marker["step"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def complete_checkpoints(run_dir: str | os.PathLike, verify: bool = True) -> tuple[list[tuple[int, Path]],
+                                                                                    list[Path]]:
+    """([(step, folder)] of the complete checkpoints by step, [incomplete folders]) under a Ray Train run folder."""
+    complete, incomplete = [], []
+    for folder in sorted(Path(run_dir).glob(CHECKPOINT_GLOB)):
+        if folder.is_dir():
+            step = complete_step(folder, verify)
+            (incomplete.append(folder) if step is None else complete.append((step, folder)))
+    return sorted(complete, key=lambda sf: (sf[0], sf[1].name)), incomplete
+
+
+def clean_checkpoints(run_dir: str | os.PathLike, keep: int) -> tuple[tuple[int, Path] | None, list[Path]]:
+    """Remove incomplete checkpoint folders and the complete ones older than the newest `keep`.
+
+    Returns ((step, folder) of the newest complete checkpoint or None, the removed folders). Call only while
+    no run writes into `run_dir` (at the start or the end of `pretrain`).
+    """
+    import shutil
+
+    complete, removed = complete_checkpoints(run_dir)
+    removed += [folder for _, folder in complete[:-max(keep, 1)]]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return (complete[-1] if complete else None), removed

@@ -8,15 +8,19 @@
       -> student exported in official BEATs format   <out>/student_beats.pt
       -> MLflow run (params, live metrics, config,   <out>/metrics.jsonl      every report, rank 0
          summary and student as artifacts)         <out>/mlflow_run.json    its run id (read by evaluate)
+      -> run summary                                 <out>/summary.json       steps, restarts, resumes, loss
 
-Re-running `pretrain` with the same config and out dir resumes from the latest checkpoint: Ray Train
-(V2) restores a run whose name and storage path already hold a run snapshot. Ray must be initialised by
-the caller (`retain_asd.runtime.init_ray`).
+A lost worker restarts the worker group from the latest checkpoint (`train.max_failures`, default 3).
+Re-running `pretrain` with the same config and out dir resumes from the newest *complete* checkpoint on disk
+(`train/recovery.py`: marker written last; incomplete and orphaned folders are removed). A non-finite loss or
+gradient norm stops the run before the optimiser applies it (`train/guard.py`): `DivergenceError`, nothing
+exported. Ray must be initialised by the caller (`retain_asd.runtime.init_ray`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -40,8 +44,9 @@ from retain_asd.models.beats import (
     save_beats,
     write_random_checkpoint,
 )
-from retain_asd.train import objectives
-from retain_asd.train.checkpoint import TRAIN_STATE, read_train_state
+from retain_asd.train import objectives, recovery
+from retain_asd.train.checkpoint import TRAIN_STATE, complete_checkpoints, read_train_state
+from retain_asd.train.guard import DivergenceError
 from retain_asd.train.loop_config import LoopConfig
 
 log = logging.getLogger(__name__)
@@ -57,6 +62,7 @@ class PretrainResult:
     checkpoint_path: str | None  # latest Ray Train checkpoint directory
     metrics: list[dict] = field(default_factory=list)  # every report of this out dir, by step
     mlflow_run_id: str | None = None
+    summary: dict = field(default_factory=dict)  # what <out>/summary.json holds
 
 
 # ---------------------------------------------------------------------------------------- model init
@@ -149,13 +155,14 @@ def loop_config_from(cfg: Config, labels_path: str | os.PathLike, init_checkpoin
         lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, total_steps=t.total_steps,
         batch_size_per_worker=t.batch_size // t.num_workers, grad_accum=t.grad_accum, grad_clip=t.grad_clip,
         log_every=t.log_every, checkpoint_every=t.checkpoint_every, seed=t.seed, stop_at_step=stop_at_step,
-        skip_seen_batches=True,
+        skip_seen_batches=True, skip_nonfinite_steps=t.skip_nonfinite_steps,
     )
 
 
 # ---------------------------------------------------------------------------------------- data
-def train_dataset_from(cfg: Config, corpus) -> Any:
-    """The Ray Data mixing stream, with enough epochs for total_steps x grad_accum x batch_size clips."""
+def train_stream_from(cfg: Config, corpus, num_clips: int | None = None) -> Any:
+    """The Ray Data mixing stream as a `stream.StreamPlan` (dataset + state), with enough epochs for
+    `num_clips` clips (default total_steps x grad_accum x batch_size; `retain-asd inspect-stream` asks less)."""
     from retain_asd import stream
     from retain_asd.corpus.shards import read_table
 
@@ -164,10 +171,18 @@ def train_dataset_from(cfg: Config, corpus) -> Any:
     num_train = sum(s == "train" for s in splits)
     if num_train == 0:
         raise ValueError(f"{corpus.machine.root}: no clips with split 'train' to pre-train on")
-    num_epochs = stream.epochs_for_steps(t.total_steps, t.batch_size, t.grad_accum, num_train)
-    return stream.build_train_dataset(corpus.machine.root, corpus.noise.root, corpus.labels_path,
-                                      snr_sampler=snr_sampler_args(cfg), seed=cfg.mixing.seed,
-                                      num_epochs=num_epochs, class_weighted=t.class_weighted)
+    if num_clips is None:
+        num_epochs = stream.epochs_for_steps(t.total_steps, t.batch_size, t.grad_accum, num_train)
+    else:
+        num_epochs = stream.epochs_for_steps(num_clips, 1, 1, num_train)
+    return stream.build_train_stream(corpus.machine.root, corpus.noise.root, corpus.labels_path,
+                                     snr_sampler=snr_sampler_args(cfg), seed=cfg.mixing.seed,
+                                     num_epochs=num_epochs, class_weighted=t.class_weighted)
+
+
+def train_dataset_from(cfg: Config, corpus) -> Any:
+    """The Ray Data mixing stream, with enough epochs for total_steps x grad_accum x batch_size clips."""
+    return train_stream_from(cfg, corpus).dataset
 
 
 # ---------------------------------------------------------------------------------------- trainer
@@ -249,7 +264,8 @@ def build_trainer(cfg: Config, loop_config: LoopConfig, train_dataset, out_dir: 
         run_config=RunConfig(name=cfg.name, storage_path=str(out_dir / "ray"),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=t.max_failures),
-                             callbacks=[_metrics_log_callback(out_dir / "metrics.jsonl", *(mlflow_run or ()))]),
+                             callbacks=[_metrics_log_callback(out_dir / "metrics.jsonl", *(mlflow_run or ())),
+                                        recovery.run_monitor(out_dir / recovery.EVENTS)]),
         datasets={"train": train_dataset},
     )
 
@@ -264,9 +280,9 @@ def export_student(checkpoint_dir: str | os.PathLike, init_checkpoint: str | os.
 
 
 def latest_checkpoint(out_dir: str | os.PathLike, name: str) -> Path | None:
-    """The Ray Train checkpoint of run `name` under <out>/ray with the highest step, or None."""
-    found = [p.parent for p in (Path(out_dir) / "ray" / name).glob(f"checkpoint_*/{TRAIN_STATE}")]
-    return max(found, key=_checkpoint_step, default=None)
+    """The complete Ray Train checkpoint (`checkpoint.complete_step`) of run `name` with the highest step, or None."""
+    complete, _ = complete_checkpoints(Path(out_dir) / "ray" / name)
+    return complete[-1][1] if complete else None
 
 
 def _checkpoint_step(directory: Path) -> int:
@@ -301,7 +317,9 @@ def read_run_pointer(out_dir: str | os.PathLike) -> dict:
 @contextlib.contextmanager
 def _tracked_run(cfg: Config, out_dir: Path, track: bool, protocol=None):
     """One MLflow run per out dir, open around training (so metrics go in live) and the export; its id is kept
-    in <out>/mlflow_run.json, so a resumed run continues it. Nested under the active run (a sweep trial's)."""
+    in <out>/mlflow_run.json, so a resumed run continues it. Nested under the active run (a sweep trial's).
+    `protocol`: the leakage guard's ``OverlapReport``, logged as ``protocol.*`` params (and kept in the pointer,
+    so the evaluation of this student logs the same keys)."""
     if not track:
         yield None
         return
@@ -309,27 +327,27 @@ def _tracked_run(cfg: Config, out_dir: Path, track: bool, protocol=None):
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
     state = read_run_pointer(out_dir)
-    params = config_mod.to_dict(cfg) if not state.get("run_id") else None
-    if params is not None and protocol:  # what the corpora share, only when they do (data.add_eval_references):
-        from retain_asd.corpus.protocol import overlap_params  # a disjoint run keeps evaluate's param keys
+    extra = state.get("params", {})
+    if protocol is not None:  # what the two corpora share (data.add_eval_references)
+        from retain_asd.corpus.protocol import overlap_params
 
-        params = {**params, **overlap_params(protocol)}
+        extra = overlap_params(protocol)
+    params = {**config_mod.to_dict(cfg), **extra} if not state.get("run_id") else None
     tags = {"kind": "pretrain", "preset": cfg.name, "seed": str(cfg.train.seed), "objective": cfg.objective.name,
             "out_dir": str(out_dir)}
     with tracking.mlflow_run(uri, cfg.tracking.experiment, tracking.run_name("pretrain", cfg.name, cfg.train.seed),
                              params=params, tags=tags, run_id=state.get("run_id"),
                              nested=tracking.active_run_id() is not None) as run:
         fsio.write_json(out_dir / RUN_POINTER, {"run_id": run.info.run_id, "tracking_uri": uri,
-                                                "experiment": cfg.tracking.experiment})
+                                                "experiment": cfg.tracking.experiment, "params": extra})
         yield uri, run.info.run_id
 
 
-def _log_outputs(out_dir: Path, summary: dict) -> None:
+def _log_outputs(out_dir: Path, student_path: Path) -> None:
     """The run summary, the resolved config.yaml and the exported student as artifacts of the active run."""
     from retain_asd import tracking
 
-    fsio.write_json(out_dir / "summary.json", summary, indent=2)
-    tracking.set_tags({"student_beats": summary["student_beats"]})
+    tracking.set_tags({"student_beats": str(student_path)})
     for name in ("config.yaml", "summary.json", "student_beats.pt"):
         tracking.log_artifact(out_dir / name)
 
@@ -343,13 +361,16 @@ def pretrain(cfg: Config, out_dir: str | os.PathLike, *, corpus=None, stop_at_st
     leakage guard against the evaluation corpus first); `protocol`: the guard's ``OverlapReport`` when the
     caller passes `corpus` (logged as MLflow params). `stop_at_step`: stop after
     that optimiser step (a checkpoint is written there; a later call resumes), e.g. for time-limited jobs.
+    A re-run resumes from the newest COMPLETE checkpoint on disk (`recovery.prepare_resume`); the run ends
+    with <out>/summary.json; a divergence raises `DivergenceError` and exports nothing.
     """
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     fsio.remove_stale_temps(out_dir)  # temp files of a run that was killed (config.yaml, student, MLflow pointer)
     config_path = out_dir / "config.yaml"
     init_checkpoint = resolve_init_checkpoint(cfg, out_dir)
-    checkpoint = latest_checkpoint(out_dir, cfg.name)
+    newest = recovery.prepare_resume(out_dir, cfg.name, cfg.train.keep_checkpoints)  # removes torn folders
+    checkpoint = newest[1] if newest else None
     if checkpoint is not None:  # resuming: the run must be the same
         _check_same_config(cfg, config_path)
     config_mod.dump_yaml(cfg, config_path)
@@ -360,38 +381,70 @@ def pretrain(cfg: Config, out_dir: str | os.PathLike, *, corpus=None, stop_at_st
                     student_path)
         with _tracked_run(cfg, out_dir, track, protocol) as run:
             save_beats(load_beats(init_checkpoint), student_path)
+            summary = _finish(cfg, out_dir, "completed", None, student_path, step=0)
             if run:
-                _log_outputs(out_dir, _summary(cfg, student_path, 0, True, []))
-        return PretrainResult(out_dir, student_path, config_path, 0, True, None, [], run and run[1])
-    done = checkpoint is not None and _checkpoint_step(checkpoint) >= (stop_at_step or cfg.train.total_steps)
+                _log_outputs(out_dir, student_path)
+        return PretrainResult(out_dir, student_path, config_path, 0, True, None, [], run and run[1], summary)
+    done = newest is not None and newest[0] >= (stop_at_step or cfg.train.total_steps)
     if corpus is None and not done:
         from retain_asd.corpus.ingest import corpora_from_config
 
-        corpus, _, protocol = corpora_from_config(cfg)  # guarded; before the MLflow run: no failed run
+        corpus, _, protocol = corpora_from_config(cfg)  # before the MLflow run: a corpus error is no failed run
     with _tracked_run(cfg, out_dir, track, protocol) as run:
-        step, checkpoint = _train(cfg, out_dir, corpus, init_checkpoint, checkpoint, stop_at_step, run)
+        checkpoint = checkpoint if done else _train(cfg, out_dir, corpus, init_checkpoint, checkpoint,
+                                                    stop_at_step, run)
+        state = read_train_state(checkpoint)
+        step = int(state["step"])
         export_student(checkpoint, init_checkpoint, student_path)
         history = read_metrics(out_dir / "metrics.jsonl")
+        completed = step == cfg.train.total_steps
+        summary = _finish(cfg, out_dir, "completed" if completed else "stopped", checkpoint, student_path,
+                          skipped=int(state["data"].get("skipped_steps", 0)), step=step)
         if run:
-            _log_outputs(out_dir, _summary(cfg, student_path, step, step == cfg.train.total_steps, history))
-    return PretrainResult(out_dir, student_path, config_path, step, step == cfg.train.total_steps,
-                          str(checkpoint), history, run and run[1])
-
-
-def _summary(cfg: Config, student_path: Path, step: int, completed: bool, history: list[dict]) -> dict:
-    return {"name": cfg.name, "seed": cfg.train.seed, "step": step, "total_steps": cfg.train.total_steps,
-            "completed": completed, "student_beats": str(student_path), "last_report": history[-1] if history else {}}
+            _log_outputs(out_dir, student_path)
+    return PretrainResult(out_dir, student_path, config_path, step, completed, str(checkpoint), history,
+                          run and run[1], summary)
 
 
 def _train(cfg: Config, out_dir: Path, corpus, init_checkpoint: Path, checkpoint: Path | None,
-           stop_at_step: int | None, run: tuple[str, str] | None) -> tuple[int, Path]:
-    """Fit up to stop_at_step / total_steps (unless a checkpoint is already there): (step, its checkpoint)."""
-    target = stop_at_step or cfg.train.total_steps
-    if checkpoint is None or _checkpoint_step(checkpoint) < target:  # else: already there, only export
-        loop_config = loop_config_from(cfg, corpus.labels_path, init_checkpoint, stop_at_step)
-        trainer = build_trainer(cfg, loop_config, train_dataset_from(cfg, corpus), out_dir, mlflow_run=run)
+           stop_at_step: int | None, run: tuple[str, str] | None) -> Path:
+    """Fit up to stop_at_step / total_steps from `checkpoint` (or the start); the newest checkpoint.
+
+    Worker losses are survived by Ray Train (train.max_failures); a divergence stops the run here."""
+    loop_config = dataclasses.replace(loop_config_from(cfg, corpus.labels_path, init_checkpoint, stop_at_step),
+                                      resume_from=str(checkpoint) if checkpoint else None)
+    trainer = build_trainer(cfg, loop_config, train_dataset_from(cfg, corpus), out_dir, mlflow_run=run)
+    since = recovery.fit_started(out_dir)
+    try:
         result = trainer.fit()
-        if result.checkpoint is None:
-            raise RuntimeError(f"{out_dir / 'ray' / cfg.name}: the run finished without a checkpoint")
-        checkpoint = Path(result.checkpoint.path)  # local storage (see build_trainer)
-    return _checkpoint_step(checkpoint), checkpoint
+    except Exception:
+        recovery.fit_failed(out_dir)
+        raise
+    try:
+        recovery.raise_if_diverged(out_dir, since)
+    except DivergenceError as err:
+        _finish(cfg, out_dir, "diverged", None, None, message=str(err))
+        raise
+    if result.checkpoint is None:
+        raise RuntimeError(f"{out_dir / 'ray' / cfg.name}: the run finished without a checkpoint")
+    return Path(result.checkpoint.path)  # local storage (see build_trainer)
+
+
+def _finish(cfg: Config, out_dir: Path, status: str, checkpoint: Path | None, student: Path | None,
+            skipped: int = 0, step: int | None = None, message: str | None = None) -> dict:
+    """Prune checkpoints to the newest train.keep_checkpoints, write <out>/summary.json and log its line."""
+    newest = recovery.prepare_resume(out_dir, cfg.name, cfg.train.keep_checkpoints)
+    if step is None:  # diverged: the last good checkpoint
+        step = newest[0] if newest else 0
+        if newest is not None:
+            skipped = int(read_train_state(newest[1])["data"].get("skipped_steps", 0))
+        checkpoint = newest[1] if newest else None
+    summary = recovery.summary(out_dir, name=cfg.name, status=status, step=step,
+                               total_steps=cfg.train.total_steps, skipped_steps=skipped,
+                               history=read_metrics(out_dir / "metrics.jsonl"),
+                               checkpoint=str(checkpoint) if checkpoint else None,
+                               student=str(student) if student else None, message=message)
+    summary["seed"] = cfg.train.seed
+    recovery.write_summary(out_dir, summary)
+    log.info(recovery.summary_line(summary))
+    return summary

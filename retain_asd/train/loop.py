@@ -9,6 +9,7 @@ setup, schedule, losses + step, log, checkpoint. `cfg` is a `LoopConfig` built b
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from collections import defaultdict
@@ -18,6 +19,7 @@ from contextlib import nullcontext
 import torch
 
 from retain_asd.stream import iter_train_batches
+from retain_asd.train import guard as guard_mod
 from retain_asd.train import objectives as obj
 from retain_asd.train.checkpoint import (
     load_train_state,
@@ -32,7 +34,7 @@ from retain_asd.train.schedule import cosine_schedule
 from retain_asd.train.specaug import SpecAugment
 from retain_asd.train.student import build_models, compute_losses
 
-BATCH_COLUMNS = ("mixture", "clean", "noise", "label", "snr_db")
+BATCH_COLUMNS = ("mixture", "clean", "noise", "label", "snr_db", "clip_idx")  # clip_idx: mixup partners
 
 
 def micro_batches(shard, batch_size: int, seed: int, skip: int = 0) -> Iterator[dict]:
@@ -66,13 +68,14 @@ def train_fn_per_worker(cfg: LoopConfig) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rngs = seed_rngs(cfg.seed, rank)  # dropout, layerdrop, masks, mixup draws and data order differ per rank
 
-    start_step, resumed = 0, {}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # resume: weights, optimizer, step and RNGs from the latest checkpoint
+    start_step, resumed, skipped = 0, {}, 0
+    # a worker-group restart gets Ray's latest checkpoint of this fit; a new fit the newest complete one on disk
+    checkpoint = ray.train.get_checkpoint() or (cfg.resume_from and Checkpoint.from_directory(cfg.resume_from))
+    if checkpoint:  # resume: weights, optimizer, step and RNGs from the latest checkpoint
         with checkpoint.as_directory() as directory:
             state, rng = load_train_state(directory, rank=rank, student=model.encoder, head=model.head,
                                           optimizer=optimizer)
-        start_step = state["step"]
+        start_step, skipped = state["step"], state["data"].get("skipped_steps", 0)
         if rng is not None:
             set_rng_state(rng, rngs.spec, rngs.np)
         resumed = {"resumed_from_step": start_step, "optimizer_sha256_at_resume": state["optimizer_sha256"]}
@@ -86,6 +89,7 @@ def train_fn_per_worker(cfg: LoopConfig) -> None:
     lr = cosine_schedule(cfg.lr, cfg.total_steps, cfg.warmup_steps)
 
     window, clips, t0 = defaultdict(float), 0, time.perf_counter()
+    guard = guard_mod.DivergenceGuard(cfg.skip_nonfinite_steps, skipped)
     for step in range(start_step, cfg.stop):
         for group in optimizer.param_groups:
             group["lr"] = float(lr[step])
@@ -96,12 +100,20 @@ def train_fn_per_worker(cfg: LoopConfig) -> None:
             with nullcontext() if last or world == 1 else student.no_sync():
                 losses = compute_losses(student, teacher, specaug, batch, cfg, rngs.spec, rngs.np)
                 (losses.total / cfg.grad_accum).backward()
-            for name, value in losses.as_floats().items():
-                window[name] += value / cfg.grad_accum
+            guard.observe(values := losses.as_floats(), micro)
+            for name, value in values.items():
+                window[name] += value / cfg.grad_accum if math.isfinite(value) else 0.0  # a skipped step's NaN
             clips += batch["mixture"].shape[0]
         if cfg.grad_clip > 0:
-            window["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip))
-        optimizer.step()
+            window["grad_norm"] += (norm := float(torch.nn.utils.clip_grad_norm_(student.parameters(),
+                                                                                 cfg.grad_clip)))
+        # ---- divergence guard: a non-finite loss or gradient norm is never applied (train/guard.py)
+        decision = guard.check(step + 1, norm if cfg.grad_clip > 0 else guard_mod.grad_norm(student.parameters()))
+        if decision == guard_mod.STOP:  # every rank reports it and returns: no retry, no checkpoint
+            ray.train.report({"diverged": guard.message})
+            return
+        if decision == guard_mod.OK:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
 
@@ -112,7 +124,8 @@ def train_fn_per_worker(cfg: LoopConfig) -> None:
         steps_in_window = clips / (cfg.grad_accum * cfg.batch_size_per_worker)
         metrics = {"step": done, "lr": float(lr[step]),
                    "clips_per_s": clips * world / (time.perf_counter() - t0),
-                   **{k: v / steps_in_window for k, v in window.items()}, **resumed}
+                   **{k: v / steps_in_window for k, v in window.items()}, **resumed,
+                   **({"skipped_steps": guard.skipped} if guard.skipped else {})}
         window, clips, t0, resumed = defaultdict(float), 0, time.perf_counter(), {}
         if not save:
             ray.train.report(metrics)
@@ -123,5 +136,6 @@ def train_fn_per_worker(cfg: LoopConfig) -> None:
             save_train_state(directory, rank=rank, step=done, student=model.encoder, head=model.head,
                              optimizer=optimizer, rng=rng_state(rngs.spec, rngs.np), teacher=teacher,
                              teacher_initial=teacher_initial, node_id=ray.get_runtime_context().get_node_id(),
-                             data={"micro_batches_seen": done * cfg.grad_accum, "seed": cfg.seed})
+                             data={"micro_batches_seen": done * cfg.grad_accum, "seed": cfg.seed,
+                                   "skipped_steps": guard.skipped})
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))

@@ -48,6 +48,8 @@ class LoopConfig:
     seed: int  # train.seed: model init, per-rank RNGs (`seed_rngs`)
     stop_at_step: int | None = None  # stop after this step (checkpointed); None = total_steps
     skip_seen_batches: bool = True  # on resume, draw and drop the micro-batches already consumed
+    skip_nonfinite_steps: int = 0  # divergence guard (train/guard.py): bad steps skipped before the run stops
+    resume_from: str | None = None  # a new fit starts from this checkpoint folder (the newest complete one)
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))

@@ -297,7 +297,7 @@ def linear_mixup(
     """Linear mixup: x = r x1 + (1 - r) x2 and soft labels y = r y1 + (1 - r) y2, r per sample (B,).
 
     x1, x2: (B, ...) noisy inputs (waveforms); y1, y2: (B, K) labels. The second clip is typically the
-    batch rolled by one (`torch.roll(x, 1, 0)`).
+    batch permuted by `mixup_partners` (another clip per row).
     """
     if x1.shape != x2.shape or y1.shape != y2.shape or x1.shape[0] != y1.shape[0]:
         raise ValueError(f"linear_mixup: x1 {tuple(x1.shape)}, x2 {tuple(x2.shape)} and y1 "
@@ -328,3 +328,27 @@ def snr_mixup(
     a1, a2 = snr_gains(p1, p2, torch.as_tensor(snr_db, dtype=p1.dtype, device=p1.device))  # (B,), (B,)
     x = a1[:, None].to(mix1.dtype) * mix1 + a2[:, None].to(mix2.dtype) * mix2  # (B, L)
     return x, torch.maximum(y1, y2)
+
+
+def mixup_partners(clip_idx: np.ndarray | torch.Tensor, rng: np.random.Generator, tries: int = 64) -> np.ndarray:
+    """Partner row per row for the mixup baselines: a seeded derangement whose partner is another clip.
+
+    `clip_idx` (B,) identifies each row's clean clip (the stream's `clip_idx`; a class-weighted epoch may
+    draw one clip twice). Rejection-samples permutations (about e tries for B = 16), then falls back to a
+    construction: clips in random order, grouped, each row paired with the row half a batch away, which
+    is another clip whenever no clip fills more than half the batch. Replaces `roll(1)`, whose partner is
+    the neighbouring row: with rows grouped by shard, often the same clip or machine.
+    """
+    clip = np.asarray(clip_idx.cpu() if isinstance(clip_idx, torch.Tensor) else clip_idx).reshape(-1)
+    b = len(clip)
+    if b < 2:
+        raise ValueError(f"mixup needs a batch of >= 2 rows to pair, got {b}")
+    for _ in range(tries):
+        perm = rng.permutation(b)
+        if (clip[perm] != clip).all():
+            return perm
+    _, key = np.unique(clip, return_inverse=True)
+    order = np.lexsort((rng.permutation(b), rng.permutation(key.max() + 1)[key]))  # random clip groups
+    perm = np.empty(b, dtype=np.int64)
+    perm[order] = order[(np.arange(b) + b // 2) % b]
+    return perm

@@ -10,8 +10,8 @@ Choices where the paper is silent:
     When only the mixture loss is used the blocks above `align_layer` are not computed.
   * Eq. 7 weights every objective: alpha the classification term (Eq. 4, or Eq. 1 for the denoising
     baselines), beta the mixture term (`objectives.combined_loss`); an unused weight is a config error.
-  * the mixup baselines pair each sample with the batch rolled by one; snr_mixup draws its SNR from
-    the configured SNR sampler.
+  * the mixup baselines pair each sample with another clip of the batch (a seeded derangement,
+    `objectives.mixup_partners`); snr_mixup draws its SNR from the configured SNR sampler.
 """
 
 from __future__ import annotations
@@ -59,6 +59,13 @@ def build_models(cfg: LoopConfig, device: torch.device) -> tuple[Student, BEATs 
     return student, teacher
 
 
+def _partners(batch: dict, np_rng: np.random.Generator, device: torch.device) -> torch.Tensor:
+    """Mixup partner rows (`obj.mixup_partners`): another clip per row (by `clip_idx`, else another row)."""
+    clip_idx = batch.get("clip_idx")
+    clip_idx = np.arange(batch["mixture"].shape[0]) if clip_idx is None else clip_idx
+    return torch.as_tensor(obj.mixup_partners(clip_idx, np_rng), device=device)
+
+
 def compute_losses(student: nn.Module, teacher: BEATs | None, specaug: SpecAugment, batch: dict, cfg: LoopConfig,
                    spec_generator: torch.Generator, np_rng: np.random.Generator) -> obj.LossTerms:
     """The objective `cfg.objective` on one micro-batch; `student` may be DDP-wrapped."""
@@ -68,11 +75,13 @@ def compute_losses(student: nn.Module, teacher: BEATs | None, specaug: SpecAugme
     batch_size, device = mixture.shape[0], mixture.device
     if terms.mixup == "linear":  # baseline: mixup of two noisy clips, soft labels
         ratio = obj.sample_mixup_ratio(np_rng, batch_size, cfg.mixup_beta).to(device)
-        mixture, label = obj.linear_mixup(mixture, mixture.roll(1, 0), label, label.roll(1, 0), ratio)
+        j = _partners(batch, np_rng, device)
+        mixture, label = obj.linear_mixup(mixture, mixture[j], label, label[j], ratio)
     elif terms.mixup == "snr":  # baseline: two noisy clips mixed by Eq. 3, union of the labels
         snr_db = torch.as_tensor(make_snr_sampler(**cfg.snr_sampler).sample(np_rng, batch_size),
                                  dtype=torch.float32, device=device)
-        mixture, label = obj.snr_mixup(mixture, mixture.roll(1, 0), label, label.roll(1, 0), snr_db)
+        j = _partners(batch, np_rng, device)
+        mixture, label = obj.snr_mixup(mixture, mixture[j], label, label[j], snr_db)
 
     fbank = specaug(encoder.preprocess(mixture), spec_generator)  # (B, T_frames, 128), student only
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -6,21 +6,23 @@ import pytest
 
 
 def test_evaluate_missing_checkpoint_fails_before_any_work(tmp_path, capsys):
+    from pipelines.common import run_main
     from pipelines.evaluate import main
 
     missing = tmp_path / "BEATs_student.pt"
-    code = main(["--preset", "smoke", "--checkpoint", str(missing), "--out", str(tmp_path / "out"),
-                 f"data.work_dir={tmp_path / 'work'}"])
+    code = run_main(main, ["--preset", "smoke", "--checkpoint", str(missing), "--out", str(tmp_path / "out"),
+                           f"data.work_dir={tmp_path / 'work'}"])
     assert code == 2
     assert f"{missing}: checkpoint not found" in capsys.readouterr().err
     assert not (tmp_path / "work" / "evalsets").exists()  # the eval sets were not built first
 
 
 def test_evaluate_frozen_with_missing_model_checkpoint(tmp_path, capsys):
+    from pipelines.common import run_main
     from pipelines.evaluate import main
 
-    code = main(["--preset", "frozen", "--checkpoint", "frozen", "--out", str(tmp_path / "out"),
-                 f"data.work_dir={tmp_path / 'work'}", f"model.checkpoint={tmp_path / 'BEATs_iter3.pt'}"])
+    code = run_main(main, ["--preset", "frozen", "--checkpoint", "frozen", "--out", str(tmp_path / "out"),
+                           f"data.work_dir={tmp_path / 'work'}", f"model.checkpoint={tmp_path / 'BEATs_iter3.pt'}"])
     assert code == 2
     assert "BEATs_iter3.pt': file not found" in capsys.readouterr().err
 
@@ -149,10 +151,10 @@ def test_evaluate_layer_beyond_the_checkpoint_depth(tmp_path, capsys):
 @pytest.mark.reliability("user-errors")
 def test_debug_shows_the_traceback(tmp_path):
     from pipelines.cli import main
-    from retain_asd.models.beats import BEATsCheckpointError
+    from retain_asd.models.encoders import CheckpointError
 
     good, truncated = _tiny_checkpoints(tmp_path)
-    with pytest.raises(BEATsCheckpointError, match="truncated.pt"):
+    with pytest.raises(CheckpointError, match="truncated.pt"):
         main(["--debug", "evaluate", "--preset", "smoke", "--checkpoint", str(truncated), "--out",
               str(tmp_path / "out"), f"data.work_dir={tmp_path / 'work'}"])
 

@@ -44,31 +44,32 @@ def test_auto_uses_the_gpus_a_cluster_has(ray_local):
 
 # ---------------------------------------------------------------------------------------------------- corpus
 @pytest.mark.ray
-def test_a_real_corpus_is_never_replaced_by_the_synthetic_one(small_corpus, tmp_path, capsys, ray_local):
+def test_a_real_corpus_is_never_replaced_by_the_synthetic_one(small_worlds, tmp_path, capsys, ray_local):
     from pipelines.cli import main
     from retain_asd.corpus import shards
-    from retain_asd.corpus.ingest import corpus_from_config
+    from retain_asd.corpus.ingest import pretrain_corpus_dir, pretrain_corpus_from_config
 
-    real_machines, real_noise = small_corpus / "synth" / "machines", small_corpus / "synth" / "noise"
+    roots = dict(o.split("=", 1) for o in small_worlds)
+    real_machines, real_noise = Path(roots["data.machine_root"]), Path(roots["data.noise_root"])
+    evals = [o for o in small_worlds if o.startswith("eval.")]
     work = tmp_path / "work"
     assert main(["ingest", "--machine-root", str(real_machines), "--noise-root", str(real_noise),
-                 "--out", str(work), "data.clip_s=2.0"]) == 0
-    before = shards.read_manifest(work / "corpus" / "machine")
+                 "--out", str(work), *evals]) == 0
+    cfg = load_config("smoke", overrides=[f"data.work_dir={work}", *evals])
+    shard_dir = pretrain_corpus_dir(cfg) / "machine"
+    before = shards.read_manifest(shard_dir)
     capsys.readouterr()
     # The user's next step without repeating the roots: stopped, told which roots to pass.
     assert main(["pretrain", "--preset", "smoke", "--out", str(tmp_path / "run"), f"data.work_dir={work}",
-                 "data.clip_s=2.0"]) == 2
+                 *evals]) == 2
     err = capsys.readouterr().err
     assert f"data.machine_root={real_machines.resolve()}" in err and "synthetic" in err
-    assert shards.read_manifest(work / "corpus" / "machine") == before  # untouched
-    assert not (work / "synth").exists()
-    data = load_config("smoke", overrides=[f"data.work_dir={work}", f"data.machine_root={real_machines}",
-                                           "data.clip_s=2.0"]).data
+    assert shards.read_manifest(shard_dir) == before  # untouched
+    half = load_config("smoke", overrides=[f"data.work_dir={work}", f"data.machine_root={real_machines}", *evals])
     with pytest.raises(FileExistsError, match=f"data.noise_root={real_noise.resolve()}"):
-        corpus_from_config(data)  # each corpus folder is guarded: the noise root is still missing
-    ok = load_config("smoke", overrides=[f"data.work_dir={work}", f"data.machine_root={real_machines}",
-                                         f"data.noise_root={real_noise}", "data.clip_s=2.0"]).data
-    assert not corpus_from_config(ok).machine.rebuilt  # the roots given: the same corpus, reused
+        pretrain_corpus_from_config(half)  # each corpus folder is guarded: the noise root is still missing
+    ok = load_config("smoke", overrides=[f"data.work_dir={work}", *small_worlds])
+    assert not pretrain_corpus_from_config(ok).machine.rebuilt  # the roots given: the same corpus, reused
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoint
@@ -89,8 +90,8 @@ def test_checkpoint_accepts_a_pretrain_out_folder_and_name_equals_path(tmp_path)
     write_json(out / "mlflow_run.json", {"run_id": "abc123"})
     name, path, frozen = resolve_checkpoint(str(out), cfg, tmp_path)
     assert (name, path, frozen) == ("smoke", str(out / "student_beats.pt"), False)
-    assert provenance(path) == {"preset": "smoke", "seed": 3, "pretrain_run_id": "abc123",
-                                "config": provenance(path)["config"]}
+    origin = provenance(path)
+    assert (origin["preset"], origin["seed"], origin["pretrain_run_id"]) == ("smoke", 3, "abc123")
     assert resolve_checkpoint(f"tm_pm5={out}", cfg, tmp_path)[:2] == ("tm_pm5", str(out / "student_beats.pt"))
     with pytest.raises(ValueError, match="NAME in NAME=PATH"):
         resolve_checkpoint(f"bad name={out}", cfg, tmp_path)

@@ -32,7 +32,7 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
         rows.append({"mixture": (a1 * clean + a2 * noise).astype(np.float32),
                      "clean": (a1 * clean).astype(np.float32), "noise": (a2 * noise).astype(np.float32),
                      "label": label, "machine_idx": np.int64(m), "noise_idx": np.int64(k),
-                     "snr_db": np.float32(snr_db)})
+                     "snr_db": np.float32(snr_db), "clip_idx": np.int64(i)})
     return rows
 
 

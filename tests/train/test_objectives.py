@@ -271,3 +271,25 @@ def test_softplus_constants():
     # Guards the hand-computed constants used above.
     assert math.log1p(math.exp(-2)) == pytest.approx(SOFTPLUS_MINUS_2, abs=1e-10)
     assert math.log1p(math.exp(-1)) == pytest.approx(SOFTPLUS_MINUS_1, abs=1e-10)
+
+
+# --- mixup partners ---------------------------------------------------------------------------------------
+
+def test_mixup_partners_is_a_seeded_derangement_over_clips():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        b = int(rng.integers(2, 33))
+        clip = rng.integers(0, max(2, b // 2), size=b)  # repeats: a class-weighted epoch draws clips twice
+        if np.bincount(clip).max() > b // 2:
+            continue  # no pairing can avoid the same clip then
+        perm = obj.mixup_partners(clip, np.random.default_rng(7))
+        assert sorted(perm.tolist()) == list(range(b))  # a permutation: each row is someone's partner once
+        assert (clip[perm] != clip).all()  # never the same clip (so never the row itself)
+        np.testing.assert_array_equal(perm, obj.mixup_partners(clip, np.random.default_rng(7)))
+    # the construction used when rejection sampling gives up: 8 rows of one clip in 16
+    clip = np.asarray([5] * 8 + list(range(10, 18)))
+    perm = obj.mixup_partners(clip, np.random.default_rng(1), tries=0)
+    assert sorted(perm.tolist()) == list(range(16)) and (clip[perm] != clip).all()
+    assert (obj.mixup_partners(torch.arange(2), np.random.default_rng(0)) == [1, 0]).all()
+    with pytest.raises(ValueError, match=">= 2 rows"):
+        obj.mixup_partners(np.zeros(1), np.random.default_rng(0))

@@ -1,0 +1,215 @@
+"""GPU benchmark, one CUDA device, within ~5 minutes: what a GPU run of retain-asd is bound by.
+
+    train_step   samples/s of a full base-BEATs pre-training step in bf16 autocast: SpecAugment, student
+                 forward, frozen teacher on clean and noise, tagging + mixture losses, backward, AdamW
+                 (`loop.compute_losses`, the training loop's own code)
+    stream       mixed clips/s the Ray Data stream delivers as tensors on the GPU (`iter_train_batches`),
+                 and supply / demand = stream clips/s over train_step samples/s (>= 1: the GPU never waits)
+    embed        clips/s of evaluation embeddings (`eval.embed.embed`: fp32 as evaluation runs it, and bf16)
+    knn          benchmarks/knn.py on the GPU (the CUDA path of `eval.knn`) against sklearn on the CPU
+
+    python benchmarks/gpu.py                          # CUDA; writes benchmarks/results/gpu.json
+    python benchmarks/gpu.py --device cpu --tiny      # dry run of the same code path on the CPU (tiny sizes)
+
+Without a CUDA device (and no --device cpu) it prints why and exits 0 without writing anything. The
+stream part needs Ray and soundfile; where they are not installed it is skipped with the reason in the JSON.
+Each part warms up first and reports the median of its timed iterations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from retain_asd.eval.embed import embed
+from retain_asd.models.beats import BEATs, beats_base, beats_tiny
+from retain_asd.train.loop import Student, compute_losses
+from retain_asd.train.specaug import SpecAugment
+
+SAMPLE_RATE_HZ = 16000
+NUM_MACHINE, NUM_NOISE = 231, 4  # the paper's 235 classes
+SNR = {"kind": "uniform", "low_db": -5.0, "high_db": 5.0}
+# Sizes per mode: (model, clip_s, step batch, embed batch, iters, knn refs/queries/dim, stream clips).
+SIZES = {
+    "full": {"model": "base", "clip_s": 10.0, "step_batch": 32, "embed_batch": 64, "iters": 10,
+             "knn": (1000, 200, 6144), "stream_clips": 2048},
+    "tiny": {"model": "tiny", "clip_s": 2.0, "step_batch": 2, "embed_batch": 2, "iters": 2,
+             "knn": (200, 20, 256), "stream_clips": 64},
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    seconds = []
+    for _ in range(iters):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _cfg(size: str):
+    return beats_base() if size == "base" else beats_tiny()
+
+
+def train_step(size: str, device: torch.device, batch: int, clip_s: float, iters: int) -> dict:
+    """Samples/s of one full pre-training step (Eq. 7: tagging + mixture), bf16 autocast on CUDA."""
+    torch.manual_seed(0)
+    cfg = _cfg(size)
+    student = Student(BEATs(cfg), NUM_MACHINE + NUM_NOISE, cfg.encoder_layers).to(device).train()
+    teacher = BEATs(cfg).to(device)
+    teacher.load_state_dict(student.encoder.state_dict())
+    teacher.freeze()
+    specaug = SpecAugment(freq_mask_bins=24, time_mask_frames=80, num_masks=2)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=1e-3)
+    g = torch.Generator().manual_seed(0)
+    clean, noise = (0.1 * torch.randn(batch, int(clip_s * SAMPLE_RATE_HZ), generator=g) for _ in range(2))
+    label = torch.zeros(batch, NUM_MACHINE + NUM_NOISE)
+    label[torch.arange(batch), torch.arange(batch) % NUM_MACHINE] = 1.0
+    label[torch.arange(batch), NUM_MACHINE + torch.arange(batch) % NUM_NOISE] = 1.0
+    data = {k: v.to(device) for k, v in {"mixture": clean + noise, "clean": clean, "noise": noise,
+                                         "label": label, "snr_db": torch.zeros(batch)}.items()}
+    config = {"objective": "tagging_mixture", "alpha": 1.0, "beta": 1.0, "lam": 0.5, "lam_mode": "fixed",
+              "align_layer": cfg.encoder_layers, "teacher_inputs": "scaled", "num_machine_classes": NUM_MACHINE}
+    spec_gen, np_rng = torch.Generator().manual_seed(1), np.random.default_rng(2)
+
+    def step():
+        losses = compute_losses(student, teacher, specaug, data, config, spec_gen, np_rng)
+        losses.total.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = _timed(step, device, warmup=2, iters=iters)
+    out = {"model": size, "batch": batch, "clip_s": clip_s, "s_per_step": seconds,
+           "dtype": "bfloat16 autocast" if device.type == "cuda" else "float32",
+           "samples_per_s": batch / statistics.median(seconds)}
+    if device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def embed_throughput(size: str, device: torch.device, batch: int, clip_s: float, iters: int) -> dict:
+    """Clips/s of `eval.embed.embed` (all layers, GenRep pooling): fp32 as evaluation runs it, and bf16."""
+    torch.manual_seed(0)
+    model = BEATs(_cfg(size)).eval().to(device)
+    layers = list(range(1, model.num_layers + 1))
+    x = (0.1 * torch.randn(batch, int(clip_s * SAMPLE_RATE_HZ))).to(device)  # (B, S)
+    out = {"model": size, "batch": batch, "clip_s": clip_s}
+    for name, dtype in (("float32", None), ("bfloat16_autocast", torch.bfloat16)):
+        def run(dtype=dtype):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                embed(model, x, layers)
+        out[f"{name}_clips_per_s"] = batch / statistics.median(_timed(run, device, warmup=2, iters=iters))
+    return out
+
+
+def knn_gpu_vs_sklearn(device: torch.device, refs: int, queries: int, dim: int, out_dir: Path) -> dict:
+    """benchmarks/knn.py with the torch side on `device` (ids and distances checked there)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import knn as knn_bench
+
+    result = knn_bench.main(["--device", device.type, "--n-refs", str(refs), "--n-queries", str(queries),
+                             "--dim", str(dim), "--repeats", "5", "--out", str(out_dir / "knn_gpu.json")])
+    return {"device": device.type, "refs": refs, "queries": queries, "dim": dim,
+            "median_seconds": result["median_seconds"], "ratio_over_sklearn_cpu": result["ratio"]}
+
+
+def stream_supply(device: torch.device, clip_s: float, clips: int, batch: int, work: Path,
+                  corpus_dir: Path | None = None) -> dict:
+    """Mixed clips/s from the Ray Data stream, as tensors on `device`, after one warm-up batch.
+
+    Streams the ingested corpus in `corpus_dir`, or writes and ingests a small synthetic one under `work`.
+    """
+    try:
+        from retain_asd import stream
+        from retain_asd.corpus.ingest import ingest, load_corpus
+        from retain_asd.corpus.synth import write_synthetic_corpus
+        from retain_asd.runtime import init_ray, set_data_progress
+    except ImportError as err:  # the GPU machines have torch but not Ray or soundfile
+        return {"skipped": f"needs Ray and soundfile ({err})"}
+    init_ray(quiet=True)
+    set_data_progress(False)
+    if corpus_dir is not None:
+        corpus = load_corpus(corpus_dir)
+    else:
+        synth = write_synthetic_corpus(work / "synth", seed=0, machines=("fan", "pump"), train_source_per_attr=4,
+                                       train_target_per_attr=2, test_per_domain=1, clip_s=clip_s,
+                                       noise_clips_per_category=2, noise_clip_s=3 * clip_s)
+        corpus = ingest(synth.machine_root, synth.noise_root, work / "corpus", rows_per_shard=32)
+    rows = corpus.machine.num_rows
+    plan = stream.build_train_stream(corpus.root / "machine", corpus.root / "noise", corpus.labels_path,
+                                     snr_sampler=SNR, seed=0, num_epochs=max(2, -(-(clips + batch) // rows)),
+                                     class_weighted=False)
+    batches = stream.iter_train_batches(plan.dataset.iterator(), batch, seed=0, device=device)
+    delivered, start = 0, None
+    for i, b in enumerate(batches):
+        if i == 1:  # after the first batch: Ray Data start-up is not throughput
+            _sync(device)
+            delivered, start = 0, time.perf_counter()
+        delivered += int(b["mixture"].shape[0])
+        if start is not None and delivered >= clips:
+            break
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return {"clips": delivered, "batch": batch, "clip_s": clip_s, "seconds": seconds,
+            "clips_per_s": delivered / seconds, "cpus": os.cpu_count()}
+
+
+def main(argv=None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--tiny", action="store_true", help="tiny model and sizes: a dry run of the code path")
+    parser.add_argument("--no-stream", action="store_true", help="skip the Ray Data stream part")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gpu.json")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("benchmarks/gpu.py: no CUDA device here, GPU benchmark skipped (nothing written). Run it on a "
+              "CUDA machine, or `python benchmarks/gpu.py --device cpu --tiny` for a dry run of the code path.")
+        return None
+    device = torch.device(args.device)
+    size = SIZES["tiny" if args.tiny else "full"]
+    started = time.perf_counter()
+    result = {"benchmark": "gpu", "mode": "tiny" if args.tiny else "full", "torch": torch.__version__,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+              "python": platform.python_version()}
+    result["train_step"] = train_step(size["model"], device, size["step_batch"], size["clip_s"], size["iters"])
+    print(f"train step: {result['train_step']['samples_per_s']:.2f} samples/s", flush=True)
+    result["embed"] = embed_throughput(size["model"], device, size["embed_batch"], size["clip_s"], size["iters"])
+    print(f"embed: {result['embed']['float32_clips_per_s']:.2f} clips/s fp32, "
+          f"{result['embed']['bfloat16_autocast_clips_per_s']:.2f} bf16", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        result["knn"] = knn_gpu_vs_sklearn(device, *size["knn"], Path(tmp))
+        if args.no_stream:
+            result["stream"] = {"skipped": "--no-stream"}
+        else:
+            result["stream"] = stream_supply(device, size["clip_s"], size["stream_clips"], size["step_batch"],
+                                             Path(tmp))
+    supply = result["stream"].get("clips_per_s")
+    result["supply_over_demand"] = supply / result["train_step"]["samples_per_s"] if supply else None
+    result["seconds_total"] = time.perf_counter() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("supply_over_demand", "seconds_total")}), f"-> {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

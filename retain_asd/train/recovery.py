@@ -1,0 +1,127 @@
+"""Worker loss and re-runs of a killed job: checkpoint completeness, run events, and `<out>/summary.json`.
+
+    RunMonitor (Ray Train callback, in the controller)   <out>/ray/<name>/checkpoint_*/complete.json
+      after_report: marks each persisted checkpoint        (`checkpoint.mark_complete`, written last)
+      complete; records resumes and a divergence stop    <out>/events.jsonl   one JSON object per event
+      after_exception: records a worker-group failure      (Ray Train then restarts the group from the
+                                                           latest checkpoint, up to train.max_failures)
+    prepare_resume (driver, before a fit): removes incomplete and orphaned checkpoint folders and Ray's run
+      snapshot, and returns the newest complete checkpoint, which the new fit starts from (`LoopConfig.resume_from`)
+    write_summary (driver, at the end): steps, restarts, resumed_from_step, final_loss, ... (atomic, via fsio)
+
+Ray Train's own restore reads its run snapshot, which a killed driver may have left behind the folders on disk
+(the issue-13 probe resumed from step 3 beside a complete step-6 folder); the marker is the record here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+from retain_asd import fsio
+from retain_asd.train.checkpoint import clean_checkpoints, mark_complete
+from retain_asd.train.guard import DivergenceError
+
+log = logging.getLogger(__name__)
+
+EVENTS = "events.jsonl"
+SUMMARY = "summary.json"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # ray.train.v2 CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+
+def run_monitor(events_path: Path):
+    """A Ray Train callback that marks checkpoints complete and logs run events (see the module doc)."""
+    from ray.train import UserCallback
+
+    class RunMonitor(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            first = metrics[0] if metrics else {}
+            if checkpoint is not None:  # persisted by every rank: the marker is the folder's last file
+                try:
+                    mark_complete(checkpoint.path, first["step"])
+                except (OSError, KeyError) as err:  # the run goes on; a re-run will not resume from this one
+                    log.warning("%s: completeness marker not written (%s)", checkpoint.path, err)
+            if "resumed_from_step" in first:
+                _event(events_path, "resumed", step=first["resumed_from_step"])
+            if "diverged" in first:
+                _event(events_path, "diverged", message=first["diverged"])
+
+        def after_exception(self, run_context, worker_exceptions):
+            _event(events_path, "worker_failure", errors={rank: f"{type(e).__name__}: {e}"[:300]
+                                                          for rank, e in sorted(worker_exceptions.items())})
+
+    return RunMonitor()
+
+
+def _event(path: Path, event: str, **fields) -> None:
+    fsio.append_line(path, json.dumps({"event": event, **fields}, default=str))
+
+
+def read_events(out_dir: str | os.PathLike) -> list[dict]:
+    path = Path(out_dir) / EVENTS
+    return fsio.read_jsonl(path, fix="delete it (it only feeds summary.json)") if path.is_file() else []
+
+
+def prepare_resume(out_dir: str | os.PathLike, name: str, keep: int) -> tuple[int, Path] | None:
+    """Before a fit: clean the run folder and return (step, folder) of the newest complete checkpoint, or None.
+
+    Ray's run snapshot is removed too, so Ray Train does not restore its own (possibly older) idea of the
+    latest checkpoint: the new fit starts from the returned folder, later restarts from what it reports.
+    """
+    run_dir = Path(out_dir) / "ray" / name
+    latest, removed = clean_checkpoints(run_dir, keep)
+    for folder in removed:
+        _event(Path(out_dir) / EVENTS, "removed_checkpoint", folder=folder.name)
+    (run_dir / RAY_SNAPSHOT).unlink(missing_ok=True)
+    return latest
+
+
+def fit_started(out_dir: Path) -> int:
+    """The number of events before a fit starts (`raise_if_diverged` reads only the later ones)."""
+    return len(read_events(out_dir))
+
+
+def raise_if_diverged(out_dir: Path, since: int) -> None:
+    for row in read_events(out_dir)[since:]:
+        if row["event"] == "diverged":
+            raise DivergenceError(row["message"])
+
+
+def fit_failed(out_dir: Path) -> None:
+    """Record that a fit ended in an error (its last worker failure was not survived)."""
+    _event(Path(out_dir) / EVENTS, "fit_failed")
+
+
+def summary(out_dir: str | os.PathLike, *, name: str, status: str, step: int, total_steps: int,
+            skipped_steps: int, history: list[dict], checkpoint: str | None, student: str | None,
+            message: str | None = None) -> dict:
+    """The run summary from the events and the metric history of this out dir (every fit of it)."""
+    events = read_events(out_dir)
+    failures = sum(e["event"] == "worker_failure" for e in events)
+    losses = [row["loss"] for row in history if isinstance(row.get("loss"), (int, float)) and row["step"] <= step]
+    return {
+        "name": name, "status": status,  # completed | stopped | diverged
+        "steps": step - skipped_steps,  # optimiser steps applied
+        "total_steps": total_steps, "skipped_steps": skipped_steps,
+        "restarts": failures - sum(e["event"] == "fit_failed" for e in events),  # worker-group restarts survived
+        "worker_failures": failures,
+        "resumed_from_step": [e["step"] for e in events if e["event"] == "resumed"],
+        "final_loss": losses[-1] if losses and math.isfinite(losses[-1]) else None,
+        "checkpoint": checkpoint, "student": student, "message": message,
+    }
+
+
+def write_summary(out_dir: str | os.PathLike, values: dict) -> Path:
+    return fsio.write_json(Path(out_dir) / SUMMARY, values, indent=2)
+
+
+def summary_line(s: dict) -> str:
+    """One line for the console: state, steps, restarts, resumes, final loss."""
+    loss = "n/a" if s["final_loss"] is None else f"{s['final_loss']:.4g}"
+    resumed = ",".join(map(str, s["resumed_from_step"])) or "-"
+    return (f"pretrain {s['name']}: {s['status']}, {s['steps']}/{s['total_steps']} steps applied, "
+            f"{s['skipped_steps']} skipped, {s['restarts']} restart(s), resumed from step {resumed}, "
+            f"final loss {loss}")

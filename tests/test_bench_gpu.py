@@ -1,0 +1,43 @@
+"""benchmarks/gpu.py runs its CUDA code path on the CPU at tiny sizes (`--device cpu --tiny`), so the GPU
+benchmark is not dead code on machines without a GPU. Figures are not checked: speed lives in benchmarks."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_bench():
+    spec = importlib.util.spec_from_file_location("gpu_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dry_run_writes_every_part(gpu_bench, tmp_path):
+    out = tmp_path / "gpu.json"
+    result = gpu_bench.main(["--device", "cpu", "--tiny", "--no-stream", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["mode"] == "tiny" and result["train_step"]["samples_per_s"] > 0
+    assert len(result["train_step"]["s_per_step"]) == gpu_bench.SIZES["tiny"]["iters"]
+    assert result["embed"]["float32_clips_per_s"] > 0 and result["embed"]["bfloat16_autocast_clips_per_s"] > 0
+    assert result["knn"]["ratio_over_sklearn_cpu"] > 0  # ids and distances were checked against sklearn
+    assert result["stream"] == {"skipped": "--no-stream"} and result["supply_over_demand"] is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no CUDA")
+def test_without_cuda_it_says_so_and_writes_nothing(gpu_bench, tmp_path, capsys):
+    assert gpu_bench.main(["--out", str(tmp_path / "gpu.json")]) is None
+    assert "no CUDA device" in capsys.readouterr().out
+    assert not (tmp_path / "gpu.json").exists()
+
+
+def test_stream_supply_on_the_cpu(gpu_bench, small_corpus, tmp_path):
+    got = gpu_bench.stream_supply(torch.device("cpu"), clip_s=2.0, clips=8, batch=4, work=tmp_path,
+                                  corpus_dir=small_corpus / "corpus")
+    assert got["clips"] >= 8 and got["clips"] % 4 == 0 and got["clips_per_s"] > 0

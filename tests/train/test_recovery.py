@@ -1,0 +1,212 @@
+"""Worker loss, a killed driver and divergence, for real: smoke pre-training on Ray Train (2 gloo workers).
+
+- a Ray Train worker SIGKILLed (by pid) after the first checkpoint, default settings: the group restarts
+  from that checkpoint and the run finishes; summary.json counts the restart;
+- the driver (a child process running `retain-asd pretrain`) SIGKILLed right after a checkpoint is complete,
+  with Ray's run snapshot one checkpoint behind and a torn checkpoint folder beside it: the re-run resumes
+  from the newest complete checkpoint and removes the torn folder;
+- `train.lr=1e30`: stops with the divergence message before the optimiser applies the bad step; nothing is
+  exported and the last good checkpoint stays the latest.
+The corpus is ingested once (module fixture) and shared by the three runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from retain_asd.config import load_config
+from retain_asd.train.checkpoint import (
+    COMPLETE,
+    TRAIN_STATE,
+    complete_checkpoints,
+    complete_step,
+    mark_complete,
+    read_train_state,
+)
+from retain_asd.train.guard import OK, SKIP, STOP, DivergenceError, DivergenceGuard
+from retain_asd.train.recovery import RAY_SNAPSHOT
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _overrides(work: Path, *more: str) -> list[str]:
+    return [f"data.work_dir={work / 'data'}", "data.synth_machines=[fan]",
+            f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}", *more]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, ray_local) -> Path:
+    """A work dir whose corpus is ingested once (the runs below and the child driver reuse it)."""
+    from retain_asd.corpus.ingest import corpus_from_config
+
+    work = tmp_path_factory.mktemp("recovery")
+    corpus_from_config(load_config("smoke", overrides=_overrides(work)).data)
+    return work
+
+
+def _markers(run_dir: Path) -> dict[int, Path]:
+    """{step: folder} of the checkpoint folders whose completeness marker is written (not verified)."""
+    out = {}
+    for marker in run_dir.glob(f"checkpoint_*/{COMPLETE}"):
+        try:
+            out[json.loads(marker.read_text())["step"]] = marker.parent
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def _wait_for(check, timeout_s: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: the process ended first (rc {proc.returncode})")
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not seen after {timeout_s} s")
+
+
+# ------------------------------------------------------------------------------------------------ no Ray
+def test_guard_skips_up_to_n_bad_steps_then_stops():
+    guard = DivergenceGuard(allowed_skips=1)
+    guard.observe({"loss": 1.0, "loss_tagging": 0.5}, micro=0)
+    assert guard.check(1, 2.0) == OK
+    guard.observe({"loss": float("nan"), "loss_tagging": 0.5}, micro=1)
+    assert guard.check(2, 2.0) == SKIP and guard.skipped == 1
+    assert guard.check(3, float("inf")) == STOP
+    assert guard.message.startswith("diverged at step 3: non-finite grad_norm = inf")
+    assert "train.skip_nonfinite_steps" in guard.message
+
+
+def test_completeness_marker_lists_every_file_and_catches_a_changed_one(tmp_path):
+    folder = tmp_path / "checkpoint_a"
+    folder.mkdir()
+    torch.save({"step": 4}, folder / TRAIN_STATE)
+    (folder / "rng_rank1.pt").write_bytes(b"x" * 100)
+    assert complete_step(folder) is None  # no marker yet
+    mark_complete(folder, 4)
+    assert complete_step(folder) == 4
+    (folder / "rng_rank1.pt").write_bytes(b"y" * 100)  # same size, other bytes
+    assert complete_step(folder) is None and complete_step(folder, verify=False) == 4
+
+
+# ------------------------------------------------------------------------------------------------ Ray
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.reliability("worker-sigkill")
+def test_sigkill_of_a_worker_restarts_the_group_and_the_run_finishes(work, tmp_path):
+    import psutil
+
+    from retain_asd.train.launch import pretrain
+
+    cfg = load_config("smoke", overrides=_overrides(work, "train.total_steps=12"))  # max_failures: the default
+    assert cfg.train.max_failures == 3
+    out = tmp_path / "run"
+    killed: list[int] = []
+
+    def kill_one_worker_after_the_first_checkpoint():
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not _markers(out / "ray" / cfg.name):
+            time.sleep(0.05)
+        workers = []
+        for p in psutil.Process().children(recursive=True):  # only this session's Ray: other clusters run here
+            try:
+                if "RayTrainWorker" in " ".join(p.cmdline() or [p.name()]):
+                    workers.append(p)
+            except psutil.Error:
+                pass
+        if workers:
+            os.kill(workers[-1].pid, signal.SIGKILL)
+            killed.append(workers[-1].pid)
+
+    killer = threading.Thread(target=kill_one_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    with pytest.warns(UserWarning, match="RANDOM"):
+        result = pretrain(cfg, out, track=False)
+    killer.join(timeout=5)
+    assert killed, "no Ray Train worker process found to kill"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == result.summary
+    assert (summary["status"], summary["steps"], result.step) == ("completed", 12, 12)
+    assert summary["restarts"] >= 1 and summary["resumed_from_step"]  # restarted from a checkpoint, not step 0
+    assert min(summary["resumed_from_step"]) >= cfg.train.checkpoint_every
+    assert math.isfinite(summary["final_loss"])
+    assert read_train_state(result.checkpoint_path)["data"]["micro_batches_seen"] == 12 * cfg.train.grad_accum
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.reliability("resume-newest-complete")
+def test_rerun_after_a_driver_kill_resumes_from_the_newest_complete_checkpoint(work, tmp_path):
+    from retain_asd.train.launch import pretrain
+
+    overrides = _overrides(work, "train.total_steps=8", "train.checkpoint_every=2")
+    cfg = load_config("smoke", overrides=overrides)
+    out = tmp_path / "run"
+    run_dir = out / "ray" / cfg.name
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "pretrain", "--preset", "smoke", "--out",
+                               str(out), "--no-mlflow", *overrides], cwd=REPO, env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(lambda: 2 in _markers(run_dir), 600, "step-2 checkpoint", driver)
+        stale_snapshot = (run_dir / RAY_SNAPSHOT).read_bytes()  # Ray's record while step 2 is its latest
+        _wait_for(lambda: 4 in _markers(run_dir), 300, "step-4 checkpoint", driver)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
+        driver.wait()
+        log.close()
+    complete, _ = complete_checkpoints(run_dir)
+    newest = complete[-1][0]
+    assert newest >= 4, (tmp_path / "driver.log").read_text()[-3000:]
+    # Ray's snapshot one checkpoint behind (the driver died before it recorded the newest), and a torn folder
+    (run_dir / RAY_SNAPSHOT).write_bytes(stale_snapshot)
+    torn = run_dir / "checkpoint_2099-01-01_00-00-00.000000"
+    torn.mkdir()
+    (torn / TRAIN_STATE).write_bytes(b"PK\x03\x04 torn")
+
+    result = pretrain(cfg, out, track=False)
+    assert (result.step, result.summary["status"]) == (8, "completed")
+    assert result.summary["resumed_from_step"] == [newest]  # not 2 (Ray's snapshot), not the torn folder
+    assert not torn.exists()
+    assert all(complete_step(p) is not None for p in run_dir.glob("checkpoint_*"))  # nothing incomplete left
+    assert len(list(run_dir.glob("checkpoint_*"))) <= cfg.train.keep_checkpoints
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.reliability("divergence")
+def test_huge_lr_stops_with_the_divergence_message_and_keeps_the_good_checkpoint(work, tmp_path):
+    from retain_asd.train.launch import pretrain
+
+    cfg = load_config("smoke", overrides=_overrides(work, "train.lr=1e30", "train.checkpoint_every=2"))
+    out = tmp_path / "run"
+    with pytest.raises(DivergenceError, match=r"diverged at step (\d+): non-finite (loss|grad_norm)") as err:
+        pretrain(cfg, out, track=False)
+    bad_step = int(err.value.args[0].split()[3].rstrip(":"))
+    assert not (out / "student_beats.pt").exists()  # nothing exported
+    complete, _ = complete_checkpoints(out / "ray" / cfg.name)
+    assert complete, "no good checkpoint before the divergence"
+    step, folder = complete[-1]
+    assert step < bad_step and step == (bad_step - 1) // cfg.train.checkpoint_every * cfg.train.checkpoint_every
+    state = read_train_state(folder)
+    assert all(torch.isfinite(v).all() for v in state["student"].values())  # the good checkpoint: finite
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["message"] == str(err.value)
+    assert summary["steps"] == step and summary["student"] is None
+    assert summary["worker_failures"] == 0  # reported, not raised: max_failures does not replay it
+    shutil.rmtree(out / "ray", ignore_errors=True)
