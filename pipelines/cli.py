@@ -28,7 +28,7 @@ COMMANDS = {
     "compare": ("pipelines.compare", "Table 2 across the runs of an MLflow experiment (mean and 95% CI over seeds)"),
     "sweep": ("pipelines.sweep", "Ray Tune search over SNR ranges and alpha/beta"),
     "study": ("pipelines.study", "the Table-2 rows over several seeds: mean and 95% interval per cell"),
-    "demo": ("pipelines.demo", "the embedded default end to end: synth -> shards -> pretrain -> evaluate"),
+    "demo": ("pipelines.demo", "the study's short form: foundation encoder, frozen / denoise / tagging_mixture, table"),
 }
 
 
