@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         state = "objective 'frozen' trains nothing; exported the initial encoder"
     else:
         state = "done" if result.completed else f"stopped at step {result.step} (rerun to resume)"
+    if cfg.objective.name == "frozen":  # said on the console (the library's warning went to the log)
+        print(f"pretrain {cfg.name}: {state}")
     print(summary_line(result.summary) if result.summary else
           f"pretrain {cfg.name}: {state}, {result.step}/{cfg.train.total_steps} steps")
     print(f"  student (BEATs format): {result.student_path}")
