@@ -27,7 +27,8 @@ COMMANDS = {
     "layers": ("pipelines.layers", "Fig. 2: every layer of each encoder scored from one forward pass"),
     "compare": ("pipelines.compare", "Table 2 across the runs of an MLflow experiment (mean and 95% CI over seeds)"),
     "sweep": ("pipelines.sweep", "Ray Tune search over SNR ranges and alpha/beta"),
-    "demo": ("pipelines.demo", "the embedded default end to end: synth -> shards -> pretrain -> evaluate"),
+    "study": ("pipelines.study", "the Table-2 rows over several seeds: mean and 95% interval per cell"),
+    "demo": ("pipelines.demo", "the study's short form: foundation encoder, frozen / denoise / tagging_mixture, table"),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 
@@ -107,6 +108,33 @@ def run_main(main, argv: Sequence[str] | None = None, prog: str = "retain-asd") 
         if note:
             print(note, file=sys.stderr)
     return code
+
+
+# ---------------------------------------------------------------------------------------------------- console
+@contextlib.contextmanager
+def quiet_run(log_path, verbose: bool = False, *, address: str | None = None, start_ray: bool = True):
+    """The console of a long command: one `Console` for its own lines; Ray's and MLflow's logs, warnings and
+    progress of Ray Data go to `log_path` unless `verbose`. Starts Ray (quiet) when `start_ray`, and stops the
+    embedded Ray it started inside the block, so its shutdown messages go to the log too."""
+    import ray
+
+    from retain_asd.runtime import finish_local_ray, init_ray, limit_torch_threads, quiet_console, set_data_progress
+
+    limit_torch_threads()
+    ray_before = ray.is_initialized()  # a caller's Ray (tests, a notebook) is left running
+    with quiet_console(None if verbose else log_path, verbose) as console:
+        if not verbose:
+            console.say(f"logs of Ray and MLflow: {log_path}  (--verbose: on the console)")
+        ok = False
+        try:
+            if start_ray:
+                init_ray(address, quiet=not verbose)
+                set_data_progress(verbose)
+            yield console
+            ok = True
+        finally:
+            if start_ray and not ray_before:
+                finish_local_ray(ok=ok)
 
 
 def protocol_guard(cfg: Config, prog: str) -> bool:

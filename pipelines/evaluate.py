@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
-from pipelines.common import add_config_args, protocol_guard, report_user_error
+from pipelines.common import add_config_args, protocol_guard, quiet_run, report_user_error
 
 
 def parse_layers(text: str) -> list[int]:
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ground-truth", help="evaluator ground-truth folder for DCASE eval data (with --dcase-root)")
     p.add_argument("--ray", action="store_true", help="embed with a Ray Data actor pool (GPU when present)")
     p.add_argument("--address", help="Ray cluster address (with --ray)")
+    p.add_argument("--verbose", action="store_true", help="Ray's and MLflow's own logs and warnings on the console "
+                   "(default: in <out>/evaluate.log)")
     return p
 
 
@@ -51,15 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"retain-asd evaluate: {err}", file=sys.stderr)
         return 2
-    if args.ray:
-        from retain_asd.runtime import init_ray
-
-        if not args.dcase_root and not protocol_guard(cfg, "retain-asd evaluate"):  # before Ray starts
-            return 2
-        init_ray(args.address)
+    if args.ray and not args.dcase_root and not protocol_guard(cfg, "retain-asd evaluate"):  # before Ray starts
+        return 2
     try:  # a bad checkpoint, path or corpus is a user error: one line (--debug for the traceback)
-        results = evaluate_from_config(cfg, args.checkpoint, args.out, layers=args.layers, use_ray=args.ray,
-                                       dcase_root=args.dcase_root, ground_truth_dir=args.ground_truth)
+        with quiet_run(Path(args.out) / "evaluate.log", args.verbose, address=args.address, start_ray=args.ray):
+            results = evaluate_from_config(cfg, args.checkpoint, args.out, layers=args.layers, use_ray=args.ray,
+                                           dcase_root=args.dcase_root, ground_truth_dir=args.ground_truth)
     except Exception as err:
         return report_user_error("retain-asd evaluate", err)
     for r in results:

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from pipelines.common import add_config_args, config_from_args, protocol_guard
+from pipelines.common import add_config_args, config_from_args, protocol_guard, quiet_run
 from retain_asd.config import ConfigError
-from retain_asd.runtime import init_ray
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-at-step", type=int, help="stop after this optimiser step (checkpointed; rerun to resume)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or an embedded local Ray)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
+    p.add_argument("--verbose", action="store_true", help="Ray's and MLflow's own logs on the console "
+                   "(default: in <out>/pretrain.log)")
     return p
 
 
@@ -66,9 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not protocol_guard(cfg, "retain-asd pretrain"):  # before Ray starts
         return 2
-    init_ray(args.address)
     try:
-        result = pretrain(cfg, args.out, stop_at_step=args.stop_at_step, track=not args.no_mlflow)
+        with quiet_run(Path(args.out) / "pretrain.log", args.verbose, address=args.address) as console:
+            console.say(f"pretrain {cfg.name}: {cfg.objective.name}, {cfg.train.total_steps} steps, "
+                        f"{cfg.train.num_workers} workers")
+            result = pretrain(cfg, args.out, stop_at_step=args.stop_at_step, track=not args.no_mlflow)
     except (ConfigError, FileNotFoundError) as err:
         print(f"retain-asd pretrain: {err}", file=sys.stderr)
         return 2
@@ -79,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         state = "objective 'frozen' trains nothing; exported the initial encoder"
     else:
         state = "done" if result.completed else f"stopped at step {result.step} (rerun to resume)"
-    if cfg.objective.name == "frozen" or not result.summary:
-        print(f"pretrain {cfg.name}: {state}, {result.step}/{cfg.train.total_steps} steps")
-    else:
-        print(summary_line(result.summary))
+    if cfg.objective.name == "frozen":  # said on the console (the library's warning went to the log)
+        print(f"pretrain {cfg.name}: {state}")
+    print(summary_line(result.summary) if result.summary else
+          f"pretrain {cfg.name}: {state}, {result.step}/{cfg.train.total_steps} steps")
     print(f"  student (BEATs format): {result.student_path}")
     print(f"  config:                 {result.config_path}")
     print(f"  latest checkpoint:      {result.checkpoint_path}")

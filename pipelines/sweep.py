@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from pipelines.common import add_config_args, config_from_args, protocol_guard
-from retain_asd.runtime import init_ray
+from pipelines.common import add_config_args, config_from_args, protocol_guard, quiet_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--out", default="runs/sweep", help="sweep folder (default: %(default)s)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or an embedded local Ray)")
+    p.add_argument("--verbose", action="store_true", help="Ray's, Tune's and MLflow's own logs on the console "
+                   "(default: in <out>/sweep.log)")
     return p
 
 
@@ -36,7 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args, "retain-asd sweep")
     if cfg is None:
         return 2
-    from pathlib import Path
 
     from tune.space import check_trials
     from tune.sweep import run_sweep, summarize_sweep, sweep_experiment, write_best_config
@@ -44,15 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     check_trials(cfg)  # a bad sweep value fails here, before Ray starts
     if not protocol_guard(cfg, "retain-asd sweep"):  # so does an overlap of the two corpora
         return 2
-    init_ray(args.address)
-    grid = run_sweep(cfg, args.out)
-    text, code = summarize_sweep(grid, cfg.tune.metric)
-    print(text)
-    best = write_best_config(grid, cfg, Path(args.out) / "best.yaml")
+    with quiet_run(Path(args.out) / "sweep.log", args.verbose, address=args.address) as console:
+        console.say(f"sweep {cfg.name}: {cfg.tune.num_samples} trials, each a pretrain + evaluate")
+        grid = run_sweep(cfg, args.out)
+        text, code = summarize_sweep(grid, cfg.tune.metric)
+        best = write_best_config(grid, cfg, Path(args.out) / "best.yaml")
+    console.say(text)
     if best:
-        print(f"best trial's config: {best} (retain-asd pretrain --config {best} --out DIR)")
-    print(f"compare the trials: retain-asd compare --experiment {sweep_experiment(cfg)} "
-          f"data.work_dir={cfg.data.work_dir}")
+        console.say(f"best trial's config: {best} (retain-asd pretrain --config {best} --out DIR)")
+    console.say(f"compare the trials: retain-asd compare --experiment {sweep_experiment(cfg)} "
+                f"data.work_dir={cfg.data.work_dir}")
     return code
 
 

@@ -70,7 +70,9 @@ class MixingConfig:
 class ModelConfig:
     family: str = "beats"  # encoder family: "beats" | "eat" (EAT / SSLAM); must match the checkpoint's
     size: str = "base"  # "base" (BEATs iter3 sizes) or "tiny" (tests, smoke runs)
-    checkpoint: str = ""  # official BEATs .pt (BEATs_iter3.pt ...); "" = random init (only for smoke runs)
+    checkpoint: str = ""  # official BEATs .pt (BEATs_iter3.pt ...); "" = the initial encoder of `init`
+    init: str = "foundation"  # with no checkpoint: "foundation" (the stand-in encoder of the `foundation` section,
+    #                           trained once and cached) or "random" (a seeded random `size` BEATs: smoke tests only)
     layerdrop: bool = False  # iter3 trains with layerdrop 0.05; off for the student: alignment needs every layer
     grad_decay: bool = False  # iter3's per-layer gradient decay (0.6); off: the student must move its layers
 
@@ -179,6 +181,17 @@ class FoundationConfig:
 
 
 @dataclass(frozen=True)
+class StudyConfig:
+    """`retain-asd study`: the Table-2 rows over seeds (retain_asd/study.py)."""
+
+    rows: tuple[str, ...] = ("frozen", "denoise", "denoise_linear_mixup", "denoise_snr_mixup", "tagging_pm5",
+                             "mixture_pm5", "tagging_mixture_pm5", "tagging_0db", "mixture_0db",
+                             "tagging_mixture_0db")  # presets, or label:preset (their objective + mixing)
+    seeds: tuple[int, ...] = (0, 1, 2)  # train.seed and mixing.seed of each run
+    extra_layers: tuple[int, ...] = ()  # layers scored besides the primary one (logged, not in the table)
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "default"
     data: DataConfig = field(default_factory=DataConfig)
@@ -190,6 +203,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     foundation: FoundationConfig = field(default_factory=FoundationConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
     def __post_init__(self):
         validate(self)
@@ -227,6 +241,7 @@ _CHOICES = {
     "mixing.snr_sampler": SNR_SAMPLERS,
     "model.size": ("base", "tiny"),
     "model.family": ("beats", "eat"),
+    "model.init": ("foundation", "random"),
     "objective.name": OBJECTIVES,
     "objective.lam_mode": LAM_MODES,
     "objective.teacher_inputs": TEACHER_INPUTS,
@@ -311,7 +326,15 @@ def validate(cfg: Config) -> None:
     _check(fd.clip_s >= 0.5, "foundation.clip_s", ">= 0.5 (BEATs needs 16 fbank frames)", fd.clip_s)
     _check(fd.lr > 0 and fd.weight_decay >= 0, "foundation.lr/weight_decay", "> 0 / >= 0", (fd.lr, fd.weight_decay))
     _check(0 <= fd.warmup_steps < fd.steps, "foundation.warmup_steps", "in [0, foundation.steps)", fd.warmup_steps)
+    st = cfg.study
+    _check(len(st.rows) > 0 and len(st.seeds) > 0, "study.rows/seeds", "non-empty", (st.rows, st.seeds))
     validate_numbers(cfg)
+
+
+def uses_foundation(cfg: Config) -> bool:
+    """True when the initial (and `frozen`) encoder is the stand-in foundation encoder: no checkpoint given,
+    model.init = "foundation", BEATs family."""
+    return not cfg.model.checkpoint and cfg.model.init == "foundation" and cfg.model.family == "beats"
 
 
 # ---------------------------------------------------------------------------------------------------- numbers

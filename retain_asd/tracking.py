@@ -134,6 +134,21 @@ def log_artifacts(directory: str | os.PathLike, artifact_path: str | None = None
     mlflow.log_artifacts(str(directory), artifact_path=artifact_path)
 
 
+def delete_runs(uri: str, experiment: str, tags: Mapping[str, str]) -> int:
+    """Delete the runs of `experiment` carrying all `tags` (e.g. a summary run about to be replaced); returns
+    how many. A missing experiment has none."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        return 0
+    where = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string=where, output_format="list")
+    for run in runs:
+        mlflow.delete_run(run.info.run_id)
+    return len(runs)
+
+
 def compare_runs(uri: str, experiment: str, metrics: list[str]) -> list[dict[str, Any]]:
     """Runs of an experiment side by side: name, objective and the requested metrics (for ablation tables)."""
     import mlflow

@@ -247,6 +247,7 @@ def pretrain_corpus_from_config(cfg, *, force: bool = False) -> Corpus:
     if d.add_eval_references:
         ev = eval_roots(cfg)
         refs, noise = (ev.machine_root,), (ev.noise_root,)
+    _guard_synthetic(cfg, pretrain_corpus_dir(cfg), "pretrain", d.machine_root, d.noise_root, "data")
     return ingest(pre.machine_root, pre.noise_root, pretrain_corpus_dir(cfg), settings=decode_settings(d),
                   rows_per_shard=d.rows_per_shard, force=force, reference_roots=refs, extra_noise_roots=noise,
                   include_test_normals=d.include_test_normals, extra_machine_roots=pre.extra_machine_roots)
@@ -262,12 +263,22 @@ def pretrain_corpus_dir(cfg) -> Path:
     return Path(d.work_dir).resolve() / name
 
 
+def _guard_synthetic(cfg, corpus_dir: Path, world: str, machine_root: str, noise_root: str, prefix: str) -> None:
+    """`guard_real_corpus` for each empty root of one corpus (its synthetic world would replace real shards)."""
+    synth_dir = Path(cfg.data.work_dir).resolve()  # the synthetic worlds (and generic trees) are written here
+    for name, root in (("machine", machine_root), ("noise", noise_root)):
+        if not root:
+            guard_real_corpus(corpus_dir / name, synth_dir, f"{prefix}.{name}_root")
+
+
 def eval_corpus_from_config(cfg, *, force: bool = False) -> Corpus:
     """Builder: the ingested evaluation corpus, ``<work_dir>/corpus_eval`` (the synthetic evaluation world
     when eval.machine_root / noise_root are empty)."""
     d, e = cfg.data, cfg.eval
     _guard_corpus(Path(d.work_dir).resolve() / EVAL_DIR, "eval", e.machine_root, e.noise_root, "eval", d.work_dir)
     ev = eval_roots(cfg)
+    _guard_synthetic(cfg, Path(d.work_dir).resolve() / EVAL_DIR, "eval", cfg.eval.machine_root, cfg.eval.noise_root,
+                     "eval")
     return ingest(ev.machine_root, ev.noise_root, Path(d.work_dir).resolve() / EVAL_DIR,
                   settings=decode_settings(d), rows_per_shard=d.rows_per_shard, force=force)
 

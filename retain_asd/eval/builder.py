@@ -22,7 +22,9 @@ from retain_asd.eval.run import evaluate_checkpoint, write_reports, write_score_
 def resolve_checkpoint(spec: str, cfg, out_dir: Path) -> tuple[str, str, bool]:
     """(row name, path, is_frozen) of a --checkpoint value: "frozen"; a .pt file; a pre-training out folder
     (its student_beats.pt) or another folder holding exactly one .pt; any of these as NAME=PATH to name the
-    row. Without NAME a pre-trained student is named after its preset (config.yaml beside it), else the file."""
+    row. Without NAME a pre-trained student is named after its preset (config.yaml beside it), else the file.
+    "frozen" is model.checkpoint, else (model.init = "foundation") the cached stand-in foundation encoder, the
+    one every student of the config starts from (`train.launch.initial_encoder`), else a random encoder."""
     from retain_asd.models.beats import beats_base, beats_tiny, write_random_checkpoint
 
     if spec == "frozen":
@@ -37,8 +39,12 @@ def resolve_checkpoint(spec: str, cfg, out_dir: Path) -> tuple[str, str, bool]:
                 raise FileNotFoundError(f"model.checkpoint = {cfg.model.checkpoint!r}: file not found; 'frozen' "
                                         f"evaluates that checkpoint: pass an official {cfg.model.family} .pt")
             return "frozen", cfg.model.checkpoint, True
-        warnings.warn("model.checkpoint is empty: 'frozen' is a RANDOM encoder (fine for smoke runs only)",
-                      stacklevel=2)
+        if cfg.model.init == "foundation":  # the stand-in encoder every student of this config starts from
+            from retain_asd.train.launch import initial_encoder
+
+            return "frozen", str(initial_encoder(cfg)), True
+        warnings.warn("model.checkpoint is empty and model.init = 'random': 'frozen' is a RANDOM encoder (fine "
+                      "for smoke runs only)", stacklevel=2)
         path = out_dir / "frozen_random.pt"
         if not path.is_file():
             write_random_checkpoint(path, beats_tiny() if cfg.model.size == "tiny" else beats_base(), cfg.train.seed)
@@ -119,9 +125,12 @@ def check_checkpoints(resolved: Sequence[tuple[str, str, bool]], layer: int,
 def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.PathLike,
                          layers: Sequence[int] | None = None, use_ray: bool = False,
                          dcase_root: str | os.PathLike | None = None,
-                         ground_truth_dir: str | os.PathLike | None = None) -> list[EvalResult]:
+                         ground_truth_dir: str | os.PathLike | None = None, sets=None,
+                         track: bool = True) -> list[EvalResult]:
     """Builder: evaluate each checkpoint (or "frozen") on the config's eval sets (or a DCASE folder),
-    write tables, plots and score files under `out_dir/<name>/`, and log one MLflow run per checkpoint."""
+    write tables, plots and score files under `out_dir/<name>/`, and log one MLflow run per checkpoint.
+
+    `sets`: built `EvalSets` to use instead of the config's; `track=False`: no MLflow run (the caller logs)."""
     from retain_asd.eval.dcase_mode import evaluate_dcase, source_only, write_dcase_table
     from retain_asd.eval.evalsets import evalsets_from_config
     from retain_asd.tracking import (
@@ -143,7 +152,8 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
         from retain_asd.corpus.ingest import check_protocol
 
         check_protocol(cfg)  # the leakage guard (CorpusOverlapError), before any ingestion or Ray work
-    sets = None if dcase_root else evalsets_from_config(cfg)
+    if sets is None and not dcase_root:
+        sets = evalsets_from_config(cfg)
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
     cache_dir = Path(cfg.data.work_dir) / "embeddings"
     results, seen = [], {}
@@ -182,10 +192,11 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
             "mode": "dcase" if dcase_root else "evalsets",
             "domains": "source only (AUC + pAUC)" if dcase_root and source_only(result) else ""}
         tags = {k: v for k, v in tags.items() if v}
-        with mlflow_run(uri, cfg.tracking.experiment, run_name("evaluate", name, seed), params, tags,
-                        nested=active_run_id() is not None):
-            log_metrics(result.metrics())
-            log_artifacts(run_dir, artifact_path="evaluate")
+        if track:
+            with mlflow_run(uri, cfg.tracking.experiment, run_name("evaluate", name, seed), params, tags,
+                            nested=active_run_id() is not None):
+                log_metrics(result.metrics())
+                log_artifacts(run_dir, artifact_path="evaluate")
         results.append(result)
     if not dcase_root and len(results) > 1:
         write_reports(results, out_dir)

@@ -1,8 +1,9 @@
 """Builders that turn a Config into a Ray Train run: loop config, TorchTrainer, and `pretrain` end to end.
 
     pretrain(cfg, out_dir)                           <out>/config.yaml        resolved config
-      -> init checkpoint (model.checkpoint, or a     <out>/init_beats_*.pt    only for random init
-         seeded random one for smoke runs)
+      -> init checkpoint (model.checkpoint, or the   <work>/foundation/       stand-in encoder, cached
+         stand-in foundation encoder, or a seeded    <out>/init_beats_*.pt    only for random init
+         random one for smoke runs)
       -> stream (Ray Data) + TorchTrainer.fit()      <out>/ray/<name>/...     Ray Train checkpoints
       -> student exported in official BEATs format   <out>/student_beats.pt
       -> MLflow run (params, live metrics, config,   <out>/metrics.jsonl      every report, rank 0
@@ -65,26 +66,49 @@ class PretrainResult:
 
 
 # ---------------------------------------------------------------------------------------- model init
-def resolve_init_checkpoint(cfg: Config, out_dir: Path) -> Path:
-    """The BEATs checkpoint student and teacher start from (the teacher is re-made from it on resume).
+def foundation_cache_dir(cfg: Config) -> Path:
+    """Where the stand-in foundation encoders are cached: <data.work_dir>/foundation (`retain-asd foundation`)."""
+    return Path(cfg.data.work_dir).expanduser().resolve() / "foundation"
 
-    `model.checkpoint` must exist; "" means a seeded random init written once to
-    <out>/init_beats_<size>_seed<train.seed>.pt (so a resumed run re-makes the same teacher).
+
+def initial_encoder(cfg: Config, *, progress: bool | None = None) -> Path:
+    """The encoder every run of `cfg` starts from and the `frozen` row evaluates, with no random init.
+
+    `model.checkpoint` when given (it must exist); else (model.init = "foundation") the stand-in foundation
+    encoder of the `foundation` section, trained once and cached (retain_asd/train/foundation.py). A random
+    init (model.init = "random") is not an initial encoder: None is never returned, a ValueError is raised.
     """
-    if cfg.model.family != "beats":
-        raise ValueError(f"model.family = {cfg.model.family!r}: pre-training is BEATs-only; EAT / SSLAM are "
-                         "frozen baselines (use them with `retain-asd evaluate` / `score`)")
     if cfg.model.checkpoint:
         path = Path(cfg.model.checkpoint).expanduser().resolve()
         if not path.is_file():
             raise FileNotFoundError(
                 f"model.checkpoint = {cfg.model.checkpoint!r}: file not found ({path}). Download an official "
-                "BEATs checkpoint (e.g. BEATs_iter3.pt) and pass its path, or set model.checkpoint='' for a "
-                "random init (smoke runs only)")
+                "BEATs checkpoint (e.g. BEATs_iter3.pt) and pass its path, or set model.checkpoint='' for the "
+                "stand-in foundation encoder")
         return path
+    if not config_mod.uses_foundation(cfg):
+        raise ValueError(f"model.init = {cfg.model.init!r} with model.checkpoint '': no initial encoder to load")
+    from retain_asd.train.foundation import foundation_encoder
+
+    return foundation_encoder(cfg.foundation, foundation_cache_dir(cfg), progress=progress)
+
+
+def resolve_init_checkpoint(cfg: Config, out_dir: Path) -> Path:
+    """The BEATs checkpoint student and teacher start from (the teacher is re-made from it on resume).
+
+    `model.checkpoint` must exist; "" means the stand-in foundation encoder (`initial_encoder`, the default
+    model.init = "foundation"), or with model.init = "random" a seeded random init written once to
+    <out>/init_beats_<size>_seed<train.seed>.pt (so a resumed run re-makes the same teacher; smoke tests only).
+    """
+    if cfg.model.family != "beats":
+        raise ValueError(f"model.family = {cfg.model.family!r}: pre-training is BEATs-only; EAT / SSLAM are "
+                         "frozen baselines (use them with `retain-asd evaluate` / `score`)")
+    if cfg.model.checkpoint or cfg.model.init == "foundation":
+        return initial_encoder(cfg)
     path = out_dir / f"init_beats_{cfg.model.size}_seed{cfg.train.seed}.pt"
-    message = (f"model.checkpoint is empty: student and teacher start from a RANDOM {cfg.model.size} BEATs "
-               f"({path}). Only meaningful for smoke runs; set model.checkpoint to BEATs_iter3.pt for real runs")
+    message = (f"model.checkpoint is empty and model.init = 'random': student and teacher start from a RANDOM "
+               f"{cfg.model.size} BEATs ({path}). Only meaningful for smoke runs; use model.init=foundation or "
+               "set model.checkpoint to BEATs_iter3.pt for real runs")
     warnings.warn(message, stacklevel=2)
     log.warning(message)
     if not path.is_file():  # written once, so a resumed run's teacher is the same random network

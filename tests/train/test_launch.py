@@ -67,7 +67,7 @@ def test_missing_checkpoint_is_named(tmp_path):
 
 
 def test_frozen_exports_the_initial_encoder_without_training(tmp_path):
-    cfg = _cfg(tmp_path, "frozen", "model.size=tiny")
+    cfg = _cfg(tmp_path, "frozen", "model.size=tiny", "model.init=random")
     with pytest.warns(UserWarning, match="RANDOM tiny BEATs"):
         result = pretrain(cfg, tmp_path / "out")
     assert result.step == 0 and result.checkpoint_path is None
@@ -85,7 +85,8 @@ def test_cli_frozen_and_missing_checkpoint(ray_local, tmp_path, capsys):
     common = [f"data.work_dir={tmp_path / 'data'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
               *WORLDS]
     with pytest.warns(UserWarning, match="RANDOM"):
-        assert main(["--preset", "frozen", "--out", str(tmp_path / "frozen"), "model.size=tiny", *common]) == 0
+        assert main(["--preset", "frozen", "--out", str(tmp_path / "frozen"), "model.size=tiny", "model.init=random",
+                     *common]) == 0
     printed = capsys.readouterr().out
     assert "trains nothing" in printed and str(tmp_path / "frozen" / "student_beats.pt") in printed
     load_beats(tmp_path / "frozen" / "student_beats.pt")
