@@ -126,31 +126,15 @@ def mix_batch_at_snr(clean: np.ndarray, noise: np.ndarray, snr_db: np.ndarray) -
     noise = np.asarray(noise, dtype=np.float32)
     if clean.shape != noise.shape or clean.ndim != 2:
         raise MixingError(f"mix_batch_at_snr: clean {clean.shape}, noise {noise.shape}: need equal (B, S)")
-    if clean.shape[1] == 0:
-        raise MixingError("mix_batch_at_snr: empty rows (0 samples)")
-    # float32 BLAS dot per row: 20x faster than a float64 reduction, relative error ~5e-7 (2e-6 dB)
-    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing row is reported just below
-        p_clean = np.asarray([float(x @ x) for x in clean]) / clean.shape[1]  # (B,) float64
-        p_noise = np.asarray([float(x @ x) for x in noise]) / noise.shape[1]
-    for name, p in (("clean", p_clean), ("noise", p_noise)):
-        bad = ~(np.isfinite(p) & (p > 0))
-        if bad.any():
-            raise MixingError(f"{name} row(s) {np.flatnonzero(bad)[:5].tolist()}: silent or "
-                              "non-finite; an SNR is undefined, drop these clips")
-    snr_db = np.asarray(snr_db, dtype=np.float64)
-    if snr_db.shape not in ((), (len(clean),)):
-        raise MixingError(f"mix_batch_at_snr: snr_db {snr_db.shape}: need one SNR per row ({len(clean)},)")
-    with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # reported below as MixingError
-        a1, a2 = snr_gains(p_clean, p_noise, snr_db)  # (B,) float64 each
-        a1 = np.broadcast_to(a1, p_clean.shape).astype(np.float32)
-        a2 = np.asarray(a2).astype(np.float32)
+    a1, a2 = _batch_gains(clean, noise, snr_db, "mix_batch_at_snr")
+    with np.errstate(over="ignore", invalid="ignore"):  # reported below as MixingError
         clean_part = clean * a1[:, None]  # (B, S)
         noise_part = noise * a2[:, None]
         mixture = clean_part + noise_part
-    bad = ~(np.isfinite(a1) & (a1 > 0) & np.isfinite(a2) & np.isfinite(mixture).all(axis=1))
+    bad = ~np.isfinite(mixture).all(axis=1)
     if bad.any():
-        raise MixingError(f"row(s) {np.flatnonzero(bad)[:5].tolist()}: the SNR or the gains are not finite "
-                          "(snr_db must be finite, the inputs audio-scaled)")
+        raise MixingError(f"row(s) {np.flatnonzero(bad)[:5].tolist()}: the mixture is not finite "
+                          "(the inputs are not audio-scaled)")
     return mixture, clean_part, noise_part
 
 
@@ -163,10 +147,18 @@ def scale_batch_at_snr(clean: np.ndarray, noise: np.ndarray, snr_db: np.ndarray)
     if clean.dtype != np.float32 or noise.dtype != np.float32 or clean.shape != noise.shape or clean.ndim != 2:
         raise MixingError(f"scale_batch_at_snr: clean {clean.shape} {clean.dtype}, noise {noise.shape} "
                           f"{noise.dtype}: need equal (B, S) float32")
+    a1, a2 = _batch_gains(clean, noise, snr_db, "scale_batch_at_snr")
+    clean *= a1[:, None]
+    noise *= a2[:, None]
+
+
+def _batch_gains(clean: np.ndarray, noise: np.ndarray, snr_db, caller: str) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. 3 gains (`snr_gains`) of (B, S) float32 rows: (B,) float32 a1, a2; MixingError naming bad rows."""
     if clean.shape[1] == 0:
-        raise MixingError("scale_batch_at_snr: empty rows (0 samples)")
-    with np.errstate(over="ignore", invalid="ignore"):
-        p_clean = np.asarray([float(x @ x) for x in clean]) / clean.shape[1]  # float32 BLAS dot per row
+        raise MixingError(f"{caller}: empty rows (0 samples)")
+    # float32 BLAS dot per row: 20x faster than a float64 reduction, relative error ~5e-7 (2e-6 dB)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing row is reported just below
+        p_clean = np.asarray([float(x @ x) for x in clean]) / clean.shape[1]  # (B,) float64
         p_noise = np.asarray([float(x @ x) for x in noise]) / noise.shape[1]
     for name, p in (("clean", p_clean), ("noise", p_noise)):
         bad = ~(np.isfinite(p) & (p > 0))
@@ -175,17 +167,16 @@ def scale_batch_at_snr(clean: np.ndarray, noise: np.ndarray, snr_db: np.ndarray)
                               "non-finite; an SNR is undefined, drop these clips")
     snr_db = np.asarray(snr_db, dtype=np.float64)
     if snr_db.shape not in ((), (len(clean),)):
-        raise MixingError(f"scale_batch_at_snr: snr_db {snr_db.shape}: need one SNR per row ({len(clean)},)")
-    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        a1, a2 = snr_gains(p_clean, p_noise, snr_db)
+        raise MixingError(f"{caller}: snr_db {snr_db.shape}: need one SNR per row ({len(clean)},)")
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # reported below as MixingError
+        a1, a2 = snr_gains(p_clean, p_noise, snr_db)  # (B,) float64 each
         a1 = np.broadcast_to(a1, p_clean.shape).astype(np.float32)
         a2 = np.asarray(a2).astype(np.float32)
     bad = ~(np.isfinite(a1) & (a1 > 0) & np.isfinite(a2))
     if bad.any():
         raise MixingError(f"row(s) {np.flatnonzero(bad)[:5].tolist()}: the SNR or the gains are not finite "
                           "(snr_db must be finite, the inputs audio-scaled)")
-    clean *= a1[:, None]
-    noise *= a2[:, None]
+    return a1, a2
 
 
 # --- dataset-level scaling (evaluation sets) -------------------------------------------------------
