@@ -2,7 +2,7 @@
 
     train_step   samples/s of a full base-BEATs pre-training step in bf16 autocast: SpecAugment, student
                  forward, frozen teacher on clean and noise, tagging + mixture losses, backward, AdamW
-                 (`loop.compute_losses`, the training loop's own code)
+                 (`student.compute_losses`, the training loop's own code)
     stream       mixed clips/s the Ray Data stream delivers as tensors on the GPU (`iter_train_batches`),
                  and supply / demand = stream clips/s over train_step samples/s (>= 1: the GPU never waits)
     embed        clips/s of evaluation embeddings (`eval.embed.embed`: fp32 as evaluation runs it, and bf16)
@@ -33,8 +33,9 @@ import torch
 
 from retain_asd.eval.embed import embed
 from retain_asd.models.beats import BEATs, beats_base, beats_tiny
-from retain_asd.train.loop import Student, compute_losses
+from retain_asd.train.loop_config import LoopConfig
 from retain_asd.train.specaug import SpecAugment
+from retain_asd.train.student import Student, compute_losses
 
 SAMPLE_RATE_HZ = 16000
 NUM_MACHINE, NUM_NOISE = 231, 4  # the paper's 235 classes
@@ -87,8 +88,13 @@ def train_step(size: str, device: torch.device, batch: int, clip_s: float, iters
     label[torch.arange(batch), NUM_MACHINE + torch.arange(batch) % NUM_NOISE] = 1.0
     data = {k: v.to(device) for k, v in {"mixture": clean + noise, "clean": clean, "noise": noise,
                                          "label": label, "snr_db": torch.zeros(batch)}.items()}
-    config = {"objective": "tagging_mixture", "alpha": 1.0, "beta": 1.0, "lam": 0.5, "lam_mode": "fixed",
-              "align_layer": cfg.encoder_layers, "teacher_inputs": "scaled", "num_machine_classes": NUM_MACHINE}
+    config = LoopConfig(  # the paper's defaults for the parts a step reads; the rest as in a preset
+        init_checkpoint="", layerdrop=False, grad_decay=False, num_classes=NUM_MACHINE + NUM_NOISE,
+        num_machine_classes=NUM_MACHINE, objective="tagging_mixture", alpha=1.0, beta=1.0, lam=0.5,
+        lam_mode="fixed", align_layer=cfg.encoder_layers, teacher_inputs="scaled", mixup_beta=0.5,
+        snr_sampler={"kind": "uniform", "low_db": -5.0, "high_db": 5.0}, specaugment=True, freq_mask_bins=24,
+        time_mask_frames=80, num_masks=2, lr=1e-4, weight_decay=1e-3, warmup_steps=0, total_steps=iters + 2,
+        batch_size_per_worker=batch, grad_accum=1, grad_clip=0.0, log_every=1, checkpoint_every=iters + 2, seed=0)
     spec_gen, np_rng = torch.Generator().manual_seed(1), np.random.default_rng(2)
 
     def step():

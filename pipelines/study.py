@@ -43,7 +43,7 @@ def run_and_print(cfg, out: Path, *, address: str | None, verbose: bool, log_nam
     """Shared by `study` and `demo`: run the study quietly, print one line per stage and the table."""
     from pipelines.common import quiet_run
     from retain_asd.config import uses_foundation
-    from retain_asd.runtime import _isatty
+    from retain_asd.runtime import isatty
     from retain_asd.study import run_study, study_metric
     from retain_asd.train.foundation import foundation_path
     from retain_asd.train.launch import foundation_cache_dir, initial_encoder
@@ -55,7 +55,7 @@ def run_and_print(cfg, out: Path, *, address: str | None, verbose: bool, log_nam
             console.say(f"stand-in foundation encoder: training {cfg.foundation.steps} steps on generic clean "
                         "sounds (once; cached for every later run)")
             with contextlib.redirect_stderr(console.stream):  # its progress bar on the console
-                initial_encoder(cfg, progress=None if verbose else _isatty(console.stream))
+                initial_encoder(cfg, progress=None if verbose else isatty(console.stream))
         result = run_study(cfg, out, say=console.say, progress=False)
     console.say("")
     console.say(f"Table 2 over seeds ({result.comparison.primary} primary; official score x100, mean ± 95% interval; "

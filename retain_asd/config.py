@@ -480,10 +480,10 @@ def from_dict(values: dict) -> Config:
     return _build(Config, values)
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge_dicts(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -498,7 +498,7 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -539,12 +539,12 @@ def load_config(preset: str | None = None, path: str | os.PathLike | None = None
         preset_path = PRESETS_DIR / f"{preset}.yaml"
         if not preset_path.is_file():
             raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(list_presets())}")
-        values = _merge(values, _read_yaml(preset_path))
+        values = merge_dicts(values, read_yaml(preset_path))
         values.setdefault("name", preset)
     if path is not None:
-        values = _merge(values, _read_yaml(Path(path)))
+        values = merge_dicts(values, read_yaml(Path(path)))
     for text in overrides:
-        values = _merge(values, parse_override(text))
+        values = merge_dicts(values, parse_override(text))
     try:
         return from_dict(values)
     except ConfigError as err:

@@ -185,10 +185,10 @@ class Console:
         from tqdm.auto import tqdm
 
         return tqdm(total=total, desc=desc, file=self.stream, leave=False, dynamic_ncols=True,
-                    disable=not _isatty(self.stream))
+                    disable=not isatty(self.stream))
 
 
-def _isatty(stream) -> bool:
+def isatty(stream) -> bool:
     try:
         return stream.isatty()
     except (AttributeError, ValueError):

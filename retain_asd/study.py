@@ -41,9 +41,9 @@ from retain_asd.config import (
     PRESETS_DIR,
     Config,
     ConfigError,
-    _merge,
-    _read_yaml,
     from_dict,
+    merge_dicts,
+    read_yaml,
     to_dict,
     uses_foundation,
 )
@@ -83,10 +83,10 @@ def parse_rows(specs: Sequence[str]) -> list[Row]:
 
 def row_config(cfg: Config, row: Row, seed: int) -> Config:
     """The study config with the row preset's objective / mixing sections and the seed."""
-    preset = _read_yaml(PRESETS_DIR / f"{row.preset}.yaml")
+    preset = read_yaml(PRESETS_DIR / f"{row.preset}.yaml")
     over = {k: v for k, v in preset.items() if k in ROW_SECTIONS}
-    values = _merge(to_dict(cfg), over)
-    values = _merge(values, {"name": f"{cfg.name}-{row.label}-seed{seed}", "train": {"seed": seed},
+    values = merge_dicts(to_dict(cfg), over)
+    values = merge_dicts(values, {"name": f"{cfg.name}-{row.label}-seed{seed}", "train": {"seed": seed},
                              "mixing": {"seed": seed}})
     return from_dict(values)
 
@@ -140,7 +140,7 @@ def study_metric(cfg: Config) -> str:
 def compact_table(comparison, order: Sequence[str] | None = None) -> str:
     """The console form of a `compare_experiment` result: one line per row, Table-2 order, with hmean{-10,-5,0}
     and All of the primary variant, then of the other (the same numbers `retain-asd compare` prints)."""
-    from retain_asd.eval.report import _pm
+    from retain_asd.eval.report import plus_minus
 
     primary = comparison.primary
     other = "raw" if primary == "dn" else "dn"
@@ -153,7 +153,7 @@ def compact_table(comparison, order: Sequence[str] | None = None) -> str:
     lines = [head]
     for n in names:
         r = rows[n]
-        cells = [_pm(r.estimates.get(f"hmean_{k}{suffix[v]}")) for v in (primary, other) for k in ("low", "all")]
+        cells = [plus_minus(r.estimates.get(f"hmean_{k}{suffix[v]}")) for v in (primary, other) for k in ("low", "all")]
         lines.append(f"{n:<{width}}  {len(r.seeds):>5}  {cells[0]:>19}  {cells[1]:>15}  {cells[2]:>19}  "
                      f"{cells[3]:>15}" + ("" if r.status == "ok" else f"  ({r.status})"))
     return "\n".join(lines)

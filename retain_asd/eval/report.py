@@ -235,7 +235,7 @@ def _seed_order(seed: str):
     return (0, int(seed), "") if seed.lstrip("-").isdigit() else (1, 0, seed)
 
 
-def _pm(e: Estimate | None) -> str:
+def plus_minus(e: Estimate | None) -> str:
     if e is None or math.isnan(e.mean):
         return "–"
     return f"{100 * e.mean:.2f}" + ("" if math.isnan(e.half_width) else f" ± {100 * e.half_width:.2f}")
@@ -251,7 +251,7 @@ def comparison_markdown(rows, columns, primary: str = "raw", title: str = "") ->
         out += ["", f"### {VARIANT_TITLES[variant]} ({label})", "",
                 "| " + " | ".join(header) + " |", "|---|---:|---|" + "---:|" * (len(header) - 3)]
         for row in rows:
-            cells = [_pm(row.estimates.get(k)) for k in metric_keys(columns, variant)]
+            cells = [plus_minus(row.estimates.get(k)) for k in metric_keys(columns, variant)]
             out.append("| " + " | ".join([row.name, str(len(row.seeds)), row.status, *cells]) + " |")
     out += ["", "Official DCASE score x100: mean ± 95% t-interval half width over seeds (no interval with one "
             "seed); hmean{-10,-5,0} = harmonic mean over every condition at -10, -5 and 0 dB, All = over every "
