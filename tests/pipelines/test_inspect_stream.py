@@ -15,7 +15,7 @@ def test_inspect_stream_json_numbers(tmp_path, capsys, ray_local):
     assert main(["inspect-stream", "--preset", "smoke", "--batches", "12", "--json", *over]) == 0
     r = json.loads(capsys.readouterr().out)
     c, b = r["machine_classes"], r["batch_size"]
-    assert (c, b, len(r["batches"])) == (24, 16, 12)  # 3 machines x 8 attribute classes, default --batch-size
+    assert (c, b, len(r["batches"])) == (40, 16, 12)  # 5 pre-training machines x 8 attribute classes, --batch-size
     assert all(len(batch) == b and all(0 <= m < c for m in batch) for batch in r["batches"])
     distinct = [len(set(batch)) for batch in r["batches"]]
     assert r["mean_distinct_machine_classes"] == np.mean(distinct)
