@@ -121,7 +121,8 @@ def test_ingest_job_submitted_to_head(ray_head, shared_data, tmp_path):
     logs = ray_head.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs
     assert re.search(r"machine\s+4 inputs\s+4 written\s+0 rejected", logs), logs
-    assert (out / "corpus" / "machine" / "manifest.json").is_file() and (out / "corpus" / "labels.json").is_file()
+    pretrain_corpus = out / "corpus_pretrain"  # the pre-training corpus; the evaluation corpus beside it
+    assert (pretrain_corpus / "machine" / "manifest.json").is_file() and (pretrain_corpus / "labels.json").is_file()
 
 
 def test_runs_logged_to_mlflow_server_compare_side_by_side(mlflow_server):
