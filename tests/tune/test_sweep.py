@@ -35,7 +35,7 @@ def test_grid_sweep_runs_each_point_once_nested_runs_and_compare_shows_every_tri
     db = tmp_path / "mlflow.db"
     cfg = load_config("smoke", overrides=[*small_worlds,
         f"data.work_dir={tmp_path / 'data'}", f"tracking.tracking_uri=sqlite:///{db}",
-        "train.total_steps=2", "train.warmup_steps=1", "train.checkpoint_every=2", "tune.max_concurrent=2",
+        "train.total_steps=2", "train.warmup_steps=1", "train.checkpoint_every=2", "tune.max_concurrent=1",
         "tune.snr_ranges_db=[[0.0, 0.0], [-5.0, 5.0]]", "tune.alphas=[0.5, 2.0]", "tune.betas=[1.0]",
         "eval.source_refs=6", "eval.target_refs=2", "eval.test_normal=2", "eval.test_anomaly=2",
         "eval.snrs_db=[-5.0, 5.0]", "eval.conditions=[factory_a]"])
