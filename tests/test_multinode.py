@@ -94,7 +94,7 @@ def noise_bank_on_other_node(corpus, node_b: str) -> dict:
 
 def run_on_cluster(work: Path) -> dict:
     from retain_asd.corpus.ingest import corpus_from_config
-    from retain_asd.eval.run import evaluate_from_config
+    from retain_asd.eval.builder import evaluate_from_config
     from retain_asd.runtime import set_data_progress
     from retain_asd.train.checkpoint import read_digests
     from retain_asd.train.launch import latest_checkpoint, pretrain
@@ -145,7 +145,7 @@ def run_on_cluster(work: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------ the test
 def test_two_nodes_spread_workers_ship_the_noise_bank_and_match_one_node(ray_local, tmp_path):
-    from retain_asd.eval.run import evaluate_from_config
+    from retain_asd.eval.builder import evaluate_from_config
     from retain_asd.train.checkpoint import read_digests
     from retain_asd.train.launch import pretrain
 
