@@ -25,7 +25,10 @@ ENV_DEFAULTS = {
     "RAY_DEDUP_LOGS": "1",
 }
 
-LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2  # Ray's default takes 30% of RAM
+# The embedded Ray's object store (Ray's default takes 30% of RAM): 2 GiB, or a quarter of RAM on a small
+# machine. The training stream's blocks are 40-80 MB; with 512 MiB, Ray spilled them to disk and the stream
+# ran at 2.4-4.0 ms of CPU per 10 s clip instead of 1.9 (benchmarks/stream.py, 2 cores).
+LOCAL_OBJECT_STORE_BYTES = min(2 * 1024**3, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
 
 
 def apply_env_defaults() -> None:

@@ -333,3 +333,34 @@ def test_mixup_partner_is_another_clip_on_real_batches(three_machines):
                                 torch.full((len(j),), 0.5))
         assert not torch.equal(x, batch["mixture"])
     assert repeats > 0  # class-weighted draws put one clip twice in a batch: roll(1) could pair it with itself
+
+
+def test_int16_rows_are_mixed_without_rescaling(three_machines):
+    """The stream mixes int16 shards' stored samples without the 1/32768 pass: the rows equal Eq. 3 applied
+    to the rescaled float32 clips to float32 rounding (the gain may differ in its last bit)."""
+    from retain_asd.corpus import shards
+
+    corpus = three_machines[0]
+    state = stream.build_stream_state(corpus.root / "machine", corpus.root / "noise", corpus.labels_path,
+                                      snr_sampler=SNR, seed=0)
+    block = next(stream.mix_unit(state, epoch=0, unit=0, rows_per_block=16, files_per_unit=2))
+    ci = block["clip_idx"]
+    clean = np.stack([shards.audio_matrix(shards.pq.read_table(state.clean.files[int(f)]))[int(r)]
+                      for f, r in zip(state.clean.file_idx[ci], state.clean.row_in_file[ci], strict=True)])
+    assert shards.pq.read_table(state.clean.files[0]).schema.field("audio").metadata[
+        shards.AUDIO_DTYPE_KEY] == b"int16"
+    noise = np.stack([mixing.noise_segment(state.bank.recording(int(j)), int(o), clean.shape[1])
+                      for j, o in zip([list(state.bank.noise_ids).index(n) for n in block["noise_id"]],
+                                      block["noise_offset"], strict=True)])
+    mixing.scale_batch_at_snr(clean, noise, block["snr_db"].astype(np.float64))
+    np.testing.assert_allclose(block["clean"], clean, rtol=2.5e-7, atol=0)  # 2 ulp: x a1, with a1 within 1 ulp
+    np.testing.assert_array_equal(block["noise"], noise)
+
+
+def test_each_yield_leaves_the_task_as_its_own_block(three_machines):
+    corpus = three_machines[0]
+    plan = stream.build_train_stream(corpus.root / "machine", corpus.root / "noise", corpus.labels_path,
+                                     snr_sampler=SNR, seed=0, num_epochs=2, rows_per_block=8)
+    sizes = [b.num_rows for b in plan.dataset.iter_batches(batch_size=None, batch_format="pyarrow")]
+    assert sum(sizes) == plan.num_rows and max(sizes) == 8
+    assert sum(s < 8 for s in sizes) <= plan.num_epochs * -(-len(plan.state.clean.files) // 2)  # unit tails

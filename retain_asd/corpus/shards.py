@@ -1,11 +1,14 @@
 """Parquet shards: the on-disk form of a decoded corpus, written by a Ray Data job.
 
 One folder per corpus (``machine/``, ``noise/``) holds ``part-*.parquet`` shards, ``manifest.json`` and
-``rejects.csv``. The audio column is a plain Arrow list (``fixed_size_list<float32|int16>[n]`` for
-fixed-length clips, ``list<float32>`` for full-length noise), so ``pyarrow.parquet.read_table`` reads the
-shards with no Ray extension types. A folder is written under a temporary name and renamed into place, so
-a reader never sees half a corpus; its manifest's fingerprint (input paths, sizes, mtimes and the decode
-settings) makes a re-run on the same input a no-op and a changed input a rebuild.
+``rejects.csv``. The audio column holds each clip's raw little-endian samples as one Parquet value:
+``fixed_size_binary[n * itemsize]`` for fixed-length clips, ``large_binary`` for full-length noise, with the
+sample type (``int16`` | ``float32``) in the field's metadata. One value per clip, stored uncompressed, so
+reading a shard is a copy: a list column (one Parquet value per sample, with its repetition levels) read
+10x slower (benchmarks/stream.py, ``profile_ms_per_clip``). ``audio_matrix`` / ``audio_list`` decode it;
+plain ``pyarrow.parquet.read_table`` reads the shards, with no Ray extension types. A folder is written under a
+temporary name and renamed into place, so a reader never sees half a corpus; its manifest's fingerprint (input
+paths, sizes, mtimes and the decode settings) makes a re-run on the same input a no-op and a changed input a rebuild.
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ from retain_asd.corpus.layouts import ClipRecord
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: audio as raw-sample binary values (1: Arrow lists)
 MANIFEST = "manifest.json"
 REJECTS = "rejects.csv"
+AUDIO_DTYPE_KEY = b"retain_asd.sample_dtype"  # audio field metadata: b"int16" | b"float32"
+AUDIO_DTYPES = ("float32", "int16")
 META_COLUMNS = ("clip_id", "path", "kind", "dataset", "machine", "section", "domain", "split", "label",
                 "class_name", "attributes", "noise_category", "stationary")
 
@@ -99,17 +104,44 @@ def file_sha1(path: str) -> str:
 
 
 def _audio_array(clips: list[np.ndarray], settings: DecodeSettings) -> pa.Array:
+    """Clips as raw-sample binary values (int16 scaled by 32768 and clipped, or float32)."""
     if settings.audio_dtype == "int16":
-        clips = [np.clip(np.round(c * 32768.0), -32768, 32767).astype(np.int16) for c in clips]
-        value_type = pa.int16()
+        clips = [np.clip(np.round(c * 32768.0), -32768, 32767).astype("<i2") for c in clips]
     else:
-        value_type = pa.float32()
-    flat = pa.array(np.concatenate(clips) if clips else np.zeros(0), type=value_type)
+        clips = [np.asarray(c, dtype="<f4") for c in clips]
+    data = pa.py_buffer(np.concatenate(clips).tobytes() if clips else b"")
     n = settings.num_samples
     if n is not None:
-        return pa.FixedSizeListArray.from_arrays(flat, n)
-    offsets = np.concatenate([[0], np.cumsum([len(c) for c in clips])]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), flat)
+        width = n * np.dtype(settings.audio_dtype).itemsize
+        return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(clips), [None, data])
+    sizes = np.asarray([c.nbytes for c in clips], dtype=np.int64)
+    offsets = pa.py_buffer(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64).tobytes())
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(clips), [None, offsets, data])
+
+
+def audio_field(settings: DecodeSettings) -> pa.Field:
+    """The audio column's field: binary values, the sample type in its metadata (`audio_matrix` reads it)."""
+    kind = pa.large_binary() if settings.num_samples is None else \
+        pa.binary(settings.num_samples * np.dtype(settings.audio_dtype).itemsize)
+    return pa.field("audio", kind, metadata={AUDIO_DTYPE_KEY: settings.audio_dtype.encode()})
+
+
+def sample_dtype(field: pa.Field) -> np.dtype:
+    """The stored sample type of an audio field; a clear error for shards of another schema."""
+    meta = field.metadata or {}
+    name = meta.get(AUDIO_DTYPE_KEY, b"").decode()
+    if name not in AUDIO_DTYPES or not (pa.types.is_fixed_size_binary(field.type)
+                                        or pa.types.is_large_binary(field.type)):
+        raise ValueError(f"audio column of type {field.type} without {AUDIO_DTYPE_KEY.decode()} metadata: shards "
+                         f"of an older schema (<{SCHEMA_VERSION}); re-run `retain-asd ingest --force`")
+    return np.dtype(name).newbyteorder("<")
+
+
+def clip_samples(schema: pa.Schema) -> int | None:
+    """Samples per clip of a shard schema (None: full-length recordings of varying length)."""
+    field = schema.field("audio")
+    dtype = sample_dtype(field)
+    return field.type.byte_width // dtype.itemsize if pa.types.is_fixed_size_binary(field.type) else None
 
 
 def decode_batch(batch: pa.Table, settings: DecodeSettings) -> pa.Table:
@@ -144,8 +176,9 @@ def decode_batch(batch: pa.Table, settings: DecodeSettings) -> pa.Table:
     columns["repairs"] = pa.array(repairs, type=pa.string())
     columns["reject_reason"] = pa.array(reasons, type=pa.string())
     columns["audio"] = _audio_array(clips, settings)
-    return pa.table({k: columns[k] for k in (*META_COLUMNS, "repairs", "sha1", "audio_sha1", "reject_reason",
-                                             "audio")})
+    names = (*META_COLUMNS, "repairs", "sha1", "audio_sha1", "reject_reason", "audio")
+    schema = pa.schema([audio_field(settings) if k == "audio" else pa.field(k, columns[k].type) for k in names])
+    return pa.Table.from_arrays([columns[k] for k in names], schema=schema)
 
 
 DECODE_ROWS = 32  # files decoded per row group: bounds a task's memory (32 x 10 s float32 = 20 MB)
@@ -169,7 +202,10 @@ def write_shard_batch(batch: pa.Table, settings: DecodeSettings, out_dir: str) -
             good = table.filter(pc.equal(table.column("reject_reason"), "")).drop_columns(
                 ["reject_reason", "sha1", "audio_sha1"])
             if good.num_rows:
-                writer = writer or pq.ParquetWriter(path, good.schema)
+                writer = writer or pq.ParquetWriter(  # audio: raw samples, no dictionary/compression/stats
+                    path, good.schema, compression={k: "NONE" if k == "audio" else "SNAPPY" for k in good.column_names},
+                    use_dictionary=[k for k in good.column_names if k != "audio"],
+                    write_statistics=[k for k in good.column_names if k != "audio"])
                 writer.write_table(good)
     finally:
         if writer is not None:
@@ -310,29 +346,37 @@ def read_table(root: str | os.PathLike, columns: Sequence[str] | None = None) ->
     return pa.concat_tables(tables).sort_by("path")
 
 
-def audio_matrix(table_or_column, dtype=np.float32) -> np.ndarray:
-    """The fixed-length audio column (of a table, or the column itself) as float32 (rows, samples).
+def audio_matrix(table: pa.Table, dtype=np.float32) -> np.ndarray:
+    """The fixed-length audio column of a shard table as float32 (rows, samples).
 
     Zero-copy for float32 shards; int16 shards (data.audio_dtype) are rescaled by 1/32768. The one decoder
     of machine clips, used by the training stream and the corpus readers. `dtype=None` returns the stored
-    samples as they are (int16 unscaled), zero-copy: the stream converts only the rows it draws.
+    samples as they are (int16 unscaled), zero-copy and read-only: the stream converts only the rows it draws.
     """
-    col = table_or_column.column("audio") if isinstance(table_or_column, pa.Table) else table_or_column
-    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if not pa.types.is_fixed_size_list(col.type):
+    stored = sample_dtype(table.schema.field("audio"))
+    col = table.column("audio").combine_chunks()
+    if not pa.types.is_fixed_size_binary(col.type):
         raise ValueError("audio_matrix needs fixed-length clips; use audio_list for full-length noise")
-    flat = col.flatten().to_numpy(zero_copy_only=False)
-    x = flat.reshape(len(col), col.type.list_size)
-    if dtype is None:
-        return x
-    return x.astype(np.float32) / 32768.0 if x.dtype == np.int16 else x.astype(np.float32, copy=False)
+    width = col.type.byte_width
+    x = np.frombuffer(col.buffers()[1], dtype=stored, count=len(col) * width // stored.itemsize,
+                      offset=col.offset * width).reshape(len(col), width // stored.itemsize)
+    return _as_float(x, dtype)
 
 
 def audio_list(table: pa.Table) -> list[np.ndarray]:
     """The audio column as a list of float32 arrays (fixed or variable length)."""
+    field = table.schema.field("audio")
+    if pa.types.is_fixed_size_binary(field.type):
+        return list(audio_matrix(table))
+    stored = sample_dtype(field)
     col = table.column("audio").combine_chunks()
-    out = []
-    for i in range(len(col)):
-        x = col[i].values.to_numpy(zero_copy_only=False)
-        out.append(x.astype(np.float32) / 32768.0 if x.dtype == np.int16 else x.astype(np.float32))
-    return out
+    offsets = np.frombuffer(col.buffers()[1], dtype=np.int64, count=len(col) + 1, offset=col.offset * 8)
+    data = col.buffers()[2]
+    return [_as_float(np.frombuffer(data, dtype=stored, count=int(hi - lo) // stored.itemsize, offset=int(lo)),
+                      np.float32).copy() for lo, hi in zip(offsets[:-1], offsets[1:], strict=True)]
+
+
+def _as_float(x: np.ndarray, dtype) -> np.ndarray:
+    if dtype is None:
+        return x
+    return x.astype(np.float32) / np.float32(32768.0) if x.dtype.kind == "i" else x.astype(np.float32, copy=False)

@@ -171,8 +171,11 @@ def test_shards_plain_pyarrow_and_bit_exact(raw_tree, corpus):
     rows = [pq.ParquetFile(f).metadata.num_rows for f in files]
     assert sum(rows) == 14 and max(rows) <= 4  # at most rows_per_shard = 4 rows per shard
     first = pq.read_table(files[0])
-    assert pa.types.is_fixed_size_list(first.schema.field("audio").type)
-    assert first.schema.field("audio").type.list_size == 160000
+    field = first.schema.field("audio")  # one raw-sample value per clip, the sample type in the metadata
+    assert field.type == pa.binary(160000 * 4) and field.metadata == {b"retain_asd.sample_dtype": b"float32"}
+    assert shards.clip_samples(first.schema) == 160000
+    audio_chunk = pq.ParquetFile(files[0]).metadata.row_group(0).column(first.schema.get_field_index("audio"))
+    assert audio_chunk.compression == "UNCOMPRESSED" and audio_chunk.statistics is None
     table = shards.read_table(corpus.machine.root)
     audio = shards.audio_matrix(table)
     assert audio.shape == (14, 160000) and audio.dtype == np.float32
