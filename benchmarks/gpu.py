@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -148,7 +147,7 @@ def stream_supply(device: torch.device, clip_s: float, clips: int, batch: int, w
         from retain_asd import stream
         from retain_asd.corpus.ingest import ingest, load_corpus
         from retain_asd.corpus.synth import write_synthetic_corpus
-        from retain_asd.runtime import init_ray, set_data_progress
+        from retain_asd.runtime import init_ray, set_data_progress, usable_cpus
     except ImportError as err:  # the GPU machines have torch but not Ray or soundfile
         return {"skipped": f"needs Ray and soundfile ({err})"}
     init_ray(quiet=True)
@@ -176,7 +175,7 @@ def stream_supply(device: torch.device, clip_s: float, clips: int, batch: int, w
     _sync(device)
     seconds = time.perf_counter() - start
     return {"clips": delivered, "batch": batch, "clip_s": clip_s, "seconds": seconds,
-            "clips_per_s": delivered / seconds, "cpus": os.cpu_count()}
+            "clips_per_s": delivered / seconds, "cpus": usable_cpus()}
 
 
 def main(argv=None) -> dict | None:

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from retain_asd import mixing, stream
 from retain_asd.corpus import shards
-from retain_asd.runtime import init_ray, set_data_progress
+from retain_asd.runtime import init_ray, set_data_progress, usable_cpus
 
 SNR = {"kind": "uniform", "low_db": -5.0, "high_db": 5.0}
 
@@ -212,19 +212,19 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup-batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2, help="stream vs numpy pairs; ratio = their median")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "stream.json"))
-    parser.add_argument("--cpus-per-node", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+    parser.add_argument("--cpus-per-node", type=int, default=max(1, usable_cpus() // 2),
                         help="CPUs of each simulated node in the 1- vs 2-node comparison")
     parser.add_argument("--skip-two-nodes", action="store_true", help="leave out the simulated 2-node run")
     parser.add_argument("--skip-variants", action="store_true",
                         help="leave out the variants (float32 shards, path order, blocks, preserve_order)")
     args = parser.parse_args(argv)
 
-    init_ray(num_cpus=os.cpu_count(), quiet=True)
+    init_ray(num_cpus=usable_cpus(), quiet=True)
     set_data_progress(False)
     work = Path(args.work)
     corpus = make_corpus(work, args.per_attr)
     run = (corpus, args.epochs, args.batch_size, args.warmup_batches)
-    result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+    result = {"machine": {"cpus": usable_cpus(), "python": platform.python_version(),
                           "load_avg_at_start": os.getloadavg()},
               "profile_ms_per_clip": profile_stages(corpus)}
     repeats = [_vs_numpy(*run, repeat=r) for r in range(args.repeats)]

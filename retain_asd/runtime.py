@@ -36,6 +36,14 @@ def apply_env_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: `taskset`, a container's cpuset), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = False):
     """Join ``address`` (or $RAY_ADDRESS, e.g. inside ``ray job submit``) or start an embedded local Ray.
 
@@ -52,7 +60,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     else:
         ray.init(
             address="local",  # always a fresh embedded cluster, never a stale `ray start` one
-            num_cpus=num_cpus or os.cpu_count(),
+            num_cpus=num_cpus or usable_cpus(),
             include_dashboard=False,
             object_store_memory=LOCAL_OBJECT_STORE_BYTES,
             log_to_driver=not quiet,
