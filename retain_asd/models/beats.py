@@ -42,6 +42,7 @@ import torchaudio.compliance.kaldi as kaldi
 from torch import Tensor, nn
 
 from retain_asd import fsio
+from retain_asd.models.layers import deepest_layer
 
 SAMPLE_RATE_HZ = 16000  # the official preprocessing hard-codes 16 kHz
 NUM_MEL_BINS = 128
@@ -578,7 +579,7 @@ class BEATs(nn.Module):
 
         `frame_padding_mask` (B, T_frames) bool, True = padded frame.
         """
-        hidden, grid, _ = self._encode(fbank, frame_padding_mask, _max_layer(layers, self.num_layers))
+        hidden, grid, _ = self._encode(fbank, frame_padding_mask, deepest_layer(layers, self.num_layers))
         return hidden, grid
 
     def extract_layers(
@@ -590,7 +591,7 @@ class BEATs(nn.Module):
         waveforms: (B, S) at 16 kHz; padding_mask: (B, S) bool, True = padded sample. Blocks above
         max(layers) are not computed. `layers=None` -> all blocks.
         """
-        max_layer = _max_layer(layers, self.num_layers)
+        max_layer = deepest_layer(layers, self.num_layers)
         fbank = self.preprocess(waveforms)
         frame_mask = None if padding_mask is None else reduce_padding_mask(padding_mask, fbank.shape[1])
         hidden, grid, _ = self._encode(fbank, frame_mask, max_layer)
@@ -645,18 +646,6 @@ class BEATs(nn.Module):
         if self.patch_embedding.weight.dtype == torch.float16 or fp16_autocast:
             raise RuntimeError("BEATs overflows to NaN in fp16 (known upstream issue); run in fp32 or "
                                "under torch.autocast(dtype=torch.bfloat16)")
-
-
-def _max_layer(layers: int | Sequence[int] | None, num_layers: int) -> int:
-    if layers is None:
-        return num_layers
-    requested = [layers] if isinstance(layers, int) else list(layers)
-    if not requested:
-        raise ValueError("layers is empty: pass a 1-based layer, a list of them, or None for all")
-    for layer in requested:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= num_layers:
-            raise ValueError(f"layer {layer!r} is out of range: layers are 1-based, 1..{num_layers}")
-    return max(requested)
 
 
 @torch.no_grad()

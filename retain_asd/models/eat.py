@@ -46,6 +46,7 @@ FBANK_MEAN = -4.268  # official AudioSet statistics (feature_extract.py, raw_aud
 FBANK_STD = 4.569
 from retain_asd.models.ckpt_io import EAT_MODEL_NAME as MODEL_NAME  # noqa: E402
 from retain_asd.models.ckpt_io import is_eat_checkpoint  # noqa: E402
+from retain_asd.models.layers import deepest_layer  # noqa: E402
 
 MODALITY = "IMAGE"  # EAT runs the spectrogram through data2vec 2.0's image path
 PREFIX = f"modality_encoders.{MODALITY}."
@@ -401,7 +402,7 @@ class EAT(nn.Module):
     def encode_fbank(self, fbank: Tensor, layers: int | Sequence[int] | None = None,
                      ) -> tuple[list[Tensor], list[Tensor], tuple[int, int]]:
         """`encode` from a precomputed normalised fbank (B, frames, 128), frames a multiple of 16."""
-        max_layer = _max_layer(layers, self.num_layers)
+        max_layer = deepest_layer(layers, self.num_layers)
         x, grid = self.patch_tokens(fbank)
         extra = self.cfg.num_extra_tokens
         tokens, cls = [], []
@@ -427,18 +428,6 @@ class EAT(nn.Module):
     def forward(self, waveforms: Tensor) -> Tensor:
         """Last block's patch tokens (B, N, D): official `extract_features(...)['x']` without the CLS."""
         return self.encode(waveforms)[0][-1]
-
-
-def _max_layer(layers: int | Sequence[int] | None, num_layers: int) -> int:
-    if layers is None:
-        return num_layers
-    requested = [layers] if isinstance(layers, int) else list(layers)
-    if not requested:
-        raise ValueError("layers is empty: pass a 1-based layer, a list of them, or None for all")
-    for layer in requested:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= num_layers:
-            raise ValueError(f"layer {layer!r} is out of range: layers are 1-based, 1..{num_layers}")
-    return max(requested)
 
 
 @torch.no_grad()
