@@ -113,6 +113,14 @@ def join(location: str | os.PathLike, *parts: str) -> str:
     return str(Path(text, *parts))
 
 
+def to_location(path: str, like: str | os.PathLike) -> str:
+    """A path inside the filesystem of URI `like` (``bucket/key``, what Ray Train reports) as a URI of the same
+    scheme; with a local `like`, the path as it is."""
+    if not is_uri(like):
+        return path
+    return f"{urlparse(str(like)).scheme}://{path.lstrip('/')}"
+
+
 def ray_storage(location: str | os.PathLike) -> dict:
     """``storage_path`` / ``storage_filesystem`` kwargs for Ray Train's and Tune's RunConfig.
 
