@@ -71,7 +71,9 @@ def _wait_until_gone(session: int, timeout_s: float = 60) -> None:
 def test_ingest_pretrain_kill_resume_evaluate_in_the_bucket(ray_local, s3_env, bucket_keys, small_worlds, tmp_path):
     from retain_asd.corpus.ingest import corpora_from_config
     from retain_asd.eval.builder import evaluate_from_config
-    from retain_asd.train.launch import pretrain
+    from retain_asd.models.beats import load_beats
+    from retain_asd.train.checkpoint import read_train_state, state_digest
+    from retain_asd.train.launch import pretrain, read_metrics
 
     work = tmp_path / "data"
     overrides = [f"data.work_dir={work}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
@@ -109,8 +111,10 @@ def test_ingest_pretrain_kill_resume_evaluate_in_the_bucket(ray_local, s3_env, b
         driver.wait()
         log.close()
         _wait_until_gone(driver.pid)  # Ray's workers notice the kill late: one could still write to the bucket
-    newest = max(_complete_steps(bucket_keys, prefix))
+    newest, folder = max(_complete_steps(bucket_keys, prefix).items())
     assert 2 <= newest < cfg.train.total_steps
+    saved = read_train_state(f"s3://{BUCKET}/{folder}")  # read back from the bucket (weights_only)
+    assert saved["step"] == newest
     assert not (out / "ray").exists() and not (out / "student_beats.pt").exists()
 
     # 3. the re-run resumes from the bucket's newest complete checkpoint and finishes
@@ -121,6 +125,12 @@ def test_ingest_pretrain_kill_resume_evaluate_in_the_bucket(ray_local, s3_env, b
     assert result.checkpoint_path.startswith(f"s3://{BUCKET}/{prefix}checkpoint_")
     assert result.student_uri == f"s3://{BUCKET}/{prefix}student_beats.pt"
     assert max(_complete_steps(bucket_keys, prefix)) == cfg.train.total_steps
+    resumed = next(m for m in read_metrics(out / "metrics.jsonl") if "resumed_from_step" in m)
+    assert resumed["optimizer_sha256_at_resume"] == state_digest(saved["optimizer"])  # the bucket's optimizer
+    final = read_train_state(result.checkpoint_path)
+    assert final["data"]["micro_batches_seen"] == cfg.train.total_steps * cfg.train.grad_accum
+    assert all(int(s["step"]) == cfg.train.total_steps for s in final["optimizer"]["state"].values())
+    assert state_digest(load_beats(result.student_path).state_dict()) == state_digest(final["student"])
 
     # 4. evaluate the student by its URI (copied to a local cache, loaded weights_only)
     (scores,) = evaluate_from_config(cfg, [result.student_uri], tmp_path / "eval")
