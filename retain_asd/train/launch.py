@@ -72,19 +72,18 @@ class PretrainResult:
 
 
 # ---------------------------------------------------------------------------------------- storage
-def run_location(cfg: Config, out_dir: str | os.PathLike) -> str | None:
-    """The run's folder in data.storage, ``<storage>/runs/<out folder name>/<name>`` (its Ray Train checkpoints,
-    and the exported student beside them); None when data.storage is empty (everything stays in <out>)."""
-    if not cfg.data.storage:
-        return None
-    return storage.join(cfg.data.storage, "runs", Path(out_dir).resolve().name, cfg.name)
-
-
 def checkpoint_root(cfg: Config, out_dir: str | os.PathLike) -> Path | str:
-    """Ray Train's storage path (the run folder is ``<root>/<name>``): <out>/ray, or in data.storage."""
+    """Ray Train's storage path (the run folder is ``<root>/<name>``): <out>/ray, or
+    ``<data.storage>/runs/<out folder name>`` (the out folder's name is the run's key in the bucket)."""
     if cfg.data.storage:
         return storage.join(cfg.data.storage, "runs", Path(out_dir).resolve().name)
     return Path(out_dir).resolve() / "ray"
+
+
+def run_location(cfg: Config, out_dir: str | os.PathLike) -> str | None:
+    """The run's folder in data.storage, ``<checkpoint_root>/<name>``: its Ray Train checkpoints, and the exported
+    student beside them; None when data.storage is empty (everything stays in <out>)."""
+    return storage.join(checkpoint_root(cfg, out_dir), cfg.name) if cfg.data.storage else None
 
 
 DURABLE_FILES = ("config.yaml", "summary.json", "mlflow_run.json", "student_beats.pt")  # the student last
