@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--checkpoint", action="append", required=True,
                    help="encoder checkpoint .pt (BEATs, or EAT / SSLAM in the fairseq layout; or a folder with one), "
-                        "or 'frozen' (model.checkpoint); repeatable")
+                        "a URI of either in data.storage (s3://...), or 'frozen' (model.checkpoint); repeatable")
     p.add_argument("--out", required=True, help="output folder for tables, plots and score files")
     p.add_argument("--layers", type=parse_layers, help="also evaluate these layers, e.g. 1-12 (Fig. 2)")
     p.add_argument("--dcase-root", help="evaluate on a DCASE 2020-2025 folder instead of the eval sets")

@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "else the synthetic evaluation world)")
     p.add_argument("--eval-noise-root", help="evaluation corpus: noise folder (categories.yaml: stationary -> "
                                              "Factory A, else Factory B)")
-    p.add_argument("--out", help="work folder (default: data.work_dir of the config)")
+    p.add_argument("--out", help="work folder (default: data.work_dir of the config); with data.storage set the "
+                                 "shards go to <data.storage>/corpus_* and this folder keeps only scratch")
     add_config_args(p)
     p.add_argument("--rows-per-shard", type=int, help="Parquet rows per shard file")
     p.add_argument("--force", action="store_true", help="rebuild even when the input is unchanged")

@@ -11,6 +11,8 @@ newest complete checkpoint. A non-finite loss or gradient norm stops the run (ex
 train.skip_nonfinite_steps=N skips up to N such steps). The pre-training corpus (data.*) is ingested first when
 needed; the leakage guard refuses a pre-training corpus that shares a machine type, clip or noise recording with
 the evaluation corpus (eval.*), unless data.add_eval_references: true (Table 5, recorded in MLflow and config.yaml).
+With data.storage=s3://bucket/prefix the checkpoints, the student and the MLflow artifacts go to the bucket
+(`<prefix>/runs/<out folder name>/<preset>/`), and a re-run with the same --out name resumes from there.
 """
 
 from __future__ import annotations

@@ -41,6 +41,8 @@ class DataConfig:
     machine_root: str = ""  # raw machine corpus (DCASE / MIMII DG / ToyADMOS2 tree); "" = synthetic pre-training world
     noise_root: str = ""  # noise folders <root>/<category>/*.wav + categories.yaml; "" = the world's synthetic noise
     work_dir: str = "runs/data"  # shards (corpus_pretrain/, corpus_eval/), eval sets, embedding cache live here
+    storage: str = ""  # "" = durable output under work_dir / --out (local); s3://bucket/prefix = corpora, checkpoints,
+    #                    students, MLflow artifacts in the bucket (endpoint, keys: AWS_* env vars); work_dir = scratch
     sample_rate_hz: int = 16000  # BEATs is trained on 16 kHz audio
     clip_s: float = 10.0  # DCASE clips are 10 s; everything is padded / cropped to this
     min_clip_s: float = 1.0  # shorter files are rejected rather than padded
@@ -274,6 +276,13 @@ def validate(cfg: Config) -> None:
     _check(0 < d.min_clip_s <= d.clip_s, "data.min_clip_s", "in (0, data.clip_s]", d.min_clip_s)
     _check(d.channel == "mean" or d.channel.isdigit(), "data.channel", '"mean" or a channel index', d.channel)
     _check(d.rows_per_shard > 0, "data.rows_per_shard", "> 0", d.rows_per_shard)
+    if d.storage:
+        from retain_asd.storage import check_uri
+
+        try:
+            check_uri(d.storage)
+        except ValueError as err:
+            raise ConfigError(f"data.storage: {err}") from None
     _check(d.synth_generic_per_family >= 0, "data.synth_generic_per_family", ">= 0", d.synth_generic_per_family)
     _check(len(d.synth_machines) > 0 or d.synth_generic_per_family > 0, "data.synth_machines",
            "non-empty, or data.synth_generic_per_family > 0 (pre-training needs clips)", d.synth_machines)

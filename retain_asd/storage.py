@@ -13,22 +13,52 @@ region and credentials come from the standard AWS environment variables, never f
 
 Local paths stay the default; other schemes pyarrow knows (``gs://``, ``hdfs://``, ``file://``) go to
 ``pyarrow.fs.FileSystem.from_uri``.
+
+The small file helpers below (``exists``, ``read_json``, ``write_bytes``, ``upload``, ...) take either: a local
+path goes through ``fsio`` exactly as before (temp file + rename), a URI through pyarrow. An object store has
+no rename, but a PUT is atomic per object (a reader sees the old object or the new one, never half), so a
+writer of several objects writes its completion marker (a manifest, ``complete.json``) last.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from retain_asd import fsio
+
 S3_SCHEMES = ("s3", "s3a")
+OTHER_SCHEMES = ("gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")  # pyarrow's own (not tested here)
 
 
 def is_uri(location: str | os.PathLike) -> bool:
     """True for ``scheme://...`` (object stores, ``file://``); False for a plain local path."""
     return "://" in str(location)
+
+
+def check_uri(uri: str) -> None:
+    """ValueError naming `uri` unless it is ``scheme://bucket[/prefix]`` of a store pyarrow can open."""
+    parsed = urlparse(uri)
+    if not is_uri(uri) or not parsed.scheme:
+        raise ValueError(f"{uri!r} is not a URI; expected s3://bucket/prefix (or '' for local storage)")
+    if parsed.scheme in S3_SCHEMES:
+        if not parsed.netloc:
+            raise ValueError(f"{uri}: an S3 URI needs a bucket, e.g. s3://my-bucket/retain-asd")
+        return
+    if parsed.scheme not in OTHER_SCHEMES:
+        raise ValueError(f"{uri}: unsupported scheme {parsed.scheme!r}; expected one of "
+                         f"{list(S3_SCHEMES + OTHER_SCHEMES)}")
+
+
+def as_location(location: str | os.PathLike) -> str | Path:
+    """A URI stays a string (``Path`` would fold ``s3://`` into ``s3:/``); a local path becomes a Path."""
+    return str(location) if is_uri(location) else Path(location)
 
 
 def _env(*names: str) -> str | None:
@@ -83,6 +113,14 @@ def join(location: str | os.PathLike, *parts: str) -> str:
     return str(Path(text, *parts))
 
 
+def to_location(path: str, like: str | os.PathLike) -> str:
+    """A path inside the filesystem of URI `like` (``bucket/key``, what Ray Train reports) as a URI of the same
+    scheme; with a local `like`, the path as it is."""
+    if not is_uri(like):
+        return path
+    return f"{urlparse(str(like)).scheme}://{path.lstrip('/')}"
+
+
 def ray_storage(location: str | os.PathLike) -> dict:
     """``storage_path`` / ``storage_filesystem`` kwargs for Ray Train's and Tune's RunConfig.
 
@@ -93,3 +131,112 @@ def ray_storage(location: str | os.PathLike) -> dict:
         return {"storage_path": str(Path(location).expanduser().resolve())}
     fs, path = resolve(location)
     return {"storage_path": path, "storage_filesystem": fs}
+
+
+# ---------------------------------------------------------------------------------------------------- files
+def _info(location: str | os.PathLike) -> pafs.FileInfo:
+    fs, path = resolve(location)
+    return fs.get_file_info(path)
+
+
+def exists(location: str | os.PathLike) -> bool:
+    if not is_uri(location):
+        return Path(location).exists()
+    return _info(location).type != pafs.FileType.NotFound
+
+
+def is_file(location: str | os.PathLike) -> bool:
+    if not is_uri(location):
+        return Path(location).is_file()
+    return _info(location).type == pafs.FileType.File
+
+
+def list_names(location: str | os.PathLike) -> list[str]:
+    """The sorted names directly inside a folder (or prefix); [] when there is none."""
+    if not is_uri(location):
+        folder = Path(location)
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    fs, path = resolve(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(info.base_name for info in infos)
+
+
+def file_sizes(location: str | os.PathLike) -> dict[str, int]:
+    """{relative path: bytes} of every file below a folder (or prefix)."""
+    fs, path = resolve(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return {info.path[len(path):].lstrip("/"): info.size for info in infos if info.type == pafs.FileType.File}
+
+
+def remove(location: str | os.PathLike) -> None:
+    """Delete a file or a folder (prefix) and everything below it; nothing when it does not exist."""
+    if not is_uri(location):
+        path = Path(location)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        return
+    fs, path = resolve(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def read_bytes(location: str | os.PathLike) -> bytes:
+    if not is_uri(location):
+        return Path(location).read_bytes()
+    fs, path = resolve(location)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{location}: no such object") from None
+
+
+def write_bytes(location: str | os.PathLike, data: bytes) -> None:
+    """Atomically: a local file through ``fsio`` (temp + rename); an object in one PUT."""
+    if not is_uri(location):
+        fsio.write_bytes(location, data)
+        return
+    fs, path = resolve(location)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def read_json(location: str | os.PathLike, fix: str | None = None) -> Any:
+    """JSON this system wrote (``fsio.read_json`` for a local path); an unparsable object names its URI."""
+    if not is_uri(location):
+        return fsio.read_json(location, fix)
+    try:
+        return json.loads(read_bytes(location).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise fsio.CorruptFileError(location, f"invalid JSON ({err})", fix) from None
+
+
+def write_json(location: str | os.PathLike, value: Any, indent: int | None = None) -> None:
+    write_bytes(location, (json.dumps(value, indent=indent) + "\n").encode())
+
+
+def upload(local_path: str | os.PathLike, location: str | os.PathLike) -> None:
+    """Copy a local file to `location` (an object: one atomic PUT; a local path: temp file + rename)."""
+    if not is_uri(location):
+        with open(local_path, "rb") as src, fsio.atomic_write(location, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        return
+    fs, path = resolve(location)
+    with open(local_path, "rb") as src, fs.open_output_stream(path) as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def download(location: str | os.PathLike, local_path: str | os.PathLike) -> Path:
+    """Copy `location` to a local file, atomically (a killed download leaves only a hidden temp file)."""
+    fs, path = resolve(location)
+    try:
+        with fs.open_input_stream(path) as src, fsio.atomic_write(local_path, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{location}: no such object") from None
+    return Path(local_path)

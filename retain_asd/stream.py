@@ -35,12 +35,13 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from retain_asd import mixing
+from retain_asd import mixing, storage
 from retain_asd.corpus import shards
 from retain_asd.corpus.labels import LabelVocab
 
@@ -69,6 +70,7 @@ class CleanIndex:
     machine_idx: np.ndarray  # (n,) int64 vocabulary index of the machine-attribute class
     weights: np.ndarray  # (n,) float64 class-weighted sampling probability, sums to 1
     num_samples: int  # clip length S
+    filesystem: Any = None  # pyarrow filesystem of `files` for a corpus in an object store (pickled with its keys)
 
     def __len__(self) -> int:
         return len(self.clip_ids)
@@ -157,16 +159,17 @@ def plan_epoch(state: StreamState, epoch: int) -> EpochPlan:
 
 
 # ------------------------------------------------------------------------------------------ driver side
-def _read_clean_index(machine_dir: Path, vocab: LabelVocab, split: str,
+def _read_clean_index(machine_dir: Path | str, vocab: LabelVocab, split: str,
                       clip_samples: int | None) -> CleanIndex:
     manifest = shards.read_manifest(machine_dir)
     if manifest is None:
         raise FileNotFoundError(f"{machine_dir}: no {shards.MANIFEST}; run `retain-asd ingest` first")
     files, file_idx, rows, clip_ids, classes = [], [], [], [], []
     num_samples = None
+    filesystem = None
     for name in manifest["shards"]:
-        path = machine_dir / name
-        pf = pq.ParquetFile(path)
+        path, filesystem = shards.shard_source(machine_dir, name)
+        pf = pq.ParquetFile(path, filesystem=filesystem)
         try:
             samples = shards.clip_samples(pf.schema_arrow)
         except ValueError as err:
@@ -182,7 +185,7 @@ def _read_clean_index(machine_dir: Path, vocab: LabelVocab, split: str,
         keep = np.flatnonzero(pc.equal(meta.column("split"), split).to_numpy(zero_copy_only=False))
         if len(keep) == 0:
             continue
-        files.append(str(path))
+        files.append(path)
         file_idx.append(np.full(len(keep), len(files) - 1, dtype=np.int64))
         rows.append(keep.astype(np.int64))
         clip_ids.extend(meta.column("clip_id").take(keep).to_pylist())
@@ -199,16 +202,16 @@ def _read_clean_index(machine_dir: Path, vocab: LabelVocab, split: str,
     return CleanIndex(files=tuple(files), file_idx=np.concatenate(file_idx), row_in_file=np.concatenate(rows),
                       clip_ids=np.asarray(clip_ids, dtype=str),
                       machine_idx=np.asarray([vocab.index(c) for c in classes], dtype=np.int64),
-                      weights=vocab.sampling_weights(classes), num_samples=int(num_samples))
+                      weights=vocab.sampling_weights(classes), num_samples=int(num_samples), filesystem=filesystem)
 
 
 def read_noise_bank(noise_dir: str | os.PathLike, vocab: LabelVocab) -> NoiseBank:
     """All train-split noise recordings as one float32 array (read with pyarrow on the driver)."""
-    noise_dir = Path(noise_dir)
+    noise_dir = storage.as_location(noise_dir)
     manifest = shards.read_manifest(noise_dir)
     if manifest is not None and not manifest["shards"]:
         raise StreamError(f"{noise_dir}: the noise bank is empty (no noise shards; see "
-                          f"{noise_dir / shards.REJECTS}); ingest at least one noise recording")
+                          f"{shards.child(noise_dir, shards.REJECTS)}); ingest at least one noise recording")
     table = shards.read_table(noise_dir, columns=["path", "clip_id", "class_name", "split", "audio"])
     table = table.filter(pc.equal(table.column("split"), "train"))
     if table.num_rows == 0:
@@ -236,11 +239,10 @@ def build_stream_state(machine_dir: str | os.PathLike, noise_dir: str | os.PathL
                        class_weighted: bool = True, split: str = "train",
                        clip_samples: int | None = None) -> StreamState:
     """Driver side of the stream (no Ray): metadata, noise bank, vocabulary checks."""
-    labels_path = Path(labels_path)
-    if not labels_path.is_file():
+    if not storage.is_file(labels_path):
         raise FileNotFoundError(f"{labels_path}: label vocabulary not found; run `retain-asd ingest` first")
     vocab = LabelVocab.from_json(labels_path)
-    clean = _read_clean_index(Path(machine_dir), vocab, split, clip_samples)
+    clean = _read_clean_index(storage.as_location(machine_dir), vocab, split, clip_samples)
     bank = read_noise_bank(noise_dir, vocab)
     return StreamState(clean=clean, bank=bank, num_classes=vocab.num_classes,
                        snr_sampler=mixing.make_snr_sampler(**snr_sampler), seed=int(seed),
@@ -312,7 +314,7 @@ def mix_unit(state: StreamState, epoch: int, unit: int, rows_per_block: int = MI
         return
     matrices, file_ids = [], []
     for f in files:
-        table = pq.read_table(clean.files[int(f)], columns=["clip_id", "audio"])
+        table = pq.read_table(clean.files[int(f)], columns=["clip_id", "audio"], filesystem=clean.filesystem)
         matrices.append(shards.audio_matrix(table, dtype=None))  # (rows in file, S), int16 or float32
         file_ids.append(table.column("clip_id").to_numpy(zero_copy_only=False).astype(str))
     position = {int(f): k for k, f in enumerate(files)}

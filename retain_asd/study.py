@@ -322,7 +322,8 @@ def run_cell(cfg: Config, row: Row, seed: int, where: Path, *, corpus, evaluatio
     tags = {"kind": "evaluate", "study": cfg.name, "preset": row.label, "seed": str(seed)}
     tracking.delete_runs(uri, experiment, tags)  # a run of this cell left by an interrupted study
     tags |= {"row_preset": row.preset, "objective": rc.objective.name}
-    with tracking.mlflow_run(uri, experiment, f"{row.label}/seed{seed}", params=to_dict(rc), tags=tags) as run:
+    with tracking.mlflow_run(uri, experiment, f"{row.label}/seed{seed}", params=to_dict(rc), tags=tags,
+                             storage=cfg.data.storage) as run:
         for h in trained.metrics:  # the training curve
             numbers = {f"train/{k}": v for k, v in h.items()
                        if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)}
@@ -350,7 +351,7 @@ def _log_summary(uri: str, experiment: str, cfg: Config, comparison, summary: Pa
                 if not math.isnan(e.half_width):
                     metrics[f"{row.name}/{key}_ci95"] = e.half_width
     with tracking.mlflow_run(uri, experiment, "summary", params={"study": to_dict(cfg.study)},
-                             tags={"kind": "study_summary", "study": cfg.name}) as run:
+                             tags={"kind": "study_summary", "study": cfg.name}, storage=cfg.data.storage) as run:
         tracking.log_metrics(metrics)
         tracking.log_artifacts(summary, artifact_path="summary")
         return run.info.run_id

@@ -4,7 +4,12 @@ artifact location, runs (nested too), params, tags, metrics, artifacts).
 Local default: an SQLite store at an *absolute* path (Ray Tune trials change directory, and a relative URI
 would give each trial its own database). On a cluster: an ``mlflow server`` URI (``http://host:port``).
 Artifacts of an SQLite store go beside its database (``<db folder>/mlartifacts/<experiment>``), never into
-the working folder (MLflow's default ``./mlruns``).
+the working folder (MLflow's default ``./mlruns``). With ``data.storage`` set (``s3://bucket/prefix``) a new
+experiment keeps its artifacts in the bucket, ``<storage>/mlartifacts/<experiment>``, through MLflow's own S3
+artifact store (boto3), which reads the same AWS_* variables as `retain_asd.storage`: AWS_ENDPOINT_URL_S3 /
+AWS_ENDPOINT_URL (an S3-compatible server; MLflow's own MLFLOW_S3_ENDPOINT_URL wins when set), AWS_REGION,
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY. The run records themselves stay in the tracking store (the local
+SQLite file, or a server). An experiment keeps the artifact location it was created with.
 """
 
 from __future__ import annotations
@@ -43,38 +48,50 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def artifact_location(uri: str, experiment: str) -> str | None:
-    """Where an experiment of store `uri` keeps its artifacts: beside an SQLite database; None (the server's
-    choice) for a server URI."""
+def artifact_location(uri: str, experiment: str, storage: str = "") -> str | None:
+    """Where an experiment of store `uri` keeps its artifacts: ``<storage>/mlartifacts/<experiment>`` when
+    `storage` (data.storage) is a URI; else beside an SQLite database; None (the server's choice) for a
+    server URI."""
+    if storage:
+        return f"{storage.rstrip('/')}/mlartifacts/{experiment}"
     if uri.startswith("sqlite:///"):
         return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / experiment).as_uri()
     return None
 
 
-def ensure_experiment(uri: str, experiment: str) -> str:
+def ensure_experiment(uri: str, experiment: str, storage: str = "") -> str:
     """Create the experiment when missing (Tune trials need it to exist), with an explicit artifact location
-    (`artifact_location`); returns its id."""
+    (`artifact_location`); returns its id. An existing experiment whose artifacts live elsewhere than
+    `storage` asks for a warning: its runs keep logging artifacts there."""
     apply_env_defaults()
     import mlflow
 
     mlflow.set_tracking_uri(uri)
     found = mlflow.get_experiment_by_name(experiment)
     if found:
+        wanted = artifact_location(uri, experiment, storage)
+        if storage and found.artifact_location != wanted:
+            import warnings
+
+            warnings.warn(f"MLflow experiment {experiment!r} keeps its artifacts in {found.artifact_location}, not "
+                          f"in data.storage ({wanted}); use a new tracking.experiment to log them to the bucket",
+                          stacklevel=2)
         return found.experiment_id
-    return mlflow.create_experiment(experiment, artifact_location=artifact_location(uri, experiment))
+    return mlflow.create_experiment(experiment, artifact_location=artifact_location(uri, experiment, storage))
 
 
 @contextlib.contextmanager
 def mlflow_run(uri: str, experiment: str, run_name: str, params: Mapping[str, Any] | None = None,
                tags: Mapping[str, str] | None = None, run_id: str | None = None,
-               nested: bool = False) -> Iterator[Any]:
+               nested: bool = False, storage: str = "") -> Iterator[Any]:
     """Start (or resume, with ``run_id``) an MLflow run and make it active inside the block.
 
     ``nested``: a child of the run active around it (e.g. one evaluation inside a sweep trial's run).
+    ``storage``: data.storage, where a new experiment keeps its artifacts (`artifact_location`).
     """
     import mlflow
 
-    ensure_experiment(uri, experiment)
+    ensure_experiment(uri, experiment, storage)
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=dict(tags or {}),
                           nested=nested) as run:

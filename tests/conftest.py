@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -85,3 +91,68 @@ def pytest_collection_modifyitems(items):
     for item in items:
         for marker in item.iter_markers("reliability"):
             item.user_properties.append(("reliability_case", marker.args[0]))
+
+
+# ---------------------------------------------------------------------------------------------------- object storage
+S3_BUCKET = "retain-asd-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (moto's server mode, from this venv) on 127.0.0.1 with one bucket,
+    `S3_BUCKET`; yields its endpoint URL. No mocks inside the test process: the bytes go over HTTP."""
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"moto_server did not start on {endpoint}") from None
+                time.sleep(0.3)
+        _s3_client(endpoint).create_bucket(Bucket=S3_BUCKET)
+        yield endpoint
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+
+
+def _s3_client(endpoint: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                        aws_secret_access_key="testing")
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The standard AWS_* variables pointing at the local server (what a user exports for MinIO or moto)."""
+    for key, value in {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    return s3_server
+
+
+@pytest.fixture
+def bucket_keys(s3_server):
+    """``bucket_keys(prefix)``: the sorted object keys under a prefix of `S3_BUCKET`, listed with boto3."""
+    def keys(prefix: str) -> list[str]:
+        pages = _s3_client(s3_server).get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET, Prefix=prefix)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+    return keys

@@ -1,16 +1,8 @@
 """Object storage through `retain_asd.storage`, against a real S3-compatible server (moto's server mode) started
-on 127.0.0.1 by the test: no mocks inside this process, the bytes go over HTTP into the server's bucket."""
+on 127.0.0.1 by the test: no mocks inside this process, the bytes go over HTTP into the server's bucket. Ray Train
+checkpoints in the bucket, a kill and the resume from them are in tests/test_storage_e2e.py."""
 
 from __future__ import annotations
-
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -20,53 +12,7 @@ import pytest
 
 from retain_asd import storage
 
-BIN = Path(sys.executable).parent
-BUCKET = "retain-asd-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory):
-    """moto_server on 127.0.0.1 with one bucket; yields its endpoint URL."""
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "server.log", "w")
-    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"moto_server did not start on {endpoint}") from None
-                time.sleep(0.3)
-        import boto3
-
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                     aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
-        yield endpoint
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-        log.close()
-
-
-@pytest.fixture
-def s3_env(s3_server, monkeypatch):
-    """The standard AWS_* variables pointing at the local server (what a user exports for MinIO or moto)."""
-    for key, value in {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    return s3_server
+BUCKET = "retain-asd-test"  # created by the `s3_server` fixture (tests/conftest.py)
 
 
 def _bucket_keys(endpoint: str, prefix: str) -> list[str]:
@@ -106,56 +52,27 @@ def test_parquet_written_to_and_read_from_the_bucket(s3_env):
     np.testing.assert_array_equal(np.stack(back.column("audio").to_numpy(zero_copy_only=False)), audio)
 
 
-def _counting_loop(config: dict) -> None:
-    """Adds 1 per step to a weight; checkpoints every step; 'dies' after `die_after` steps."""
-    import json
-    import tempfile
+def test_file_helpers_on_the_bucket_and_the_config_field(s3_env, tmp_path):
+    from retain_asd.config import ConfigError, load_config
 
-    import ray.train
-    import torch
-
-    weight, start = torch.zeros(4), 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / "state.pt", weights_only=True)
-        weight, start = state["weight"], int(state["step"])
-    for step in range(start, config["total"]):
-        weight = weight + 1.0
-        with tempfile.TemporaryDirectory() as directory:
-            torch.save({"weight": weight, "step": step + 1}, Path(directory) / "state.pt")
-            (Path(directory) / "meta.json").write_text(json.dumps({"started_at": start}))
-            ray.train.report({"step": step + 1, "started_at": start},
-                             checkpoint=ray.train.Checkpoint.from_directory(directory))
-        if config["die_after"] is not None and step + 1 == config["die_after"]:
-            raise RuntimeError(f"killed after step {step + 1}")
-
-
-@pytest.mark.slow
-def test_ray_train_checkpoints_in_the_bucket_and_resumes_from_it(ray_local, s3_env):
-    import torch
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    def trainer(die_after):
-        return TorchTrainer(
-            _counting_loop, train_loop_config={"total": 4, "die_after": die_after},
-            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
-            run_config=RunConfig(name="counting", checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                 failure_config=FailureConfig(max_failures=0),
-                                 **storage.ray_storage(f"s3://{BUCKET}/runs")))
-
-    with pytest.raises(Exception, match="killed after step 2"):
-        trainer(die_after=2).fit()
-    saved = [k for k in _bucket_keys(s3_env, "runs/counting/") if k.endswith("/state.pt")]
-    assert len(saved) == 2  # steps 1 and 2, in the bucket (num_to_keep=2)
-
-    result = trainer(die_after=None).fit()  # same name + storage: Ray Train restores from the bucket
-    assert (result.metrics["step"], result.metrics["started_at"]) == (4, 2)
-    fs, path = storage.resolve(f"s3://{BUCKET}/runs")
-    assert result.checkpoint.path.startswith(f"{path}/counting/")
-    assert isinstance(result.checkpoint.filesystem, pafs.S3FileSystem)
-    with result.checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / "state.pt", weights_only=True)
-    assert int(state["step"]) == 4 and torch.equal(state["weight"], torch.full((4,), 4.0))  # 2 + 2 steps
-    assert len([k for k in _bucket_keys(s3_env, "runs/counting/") if k.endswith("/state.pt")]) == 2
+    base = f"s3://{BUCKET}/helpers"
+    storage.write_json(storage.join(base, "a", "x.json"), {"k": 1})
+    storage.write_bytes(storage.join(base, "a", "y.bin"), b"12345")
+    assert storage.read_json(storage.join(base, "a", "x.json")) == {"k": 1}
+    assert storage.is_file(storage.join(base, "a", "x.json")) and not storage.is_file(storage.join(base, "a"))
+    assert storage.list_names(storage.join(base, "a")) == ["x.json", "y.bin"]
+    assert storage.file_sizes(base) == {"a/x.json": 9, "a/y.bin": 5}
+    (tmp_path / "local.bin").write_bytes(b"abc")
+    storage.upload(tmp_path / "local.bin", storage.join(base, "b.bin"))
+    assert storage.download(storage.join(base, "b.bin"), tmp_path / "back.bin").read_bytes() == b"abc"
+    storage.remove(storage.join(base, "a", "x.json"))
+    assert storage.list_names(storage.join(base, "a")) == ["y.bin"]
+    storage.remove(storage.join(base, "a"))
+    objects = [k for k in _bucket_keys(s3_env, "helpers/") if not k.endswith("/")]  # pyarrow keeps "dir/" markers
+    assert not storage.exists(storage.join(base, "a")) and objects == ["helpers/b.bin"]
+    with pytest.raises(FileNotFoundError, match="no such object"):
+        storage.read_bytes(storage.join(base, "missing.json"))
+    assert load_config("smoke", overrides=[f"data.storage={base}"]).data.storage == base
+    for bad, why in (("s3:///x", "needs a bucket"), ("runs/data", "not a URI"), ("ftp://host/x", "unsupported")):
+        with pytest.raises(ConfigError, match=f"data.storage: .*{why}"):
+            load_config("smoke", overrides=[f"data.storage={bad}"])

@@ -40,7 +40,8 @@ def run_trial(choices: dict[str, Any], *, base: dict, corpus_root: str, out_dir:
     cfg = trial_config(from_dict(base), choices, name=name)
     trial_dir = Path(out_dir) / "trials" / trial_id
     tags = {"kind": "trial", "preset": name, "seed": str(cfg.train.seed), "trial_id": trial_id}
-    with tracking.mlflow_run(uri, cfg.tracking.experiment, f"trial-{name}", params=choices, tags=tags):
+    with tracking.mlflow_run(uri, cfg.tracking.experiment, f"trial-{name}", params=choices, tags=tags,
+                             storage=cfg.data.storage):
         result = pretrain(cfg, trial_dir / "pretrain", corpus=load_corpus(corpus_root))
         (scores,) = evaluate_from_config(cfg, [str(trial_dir / "pretrain")], trial_dir / "evaluate")
         figures = {k: v for k, v in scores.metrics().items() if k in REPORTED}
@@ -92,7 +93,7 @@ def run_sweep(cfg: Config, out_dir: str | Path, *, trial_resources: dict | None 
     evalsets_from_config(cfg)  # built once and cached; trials reuse them
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
     experiment = sweep_experiment(cfg)
-    ensure_experiment(uri, experiment)  # trials need it to exist
+    ensure_experiment(uri, experiment, cfg.data.storage)  # trials need it to exist
     base = to_dict(cfg)
     base["tracking"] = {**base["tracking"], "tracking_uri": uri, "experiment": experiment}
     trainable = tune.with_parameters(run_trial, base=base, corpus_root=str(corpus.root), out_dir=str(out_dir),

@@ -5,6 +5,10 @@ Output folder::
     <out>/machine/   part-*.parquet, manifest.json, rejects.csv, source.json   (fixed-length clips)
     <out>/noise/     part-*.parquet, manifest.json, rejects.csv, source.json   (full-length noise recordings)
     <out>/labels.json                                              (machine-attribute + noise classes)
+
+``<out>`` is ``<data.work_dir>/corpus_pretrain`` (and ``corpus_eval``), or ``<data.storage>/corpus_pretrain``
+when ``data.storage`` names an object store (``s3://bucket/prefix``): the shards, manifests, rejects and
+labels.json are then objects in the bucket, and only the raw input and the synthetic worlds stay local.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from retain_asd import fsio
+from retain_asd import storage
 from retain_asd.corpus import layouts, shards
 from retain_asd.corpus.labels import LabelVocab, build_vocab
 
@@ -25,14 +29,14 @@ SOURCE = "source.json"  # beside each shard set: {"root": the raw folder it was 
 class Corpus:
     """A ready corpus: shard folders and label vocabulary."""
 
-    root: Path
+    root: Path | str  # a local folder or a URI
     machine: shards.ShardSet
     noise: shards.ShardSet
     vocab: LabelVocab
 
     @property
-    def labels_path(self) -> Path:
-        return self.root / "labels.json"
+    def labels_path(self) -> Path | str:
+        return shards.child(self.root, "labels.json")
 
     def summary(self) -> str:
         lines = [f"corpus {self.root}"]
@@ -65,7 +69,7 @@ def ingest(machine_root: str | os.PathLike, noise_root: str | os.PathLike, out_d
     `extra_machine_roots`: more machine corpora whose clips all join (e.g. the generic "other data" tree).
     Machine clips are written shuffled across types (`shards.write_shards`, `shuffle_seed`; None: path order).
     """
-    out_dir = Path(out_dir)
+    out_dir = storage.as_location(out_dir)
     machine_scan = layouts.scan_dcase(machine_root, ground_truth_dir=ground_truth_dir)
     noise_scan = layouts.scan_noise(noise_root)
     machine_records, noise_records = list(machine_scan.records), list(noise_scan.records)
@@ -84,16 +88,16 @@ def ingest(machine_root: str | os.PathLike, noise_root: str | os.PathLike, out_d
         scan = layouts.scan_noise(root)
         noise_records += scan.records
         noise_rejects += scan.rejects
-    machine = shards.write_shards(machine_records, out_dir / "machine", settings=settings,
+    machine = shards.write_shards(machine_records, shards.child(out_dir, "machine"), settings=settings,
                                   rows_per_shard=rows_per_shard, scan_rejects=machine_rejects, force=force,
                                   shuffle_seed=shuffle_seed)
     # Noise keeps its full length: the stream cuts a fresh random segment per pairing.
-    noise = shards.write_shards(noise_records, out_dir / "noise", settings=replace(settings, clip_s=None),
+    noise = shards.write_shards(noise_records, shards.child(out_dir, "noise"), settings=replace(settings, clip_s=None),
                                 rows_per_shard=rows_per_shard, scan_rejects=noise_rejects, force=force)
     for shard_set, root in ((machine, machine_root), (noise, noise_root)):  # what `guard_real_corpus` reads
-        fsio.write_json(shard_set.root / SOURCE, {"root": str(Path(root).resolve())})
-    labels_path = out_dir / "labels.json"
-    if machine.rebuilt or noise.rebuilt or not labels_path.is_file():
+        storage.write_json(shards.child(shard_set.root, SOURCE), {"root": str(Path(root).resolve())})
+    labels_path = shards.child(out_dir, "labels.json")
+    if machine.rebuilt or noise.rebuilt or not storage.is_file(labels_path):
         kept = {s["path"] for s in machine.manifest["sources"]} | {s["path"] for s in noise.manifest["sources"]}
         vocab = build_vocab([r for r in machine_records if r.path in kept],
                             [r for r in noise_records if r.path in kept])
@@ -106,8 +110,9 @@ def ingest(machine_root: str | os.PathLike, noise_root: str | os.PathLike, out_d
 def ingested_from(shard_dir: str | os.PathLike) -> str | None:
     """The raw folder a shard folder was ingested from (recorded by `ingest`; for older folders the common
     folder of its sources), None when nothing was ingested there."""
-    if (Path(shard_dir) / SOURCE).is_file():
-        return str(fsio.read_json(Path(shard_dir) / SOURCE, fix="re-run `retain-asd ingest`")["root"])
+    source = shards.child(shard_dir, SOURCE)
+    if storage.is_file(source):
+        return str(storage.read_json(source, fix="re-run `retain-asd ingest`")["root"])
     manifest = shards.read_manifest(shard_dir)
     paths = [str(Path(s["path"]).resolve()) for s in (manifest or {}).get("sources", [])]
     return os.path.commonpath(paths) if paths else None
@@ -133,14 +138,15 @@ def guard_real_corpus(shard_dir: str | os.PathLike, synth_dir: str | os.PathLike
 
 def load_corpus(out_dir: str | os.PathLike) -> Corpus:
     """Open an ingested corpus without touching the raw folders."""
-    out_dir = Path(out_dir)
+    out_dir = storage.as_location(out_dir)
     sets = {}
     for name in ("machine", "noise"):
-        manifest = shards.read_manifest(out_dir / name)
+        folder = shards.child(out_dir, name)
+        manifest = shards.read_manifest(folder)
         if manifest is None:
-            raise FileNotFoundError(f"{out_dir / name}: no shards; run `retain-asd ingest --out {out_dir}` first")
-        sets[name] = shards.ShardSet(out_dir / name, manifest, shards.read_rejects(out_dir / name), rebuilt=False)
-    return Corpus(out_dir, sets["machine"], sets["noise"], LabelVocab.from_json(out_dir / "labels.json"))
+            raise FileNotFoundError(f"{folder}: no shards; run `retain-asd ingest --out {out_dir}` first")
+        sets[name] = shards.ShardSet(folder, manifest, shards.read_rejects(folder), rebuilt=False)
+    return Corpus(out_dir, sets["machine"], sets["noise"], LabelVocab.from_json(shards.child(out_dir, "labels.json")))
 
 
 # ---------------------------------------------------------------------------------------------------- builders
@@ -253,42 +259,51 @@ def pretrain_corpus_from_config(cfg, *, force: bool = False) -> Corpus:
                   include_test_normals=d.include_test_normals, extra_machine_roots=pre.extra_machine_roots)
 
 
-def pretrain_corpus_dir(cfg) -> Path:
+def corpus_location(cfg, name: str) -> Path | str:
+    """``<data.work_dir>/<name>`` (absolute), or ``<data.storage>/<name>`` when data.storage is set."""
+    if cfg.data.storage:
+        return storage.join(cfg.data.storage, name)
+    return Path(cfg.data.work_dir).resolve() / name
+
+
+def pretrain_corpus_dir(cfg) -> Path | str:
     """Where the pre-training corpus is ingested: ``corpus_pretrain``, with ``_evalrefs`` when
-    data.add_eval_references and ``_testnormals`` when data.include_test_normals (each variant its own shards)."""
+    data.add_eval_references and ``_testnormals`` when data.include_test_normals (each variant its own shards),
+    under data.work_dir or data.storage (`corpus_location`)."""
     d = cfg.data
     name = PRETRAIN_EVALREFS_DIR if d.add_eval_references else PRETRAIN_DIR
     name += "_testnormals" if d.include_test_normals else ""
     name += f"_generic{d.synth_generic_per_family}" if d.synth_generic_per_family else ""
-    return Path(d.work_dir).resolve() / name
+    return corpus_location(cfg, name)
 
 
-def _guard_synthetic(cfg, corpus_dir: Path, world: str, machine_root: str, noise_root: str, prefix: str) -> None:
+def _guard_synthetic(cfg, corpus_dir: Path | str, world: str, machine_root: str, noise_root: str, prefix: str) -> None:
     """`guard_real_corpus` for each empty root of one corpus (its synthetic world would replace real shards)."""
     synth_dir = Path(cfg.data.work_dir).resolve()  # the synthetic worlds (and generic trees) are written here
     for name, root in (("machine", machine_root), ("noise", noise_root)):
         if not root:
-            guard_real_corpus(corpus_dir / name, synth_dir, f"{prefix}.{name}_root")
+            guard_real_corpus(shards.child(corpus_dir, name), synth_dir, f"{prefix}.{name}_root")
 
 
 def eval_corpus_from_config(cfg, *, force: bool = False) -> Corpus:
     """Builder: the ingested evaluation corpus, ``<work_dir>/corpus_eval`` (the synthetic evaluation world
     when eval.machine_root / noise_root are empty)."""
     d, e = cfg.data, cfg.eval
-    _guard_corpus(Path(d.work_dir).resolve() / EVAL_DIR, "eval", e.machine_root, e.noise_root, "eval", d.work_dir)
+    _guard_corpus(corpus_location(cfg, EVAL_DIR), "eval", e.machine_root, e.noise_root, "eval", d.work_dir)
     ev = eval_roots(cfg)
-    _guard_synthetic(cfg, Path(d.work_dir).resolve() / EVAL_DIR, "eval", cfg.eval.machine_root, cfg.eval.noise_root,
+    _guard_synthetic(cfg, corpus_location(cfg, EVAL_DIR), "eval", cfg.eval.machine_root, cfg.eval.noise_root,
                      "eval")
-    return ingest(ev.machine_root, ev.noise_root, Path(d.work_dir).resolve() / EVAL_DIR,
+    return ingest(ev.machine_root, ev.noise_root, corpus_location(cfg, EVAL_DIR),
                   settings=decode_settings(d), rows_per_shard=d.rows_per_shard, force=force)
 
 
-def _guard_corpus(corpus_dir: Path, world: str, machine_root: str, noise_root: str, prefix: str, work_dir) -> None:
+def _guard_corpus(corpus_dir: Path | str, world: str, machine_root: str, noise_root: str, prefix: str,
+                  work_dir) -> None:
     """`guard_real_corpus` on each shard folder of one corpus whose root the config leaves empty."""
     synth = Path(work_dir).resolve() / f"synth_{world}"
     for name, root in (("machine", machine_root), ("noise", noise_root)):
         if not root:
-            guard_real_corpus(Path(corpus_dir) / name, synth, f"{prefix}.{name}_root")
+            guard_real_corpus(shards.child(corpus_dir, name), synth, f"{prefix}.{name}_root")
 
 
 def corpora_from_config(cfg, *, force: bool = False):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retain_asd import fsio
+from retain_asd import storage
 from retain_asd.corpus.layouts import ClipRecord, close_matches
 
 SCHEMA_VERSION = 1
@@ -131,15 +131,16 @@ class LabelVocab:
                 "counts": {name: self.counts[name] for name in self.class_names if name in self.counts}}
 
     def to_json(self, path: str | Path) -> None:
-        """Write atomically (temporary file in the same folder, then rename)."""
-        fsio.write_json(path, self.to_dict(), indent=2)
+        """Write atomically (a local file: temporary file in the same folder, then rename; a URI: one PUT)."""
+        storage.write_json(path, self.to_dict(), indent=2)
 
     @classmethod
     def from_json(cls, path: str | Path) -> LabelVocab:
-        path = Path(path)
-        if not path.is_file():
+        """Read a local file or a URI (``s3://bucket/corpus_pretrain/labels.json``)."""
+        path = storage.as_location(path)
+        if not storage.is_file(path):
             raise FileNotFoundError(f"{path}: no label vocabulary; run `retain-asd ingest` first")
-        data = fsio.read_json(path, fix="re-run `retain-asd ingest --force` to rebuild it")
+        data = storage.read_json(path, fix="re-run `retain-asd ingest --force` to rebuild it")
         version = data.get("schema_version") if isinstance(data, dict) else None
         if version != SCHEMA_VERSION:
             raise ValueError(f"{path}: label vocabulary schema_version {version!r}, expected "

@@ -9,12 +9,17 @@ reading a shard is a copy: a list column (one Parquet value per sample, with its
 plain ``pyarrow.parquet.read_table`` reads the shards, with no Ray extension types. A folder is written under a
 temporary name and renamed into place, so a reader never sees half a corpus; its manifest's fingerprint (input
 paths, sizes, mtimes and the decode settings) makes a re-run on the same input a no-op and a changed input a rebuild.
+
+The folder may be an object-store URI (``s3://bucket/corpus_pretrain/machine``, `retain_asd.storage`): the
+shards are then written by the Ray tasks straight into the bucket, and the manifest, written last, is the
+completion marker (a store has no rename; an object without a manifest beside it is not a corpus).
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -29,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from retain_asd import fsio
+from retain_asd import fsio, storage
 from retain_asd.audio import PAD_MODES, AudioError, load_clip
 from retain_asd.corpus.layouts import ClipRecord
 
@@ -68,18 +73,23 @@ class DecodeSettings:
 class ShardSet:
     """A written corpus folder: where it is, what is in it, and whether this call built it."""
 
-    root: Path
+    root: Path | str  # a local folder, or a URI (a string)
     manifest: dict
     rejects: list[tuple[str, str]]
     rebuilt: bool
 
     @property
-    def files(self) -> list[Path]:
-        return [self.root / name for name in self.manifest["shards"]]
+    def files(self) -> list[Path | str]:
+        return [child(self.root, name) for name in self.manifest["shards"]]
 
     @property
     def num_rows(self) -> int:
         return int(self.manifest["counts"]["written"])
+
+
+def child(root: str | os.PathLike, name: str) -> Path | str:
+    """``root / name`` for a local folder (a Path) or a URI (a string)."""
+    return storage.as_location(storage.join(root, name))
 
 
 # ---------------------------------------------------------------------------------------------------- rows
@@ -184,15 +194,16 @@ def decode_batch(batch: pa.Table, settings: DecodeSettings) -> pa.Table:
 DECODE_ROWS = 32  # files decoded per row group: bounds a task's memory (32 x 10 s float32 = 20 MB)
 
 
-def write_shard_batch(batch: pa.Table, settings: DecodeSettings, out_dir: str) -> pa.Table:
+def write_shard_batch(batch: pa.Table, settings: DecodeSettings, out_dir: str, filesystem=None) -> pa.Table:
     """Ray Data UDF: decode a batch (``decode_batch``, DECODE_ROWS files at a time) and write its good rows
-    as one shard in ``out_dir``, one row group per DECODE_ROWS files.
+    as one shard in ``out_dir``, one row group per DECODE_ROWS files. `filesystem`: the pyarrow filesystem
+    of ``out_dir`` (an object store's, pickled with its keys), None for a local folder.
 
     The audio never leaves the task: only the small metadata columns go back to the driver. (Decoded audio
     through the object store, then a second pass to write it, cost more than the decoding on 2 cores.)
     """
     name = hashlib.sha1("\0".join(batch.column("path").to_pylist()).encode()).hexdigest()[:16]
-    path = Path(out_dir) / f"part-{name}.parquet"
+    path = f"{out_dir}/part-{name}.parquet"
     writer, meta = None, []
     try:
         for start in range(0, batch.num_rows, DECODE_ROWS):
@@ -203,7 +214,8 @@ def write_shard_batch(batch: pa.Table, settings: DecodeSettings, out_dir: str) -
                 ["reject_reason", "sha1", "audio_sha1"])
             if good.num_rows:
                 writer = writer or pq.ParquetWriter(  # audio: raw samples, no dictionary/compression/stats
-                    path, good.schema, compression={k: "NONE" if k == "audio" else "SNAPPY" for k in good.column_names},
+                    path, good.schema, filesystem=filesystem,
+                    compression={k: "NONE" if k == "audio" else "SNAPPY" for k in good.column_names},
                     use_dictionary=[k for k in good.column_names if k != "audio"],
                     write_statistics=[k for k in good.column_names if k != "audio"])
                 writer.write_table(good)
@@ -229,18 +241,26 @@ def fingerprint(records: Sequence[ClipRecord], scan_rejects: Sequence[tuple[str,
 
 
 def read_manifest(root: str | os.PathLike) -> dict | None:
-    path = Path(root) / MANIFEST
-    if not path.is_file():
+    path = child(root, MANIFEST)
+    if not storage.is_file(path):
         return None
-    return fsio.read_json(path, fix="re-run `retain-asd ingest --force` to rebuild the shards")
+    return storage.read_json(path, fix="re-run `retain-asd ingest --force` to rebuild the shards")
 
 
 def read_rejects(root: str | os.PathLike) -> list[tuple[str, str]]:
-    path = Path(root) / REJECTS
-    if not path.is_file():
+    path = child(root, REJECTS)
+    if not storage.is_file(path):
         return []
-    with open(path, newline="") as f:
-        return [(row["path"], row["reason"]) for row in csv.DictReader(f)]
+    text = storage.read_bytes(path).decode("utf-8")
+    return [(row["path"], row["reason"]) for row in csv.DictReader(io.StringIO(text, newline=""))]
+
+
+def _rejects_csv(rejects: Sequence[tuple[str, str]]) -> str:
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(["path", "reason"])
+    w.writerows(sorted(rejects))
+    return f.getvalue()
 
 
 def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
@@ -259,21 +279,33 @@ def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
 
     ``scan_rejects`` are files the layout scan could not name; they are listed in ``rejects.csv`` with the
     decode rejects, so ``inputs == written + rejected`` in the manifest. Needs Ray (``runtime.init_ray``).
+
+    ``out_dir`` may be a URI: the old manifest is deleted first, then the old shards; the new shards go
+    straight into the bucket and the new manifest is written last (see the module docstring).
     """
     import ray
 
-    out_dir = Path(out_dir)
+    out_dir = storage.as_location(out_dir)
+    remote = storage.is_uri(out_dir)
     if rows_per_shard <= 0:
         raise ValueError(f"rows_per_shard = {rows_per_shard}: must be > 0")
     fp = fingerprint(records, scan_rejects, settings, rows_per_shard, shuffle_seed)
-    fsio.remove_stale_temps(out_dir.parent)  # `.machine.tmp-*` of an ingest that was killed
+    if not remote:
+        fsio.remove_stale_temps(out_dir.parent)  # `.machine.tmp-*` of an ingest that was killed
     old = None if force else read_manifest(out_dir)
     if old is not None and old.get("fingerprint") == fp:
         log.info("%s: shards up to date (%d rows), nothing to do", out_dir, old["counts"]["written"])
         return ShardSet(out_dir, old, read_rejects(out_dir), rebuilt=False)
 
-    tmp = fsio.temp_path(out_dir)
-    tmp.mkdir(parents=True)
+    if remote:  # the manifest first: from here on a reader finds no corpus, never a half-replaced one
+        storage.remove(child(out_dir, MANIFEST))
+        storage.remove(out_dir)
+        filesystem, target = storage.resolve(out_dir)
+        tmp = None
+    else:
+        tmp = fsio.temp_path(out_dir)
+        tmp.mkdir(parents=True)
+        filesystem, target = None, str(tmp)
     try:
         rejects = list(scan_rejects)
         written: list[dict] = []
@@ -290,13 +322,14 @@ def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
             rows_per_task = max(1, min(rows_per_shard, -(-len(items) // (2 * cpus))))
             meta = (ray.data.from_items(items, override_num_blocks=-(-len(items) // rows_per_task))
                     .map_batches(write_shard_batch, batch_size=rows_per_task, batch_format="pyarrow",
-                                 fn_kwargs={"settings": settings, "out_dir": str(tmp)})
+                                 fn_kwargs={"settings": settings, "out_dir": target, "filesystem": filesystem})
                     .take_all())
             rejects += [(m["path"], m["reject_reason"]) for m in meta if m["reject_reason"]]
             written = [m for m in meta if not m["reject_reason"]]
         for path, reason in rejects:
             log.warning("rejected %s: %s", path, reason)
-        shards = sorted(p.name for p in tmp.glob("*.parquet"))
+        shards = [name for name in storage.list_names(out_dir if remote else tmp)
+                  if name.endswith(".parquet") and not name.startswith(".")]
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "fingerprint": fp,
@@ -316,22 +349,39 @@ def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
                                 "machine": m["machine"], "split": m["split"], "noise_category": m["noise_category"],
                                 "repairs": m["repairs"]} for m in written), key=lambda s: s["path"]),
         }
-        with fsio.atomic_write(tmp / REJECTS, newline="") as f:  # fsync'ed before the folder is renamed
-            w = csv.writer(f)
-            w.writerow(["path", "reason"])
-            w.writerows(sorted(rejects))
-        fsio.write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
-        fsio.commit_folder(tmp, out_dir)
+        if remote:  # one PUT per object; the manifest last, as the completion marker
+            storage.write_bytes(child(out_dir, REJECTS), _rejects_csv(rejects).encode())
+            storage.write_bytes(child(out_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
+        else:
+            with fsio.atomic_write(tmp / REJECTS, newline="") as f:  # fsync'ed before the folder is renamed
+                f.write(_rejects_csv(rejects))
+            fsio.write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+            fsio.commit_folder(tmp, out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ShardSet(out_dir, manifest, sorted(rejects), rebuilt=True)
 
 
 # ---------------------------------------------------------------------------------------------------- readers
+def shard_source(root: str | os.PathLike, name: str) -> tuple[str, object]:
+    """(path, pyarrow filesystem or None) of one shard, for ``pq.read_table(path, filesystem=...)``."""
+    if not storage.is_uri(root):
+        return str(Path(root) / name), None
+    filesystem, base = storage.resolve(root)
+    return f"{base}/{name}", filesystem
+
+
+def read_shard(root: str | os.PathLike, name: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """One shard of a corpus folder (local or URI)."""
+    path, filesystem = shard_source(root, name)
+    return pq.read_table(path, columns=list(columns) if columns else None, filesystem=filesystem)
+
+
 def read_table(root: str | os.PathLike, columns: Sequence[str] | None = None) -> pa.Table:
-    """All shards of a corpus folder as one Arrow table (plain pyarrow, no Ray)."""
-    root = Path(root)
+    """All shards of a corpus folder (local or URI) as one Arrow table (plain pyarrow, no Ray)."""
+    root = storage.as_location(root)
     manifest = read_manifest(root)
     if manifest is None:
         raise FileNotFoundError(f"{root}: no {MANIFEST}; run `retain-asd ingest` first")
@@ -340,9 +390,8 @@ def read_table(root: str | os.PathLike, columns: Sequence[str] | None = None) ->
                          "re-run `retain-asd ingest --force`")
     if not manifest["shards"]:
         raise ValueError(f"{root}: the corpus has no rows ({manifest['counts']['rejected']} rejected, "
-                         f"see {root / REJECTS})")
-    tables = [pq.read_table(root / name, columns=list(columns) if columns else None)
-              for name in manifest["shards"]]
+                         f"see {child(root, REJECTS)})")
+    tables = [read_shard(root, name, columns) for name in manifest["shards"]]
     return pa.concat_tables(tables).sort_by("path")
 
 

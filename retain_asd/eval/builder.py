@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from retain_asd import fsio
+from retain_asd import fsio, storage
 from retain_asd.eval.embed import Embedder
 from retain_asd.eval.results import EvalResult
 from retain_asd.eval.run import evaluate_checkpoint, write_reports, write_score_files
@@ -21,8 +21,9 @@ from retain_asd.eval.run import evaluate_checkpoint, write_reports, write_score_
 
 def resolve_checkpoint(spec: str, cfg, out_dir: Path) -> tuple[str, str, bool]:
     """(row name, path, is_frozen) of a --checkpoint value: "frozen"; a .pt file; a pre-training out folder
-    (its student_beats.pt) or another folder holding exactly one .pt; any of these as NAME=PATH to name the
-    row. Without NAME a pre-trained student is named after its preset (config.yaml beside it), else the file.
+    (its student_beats.pt) or another folder holding exactly one .pt; a URI of a .pt or of a pre-training run
+    folder in data.storage (``s3://bucket/runs/<out>/<name>``, `fetch_checkpoint`); any of these as NAME=PATH to
+    name the row. Without NAME a pre-trained student is named after its preset (config.yaml beside it), else the file.
     "frozen" is model.checkpoint, else (model.init = "foundation") the cached stand-in foundation encoder, the
     one every student of the config starts from (`train.launch.initial_encoder`), else a random encoder."""
     from retain_asd.models.beats import beats_base, beats_tiny, write_random_checkpoint
@@ -50,6 +51,8 @@ def resolve_checkpoint(spec: str, cfg, out_dir: Path) -> tuple[str, str, bool]:
             write_random_checkpoint(path, beats_tiny() if cfg.model.size == "tiny" else beats_base(), cfg.train.seed)
         return "frozen", str(path), True
     name, path = _split_name(spec)
+    if isinstance(path, str):  # a URI: a local copy, with the config.yaml / mlflow_run.json beside it
+        path = fetch_checkpoint(path, Path(cfg.data.work_dir) / "checkpoints")
     if path.is_dir():
         student = path / "student_beats.pt"  # a pre-training out folder: its exported student
         found = ([student] if student.is_file()
@@ -71,14 +74,41 @@ def resolve_checkpoint(spec: str, cfg, out_dir: Path) -> tuple[str, str, bool]:
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
-def _split_name(spec: str) -> tuple[str | None, Path]:
-    """'NAME=PATH' -> (NAME, PATH) (NAME names the row); a plain path -> (None, path)."""
+def _split_name(spec: str) -> tuple[str | None, Path | str]:
+    """'NAME=PATH' -> (NAME, PATH) (NAME names the row); a plain path -> (None, path); a URI stays a string."""
     name, sep, rest = spec.partition("=")
-    if not sep or Path(spec).exists():
-        return None, Path(spec)
+    if not sep or storage.is_uri(name) or Path(spec).exists():
+        return None, storage.as_location(spec)
     if not _NAME.match(name):
         raise ValueError(f"--checkpoint {spec!r}: NAME in NAME=PATH must be letters, digits, '_', '.', '+', '-'")
-    return name, Path(rest)
+    return name, storage.as_location(rest)
+
+
+SOURCE_URI = "source_uri.json"  # beside a fetched checkpoint: {"uri": where it was copied from}
+
+
+def fetch_checkpoint(uri: str, cache_dir: str | os.PathLike) -> Path:
+    """A local copy of a checkpoint in an object store: a ``.pt`` URI, or a pre-training run folder (its
+    student_beats.pt). Its config.yaml and mlflow_run.json come along when they are beside it (`provenance`).
+
+    Copied on every call (atomically) into ``<cache_dir>/<sha1 of the URI>/``, so a re-exported student is
+    never scored from a stale copy; the weights are then loaded as any local file (``weights_only=True``).
+    """
+    import hashlib
+
+    file_uri = uri if uri.endswith(".pt") else storage.join(uri, "student_beats.pt")
+    if not storage.is_file(file_uri):
+        raise FileNotFoundError(f"{file_uri}: checkpoint not found in the object store; pass the URI of a .pt or "
+                                "of a pre-training run folder (<data.storage>/runs/<out name>/<preset>)")
+    folder = Path(cache_dir).resolve() / hashlib.sha1(file_uri.encode()).hexdigest()[:16]
+    parent = file_uri.rpartition("/")[0]
+    for name in ("config.yaml", "mlflow_run.json"):
+        if storage.is_file(storage.join(parent, name)):
+            storage.download(storage.join(parent, name), folder / name)
+        else:
+            (folder / name).unlink(missing_ok=True)
+    fsio.write_json(folder / SOURCE_URI, {"uri": file_uri})
+    return storage.download(file_uri, folder / file_uri.rpartition("/")[2])
 
 
 def provenance(checkpoint: str | os.PathLike) -> dict:
@@ -97,8 +127,9 @@ def provenance(checkpoint: str | os.PathLike) -> dict:
                       "the file", stacklevel=2)
         return {}
     pointer = read_run_pointer(folder)
+    source = fsio.read_json(folder / SOURCE_URI) if (folder / SOURCE_URI).is_file() else {}
     return {"preset": cfg.name, "seed": cfg.train.seed, "pretrain_run_id": pointer.get("run_id", ""),
-            "config": to_dict(cfg), "extra_params": pointer.get("params", {})}
+            "config": to_dict(cfg), "extra_params": pointer.get("params", {}), "uri": source.get("uri", "")}
 
 
 def check_checkpoints(resolved: Sequence[tuple[str, str, bool]], layer: int,
@@ -187,14 +218,14 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
             write_reports([result], run_dir)
         params, tags = _run_params(cfg, origin, frozen), {
             "kind": "evaluate", "preset": name, "seed": str(seed), "frozen": str(frozen).lower(),
-            "pretrain_run_id": origin.get("pretrain_run_id", ""), "checkpoint": path,
+            "pretrain_run_id": origin.get("pretrain_run_id", ""), "checkpoint": origin.get("uri") or path,
             "checkpoint_hash": result.checkpoint_hash, "layers": str(use_layers),
             "mode": "dcase" if dcase_root else "evalsets",
             "domains": "source only (AUC + pAUC)" if dcase_root and source_only(result) else ""}
         tags = {k: v for k, v in tags.items() if v}
         if track:
             with mlflow_run(uri, cfg.tracking.experiment, run_name("evaluate", name, seed), params, tags,
-                            nested=active_run_id() is not None):
+                            nested=active_run_id() is not None, storage=cfg.data.storage):
                 log_metrics(result.metrics())
                 log_artifacts(run_dir, artifact_path="evaluate")
         results.append(result)
@@ -249,7 +280,7 @@ def table3_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.PathLi
     paths = write_table3(result, out_dir)
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
     params = {"config": to_dict(cfg), "checkpoints": [p for _, p, _ in resolved], "layer": use}
-    with mlflow_run(uri, cfg.tracking.experiment, "table3", params, {"kind": "table3"}):
+    with mlflow_run(uri, cfg.tracking.experiment, "table3", params, {"kind": "table3"}, storage=cfg.data.storage):
         log_metrics(result.metrics())
         log_artifacts(out_dir, artifact_path="table3")
     return result, paths
@@ -277,7 +308,7 @@ def layers_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.PathLi
                                      name=name, embedder=embedder, primary=e.primary)
         scores[name] = {x: result.table2(x, primary_dn)[-1].hmean_all for x in layers}
         with mlflow_run(uri, cfg.tracking.experiment, f"layers-{name}", {"checkpoint": path, "layers": layers},
-                        {"kind": "layers"}):
+                        {"kind": "layers"}, storage=cfg.data.storage):
             for x in layers:
                 figures = {f"layerwise/hmean_all_primary_{e.primary}": scores[name][x],
                            "layerwise/hmean_all": result.table2(x, False)[-1].hmean_all,
@@ -288,6 +319,6 @@ def layers_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.PathLi
     md = fsio.write_text(out_dir / "layers.md", layerwise_markdown(scores, figure))
     png = plot_score_per_layer(scores, out_dir / "score_per_layer.png")
     with mlflow_run(uri, cfg.tracking.experiment, "layers", {"checkpoints": [p for _, p, _ in resolved]},
-                    {"kind": "layers"}):
+                    {"kind": "layers"}, storage=cfg.data.storage):
         log_artifacts(out_dir, artifact_path="layers")
     return scores, [md, png]

@@ -46,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retain_asd import fsio, mixing
+from retain_asd import fsio, mixing, storage
 from retain_asd.corpus import shards
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,8 @@ class EvalSets:
     table: pa.Table
 
     @property
-    def corpus_root(self) -> Path:
-        return Path(self.manifest["corpus_root"])
+    def corpus_root(self) -> Path | str:
+        return storage.as_location(self.manifest["corpus_root"])
 
     @property
     def snrs_db(self) -> list[float]:
@@ -163,11 +163,11 @@ def noise_segments(noise_meta: list[dict], lengths: dict[str, int], num_samples:
     return out
 
 
-def _iter_audio(root: Path, wanted: set[str]):
+def _iter_audio(root: Path | str, wanted: set[str]):
     """(clip_id, float32 audio) of the wanted rows, shard by shard (never the whole corpus in memory)."""
     manifest = shards.read_manifest(root)
     for name in manifest["shards"]:
-        table = pq.read_table(root / name, columns=["clip_id", "audio"])
+        table = shards.read_shard(root, name, ["clip_id", "audio"])
         keep = [i for i, c in enumerate(table.column("clip_id").to_pylist()) if c in wanted]
         if keep:
             sub = table.take(keep)
@@ -175,32 +175,33 @@ def _iter_audio(root: Path, wanted: set[str]):
 
 
 # ---------------------------------------------------------------------------------------------------- build
-def _fingerprints(corpus_root: Path) -> dict:
+def _fingerprints(corpus_root: Path | str) -> dict:
     out = {}
     for name in ("machine", "noise"):
-        manifest = shards.read_manifest(corpus_root / name)
+        manifest = shards.read_manifest(shards.child(corpus_root, name))
         if manifest is None:
-            raise FileNotFoundError(f"{corpus_root / name}: no shards; run `retain-asd ingest` first")
+            raise FileNotFoundError(f"{shards.child(corpus_root, name)}: no shards; run `retain-asd ingest` first")
         out[name] = manifest["fingerprint"]
     return out
 
 
-def _recipes(corpus_root: Path, params: EvalSetParams, warnings: list[str]) -> tuple[list[dict], dict]:
+def _recipes(corpus_root: Path | str, params: EvalSetParams, warnings: list[str]) -> tuple[list[dict], dict]:
     meta_cols = ["clip_id", "path", "machine", "section", "domain", "split", "label"]
-    meta = shards.read_table(corpus_root / "machine", columns=meta_cols).to_pylist()
+    machine_dir, noise_dir = shards.child(corpus_root, "machine"), shards.child(corpus_root, "noise")
+    meta = shards.read_table(machine_dir, columns=meta_cols).to_pylist()
     clips = select_clips(meta, params, warnings)
     if not clips:
-        raise EvalSetError(f"{corpus_root / 'machine'}: no clips to build evaluation sets from")
-    settings = shards.read_manifest(corpus_root / "machine")["settings"]
+        raise EvalSetError(f"{machine_dir}: no clips to build evaluation sets from")
+    settings = shards.read_manifest(machine_dir)["settings"]
     num_samples = int(round(settings["clip_s"] * settings["sample_rate_hz"]))
-    clean_power = {cid: mixing.power(x) for cid, x in _iter_audio(corpus_root / "machine",
+    clean_power = {cid: mixing.power(x) for cid, x in _iter_audio(machine_dir,
                                                                    {c["clip_id"] for c in clips})}
     ref_power = {m: float(np.mean([clean_power[c["clip_id"]] for c in clips if c["machine"] == m]))
                  for m in {c["machine"] for c in clips}}
 
-    noise_meta = shards.read_table(corpus_root / "noise", columns=["clip_id", "path", "noise_category", "stationary"])
+    noise_meta = shards.read_table(noise_dir, columns=["clip_id", "path", "noise_category", "stationary"])
     noise_meta = noise_meta.to_pylist()
-    recordings = dict(_iter_audio(corpus_root / "noise", {r["clip_id"] for r in noise_meta}))
+    recordings = dict(_iter_audio(noise_dir, {r["clip_id"] for r in noise_meta}))
     category = {r["clip_id"]: r["noise_category"] for r in noise_meta}
     rows, counts = [], {"clips_per_set": len(clips)}
     for factory, stationary in FACTORY_STATIONARY.items():
@@ -208,7 +209,7 @@ def _recipes(corpus_root: Path, params: EvalSetParams, warnings: list[str]) -> t
         segments = noise_segments(mine, {k: len(v) for k, v in recordings.items()}, num_samples)
         if not segments:
             kind = "stationary" if stationary else "non-stationary"
-            raise EvalSetError(f"{corpus_root / 'noise'}: no {kind} noise category for {factory}; mark one in "
+            raise EvalSetError(f"{noise_dir}: no {kind} noise category for {factory}; mark one in "
                                "categories.yaml and re-ingest")
         order = _rng(params.seed, "noise", factory).permutation(len(segments))
         uses = math.ceil(len(clips) / len(segments))
@@ -256,7 +257,8 @@ def _file_sha1(path: Path) -> str:
 def build_evalsets(corpus_root: str | os.PathLike, out_dir: str | os.PathLike, params: EvalSetParams = EvalSetParams(),
                    force: bool = False) -> EvalSets:
     """Write (or reuse, when the corpus and parameters are unchanged) the recipe table and manifest."""
-    corpus_root, out_dir = Path(corpus_root).resolve(), Path(out_dir)
+    corpus_root, out_dir = storage.as_location(corpus_root), Path(out_dir)
+    corpus_root = corpus_root if isinstance(corpus_root, str) else corpus_root.resolve()
     params = EvalSetParams(**{**asdict(params), "snrs_db": tuple(float(s) for s in params.snrs_db)})
     identity = {"schema_version": SCHEMA_VERSION, "params": asdict(params), "corpus": _fingerprints(corpus_root)}
     fsio.remove_stale_temps(out_dir.parent)  # folders of a build that was killed
@@ -305,6 +307,8 @@ def load_evalsets(root: str | os.PathLike) -> EvalSets:
 def evalsets_from_config(cfg, force: bool = False) -> EvalSets:
     """Builder: a Config -> the sets of the EVALUATION corpus (`eval.machine_root` / `eval.noise_root`, or the
     synthetic evaluation world), ingested into `<work_dir>/corpus_eval` when needed, under `<work_dir>/evalsets`.
+    With data.storage set the corpus is read from `<data.storage>/corpus_eval`; the sets (small recipe tables,
+    rebuilt from the corpus's fingerprint) stay a local cache under `<work_dir>/evalsets`.
 
     Only the evaluation corpus is read (paper Sec. 4.1): the references, test clips and Factory A / B noise
     are never the pre-training corpus's. The leakage guard (`ingest.check_protocol`) is the entry point's job.
@@ -331,17 +335,17 @@ class MixtureSource:
     """Rebuilds clean clips and scaled noise segments of recipe rows from the shards (loaded on demand)."""
 
     def __init__(self, corpus_root: str | os.PathLike):
-        self.corpus_root = Path(corpus_root)
+        self.corpus_root = storage.as_location(corpus_root)
         self._clean: dict[str, np.ndarray] = {}
         self._noise: dict[str, np.ndarray] = {}
 
     def _load(self, rows: Sequence[dict]) -> None:
         want = {r["clip_id"] for r in rows} - set(self._clean)
         if want:
-            self._clean.update(_iter_audio(self.corpus_root / "machine", want))
+            self._clean.update(_iter_audio(shards.child(self.corpus_root, "machine"), want))
         want_noise = {r["noise_id"] for r in rows if r.get("noise_id")} - set(self._noise)
         if want_noise:
-            self._noise.update(_iter_audio(self.corpus_root / "noise", want_noise))
+            self._noise.update(_iter_audio(shards.child(self.corpus_root, "noise"), want_noise))
         missing = {r["clip_id"] for r in rows} - set(self._clean)
         if missing:
             raise EvalSetError(f"{self.corpus_root}: {len(missing)} clips of the recipes are not in the shards "

@@ -9,11 +9,16 @@ A checkpoint directory (merged by Ray Train from every worker's report) holds::
 
 The teacher is never saved: it is re-made from the initial BEATs checkpoint, which is frozen by
 construction. Everything is loaded with ``torch.load(weights_only=True)``.
+
+With ``data.storage`` set, Ray Train keeps the checkpoint folders in an object store; the readers below then
+take the folder's URI (``s3://bucket/runs/<out>/<name>/checkpoint_...``) and go through `retain_asd.storage`.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import io
 import json
 import os
 import random
@@ -23,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 
-from retain_asd import fsio
+from retain_asd import fsio, storage
 
 TRAIN_STATE = "train_state.pt"
 
@@ -121,6 +127,16 @@ def save_train_state(directory: str | os.PathLike, *, rank: int, step: int, stud
 
 
 def read_train_state(directory: str | os.PathLike) -> dict:
+    """The rank-0 state of a checkpoint folder, local or in an object store (a URI)."""
+    if storage.is_uri(directory):
+        uri = storage.join(directory, TRAIN_STATE)
+        if not storage.is_file(uri):
+            raise FileNotFoundError(f"{uri}: not a retain-asd training checkpoint (no {TRAIN_STATE})")
+        try:
+            return torch.load(io.BytesIO(storage.read_bytes(uri)), weights_only=True, map_location="cpu")
+        except Exception as err:  # a foreign or truncated object; pickle payloads refused
+            raise fsio.CorruptFileError(uri, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                                        f"delete the folder {directory} to resume from an earlier checkpoint") from None
     path = Path(directory) / TRAIN_STATE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not a retain-asd training checkpoint (no {TRAIN_STATE})")
@@ -170,8 +186,23 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def mark_complete(directory: str | os.PathLike, step: int) -> Path:
-    """Write the completeness marker of a persisted checkpoint folder (atomically, as its last file)."""
+def mark_complete(directory: str | os.PathLike, step: int, filesystem=None) -> Path | str:
+    """Write the completeness marker of a persisted checkpoint folder (atomically, as its last file).
+
+    `filesystem`: Ray Train's pyarrow filesystem of the folder (`Checkpoint.filesystem`). In an object store the
+    marker lists each file's size only (reading a checkpoint back to hash it would double its traffic; a PUT is
+    atomic per object, so a present object is never torn) and is written last, in one PUT.
+    """
+    if filesystem is not None and not isinstance(filesystem, pafs.LocalFileSystem):
+        base = str(directory).rstrip("/")
+        infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
+        files = {i.path[len(base):].lstrip("/"): {"bytes": i.size} for i in infos
+                 if i.type == pafs.FileType.File and i.base_name != COMPLETE}
+        if TRAIN_STATE not in files:
+            raise FileNotFoundError(f"{base}: no {TRAIN_STATE}; not a complete training checkpoint")
+        with filesystem.open_output_stream(f"{base}/{COMPLETE}") as f:
+            f.write(json.dumps({"step": int(step), "files": dict(sorted(files.items()))}).encode())
+        return f"{base}/{COMPLETE}"
     directory = Path(directory)
     files = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _file_digest(p)}
              for p in sorted(directory.rglob("*")) if p.is_file() and p.name != COMPLETE and not fsio.is_temp(p)}
@@ -182,7 +213,16 @@ def mark_complete(directory: str | os.PathLike, step: int) -> Path:
 
 def complete_step(directory: str | os.PathLike, verify: bool = True) -> int | None:
     """The step of a complete checkpoint folder (marker present, every listed file there with its size and,
-    with `verify`, its sha256); None for an incomplete, torn or foreign one."""
+    with `verify`, its sha256 when the marker has one); None for an incomplete, torn or foreign one."""
+    if storage.is_uri(directory):
+        try:
+            marker = json.loads(storage.read_bytes(storage.join(directory, COMPLETE)))
+            sizes = storage.file_sizes(directory)
+            if any(sizes.get(name) != meta["bytes"] for name, meta in marker["files"].items()):
+                return None
+            return int(marker["step"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
     directory = Path(directory)
     try:
         marker = json.loads((directory / COMPLETE).read_text())
@@ -195,27 +235,38 @@ def complete_step(directory: str | os.PathLike, verify: bool = True) -> int | No
         return None
 
 
-def complete_checkpoints(run_dir: str | os.PathLike, verify: bool = True) -> tuple[list[tuple[int, Path]],
-                                                                                    list[Path]]:
-    """([(step, folder)] of the complete checkpoints by step, [incomplete folders]) under a Ray Train run folder."""
+def _folders(run_dir: str | os.PathLike) -> list[Path | str]:
+    if not storage.is_uri(run_dir):
+        return [f for f in sorted(Path(run_dir).glob(CHECKPOINT_GLOB)) if f.is_dir()]
+    return [storage.join(run_dir, name) for name in storage.list_names(run_dir)
+            if fnmatch.fnmatch(name, CHECKPOINT_GLOB)]
+
+
+def folder_name(folder: str | os.PathLike) -> str:
+    """The last part of a local folder or a URI."""
+    return str(folder).rstrip("/").rpartition("/")[2]
+
+
+def complete_checkpoints(run_dir: str | os.PathLike, verify: bool = True) -> tuple[list[tuple[int, Path | str]],
+                                                                                    list[Path | str]]:
+    """([(step, folder)] of the complete checkpoints by step, [incomplete folders]) under a Ray Train run folder
+    (a local folder: Paths; a URI: URIs)."""
     complete, incomplete = [], []
-    for folder in sorted(Path(run_dir).glob(CHECKPOINT_GLOB)):
-        if folder.is_dir():
-            step = complete_step(folder, verify)
-            (incomplete.append(folder) if step is None else complete.append((step, folder)))
-    return sorted(complete, key=lambda sf: (sf[0], sf[1].name)), incomplete
+    for folder in _folders(run_dir):
+        step = complete_step(folder, verify)
+        (incomplete.append(folder) if step is None else complete.append((step, folder)))
+    return sorted(complete, key=lambda sf: (sf[0], folder_name(sf[1]))), incomplete
 
 
-def clean_checkpoints(run_dir: str | os.PathLike, keep: int) -> tuple[tuple[int, Path] | None, list[Path]]:
+def clean_checkpoints(run_dir: str | os.PathLike, keep: int) -> tuple[tuple[int, Path | str] | None,
+                                                                      list[Path | str]]:
     """Remove incomplete checkpoint folders and the complete ones older than the newest `keep`.
 
     Returns ((step, folder) of the newest complete checkpoint or None, the removed folders). Call only while
     no run writes into `run_dir` (at the start or the end of `pretrain`).
     """
-    import shutil
-
     complete, removed = complete_checkpoints(run_dir)
     removed += [folder for _, folder in complete[:-max(keep, 1)]]
     for folder in removed:
-        shutil.rmtree(folder, ignore_errors=True)
+        storage.remove(folder)
     return (complete[-1] if complete else None), removed

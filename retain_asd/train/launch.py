@@ -10,6 +10,11 @@
          summary and student as artifacts)         <out>/mlflow_run.json    its run id (read by evaluate)
       -> run summary                                 <out>/summary.json       steps, restarts, resumes, loss
 
+With data.storage = s3://bucket/prefix the Ray Train checkpoints go to the bucket instead of <out>/ray/, under
+``<data.storage>/runs/<out folder name>/<name>/`` (the run's key: the same --out name resumes from the bucket, on
+any machine), and the exported student, config.yaml, summary.json and mlflow_run.json are copied there too;
+<out> then holds only scratch (logs, metrics.jsonl, events.jsonl, the local copies).
+
 A lost worker restarts the worker group from the latest checkpoint (`train.max_failures`, default 3).
 Re-running `pretrain` with the same config and out dir resumes from the newest *complete* checkpoint on disk
 (`train/recovery.py`: marker written last; incomplete and orphaned folders are removed). A non-finite loss or
@@ -32,7 +37,7 @@ from typing import Any
 import torch
 
 from retain_asd import config as config_mod
-from retain_asd import fsio
+from retain_asd import fsio, storage
 from retain_asd.config import Config, ConfigError
 from retain_asd.corpus.labels import LabelVocab
 from retain_asd.models.beats import (
@@ -63,6 +68,36 @@ class PretrainResult:
     metrics: list[dict] = field(default_factory=list)  # every report of this out dir, by step
     mlflow_run_id: str | None = None
     summary: dict = field(default_factory=dict)  # what <out>/summary.json holds
+    student_uri: str | None = None  # the student's copy in data.storage (None: local only)
+
+
+# ---------------------------------------------------------------------------------------- storage
+def checkpoint_root(cfg: Config, out_dir: str | os.PathLike) -> Path | str:
+    """Ray Train's storage path (the run folder is ``<root>/<name>``): <out>/ray, or
+    ``<data.storage>/runs/<out folder name>`` (the out folder's name is the run's key in the bucket)."""
+    if cfg.data.storage:
+        return storage.join(cfg.data.storage, "runs", Path(out_dir).resolve().name)
+    return Path(out_dir).resolve() / "ray"
+
+
+def run_location(cfg: Config, out_dir: str | os.PathLike) -> str | None:
+    """The run's folder in data.storage, ``<checkpoint_root>/<name>``: its Ray Train checkpoints, and the exported
+    student beside them; None when data.storage is empty (everything stays in <out>)."""
+    return storage.join(checkpoint_root(cfg, out_dir), cfg.name) if cfg.data.storage else None
+
+
+DURABLE_FILES = ("config.yaml", "summary.json", "mlflow_run.json", "student_beats.pt")  # the student last
+
+
+def _upload_outputs(cfg: Config, out_dir: Path) -> str | None:
+    """Copy the exported student and the files that describe it into data.storage; the student's URI."""
+    location = run_location(cfg, out_dir)
+    if location is None:
+        return None
+    for name in DURABLE_FILES:  # one PUT each; whoever finds the student finds its config beside it
+        if (out_dir / name).is_file():
+            storage.upload(out_dir / name, storage.join(location, name))
+    return storage.join(location, "student_beats.pt")
 
 
 # ---------------------------------------------------------------------------------------- model init
@@ -261,7 +296,7 @@ def build_trainer(cfg: Config, loop_config: LoopConfig, train_dataset, out_dir: 
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=t.placement_strategy),
         dataset_config=DataConfig(execution_options=ingest),
-        run_config=RunConfig(name=cfg.name, storage_path=str(out_dir / "ray"),
+        run_config=RunConfig(name=cfg.name, **storage.ray_storage(checkpoint_root(cfg, out_dir)),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              callbacks=[_metrics_log_callback(out_dir / "metrics.jsonl", *(mlflow_run or ())),
@@ -279,9 +314,11 @@ def export_student(checkpoint_dir: str | os.PathLike, init_checkpoint: str | os.
     return save_beats(student, path)
 
 
-def latest_checkpoint(out_dir: str | os.PathLike, name: str) -> Path | None:
-    """The complete Ray Train checkpoint (`checkpoint.complete_step`) of run `name` with the highest step, or None."""
-    complete, _ = complete_checkpoints(Path(out_dir) / "ray" / name)
+def latest_checkpoint(out_dir: str | os.PathLike, name: str,
+                      root: str | os.PathLike | None = None) -> Path | str | None:
+    """The complete Ray Train checkpoint (`checkpoint.complete_step`) of run `name` with the highest step, or None.
+    `root`: Ray Train's storage path when not <out>/ray (`checkpoint_root`; a URI gives a URI)."""
+    complete, _ = complete_checkpoints(storage.as_location(storage.join(root or Path(out_dir) / "ray", name)))
     return complete[-1][1] if complete else None
 
 
@@ -337,17 +374,18 @@ def _tracked_run(cfg: Config, out_dir: Path, track: bool, protocol=None):
             "out_dir": str(out_dir)}
     with tracking.mlflow_run(uri, cfg.tracking.experiment, tracking.run_name("pretrain", cfg.name, cfg.train.seed),
                              params=params, tags=tags, run_id=state.get("run_id"),
-                             nested=tracking.active_run_id() is not None) as run:
+                             nested=tracking.active_run_id() is not None, storage=cfg.data.storage) as run:
         fsio.write_json(out_dir / RUN_POINTER, {"run_id": run.info.run_id, "tracking_uri": uri,
                                                 "experiment": cfg.tracking.experiment, "params": extra})
         yield uri, run.info.run_id
 
 
-def _log_outputs(out_dir: Path, student_path: Path) -> None:
-    """The run summary, the resolved config.yaml and the exported student as artifacts of the active run."""
+def _log_outputs(out_dir: Path, student_path: Path, student_uri: str | None = None) -> None:
+    """The run summary, the resolved config.yaml and the exported student as artifacts of the active run
+    (the experiment's artifact location: in data.storage when it is set, `tracking.artifact_location`)."""
     from retain_asd import tracking
 
-    tracking.set_tags({"student_beats": str(student_path)})
+    tracking.set_tags({"student_beats": student_uri or str(student_path)})
     for name in ("config.yaml", "summary.json", "student_beats.pt"):
         tracking.log_artifact(out_dir / name)
 
@@ -369,7 +407,8 @@ def pretrain(cfg: Config, out_dir: str | os.PathLike, *, corpus=None, stop_at_st
     fsio.remove_stale_temps(out_dir)  # temp files of a run that was killed (config.yaml, student, MLflow pointer)
     config_path = out_dir / "config.yaml"
     init_checkpoint = resolve_init_checkpoint(cfg, out_dir)
-    newest = recovery.prepare_resume(out_dir, cfg.name, cfg.train.keep_checkpoints)  # removes torn folders
+    newest = recovery.prepare_resume(out_dir, cfg.name, cfg.train.keep_checkpoints,  # removes torn folders
+                                     checkpoint_root(cfg, out_dir))
     checkpoint = newest[1] if newest else None
     if checkpoint is not None:  # resuming: the run must be the same
         _check_same_config(cfg, config_path)
@@ -382,9 +421,11 @@ def pretrain(cfg: Config, out_dir: str | os.PathLike, *, corpus=None, stop_at_st
         with _tracked_run(cfg, out_dir, track, protocol) as run:
             save_beats(load_beats(init_checkpoint), student_path)
             summary = _finish(cfg, out_dir, "completed", None, student_path, step=0)
+            student_uri = _upload_outputs(cfg, out_dir)
             if run:
-                _log_outputs(out_dir, student_path)
-        return PretrainResult(out_dir, student_path, config_path, 0, True, None, [], run and run[1], summary)
+                _log_outputs(out_dir, student_path, student_uri)
+        return PretrainResult(out_dir, student_path, config_path, 0, True, None, [], run and run[1], summary,
+                              student_uri)
     done = newest is not None and newest[0] >= (stop_at_step or cfg.train.total_steps)
     if corpus is None and not done:
         from retain_asd.corpus.ingest import corpora_from_config
@@ -400,19 +441,25 @@ def pretrain(cfg: Config, out_dir: str | os.PathLike, *, corpus=None, stop_at_st
         completed = step == cfg.train.total_steps
         summary = _finish(cfg, out_dir, "completed" if completed else "stopped", checkpoint, student_path,
                           skipped=int(state["data"].get("skipped_steps", 0)), step=step)
+        student_uri = _upload_outputs(cfg, out_dir)
         if run:
-            _log_outputs(out_dir, student_path)
+            _log_outputs(out_dir, student_path, student_uri)
     return PretrainResult(out_dir, student_path, config_path, step, completed, str(checkpoint), history,
-                          run and run[1], summary)
+                          run and run[1], summary, student_uri)
 
 
-def _train(cfg: Config, out_dir: Path, corpus, init_checkpoint: Path, checkpoint: Path | None,
-           stop_at_step: int | None, run: tuple[str, str] | None) -> Path:
-    """Fit up to stop_at_step / total_steps from `checkpoint` (or the start); the newest checkpoint.
+def _train(cfg: Config, out_dir: Path, corpus, init_checkpoint: Path, checkpoint: Path | str | None,
+           stop_at_step: int | None, run: tuple[str, str] | None) -> Path | str:
+    """Fit up to stop_at_step / total_steps from `checkpoint` (or the start); the newest checkpoint (a URI when
+    the checkpoints are in data.storage).
 
     Worker losses are survived by Ray Train (train.max_failures); a divergence stops the run here."""
+    resume = {"resume_from": str(checkpoint) if checkpoint else None}
+    if checkpoint is not None and storage.is_uri(checkpoint):  # the workers read it through the filesystem
+        filesystem, path = storage.resolve(checkpoint)
+        resume = {"resume_from": path, "resume_fs": filesystem}
     loop_config = dataclasses.replace(loop_config_from(cfg, corpus.labels_path, init_checkpoint, stop_at_step),
-                                      resume_from=str(checkpoint) if checkpoint else None)
+                                      **resume)
     trainer = build_trainer(cfg, loop_config, train_dataset_from(cfg, corpus), out_dir, mlflow_run=run)
     since = recovery.fit_started(out_dir)
     try:
@@ -425,15 +472,18 @@ def _train(cfg: Config, out_dir: Path, corpus, init_checkpoint: Path, checkpoint
     except DivergenceError as err:
         _finish(cfg, out_dir, "diverged", None, None, message=str(err))
         raise
+    root = checkpoint_root(cfg, out_dir)
     if result.checkpoint is None:
-        raise RuntimeError(f"{out_dir / 'ray' / cfg.name}: the run finished without a checkpoint")
-    return Path(result.checkpoint.path)  # local storage (see build_trainer)
+        raise RuntimeError(f"{storage.join(root, cfg.name)}: the run finished without a checkpoint")
+    if storage.is_uri(root):
+        return storage.to_location(result.checkpoint.path, root)
+    return Path(result.checkpoint.path)
 
 
-def _finish(cfg: Config, out_dir: Path, status: str, checkpoint: Path | None, student: Path | None,
+def _finish(cfg: Config, out_dir: Path, status: str, checkpoint: Path | str | None, student: Path | None,
             skipped: int = 0, step: int | None = None, message: str | None = None) -> dict:
     """Prune checkpoints to the newest train.keep_checkpoints, write <out>/summary.json and log its line."""
-    newest = recovery.prepare_resume(out_dir, cfg.name, cfg.train.keep_checkpoints)
+    newest = recovery.prepare_resume(out_dir, cfg.name, cfg.train.keep_checkpoints, checkpoint_root(cfg, out_dir))
     if step is None:  # diverged: the last good checkpoint
         step = newest[0] if newest else 0
         if newest is not None:

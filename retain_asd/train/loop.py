@@ -70,7 +70,9 @@ def train_fn_per_worker(cfg: LoopConfig) -> None:
 
     start_step, resumed, skipped = 0, {}, 0
     # a worker-group restart gets Ray's latest checkpoint of this fit; a new fit the newest complete one on disk
-    checkpoint = ray.train.get_checkpoint() or (cfg.resume_from and Checkpoint.from_directory(cfg.resume_from))
+    # (or in the bucket: `resume_fs`)
+    checkpoint = ray.train.get_checkpoint() or (cfg.resume_from
+                                                and Checkpoint(cfg.resume_from, filesystem=cfg.resume_fs))
     if checkpoint:  # resume: weights, optimizer, step and RNGs from the latest checkpoint
         with checkpoint.as_directory() as directory:
             state, rng = load_train_state(directory, rank=rank, student=model.encoder, head=model.head,

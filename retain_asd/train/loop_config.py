@@ -50,6 +50,7 @@ class LoopConfig:
     skip_seen_batches: bool = True  # on resume, draw and drop the micro-batches already consumed
     skip_nonfinite_steps: int = 0  # divergence guard (train/guard.py): bad steps skipped before the run stops
     resume_from: str | None = None  # a new fit starts from this checkpoint folder (the newest complete one)
+    resume_fs: object = None  # pyarrow filesystem of resume_from when it is in an object store (None: local)
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))

@@ -9,6 +9,9 @@
       snapshot, and returns the newest complete checkpoint, which the new fit starts from (`LoopConfig.resume_from`)
     write_summary (driver, at the end): steps, restarts, resumed_from_step, final_loss, ... (atomic, via fsio)
 
+With data.storage set the checkpoint folders are in an object store (`<data.storage>/runs/<out name>/<name>/`):
+the marker, the cleaning and the resume go through `retain_asd.storage`; events and the summary stay in <out>.
+
 Ray Train's own restore reads its run snapshot, which a killed driver may have left behind the folders on disk
 (the issue-13 probe resumed from step 3 beside a complete step-6 folder); the marker is the record here.
 """
@@ -21,8 +24,8 @@ import math
 import os
 from pathlib import Path
 
-from retain_asd import fsio
-from retain_asd.train.checkpoint import clean_checkpoints, mark_complete
+from retain_asd import fsio, storage
+from retain_asd.train.checkpoint import clean_checkpoints, folder_name, mark_complete
 from retain_asd.train.guard import DivergenceError
 
 log = logging.getLogger(__name__)
@@ -41,7 +44,7 @@ def run_monitor(events_path: Path):
             first = metrics[0] if metrics else {}
             if checkpoint is not None:  # persisted by every rank: the marker is the folder's last file
                 try:
-                    mark_complete(checkpoint.path, first["step"])
+                    mark_complete(checkpoint.path, first["step"], checkpoint.filesystem)
                 except (OSError, KeyError) as err:  # the run goes on; a re-run will not resume from this one
                     log.warning("%s: completeness marker not written (%s)", checkpoint.path, err)
             if "resumed_from_step" in first:
@@ -65,17 +68,20 @@ def read_events(out_dir: str | os.PathLike) -> list[dict]:
     return fsio.read_jsonl(path, fix="delete it (it only feeds summary.json)") if path.is_file() else []
 
 
-def prepare_resume(out_dir: str | os.PathLike, name: str, keep: int) -> tuple[int, Path] | None:
+def prepare_resume(out_dir: str | os.PathLike, name: str, keep: int,
+                   checkpoint_root: str | os.PathLike | None = None) -> tuple[int, Path | str] | None:
     """Before a fit: clean the run folder and return (step, folder) of the newest complete checkpoint, or None.
 
-    Ray's run snapshot is removed too, so Ray Train does not restore its own (possibly older) idea of the
-    latest checkpoint: the new fit starts from the returned folder, later restarts from what it reports.
+    `checkpoint_root`: Ray Train's storage path, default ``<out>/ray``; a URI keeps the run in an object store
+    (the folder returned is then a URI). Ray's run snapshot is removed too, so Ray Train does not restore its
+    own (possibly older) idea of the latest checkpoint: the new fit starts from the returned folder, later
+    restarts from what it reports.
     """
-    run_dir = Path(out_dir) / "ray" / name
+    run_dir = storage.as_location(storage.join(checkpoint_root or Path(out_dir) / "ray", name))
     latest, removed = clean_checkpoints(run_dir, keep)
     for folder in removed:
-        _event(Path(out_dir) / EVENTS, "removed_checkpoint", folder=folder.name)
-    (run_dir / RAY_SNAPSHOT).unlink(missing_ok=True)
+        _event(Path(out_dir) / EVENTS, "removed_checkpoint", folder=folder_name(folder))
+    storage.remove(storage.join(run_dir, RAY_SNAPSHOT))
     return latest
 
 
