@@ -51,6 +51,7 @@ TORCH_COLUMNS = ("mixture", "clean", "noise", "label", "machine_idx", "noise_idx
                  "noise_offset", "epoch")
 ID_COLUMNS = ("clip_id", "noise_id")
 MIX_ROWS_PER_BLOCK = 32  # rows per output block: 32 x 2 x 640 kB = 41 MB for 10 s clips
+GEN_BUFFER_BLOCKS = 8  # output blocks a stream task may hold before the executor takes them (see build_train_stream)
 UNIT_ROWS = 512  # clips a work unit draws from at least: files_per_unit = ceil(UNIT_ROWS / rows per shard), >= 2
 
 
@@ -401,6 +402,10 @@ def build_train_stream(machine_dir: str | os.PathLike, noise_dir: str | os.PathL
                    "files_per_unit": files_per_unit})
     ds.context.target_max_block_size = block_target_bytes(rows_per_block, state.clean.num_samples,
                                                           state.num_classes)
+    # A task may run GEN_BUFFER_BLOCKS yields ahead of the executor taking them (Ray's default, 2, paused the
+    # tasks in lock-step with the consumer: workers and driver both mostly waiting under py-spy; 8 gave
+    # 661-851 clips/s against 466-629 in alternating runs on 2 cores, benchmarks/stream.py's corpus).
+    ds.context._max_num_blocks_in_streaming_gen_buffer = GEN_BUFFER_BLOCKS
     return StreamPlan(ds, state_ref, state, num_epochs)
 
 
