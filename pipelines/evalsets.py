@@ -1,9 +1,10 @@
 """`retain-asd evalsets`: build the Factory A / B / Mismatch evaluation sets (recipes + manifest).
 
 Reads only the evaluation corpus (eval.machine_root / eval.noise_root, or the synthetic evaluation world),
-ingested under `<data.work_dir>/corpus_eval`, and writes `<data.work_dir>/evalsets/`. Counts, SNRs and the
-seed come from the `eval` section of the config. Re-running on an unchanged corpus is a no-op. The leakage
-guard first checks that it shares nothing with the pre-training corpus (data.*).
+ingested under `<data.work_dir>/corpus_eval`, and writes `<data.work_dir>/evalsets/` (both under `<data.storage>/`
+instead when data.storage names an object store). Counts, SNRs and the seed come from the `eval` section of the
+config. Re-running on an unchanged corpus is a no-op. The leakage guard first checks that it shares nothing
+with the pre-training corpus (data.*).
 """
 
 from __future__ import annotations

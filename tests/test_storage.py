@@ -4,6 +4,8 @@ checkpoints in the bucket, a kill and the resume from them are in tests/test_sto
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -76,3 +78,28 @@ def test_file_helpers_on_the_bucket_and_the_config_field(s3_env, tmp_path):
     for bad, why in (("s3:///x", "needs a bucket"), ("runs/data", "not a URI"), ("ftp://host/x", "unsupported")):
         with pytest.raises(ConfigError, match=f"data.storage: .*{why}"):
             load_config("smoke", overrides=[f"data.storage={bad}"])
+
+
+def test_embedding_cache_in_the_bucket_is_bit_exact_and_drops_a_torn_chunk(s3_env, caplog):
+    from retain_asd.eval.embed import EmbeddingCache
+
+    root, checkpoint = f"s3://{BUCKET}/cache/embeddings", "0" * 40
+    emb = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+    cache = EmbeddingCache(root, checkpoint, "genrep")
+    assert cache.missing(["a", "b", "c"], [2]) == ["a", "b", "c"]
+    cache.put(["a", "b", "c"], 2, emb)
+    (chunk,) = [k for k in _bucket_keys(s3_env, "cache/") if k.endswith(".npz")]  # one object per chunk
+    assert chunk.startswith(f"cache/embeddings/{'0' * 20}/genrep/layer_2/")
+
+    fresh = EmbeddingCache(root, checkpoint, "genrep")  # a new process: the index comes from the bucket
+    assert fresh.missing(["a", "b", "c"], [2]) == [] and fresh.missing(["c", "d"], [2, 3]) == ["c", "d"]
+    np.testing.assert_array_equal(fresh.get(["c", "a"], 2), emb[[2, 0]])  # bit-exact float32
+
+    torn = storage.join(root, "0" * 20, "genrep", "layer_2", "torn0000.npz")
+    storage.write_bytes(torn, b"PK\x03\x04 torn chunk")
+    with caplog.at_level(logging.WARNING, logger="retain_asd.eval.embed"):
+        again = EmbeddingCache(root, checkpoint, "genrep")
+        assert again.missing(["a", "d"], [2]) == ["d"]
+    assert f"{torn}: cannot be read" in caplog.text and "computed again" in caplog.text
+    assert not storage.exists(torn)  # dropped: its rows would be encoded and put again
+    np.testing.assert_array_equal(again.get(["a", "b", "c"], 2), emb)

@@ -4,13 +4,15 @@
 ingest both corpora into the bucket -> pre-train the smoke preset in a child `retain-asd pretrain`, SIGKILLed
 (with the Ray it started) once a checkpoint in the bucket is complete -> re-run in this process: it resumes
 from the newest complete checkpoint in the bucket and finishes -> evaluate the student by its URI. boto3 then
-lists the shards, manifests, checkpoints, student and MLflow artifacts as objects in the bucket, and the local
-work dir holds no corpus, no checkpoint and no artifact.
+lists the shards, manifests, checkpoints, student, evaluation sets, embedding cache and MLflow artifacts as
+objects in the bucket, and the local work dir holds no corpus, no checkpoint, no evaluation set, no cached
+embedding and no artifact.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -68,9 +70,11 @@ def _wait_until_gone(session: int, timeout_s: float = 60) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ingest_pretrain_kill_resume_evaluate_in_the_bucket(ray_local, s3_env, bucket_keys, small_worlds, tmp_path):
+def test_ingest_pretrain_kill_resume_evaluate_in_the_bucket(ray_local, s3_env, bucket_keys, small_worlds, tmp_path,
+                                                           caplog):
     from retain_asd.corpus.ingest import corpora_from_config
     from retain_asd.eval.builder import evaluate_from_config
+    from retain_asd.eval.evalsets import evalsets_from_config
     from retain_asd.models.beats import load_beats
     from retain_asd.train.checkpoint import read_train_state, state_digest
     from retain_asd.train.launch import pretrain, read_metrics
@@ -136,6 +140,11 @@ def test_ingest_pretrain_kill_resume_evaluate_in_the_bucket(ray_local, s3_env, b
     (scores,) = evaluate_from_config(cfg, [result.student_uri], tmp_path / "eval")
     assert scores.name == f"{cfg.name}-seed{cfg.train.seed}" and scores.cells
 
+    with caplog.at_level(logging.INFO, logger="retain_asd.eval.evalsets"):
+        sets = evalsets_from_config(cfg)  # read back from the bucket: the manifest matches, nothing is rebuilt
+    assert f"s3://{BUCKET}/e2e/evalsets: evaluation sets up to date" in caplog.text
+    assert sets.root == f"s3://{BUCKET}/e2e/evalsets" and sets.table.num_rows == sets.manifest["rows"]
+
     # 5. what is in the bucket, and what is not on local disk
     keys = bucket_keys("e2e/")
     run_keys = [k for k in keys if k.startswith(prefix)]
@@ -148,5 +157,8 @@ def test_ingest_pretrain_kill_resume_evaluate_in_the_bucket(ray_local, s3_env, b
     artifacts = [k for k in keys if k.startswith("e2e/mlartifacts/storage-e2e/")]
     assert any(k.endswith("/artifacts/student_beats.pt") for k in artifacts)  # the pre-training run's
     assert any("/artifacts/evaluate/" in k and k.endswith("table2_dn.md") for k in artifacts)  # the evaluation's
-    assert not any((work / name).exists() for name in ("corpus_pretrain", "corpus_eval", "mlartifacts"))
+    assert {"e2e/evalsets/recipes.parquet", "e2e/evalsets/manifest.json"} <= set(keys)
+    assert any(k.startswith("e2e/embeddings/") and k.endswith(".npz") for k in keys)
+    assert not any((work / name).exists()
+                   for name in ("corpus_pretrain", "corpus_eval", "mlartifacts", "evalsets", "embeddings"))
     assert not (out / "ray").exists() and not (tmp_path / "mlartifacts").exists()

@@ -153,6 +153,11 @@ def check_checkpoints(resolved: Sequence[tuple[str, str, bool]], layer: int,
     return depths
 
 
+def embedding_cache_dir(cfg) -> Path | str:
+    """``<data.work_dir>/embeddings``, or ``<data.storage>/embeddings`` (an object store) when data.storage is set."""
+    return storage.join(cfg.data.storage, "embeddings") if cfg.data.storage else Path(cfg.data.work_dir) / "embeddings"
+
+
 def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.PathLike,
                          layers: Sequence[int] | None = None, use_ray: bool = False,
                          dcase_root: str | os.PathLike | None = None,
@@ -186,7 +191,7 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
     if sets is None and not dcase_root:
         sets = evalsets_from_config(cfg)
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
-    cache_dir = Path(cfg.data.work_dir) / "embeddings"
+    cache_dir = embedding_cache_dir(cfg)
     results, seen = [], {}
     for name, path, frozen in resolved:
         origin = {} if frozen else provenance(path)
@@ -302,8 +307,7 @@ def layers_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.PathLi
     scores: dict[str, dict[int, float]] = {}
     for name, path, _ in resolved:
         layers = list(range(1, depths[path] + 1))
-        embedder = Embedder(path, pooling=e.pooling, cache_dir=Path(cfg.data.work_dir) / "embeddings",
-                            batch_size=e.batch_size)
+        embedder = Embedder(path, pooling=e.pooling, cache_dir=embedding_cache_dir(cfg), batch_size=e.batch_size)
         result = evaluate_checkpoint(path, sets, layers, k=e.k, metric=e.metric, conditions=e.conditions,
                                      name=name, embedder=embedder, primary=e.primary)
         scores[name] = {x: result.table2(x, primary_dn)[-1].hmean_all for x in layers}

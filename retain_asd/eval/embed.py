@@ -10,7 +10,8 @@ T and F come from the clip length (`BEATs.grid` / the encoder's returned grid), 
 Every layer is read from ONE forward (`BEATs.extract_layers` stops at the highest requested block).
 `Embedder` counts forwards and encoded clips, so tests can prove that cached work is not redone.
 
-Cache (`EmbeddingCache`): ``<root>/<checkpoint hash>/<pooling>/layer_<k>/<chunk>.npz`` holding
+Cache (`EmbeddingCache`): ``<root>/<checkpoint hash>/<pooling>/layer_<k>/<chunk>.npz`` (a local folder or an
+object-store URI, ``<data.storage>/embeddings``) holding
 ``keys`` (row identities, `evalsets.row_key`) and ``emb`` (n, d). The checkpoint hash is the sha1
 of the model's cfg and state dict, so a new or retrained checkpoint never reads stale features; the
 row key covers clip, noise segment, gain and SNR, so Mismatch rows (copies of Factory B references
@@ -20,6 +21,7 @@ and Factory A tests) hit the entries written for Factory A and B.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from retain_asd import fsio
+from retain_asd import fsio, storage
 from retain_asd.models.encoders import load_encoder
 
 log = logging.getLogger(__name__)
@@ -93,27 +95,44 @@ def embed_oracle(model: nn.Module, clean, noise, layers: int | Sequence[int], la
 
 
 class EmbeddingCache:
-    """Pooled embeddings on disk per (checkpoint hash, pooling, layer), looked up by row key."""
+    """Pooled embeddings per (checkpoint hash, pooling, layer), looked up by row key.
+
+    `root` is a local folder or an object-store URI (`retain_asd.storage`). A chunk is written whole: a local
+    file through a temp file + rename, an object in one PUT, so a reader never sees half a chunk.
+    """
 
     def __init__(self, root: str | os.PathLike, checkpoint_hash: str, pooling: str):
-        self.dir = Path(root) / checkpoint_hash[:20] / pooling
-        self._index: dict[int, dict[str, tuple[Path, int]]] = {}
+        self.dir = storage.as_location(storage.join(root, checkpoint_hash[:20], pooling))
+        self._index: dict[int, dict[str, tuple[Path | str, int]]] = {}
 
-    def _layer_index(self, layer: int) -> dict[str, tuple[Path, int]]:
+    def _chunks(self, layer: int) -> list[Path | str]:
+        """The chunk files (objects) of one layer, sorted; a writer's hidden temp files are skipped."""
+        folder = storage.join(self.dir, f"layer_{layer}")
+        if not storage.is_uri(folder):
+            fsio.remove_stale_temps(folder)
+            return fsio.visible(Path(folder).glob("*.npz"))
+        return [storage.join(folder, name) for name in storage.list_names(folder)
+                if name.endswith(".npz") and not name.startswith(".")]
+
+    @staticmethod
+    def _load(chunk: Path | str, name: str) -> np.ndarray:
+        """One array of a chunk; an object is read in one GET (np.load needs a seekable file)."""
+        source = chunk if not storage.is_uri(chunk) else io.BytesIO(storage.read_bytes(chunk))
+        with np.load(source) as z:
+            return z[name]
+
+    def _layer_index(self, layer: int) -> dict[str, tuple[Path | str, int]]:
         if layer not in self._index:
             index = {}
-            folder = self.dir / f"layer_{layer}"
-            fsio.remove_stale_temps(folder)
-            for path in fsio.visible(folder.glob("*.npz")):  # hidden = a writer's temp file
+            for chunk in self._chunks(layer):
                 try:
-                    with np.load(path) as z:
-                        keys = z["keys"]
+                    keys = self._load(chunk, "keys")
                 except Exception as err:  # a cache chunk is derived data: drop it, its rows are recomputed
-                    log.warning("%s", fsio.CorruptFileError(path, f"{type(err).__name__}: {err}",
+                    log.warning("%s", fsio.CorruptFileError(chunk, f"{type(err).__name__}: {err}",
                                                             "removed; its embeddings are computed again"))
-                    path.unlink(missing_ok=True)
+                    storage.remove(chunk)
                     continue
-                index.update({str(k): (path, i) for i, k in enumerate(keys)})
+                index.update({str(k): (chunk, i) for i, k in enumerate(keys)})
             self._index[layer] = index
         return self._index[layer]
 
@@ -123,13 +142,13 @@ class EmbeddingCache:
         return list(out)
 
     def put(self, keys: Sequence[str], layer: int, emb: np.ndarray) -> None:
-        folder = self.dir / f"layer_{layer}"
-        folder.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha1("".join(keys).encode()).hexdigest()[:16]
-        with fsio.atomic_write(folder / f"{name}.npz", "wb") as f:  # readers never see half a chunk
-            np.savez(f, keys=np.asarray(keys, dtype=str), emb=np.asarray(emb, dtype=np.float32))
+        chunk = storage.as_location(storage.join(self.dir, f"layer_{layer}", f"{name}.npz"))
+        buffer = io.BytesIO()
+        np.savez(buffer, keys=np.asarray(keys, dtype=str), emb=np.asarray(emb, dtype=np.float32))
+        storage.write_bytes(chunk, buffer.getvalue())  # temp file + rename, or one PUT
         index = self._layer_index(layer)
-        index.update({k: (folder / f"{name}.npz", i) for i, k in enumerate(keys)})
+        index.update({k: (chunk, i) for i, k in enumerate(keys)})
 
     def get(self, keys: Sequence[str], layer: int) -> np.ndarray:
         """(len(keys), d) float32 in the order of `keys`; every key must be present."""
@@ -137,14 +156,13 @@ class EmbeddingCache:
         absent = [k for k in keys if k not in index]
         if absent:
             raise KeyError(f"{self.dir}: layer {layer} has no embedding for {len(absent)} rows")
-        by_file: dict[Path, list[tuple[int, int]]] = {}
+        by_chunk: dict[Path | str, list[tuple[int, int]]] = {}
         for pos, k in enumerate(keys):
-            path, i = index[k]
-            by_file.setdefault(path, []).append((pos, i))
+            chunk, i = index[k]
+            by_chunk.setdefault(chunk, []).append((pos, i))
         out = None
-        for path, pairs in by_file.items():
-            with np.load(path) as z:
-                emb = z["emb"]
+        for chunk, pairs in by_chunk.items():
+            emb = self._load(chunk, "emb")
             if out is None:
                 out = np.empty((len(keys), emb.shape[1]), np.float32)
             for pos, i in pairs:

@@ -24,9 +24,12 @@ the counts. Fewer noise segments than clips in a set -> log a warning with both 
 through the permutation, so each segment is used at most ceil(clips / segments) times (the manifest
 records ``max_segment_uses``); add noise recordings to get disjoint segments.
 
-On disk (``<work_dir>/evalsets/``): ``recipes.parquet`` (one row per clip x condition x SNR) and
-``manifest.json`` (parameters, corpus fingerprints, counts, warnings, sha1 of the recipes file).
-Mixtures are rebuilt from the shards on the fly (`MixtureSource`), so every model reuses the sets.
+On disk (``<work_dir>/evalsets/``, or ``<data.storage>/evalsets/`` in an object store): ``recipes.parquet``
+(one row per clip x condition x SNR) and ``manifest.json`` (parameters, corpus fingerprints, counts, warnings,
+sha1 of the recipes file). A local build is written in a temp folder and renamed into place; an object store has
+no rename, so there the old manifest is deleted first, the recipes are put, and the manifest, put last, marks
+the sets complete. Mixtures are rebuilt from the shards on the fly (`MixtureSource`), so every model reuses
+the sets.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ class EvalSetParams:
 class EvalSets:
     """Built evaluation sets: the recipe table and its manifest."""
 
-    root: Path
+    root: Path | str  # a local folder or an object-store URI
     manifest: dict
     table: pa.Table
 
@@ -254,32 +257,55 @@ def _file_sha1(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()
 
 
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _write_remote(out_dir: str, table: pa.Table, manifest: dict) -> None:
+    """Recipes, then the manifest (the completion marker) as objects; the old marker goes first, so a build
+    killed in between leaves no manifest and is built again."""
+    storage.remove(storage.join(out_dir, MANIFEST))
+    recipes = _parquet_bytes(table)
+    storage.write_bytes(storage.join(out_dir, RECIPES), recipes)
+    manifest = {**manifest, "recipes_sha1": hashlib.sha1(recipes).hexdigest()}
+    storage.write_bytes(storage.join(out_dir, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
+
+
 def build_evalsets(corpus_root: str | os.PathLike, out_dir: str | os.PathLike, params: EvalSetParams = EvalSetParams(),
                    force: bool = False) -> EvalSets:
-    """Write (or reuse, when the corpus and parameters are unchanged) the recipe table and manifest."""
-    corpus_root, out_dir = storage.as_location(corpus_root), Path(out_dir)
+    """Write (or reuse, when the corpus and parameters are unchanged) the recipe table and manifest.
+
+    `out_dir`: a local folder or an object-store URI (`retain_asd.storage`)."""
+    corpus_root, out_dir = storage.as_location(corpus_root), storage.as_location(out_dir)
     corpus_root = corpus_root if isinstance(corpus_root, str) else corpus_root.resolve()
     params = EvalSetParams(**{**asdict(params), "snrs_db": tuple(float(s) for s in params.snrs_db)})
     identity = {"schema_version": SCHEMA_VERSION, "params": asdict(params), "corpus": _fingerprints(corpus_root)}
-    fsio.remove_stale_temps(out_dir.parent)  # folders of a build that was killed
+    if isinstance(out_dir, Path):
+        fsio.remove_stale_temps(out_dir.parent)  # folders of a build that was killed
     old = None if force else read_manifest(out_dir)
     if old is not None and all(old.get(k) == json.loads(json.dumps(v)) for k, v in identity.items()):
         log.info("%s: evaluation sets up to date", out_dir)
         return load_evalsets(out_dir)
     warnings: list[str] = []
     rows, counts = _recipes(corpus_root, params, warnings)
+    per_machine = {}
+    for r in rows:
+        if r["condition"] == "factory_a" and r["snr_db"] == params.snrs_db[0]:
+            key = f"{r['role']}/{r['domain']}/{r['label']}"
+            per_machine.setdefault(r["machine"], {}).setdefault(key, 0)
+            per_machine[r["machine"]][key] += 1
+    manifest = {**identity, "corpus_root": str(corpus_root), "counts": counts, "per_machine": per_machine,
+                "warnings": warnings, "rows": len(rows)}
+    if isinstance(out_dir, str):
+        _write_remote(out_dir, _table(rows), manifest)
+        return load_evalsets(out_dir)
     tmp = fsio.temp_path(out_dir)
     tmp.mkdir(parents=True)
     try:
         pq.write_table(_table(rows), tmp / RECIPES)
-        per_machine = {}
-        for r in rows:
-            if r["condition"] == "factory_a" and r["snr_db"] == params.snrs_db[0]:
-                key = f"{r['role']}/{r['domain']}/{r['label']}"
-                per_machine.setdefault(r["machine"], {}).setdefault(key, 0)
-                per_machine[r["machine"]][key] += 1
-        manifest = {**identity, "corpus_root": str(corpus_root), "counts": counts, "per_machine": per_machine,
-                    "warnings": warnings, "recipes_sha1": _file_sha1(tmp / RECIPES), "rows": len(rows)}
+        manifest["recipes_sha1"] = _file_sha1(tmp / RECIPES)
         fsio.write_text(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
         fsio.commit_folder(tmp, out_dir)
     except BaseException:
@@ -289,26 +315,28 @@ def build_evalsets(corpus_root: str | os.PathLike, out_dir: str | os.PathLike, p
 
 
 def read_manifest(root: str | os.PathLike) -> dict | None:
-    path = Path(root) / MANIFEST
-    return fsio.read_json(path, fix="rebuild with `retain-asd evalsets --force`") if path.is_file() else None
+    path = storage.as_location(storage.join(root, MANIFEST))
+    if not storage.is_file(path):
+        return None
+    return storage.read_json(path, fix="rebuild with `retain-asd evalsets --force`")
 
 
 def load_evalsets(root: str | os.PathLike) -> EvalSets:
-    root = Path(root)
+    root = storage.as_location(root)
     manifest = read_manifest(root)
     if manifest is None:
         raise FileNotFoundError(f"{root}: no evaluation sets; run `retain-asd evalsets` first")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise EvalSetError(f"{root}: schema {manifest.get('schema_version')} != {SCHEMA_VERSION}; rebuild with "
                            "`retain-asd evalsets --force`")
-    return EvalSets(root, manifest, pq.read_table(root / RECIPES))
+    filesystem, recipes = storage.resolve(storage.join(root, RECIPES))
+    return EvalSets(root, manifest, pq.read_table(recipes, filesystem=filesystem))
 
 
 def evalsets_from_config(cfg, force: bool = False) -> EvalSets:
     """Builder: a Config -> the sets of the EVALUATION corpus (`eval.machine_root` / `eval.noise_root`, or the
     synthetic evaluation world), ingested into `<work_dir>/corpus_eval` when needed, under `<work_dir>/evalsets`.
-    With data.storage set the corpus is read from `<data.storage>/corpus_eval`; the sets (small recipe tables,
-    rebuilt from the corpus's fingerprint) stay a local cache under `<work_dir>/evalsets`.
+    With data.storage set both are in the object store: `<data.storage>/corpus_eval`, `<data.storage>/evalsets`.
 
     Only the evaluation corpus is read (paper Sec. 4.1): the references, test clips and Factory A / B noise
     are never the pre-training corpus's. The leakage guard (`ingest.check_protocol`) is the entry point's job.
@@ -320,7 +348,8 @@ def evalsets_from_config(cfg, force: bool = False) -> EvalSets:
     params = EvalSetParams(snrs_db=tuple(e.snrs_db), source_refs=e.source_refs, target_refs=e.target_refs,
                            test_normal=e.test_normal, test_anomaly=e.test_anomaly, seed=e.seed)
     corpus = eval_corpus_from_config(cfg)
-    return build_evalsets(corpus.root, work / "evalsets", params, force=force)
+    out_dir = storage.join(cfg.data.storage, "evalsets") if cfg.data.storage else work / "evalsets"
+    return build_evalsets(corpus.root, out_dir, params, force=force)
 
 
 # ---------------------------------------------------------------------------------------------------- mixtures
