@@ -99,19 +99,31 @@ def run_sweep(cfg: Config, out_dir: str | Path, *, trial_resources: dict | None 
     trainable = tune.with_parameters(run_trial, base=base, corpus_root=str(corpus.root), out_dir=str(out_dir),
                                      uri=uri)
     trainable = tune.with_resources(trainable, trial_resources or TRIAL_RESOURCES)
-    previous = out_dir / "ray" / f"{cfg.name}-sweep"
-    if tune.Tuner.can_restore(previous):  # a restarted sweep resumes its unfinished trials
+    where = sweep_storage(cfg, out_dir)
+    previous = f"{where['storage_path']}/{cfg.name}-sweep"
+    fs = where.get("storage_filesystem")
+    if tune.Tuner.can_restore(previous, storage_filesystem=fs):  # a restarted sweep resumes its unfinished trials
         log.info("resuming the sweep in %s", previous)
-        return tune.Tuner.restore(str(previous), trainable, resume_errored=True).fit()
+        return tune.Tuner.restore(previous, trainable, resume_errored=True, storage_filesystem=fs).fit()
     searcher, num_samples, concurrent = _search(cfg)
     tuner = tune.Tuner(
         trainable,
         param_space=search_space(cfg.tune),
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="max", num_samples=num_samples,
                                     max_concurrent_trials=concurrent, search_alg=searcher),
-        run_config=tune.RunConfig(name=f"{cfg.name}-sweep", storage_path=str(out_dir / "ray")),
+        run_config=tune.RunConfig(name=f"{cfg.name}-sweep", **where),
     )
     return tuner.fit()
+
+
+def sweep_storage(cfg: Config, out_dir: str | Path) -> dict:
+    """Tune's storage_path (+ storage_filesystem) for the sweep's experiment state: ``<out>/ray``, or with
+    data.storage the bucket, beside the trials' checkpoints (``<data.storage>/runs/<out folder name>``), so a
+    sweep restarted on another machine resumes from the bucket."""
+    from retain_asd import storage
+    from retain_asd.train.launch import checkpoint_root
+
+    return storage.ray_storage(checkpoint_root(cfg, out_dir))
 
 
 def write_best_config(grid, cfg: Config, path: str | Path) -> Path | None:

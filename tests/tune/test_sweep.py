@@ -101,3 +101,20 @@ def test_summary_when_every_trial_failed(ray_local, tmp_path):
     assert code == 1
     assert sum(" ERROR " in line for line in text.splitlines()) == 2 and "best" not in text
     assert "all 2 trials failed; nothing to rank. First error" in text and "the loss diverged" in text
+
+
+def test_sweep_state_goes_where_the_trials_checkpoints_go(tmp_path, monkeypatch):
+    """Tune's experiment state: <out>/ray locally; with data.storage, the bucket beside the trials' checkpoints
+    (so a sweep restarted on another machine resumes from the bucket)."""
+    import pyarrow.fs as pafs
+
+    from tune.sweep import sweep_storage
+
+    local = sweep_storage(load_config("smoke"), tmp_path / "sweep")
+    assert local == {"storage_path": str((tmp_path / "sweep" / "ray").resolve())}
+    for key, value in {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k",
+                       "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    bucket = sweep_storage(load_config("smoke", overrides=["data.storage=s3://my-bucket/p"]), tmp_path / "sw1")
+    assert bucket["storage_path"] == "my-bucket/p/runs/sw1"
+    assert isinstance(bucket["storage_filesystem"], pafs.S3FileSystem)
