@@ -150,6 +150,8 @@ def test_ingest_pretrain_kill_resume_evaluate_in_the_bucket(ray_local, s3_env, b
     run_keys = [k for k in keys if k.startswith(prefix)]
     assert {f"{prefix}{n}" for n in ("student_beats.pt", "config.yaml", "summary.json", "mlflow_run.json")} \
         <= set(run_keys)
+    init_name = f"init_beats_{cfg.model.size}_seed{cfg.train.seed}.pt"  # the workers read it from the bucket
+    assert [k for k in run_keys if k.startswith(f"{prefix}init/")] == [f"{prefix}init/{init_name}"]
     checkpoints = {k.split("/")[4] for k in run_keys if k.split("/")[4].startswith("checkpoint_")}
     assert 1 <= len(checkpoints) <= cfg.train.keep_checkpoints
     for folder in checkpoints:

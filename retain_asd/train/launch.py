@@ -448,6 +448,21 @@ def pretrain(cfg: Config, out_dir: str | os.PathLike, *, corpus=None, stop_at_st
                           run and run[1], summary, student_uri)
 
 
+def _init_in_storage(cfg: Config, out_dir: Path, init_checkpoint: Path) -> dict:
+    """With data.storage, the init checkpoint goes to the run's folder in the bucket (`<run>/init/<name>`, when
+    not there yet at that size) and the workers read it from there (`student.local_init_checkpoint`), so no node
+    needs the driver's disk; {} otherwise (the workers read the local path)."""
+    location = run_location(cfg, out_dir)
+    if location is None:
+        return {}
+    uri = storage.join(location, "init", Path(init_checkpoint).name)
+    if storage.file_sizes(storage.join(location, "init")).get(Path(init_checkpoint).name) != \
+            Path(init_checkpoint).stat().st_size:
+        storage.upload(init_checkpoint, uri)
+    filesystem, path = storage.resolve(uri)
+    return {"init_checkpoint": path, "init_fs": filesystem}
+
+
 def _train(cfg: Config, out_dir: Path, corpus, init_checkpoint: Path, checkpoint: Path | str | None,
            stop_at_step: int | None, run: tuple[str, str] | None) -> Path | str:
     """Fit up to stop_at_step / total_steps from `checkpoint` (or the start); the newest checkpoint (a URI when
@@ -459,7 +474,7 @@ def _train(cfg: Config, out_dir: Path, corpus, init_checkpoint: Path, checkpoint
         filesystem, path = storage.resolve(checkpoint)
         resume = {"resume_from": path, "resume_fs": filesystem}
     loop_config = dataclasses.replace(loop_config_from(cfg, corpus.labels_path, init_checkpoint, stop_at_step),
-                                      **resume)
+                                      **resume, **_init_in_storage(cfg, out_dir, init_checkpoint))
     trainer = build_trainer(cfg, loop_config, train_dataset_from(cfg, corpus), out_dir, mlflow_run=run)
     since = recovery.fit_started(out_dir)
     try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class LoopConfig:
     # ---- model
-    init_checkpoint: str  # absolute path of the BEATs checkpoint student and teacher start from
+    init_checkpoint: str  # the BEATs checkpoint student and teacher start from (a path; in init_fs when set)
     layerdrop: bool  # model.layerdrop: the official iter3 layerdrop on the student
     grad_decay: bool  # model.grad_decay: iter3's per-layer gradient decay
     num_classes: int  # C + N tagging-head outputs (machine classes, then noise classes)
@@ -51,6 +51,7 @@ class LoopConfig:
     skip_nonfinite_steps: int = 0  # divergence guard (train/guard.py): bad steps skipped before the run stops
     resume_from: str | None = None  # a new fit starts from this checkpoint folder (the newest complete one)
     resume_fs: object = None  # pyarrow filesystem of resume_from when it is in an object store (None: local)
+    init_fs: object = None  # pyarrow filesystem of init_checkpoint when it is in an object store (None: local)
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))

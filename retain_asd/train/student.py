@@ -16,6 +16,12 @@ Choices where the paper is silent:
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
@@ -51,12 +57,31 @@ def build_models(cfg: LoopConfig, device: torch.device) -> tuple[Student, BEATs 
     wrapped in DDP), both from `cfg.init_checkpoint`. Seeded with `cfg.seed`: the same init on every rank."""
     terms = obj.objective_terms(cfg.objective)
     torch.manual_seed(cfg.seed)
-    encoder = load_beats(cfg.init_checkpoint)
+    with init_checkpoint_file(cfg) as init_path:
+        encoder = load_beats(init_path)
+        teacher = load_beats(init_path).freeze().to(device) if terms.needs_teacher else None
     encoder.layerdrop, encoder.grad_decay = cfg.layerdrop, cfg.grad_decay
     top_layer = encoder.num_layers if terms.needs_head else cfg.align_layer
     student = Student(encoder, cfg.num_classes if terms.needs_head else None, top_layer).to(device).train()
-    teacher = load_beats(cfg.init_checkpoint).freeze().to(device) if terms.needs_teacher else None
     return student, teacher
+
+
+@contextlib.contextmanager
+def init_checkpoint_file(cfg: LoopConfig) -> Iterator[str]:
+    """The init checkpoint as a local file while the models are built: `cfg.init_checkpoint` itself, or, when it
+    is in an object store (`cfg.init_fs`, data.storage), a copy in a temporary folder removed afterwards, so no
+    node needs the driver's disk and nothing stays behind."""
+    if cfg.init_fs is None:
+        yield cfg.init_checkpoint
+        return
+    if cfg.init_fs.get_file_info(cfg.init_checkpoint).size is None:
+        raise FileNotFoundError(f"{cfg.init_checkpoint}: the init checkpoint is not in the object store; "
+                                "re-run pretrain (it uploads it)")
+    with tempfile.TemporaryDirectory(prefix="retain_asd_init_") as folder:
+        local = Path(folder) / Path(cfg.init_checkpoint).name
+        with cfg.init_fs.open_input_stream(cfg.init_checkpoint) as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        yield str(local)
 
 
 def _partners(batch: dict, np_rng: np.random.Generator, device: torch.device) -> torch.Tensor:

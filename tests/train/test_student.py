@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from retain_asd.train import objectives as obj
@@ -102,3 +103,28 @@ def test_specaugment_masks_student_input_only(init_path):
     (wave_off, target_off), (wave_on, target_on) = seen["teacher"]
     assert torch.equal(wave_off, torch.cat([batch["clean"], batch["noise"]]))
     assert torch.equal(wave_on, wave_off) and torch.equal(target_on, target_off)
+
+
+def test_init_checkpoint_from_an_object_store_is_read_through_its_filesystem(init_path, tmp_path, monkeypatch):
+    """`init_fs` set (data.storage): the worker copies the init checkpoint through that filesystem into a temporary
+    folder, bit-exact, and removes it once the models are built."""
+    import shutil
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    from retain_asd.train.student import init_checkpoint_file
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "node_tmp"))
+    (tmp_path / "node_tmp").mkdir()
+    remote = tmp_path / "bucket" / "run" / "init" / "init_beats.pt"
+    remote.parent.mkdir(parents=True)
+    shutil.copyfile(init_path, remote)
+    with init_checkpoint_file(loop_config(init_checkpoint=str(remote), init_fs=pafs.LocalFileSystem())) as local:
+        assert local.startswith(str(tmp_path / "node_tmp")) and open(local, "rb").read() == remote.read_bytes()
+    assert not list((tmp_path / "node_tmp").iterdir())  # nothing stays behind
+    with init_checkpoint_file(loop_config(init_checkpoint=str(remote))) as local:
+        assert local == str(remote)  # a local path is used as it is
+    with pytest.raises(FileNotFoundError, match="not in the object store"):
+        with init_checkpoint_file(loop_config(init_checkpoint=str(tmp_path / "no.pt"), init_fs=pafs.LocalFileSystem())):
+            pass
