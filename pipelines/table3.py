@@ -13,7 +13,7 @@ import argparse
 import logging
 import sys
 
-from pipelines.common import add_config_args
+from pipelines.common import add_config_args, config_from_args, report_user_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,15 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    from retain_asd.config import ConfigError, load_config
     from retain_asd.eval.builder import table3_from_config
 
-    try:
-        cfg = load_config(args.preset, args.config, args.overrides)
-        result, paths = table3_from_config(cfg, args.checkpoint, args.out, layer=args.layer)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"retain-asd table3: {err}", file=sys.stderr)
+    cfg = config_from_args(args, "retain-asd table3")
+    if cfg is None:
         return 2
+    try:
+        result, paths = table3_from_config(cfg, args.checkpoint, args.out, layer=args.layer)
+    except Exception as err:  # a bad checkpoint or layer: one line (--debug for the traceback)
+        return report_user_error("retain-asd table3", err)
     print(result.markdown())
     print("written: " + ", ".join(str(p) for p in paths))
     return 0

@@ -101,11 +101,8 @@ def _record_row(record: ClipRecord) -> dict:
 
 
 def _file_sha1(path: str) -> str:
-    h = hashlib.sha1()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha1").hexdigest()
 
 
 def file_sha1(path: str) -> str:

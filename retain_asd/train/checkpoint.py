@@ -179,11 +179,8 @@ CHECKPOINT_GLOB = "checkpoint_*"
 
 
 def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def mark_complete(directory: str | os.PathLike, step: int, filesystem=None) -> Path | str:

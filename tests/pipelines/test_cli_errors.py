@@ -137,6 +137,21 @@ def test_evaluate_checks_every_checkpoint_before_using_any(tmp_path, capsys):
     assert not (tmp_path / "work" / "evalsets").exists() and not (out / "good").exists()  # nothing evaluated
 
 
+@pytest.mark.parametrize("command", ["table3", "layers"])
+def test_analyses_check_every_checkpoint_before_using_any(tmp_path, capsys, command):
+    from pipelines.cli import main
+
+    good, truncated = _tiny_checkpoints(tmp_path)
+    out = tmp_path / "out"
+    code = main([command, "--preset", "smoke", "--checkpoint", str(good), "--checkpoint", str(truncated),
+                 "--out", str(out), f"data.work_dir={tmp_path / 'work'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"retain-asd {command}: error: {truncated}: not a readable torch checkpoint" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 2 and "--debug" in err
+    assert not (tmp_path / "work" / "evalsets").exists() and not (out / f"{command}.md").exists()  # nothing ran
+
+
 @pytest.mark.reliability("evaluate-bad-checkpoint")
 def test_evaluate_layer_beyond_the_checkpoint_depth(tmp_path, capsys):
     from pipelines.cli import main
