@@ -100,14 +100,10 @@ def _record_row(record: ClipRecord) -> dict:
     return row
 
 
-def _file_sha1(path: str) -> str:
+def file_sha1(path: str | os.PathLike) -> str:
+    """sha1 of a file's bytes (the manifest's ``sha1``; the leakage guard hashes raw files with it)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha1").hexdigest()
-
-
-def file_sha1(path: str) -> str:
-    """sha1 of a file's bytes (the manifest's ``sha1``; the leakage guard hashes raw files with it)."""
-    return _file_sha1(path)
 
 
 def _audio_array(clips: list[np.ndarray], settings: DecodeSettings) -> pa.Array:
@@ -160,7 +156,7 @@ def decode_batch(batch: pa.Table, settings: DecodeSettings) -> pa.Table:
     for row in rows:
         sha, audio_sha, reason, samples, repaired = "", "", "", empty, ""
         try:
-            sha = _file_sha1(row["path"])
+            sha = file_sha1(row["path"])
             clip = load_clip(row["path"], sample_rate_hz=settings.sample_rate_hz, channel=channel,
                              clip_s=settings.clip_s, min_clip_s=settings.min_clip_s, pad_mode=settings.pad_mode)
             samples, repaired = clip.samples.astype(np.float32, copy=False), ";".join(clip.repairs)

@@ -253,10 +253,6 @@ def _table(rows: list[dict]) -> pa.Table:
     return pa.table({c: pa.array([r[c] for r in rows], type=types.get(c, pa.string())) for c in RECIPE_COLUMNS})
 
 
-def _file_sha1(path: Path) -> str:
-    return hashlib.sha1(path.read_bytes()).hexdigest()
-
-
 def _parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
@@ -305,7 +301,7 @@ def build_evalsets(corpus_root: str | os.PathLike, out_dir: str | os.PathLike, p
     tmp.mkdir(parents=True)
     try:
         pq.write_table(_table(rows), tmp / RECIPES)
-        manifest["recipes_sha1"] = _file_sha1(tmp / RECIPES)
+        manifest["recipes_sha1"] = shards.file_sha1(tmp / RECIPES)
         fsio.write_text(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
         fsio.commit_folder(tmp, out_dir)
     except BaseException:
