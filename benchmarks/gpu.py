@@ -163,7 +163,8 @@ def stream_supply(device: torch.device, clip_s: float, clips: int, batch: int, w
     plan = stream.build_train_stream(corpus.root / "machine", corpus.root / "noise", corpus.labels_path,
                                      snr_sampler=SNR, seed=0, num_epochs=max(2, -(-(clips + batch) // rows)),
                                      class_weighted=False)
-    batches = stream.iter_train_batches(plan.dataset.iterator(), batch, seed=0, device=device)
+    batches = stream.iter_train_batches(plan.dataset.iterator(), batch, seed=0, noise_bank=plan.state_ref,
+                                      device=device)
     delivered, start = 0, None
     for i, b in enumerate(batches):
         if i == 1:  # after the first batch: Ray Data start-up is not throughput

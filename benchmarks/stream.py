@@ -5,9 +5,9 @@
 
 Both sides read the same int16 shards of a synthetic corpus (written once under --work, shuffled across
 machine types as `ingest` writes them) and mix at random SNRs: the stream consumed as the training loop
-consumes it (`loop.BATCH_COLUMNS` through `iter_train_batches`, torch tensors, the mixture formed on the
-consumer, after a warm-up), the baseline as one process reading each shard with pyarrow and calling
-`mixing.mix_at_snr` per clip. Each repeat measures both, in alternating order, so a ratio is always
+consumes it (`loop.BATCH_COLUMNS` through `iter_train_batches`: torch tensors of clean, noise and mixture,
+formed on the consumer from the compact rows, after a warm-up), the baseline as one process reading each
+shard with pyarrow and calling `mixing.mix_at_snr` per clip. Each repeat measures both, in alternating order, so a ratio is always
 taken within one repeat on the same (shared) machine; `ratio` is the median over repeats.
 
 Also measured (each against the numpy loop of its own repeat): the scaling with 1 and 2 concurrent
@@ -69,7 +69,7 @@ def bench_stream(corpus, epochs: int, batch_size: int, warmup_batches: int, *, p
         plan = stream.build_train_stream(corpus.root / "machine", corpus.root / "noise", corpus.labels_path,
                                          snr_sampler=SNR, seed=0, num_epochs=epochs, **stream_kw)
         clips, t0, distinct = 0, None, []
-        batches = stream.iter_train_batches(plan.dataset.iterator(), batch_size, seed=0,
+        batches = stream.iter_train_batches(plan.dataset.iterator(), batch_size, seed=0, noise_bank=plan.state_ref,
                                             columns=(*BATCH_COLUMNS, "machine_idx"), device="cpu")
         for i, batch in enumerate(batches):
             if i == warmup_batches:
@@ -105,9 +105,8 @@ def bench_numpy(corpus, epochs: int) -> dict:
 
 
 def profile_stages(corpus, repeats: int = 3) -> dict:
-    """Milliseconds per 10 s clip of each stage, single process."""
-    import torch
-
+    """Milliseconds per 10 s clip of each stage, single process: the tasks' (parquet decode, powers) and the
+    consumer's (forming clean, noise and mixture into fresh or reused buffers), and the numpy loop's mix."""
     files = sorted((corpus.root / "machine").glob("*.parquet"))
     t = time.perf_counter()
     rows = 0
@@ -115,11 +114,17 @@ def profile_stages(corpus, repeats: int = 3) -> dict:
         for f in files:
             rows += len(shards.audio_matrix(pq.read_table(f, columns=["audio"]), dtype=None))
     decode = (time.perf_counter() - t) / rows
-    raw = shards.audio_matrix(pq.read_table(files[0], columns=["audio"]), dtype=None)[:32]
-    x = shards.audio_matrix(pq.read_table(files[0], columns=["audio"]))[:32].copy()  # (32, S)
+    raw = shards.audio_matrix(pq.read_table(files[0], columns=["audio"]), dtype=None)[:32].copy()  # (32, S) int16
+    x = raw.astype(np.float32) / np.float32(32768)
     rng = np.random.default_rng(0)
+    bank = stream.NoiseBank(audio=rng.standard_normal(4 * raw.size).astype(np.float32), starts=np.zeros(1, np.int64),
+                            lengths=np.asarray([4 * raw.size]), noise_ids=np.asarray(["n"]), noise_idx=np.zeros(1, np.int64))
     noise = rng.standard_normal(x.shape).astype(np.float32)
     snr = rng.uniform(-5, 5, len(x))
+    compact = {"clean_stored": raw, "clean_gain": rng.uniform(1e-4, 1e-3, len(raw)).astype(np.float32),
+               "noise_gain": np.ones(len(raw), np.float32), "noise_rec": np.zeros(len(raw), np.int64),
+               "noise_offset": rng.integers(0, 3 * raw.size, len(raw))}
+    reused = tuple(np.empty(raw.shape, np.float32) for _ in range(3))
 
     def per_clip(fn, n=5):
         t = time.perf_counter()
@@ -127,20 +132,13 @@ def profile_stages(corpus, repeats: int = 3) -> dict:
             fn()
         return (time.perf_counter() - t) / (n * len(x))
 
-    def scale_in_place():
-        a, b = x.copy(), noise.copy()
-        mixing.scale_batch_at_snr(a, b, snr)
-
     return {
         "parquet_read_ms": 1e3 * decode,
-        "int16_to_float32_ms": 1e3 * per_clip(lambda: raw.astype(np.float32) * np.float32(1 / 32768)),
-        "mix_at_snr_float64_ms": 1e3 * per_clip(lambda: [mixing.mix_at_snr(a, b, s) for a, b, s in
-                                                          zip(x, noise, snr, strict=True)]),
-        "mix_batch_float32_3_arrays_ms": 1e3 * per_clip(lambda: mixing.mix_batch_at_snr(x, noise, snr)),
-        "scale_in_place_2_arrays_ms": 1e3 * per_clip(scale_in_place),  # includes the 2 copies it starts from
-        "batch_copy_3_arrays_ms": 1e3 * per_clip(lambda: torch.tensor(np.concatenate([x, x, x]))),
-        "batch_copy_2_arrays_plus_add_ms": 1e3 * per_clip(
-            lambda: torch.add(torch.tensor(x), torch.tensor(noise))),
+        "row_powers_int16_ms": 1e3 * per_clip(lambda: mixing.row_powers(raw)),
+        "form_audio_fresh_buffers_ms": 1e3 * per_clip(lambda: stream.form_audio(compact, bank)),
+        "form_audio_reused_buffers_ms": 1e3 * per_clip(lambda: stream.form_audio(compact, bank, reused)),
+        "numpy_loop_mix_at_snr_float64_ms": 1e3 * per_clip(lambda: [mixing.mix_at_snr(a, b, s) for a, b, s in
+                                                                     zip(x, noise, snr, strict=True)]),
     }
 
 
@@ -229,7 +227,7 @@ def main(argv=None) -> int:
               "profile_ms_per_clip": profile_stages(corpus)}
     # Warm-up, not timed: Ray's worker processes start and import retain_asd (1-2 s each on 2 cores, which
     # otherwise lands in the first repeat's timed window), and the shards enter the page cache.
-    bench_stream(corpus, 2, args.batch_size, 0)
+    bench_stream(corpus, args.epochs, args.batch_size, 0)
     bench_numpy(corpus, 1)
     repeats = [_vs_numpy(*run, repeat=r) for r in range(args.repeats)]
     result["repeats"] = repeats

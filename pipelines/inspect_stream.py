@@ -50,7 +50,7 @@ def inspect(cfg, num_batches: int, batch_size: int) -> dict:
     columns = ("machine_idx", "noise_idx", "snr_db")
     t0, first = time.perf_counter(), None
     for batch in stream.iter_train_batches(plan.dataset.iterator(), batch_size, cfg.train.seed, columns=columns,
-                                           device="cpu"):
+                                           noise_bank=plan.state_ref, device="cpu"):
         if first is None:
             first = time.perf_counter()  # clips/s after the first batch (stream start-up excluded)
         machine.append(batch["machine_idx"].tolist())

@@ -4,7 +4,8 @@ Eq. 3:  x = a1 x1 + a2 x2,  a2 = 1 / sqrt(P2),  a1 = sqrt(R / P1),  R = 10^(snr_
 so the noise component has unit power and a1^2 P1 / (a2^2 P2) = R.
 
 The gains are computed in one place, `snr_gains`. Training mixes per instance (`mix_at_snr`, and its
-batched float32 form `mix_batch_at_snr` for the stream). Evaluation sets instead scale every noise relative to
+batched float32 form `mix_batch_at_snr`; the stream computes the same gains from `row_powers` with
+`gains_at_snr` and applies them on the consumer, `stream.form_audio`). Evaluation sets instead scale every noise relative to
 the mean power of the machine's clean set (`mix_at_dataset_snr`), so the SNR holds on average over
 the set while single clips keep their natural loudness differences.
 
@@ -138,36 +139,35 @@ def mix_batch_at_snr(clean: np.ndarray, noise: np.ndarray, snr_db: np.ndarray) -
     return mixture, clean_part, noise_part
 
 
-def scale_batch_at_snr(clean: np.ndarray, noise: np.ndarray, snr_db: np.ndarray) -> None:
-    """Eq. 3 on a batch, in place: (B, S) float32 clean -> a1 x1, noise -> a2 x2 (the mixture is their sum).
+def row_powers(rows) -> np.ndarray:
+    """(B,) float64 power of each (S,) row as one float32 BLAS dot, x @ x / S (20x faster than a float64
+    reduction, relative error ~5e-7 = 2e-6 dB). Rows of another dtype (int16 samples as stored) are cast
+    through one row-sized float32 scratch buffer, which stays in cache: no float copy of the clip is kept."""
+    out = np.empty(len(rows), dtype=np.float64)
+    scratch = None
+    with np.errstate(over="ignore", invalid="ignore"):  # a non-finite power is reported by gains_at_snr
+        for i, x in enumerate(rows):
+            if x.dtype != np.float32:
+                if scratch is None or scratch.shape != x.shape:
+                    scratch = np.empty(x.shape, dtype=np.float32)
+                np.copyto(scratch, x, casting="unsafe")
+                x = scratch
+            out[i] = float(x @ x) / max(x.shape[0], 1)
+    return out
 
-    The training stream's form of `mix_batch_at_snr` (same gains, same checks): no new clip-length array,
-    one BLAS dot per row for the powers. Raises `MixingError` for a silent or non-finite row.
-    """
-    if clean.dtype != np.float32 or noise.dtype != np.float32 or clean.shape != noise.shape or clean.ndim != 2:
-        raise MixingError(f"scale_batch_at_snr: clean {clean.shape} {clean.dtype}, noise {noise.shape} "
-                          f"{noise.dtype}: need equal (B, S) float32")
-    a1, a2 = _batch_gains(clean, noise, snr_db, "scale_batch_at_snr")
-    clean *= a1[:, None]
-    noise *= a2[:, None]
 
-
-def _batch_gains(clean: np.ndarray, noise: np.ndarray, snr_db, caller: str) -> tuple[np.ndarray, np.ndarray]:
-    """Eq. 3 gains (`snr_gains`) of (B, S) float32 rows: (B,) float32 a1, a2; MixingError naming bad rows."""
-    if clean.shape[1] == 0:
-        raise MixingError(f"{caller}: empty rows (0 samples)")
-    # float32 BLAS dot per row: 20x faster than a float64 reduction, relative error ~5e-7 (2e-6 dB)
-    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing row is reported just below
-        p_clean = np.asarray([float(x @ x) for x in clean]) / clean.shape[1]  # (B,) float64
-        p_noise = np.asarray([float(x @ x) for x in noise]) / noise.shape[1]
+def gains_at_snr(p_clean: np.ndarray, p_noise: np.ndarray, snr_db, caller: str) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. 3 gains (`snr_gains`) from (B,) row powers: (B,) float32 a1, a2; `MixingError` naming bad rows
+    (a silent or non-finite clip or noise, an SNR or gain that is not finite)."""
+    p_clean, p_noise = np.asarray(p_clean, dtype=np.float64), np.asarray(p_noise, dtype=np.float64)
     for name, p in (("clean", p_clean), ("noise", p_noise)):
         bad = ~(np.isfinite(p) & (p > 0))
         if bad.any():
             raise MixingError(f"{name} row(s) {np.flatnonzero(bad)[:5].tolist()}: silent or "
                               "non-finite; an SNR is undefined, drop these clips")
     snr_db = np.asarray(snr_db, dtype=np.float64)
-    if snr_db.shape not in ((), (len(clean),)):
-        raise MixingError(f"{caller}: snr_db {snr_db.shape}: need one SNR per row ({len(clean)},)")
+    if snr_db.shape not in ((), (len(p_clean),)):
+        raise MixingError(f"{caller}: snr_db {snr_db.shape}: need one SNR per row ({len(p_clean)},)")
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # reported below as MixingError
         a1, a2 = snr_gains(p_clean, p_noise, snr_db)  # (B,) float64 each
         a1 = np.broadcast_to(a1, p_clean.shape).astype(np.float32)
@@ -177,6 +177,13 @@ def _batch_gains(clean: np.ndarray, noise: np.ndarray, snr_db, caller: str) -> t
         raise MixingError(f"row(s) {np.flatnonzero(bad)[:5].tolist()}: the SNR or the gains are not finite "
                           "(snr_db must be finite, the inputs audio-scaled)")
     return a1, a2
+
+
+def _batch_gains(clean: np.ndarray, noise: np.ndarray, snr_db, caller: str) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. 3 gains of (B, S) float32 rows (`row_powers`, `gains_at_snr`)."""
+    if clean.shape[1] == 0:
+        raise MixingError(f"{caller}: empty rows (0 samples)")
+    return gains_at_snr(row_powers(clean), row_powers(noise), snr_db, caller)
 
 
 # --- dataset-level scaling (evaluation sets) -------------------------------------------------------

@@ -26,7 +26,11 @@ def test_formula_on_numbers():
 
 
 def test_stream_mixes_with_the_eq3_gains():
-    """`mix_batch_at_snr` is what `stream.mix_unit` mixes each block with."""
+    """The stream's tasks compute a1, a2 with `row_powers` + `gains_at_snr` (int16 clips as stored) and the
+    consumer applies them (`stream.form_audio`): exactly `snr_gains` of the float32 dot powers, and the same
+    products as the batched form `mix_batch_at_snr`."""
+    from retain_asd import stream
+
     clean, noise, snr_db = _clips(0)
     mixture, clean_part, noise_part = mixing.mix_batch_at_snr(clean, noise, snr_db)
     p_clean = np.asarray([float(x @ x) for x in clean]) / clean.shape[1]
@@ -35,6 +39,19 @@ def test_stream_mixes_with_the_eq3_gains():
     np.testing.assert_array_equal(clean_part, clean * a1.astype(np.float32)[:, None])
     np.testing.assert_array_equal(noise_part, noise * a2.astype(np.float32)[:, None])
     np.testing.assert_array_equal(mixture, clean_part + noise_part)
+    g1, g2 = mixing.gains_at_snr(mixing.row_powers(clean), mixing.row_powers(list(noise)), snr_db, "test")
+    np.testing.assert_array_equal(g1, a1.astype(np.float32))
+    np.testing.assert_array_equal(g2, a2.astype(np.float32))
+    stored = np.round(clean * 1000).astype(np.int16)  # int16 rows: the power of the stored samples as float32
+    p16 = np.asarray([float(x @ x) for x in stored.astype(np.float32)]) / stored.shape[1]
+    np.testing.assert_array_equal(mixing.row_powers(stored), p16)
+    bank = stream.NoiseBank(audio=noise.reshape(-1), starts=np.arange(len(noise)) * noise.shape[1],
+                            lengths=np.full(len(noise), noise.shape[1]), noise_ids=np.asarray(["a", "b", "c", "d"]),
+                            noise_idx=np.zeros(len(noise), np.int64))
+    rows = {"clean_stored": clean, "clean_gain": g1, "noise_gain": g2, "noise_rec": np.arange(len(noise)),
+            "noise_offset": np.zeros(len(noise), np.int64)}
+    for got, want in zip(stream.form_audio(rows, bank), (clean_part, noise_part, mixture), strict=True):
+        np.testing.assert_array_equal(got, want)
     for b in range(len(clean)):  # the single-clip form gives the same gains (float64 powers)
         single = mixing.mix_at_snr(clean[b], noise[b], float(snr_db[b]))
         g1, g2 = mixing.snr_gains(mixing.power(clean[b]), mixing.power(noise[b]), float(snr_db[b]))

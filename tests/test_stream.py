@@ -129,7 +129,8 @@ def _build(corpus, seed=0, num_epochs=2, **kw):
 
 
 def _rows(plan) -> list[dict]:
-    return plan.dataset.take_all()
+    """The plan's rows with their audio formed on the consumer side (`stream.with_audio`)."""
+    return [stream.with_audio(r, plan.state_ref) for r in plan.dataset.take_all()]
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +164,7 @@ def test_rows_are_correct_mixtures(corpus, rows0):
         assert (int(r["machine_idx"]), int(r["noise_idx"])) == (m, j)
         assert r["label"].shape == (vocab.num_classes,) and r["label"].sum() == 2.0
         assert r["label"][m] == 1.0 and r["label"][j] == 1.0
-        assert "mixture" not in r  # two audio arrays cross the object store; the consumer adds them
+        np.testing.assert_array_equal(r["mixture"], r["clean"] + r["noise"])
         assert str(plan_ids[int(r["clip_idx"])]) == str(r["clip_id"])
         p_clean, p_noise = mixing.power(r["clean"]), mixing.power(r["noise"])
         assert abs(p_noise - 1.0) < 1e-4
@@ -226,7 +227,8 @@ def test_streaming_split_and_torch_batches(corpus):
     counts = {}
 
     def consume(name, it):
-        counts[name] = sum(len(b["epoch"]) for b in stream.iter_train_batches(it, 2, seed=0))
+        counts[name] = sum(len(b["epoch"]) for b in stream.iter_train_batches(it, 2, seed=0,
+                                                                               noise_bank=plan.state_ref))
 
     threads = [threading.Thread(target=consume, args=(k, it)) for k, it in (("l", left), ("r", right))]
     for t in threads:
@@ -235,11 +237,73 @@ def test_streaming_split_and_torch_batches(corpus):
         t.join(timeout=120)
     assert counts["l"] > 0 and counts["r"] > 0 and counts["l"] + counts["r"] >= n - 2  # drop_last per half
 
-    batch = next(iter(stream.iter_train_batches(plan.dataset.iterator(), 4, seed=0)))
+    batch = next(iter(stream.iter_train_batches(plan.dataset.iterator(), 4, seed=0, noise_bank=plan.state_ref)))
     assert set(batch) == set(stream.TORCH_COLUMNS)
     assert batch["mixture"].shape == (4, S) and batch["mixture"].dtype == torch.float32
     assert batch["label"].shape == (4, plan.state.num_classes) and batch["noise_idx"].dtype == torch.int64
     torch.testing.assert_close(batch["mixture"], batch["clean"] + batch["noise"], rtol=0, atol=0)
+
+
+def test_rows_are_compact_and_formed_on_the_consumer(corpus):
+    """A row carries its clip as stored and the mixing decision (gains, noise recording, offset): one
+    clip-length array, not three; `with_audio` / `iter_train_batches` form clean, noise and mixture."""
+    plan = _build(corpus, num_epochs=1)
+    row = plan.dataset.take(1)[0]
+    clip_length = {k for k, v in row.items() if np.ndim(v) == 1 and np.size(v) == S}
+    assert clip_length == {"clean_stored"} and row["clean_stored"].dtype == np.float32  # this corpus: float32
+    formed = stream.with_audio(row, plan.state)
+    rec = plan.state.bank.recording(int(row["noise_rec"]))
+    segment = rec[int(row["noise_offset"]) : int(row["noise_offset"]) + S]
+    np.testing.assert_array_equal(formed["clean"], row["clean_stored"] * row["clean_gain"])
+    np.testing.assert_array_equal(formed["noise"], segment * row["noise_gain"])
+    assert str(plan.state.bank.noise_ids[int(row["noise_rec"])]) == str(row["noise_id"])
+    # the gains are Eq. 3's: the noise part has unit power, the clean part R times it
+    assert abs(mixing.power(formed["noise"]) - 1.0) < 1e-4
+    snr = 10 * np.log10(mixing.power(formed["clean"]) / mixing.power(formed["noise"]))
+    assert abs(snr - float(row["snr_db"])) < 0.01
+
+
+def test_batch_buffers_are_reused_only_once_dropped(corpus):
+    """The consumer's (batch, S) buffers are recycled: a batch the loop still holds keeps its values while
+    later batches are formed; a dropped batch's buffers are written again (no fresh 41 MB page faults)."""
+    plan = _build(corpus, num_epochs=4, files_per_unit=1)
+    batches = stream.iter_train_batches(plan.dataset.iterator(), 4, seed=0, noise_bank=plan.state_ref,
+                                        columns=("mixture", "clean", "noise", "clip_idx"), device="cpu")
+    kept = next(batches)
+    kept_copy = {k: v.clone() for k, v in kept.items()}
+    seen_ptrs = set()
+    for _ in range(6):
+        batch = next(batches)
+        ptr = batch["mixture"].data_ptr()
+        assert ptr != kept["mixture"].data_ptr()
+        seen_ptrs.add(ptr)
+        del batch  # the loop lets go of it: its buffers may be reused
+    for k in kept:
+        assert torch_equal(kept[k], kept_copy[k]), k  # untouched while held
+    assert len(seen_ptrs) <= 2  # 6 batches formed in at most 2 sets of buffers (one in use, one being filled)
+    view = next(batches)["noise"][:2]  # a view keeps its batch's buffer alive too
+    view_copy = view.clone()
+    for _ in range(3):
+        next(batches)
+    assert torch_equal(view, view_copy)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_consumer_needs_the_streams_noise_bank(corpus):
+    plan = _build(corpus, num_epochs=1)
+    with pytest.raises(TypeError, match="state_ref"):
+        next(stream.iter_train_batches(plan.dataset.iterator(), 2, seed=0, noise_bank=None))
+    row = plan.dataset.take(1)[0]
+    tiny = stream.NoiseBank(audio=np.ones(S, np.float32), starts=np.zeros(1, np.int64), lengths=np.asarray([S]),
+                            noise_ids=np.asarray(["x"]), noise_idx=np.zeros(1, np.int64))
+    row["noise_rec"] = np.int64(3)
+    with pytest.raises(stream.StreamError, match="different streams"):
+        stream.with_audio(row, tiny)
 
 
 def test_clear_errors(corpus, tmp_path):
@@ -290,7 +354,7 @@ def _batches(corpus, batch_size=16, num_batches=30, **kw):
     plan = stream.build_train_stream(corpus.root / "machine", corpus.root / "noise", corpus.labels_path,
                                      snr_sampler=SNR, seed=0, num_epochs=8, clip_samples=16000, **kw)
     out = []
-    for batch in stream.iter_train_batches(plan.dataset.iterator(), batch_size, seed=0,
+    for batch in stream.iter_train_batches(plan.dataset.iterator(), batch_size, seed=0, noise_bank=plan.state_ref,
                                            columns=(*BATCH_COLUMNS, "machine_idx"), device="cpu"):
         out.append(batch)
         if len(out) == num_batches:
@@ -349,12 +413,15 @@ def test_int16_rows_are_mixed_without_rescaling(three_machines):
                       for f, r in zip(state.clean.file_idx[ci], state.clean.row_in_file[ci], strict=True)])
     assert shards.pq.read_table(state.clean.files[0]).schema.field("audio").metadata[
         shards.AUDIO_DTYPE_KEY] == b"int16"
+    assert block["clean_stored"].dtype == np.int16  # what crosses the object store: the stored samples
     noise = np.stack([mixing.noise_segment(state.bank.recording(int(j)), int(o), clean.shape[1])
                       for j, o in zip([list(state.bank.noise_ids).index(n) for n in block["noise_id"]],
                                       block["noise_offset"], strict=True)])
-    mixing.scale_batch_at_snr(clean, noise, block["snr_db"].astype(np.float64))
-    np.testing.assert_allclose(block["clean"], clean, rtol=2.5e-7, atol=0)  # 2 ulp: x a1, with a1 within 1 ulp
-    np.testing.assert_array_equal(block["noise"], noise)
+    _, clean_part, noise_part = mixing.mix_batch_at_snr(clean, noise, block["snr_db"].astype(np.float64))
+    formed_clean, formed_noise, formed_mixture = stream.form_audio(block, state.bank)
+    np.testing.assert_allclose(formed_clean, clean_part, rtol=2.5e-7, atol=0)  # 2 ulp: x a1, a1 within 1 ulp
+    np.testing.assert_array_equal(formed_noise, noise_part)
+    np.testing.assert_array_equal(formed_mixture, formed_clean + formed_noise)
 
 
 def test_each_yield_leaves_the_task_as_its_own_block(three_machines):

@@ -396,7 +396,8 @@ def audio_matrix(table: pa.Table, dtype=np.float32) -> np.ndarray:
     samples as they are (int16 unscaled), zero-copy and read-only: the stream converts only the rows it draws.
     """
     stored = sample_dtype(table.schema.field("audio"))
-    col = table.column("audio").combine_chunks()
+    chunks = table.column("audio")
+    col = chunks.chunk(0) if chunks.num_chunks == 1 else chunks.combine_chunks()  # combine copies even one chunk
     if not pa.types.is_fixed_size_binary(col.type):
         raise ValueError("audio_matrix needs fixed-length clips; use audio_list for full-length noise")
     width = col.type.byte_width

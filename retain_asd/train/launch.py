@@ -215,11 +215,6 @@ def train_stream_from(cfg: Config, corpus, num_clips: int | None = None) -> Any:
                                      num_epochs=num_epochs, class_weighted=t.class_weighted)
 
 
-def train_dataset_from(cfg: Config, corpus) -> Any:
-    """The Ray Data mixing stream, with enough epochs for total_steps x grad_accum x batch_size clips."""
-    return train_stream_from(cfg, corpus).dataset
-
-
 # ---------------------------------------------------------------------------------------- trainer
 def _metrics_log_callback(path: Path, uri: str | None = None, run_id: str | None = None):
     """A Ray Train callback for rank 0's metrics of every report, as it arrives: appended to a JSONL file and,
@@ -473,9 +468,11 @@ def _train(cfg: Config, out_dir: Path, corpus, init_checkpoint: Path, checkpoint
     if checkpoint is not None and storage.is_uri(checkpoint):  # the workers read it through the filesystem
         filesystem, path = storage.resolve(checkpoint)
         resume = {"resume_from": path, "resume_fs": filesystem}
+    plan = train_stream_from(cfg, corpus)
     loop_config = dataclasses.replace(loop_config_from(cfg, corpus.labels_path, init_checkpoint, stop_at_step),
-                                      **resume, **_init_in_storage(cfg, out_dir, init_checkpoint))
-    trainer = build_trainer(cfg, loop_config, train_dataset_from(cfg, corpus), out_dir, mlflow_run=run)
+                                      **resume, **_init_in_storage(cfg, out_dir, init_checkpoint),
+                                      noise_bank=plan.state_ref)
+    trainer = build_trainer(cfg, loop_config, plan.dataset, out_dir, mlflow_run=run)
     since = recovery.fit_started(out_dir)
     try:
         result = trainer.fit()

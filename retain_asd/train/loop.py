@@ -37,15 +37,17 @@ from retain_asd.train.student import build_models, compute_losses
 BATCH_COLUMNS = ("mixture", "clean", "noise", "label", "snr_db", "clip_idx")  # clip_idx: mixup partners
 
 
-def micro_batches(shard, batch_size: int, seed: int, skip: int = 0) -> Iterator[dict]:
-    """Endless per-worker micro-batches (`stream.iter_train_batches`); the first `skip` are drawn and dropped.
+def micro_batches(shard, batch_size: int, seed: int, noise_bank, skip: int = 0) -> Iterator[dict]:
+    """Endless per-worker micro-batches (`stream.iter_train_batches`, the audio formed with the stream's
+    `noise_bank`); the first `skip` are drawn and dropped.
 
     The stream is deterministic for its seed, so skipping the batches a resumed run already consumed
     puts it back at its position instead of replaying the first rows (costs data work only).
     """
     seen = 0
     while True:  # the stream holds every epoch the run needs; a re-iteration would repeat it
-        for batch in iter_train_batches(shard, batch_size, seed, columns=BATCH_COLUMNS, device="cpu"):
+        for batch in iter_train_batches(shard, batch_size, seed, noise_bank=noise_bank, columns=BATCH_COLUMNS,
+                                        device="cpu"):
             seen += 1
             if seen > skip:
                 yield batch
@@ -85,7 +87,7 @@ def train_fn_per_worker(cfg: LoopConfig) -> None:
     student = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": unused})
     skip = start_step * cfg.grad_accum if cfg.skip_seen_batches else 0
     batches = micro_batches(ray.train.get_dataset_shard("train"), cfg.batch_size_per_worker, rngs.stream_seed,
-                            skip)
+                            cfg.noise_bank, skip)
 
     # ---- schedule: precomputed per optimiser step (MAE style), indexed lr[step]
     lr = cosine_schedule(cfg.lr, cfg.total_steps, cfg.warmup_steps)

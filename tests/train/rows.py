@@ -15,11 +15,10 @@ NUM_MACHINE, NUM_NOISE = 3, 2
 CLIP_SAMPLES = 32000  # 2 s: 198 fbank frames, a (12, 8) patch grid
 
 
-def make_rows(n: int, seed: int = 0) -> list[dict]:
-    """n mixed rows like the stream's: Eq. 3 at a per-row SNR, multi-hot machine + noise label."""
+def _draws(n: int, seed: int):
+    """n (clean, noise, snr_db, a1, a2, label, m, k) draws: Eq. 3 at a per-row SNR, multi-hot label."""
     rng = np.random.default_rng(seed)
     t = np.arange(CLIP_SAMPLES) / 16000
-    rows = []
     for i in range(n):
         m, k = i % NUM_MACHINE, i % NUM_NOISE
         clean = (np.sin(2 * np.pi * (200 + 150 * m) * t) + 0.05 * rng.standard_normal(CLIP_SAMPLES))
@@ -29,11 +28,34 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
         a1 = np.sqrt(10 ** (snr_db / 10) / np.mean(clean**2))
         label = np.zeros(NUM_MACHINE + NUM_NOISE, np.float32)
         label[m] = label[NUM_MACHINE + k] = 1.0
-        rows.append({"mixture": (a1 * clean + a2 * noise).astype(np.float32),
-                     "clean": (a1 * clean).astype(np.float32), "noise": (a2 * noise).astype(np.float32),
+        yield clean, noise, snr_db, a1, a2, label, m, k
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict]:
+    """n mixed rows with their audio formed, as the training loop's batches hold them."""
+    return [{"mixture": (a1 * clean + a2 * noise).astype(np.float32),
+             "clean": (a1 * clean).astype(np.float32), "noise": (a2 * noise).astype(np.float32),
+             "label": label, "machine_idx": np.int64(m), "noise_idx": np.int64(k),
+             "snr_db": np.float32(snr_db), "clip_idx": np.int64(i)}
+            for i, (clean, noise, snr_db, a1, a2, label, m, k) in enumerate(_draws(n, seed))]
+
+
+def make_stream_rows(n: int, seed: int = 0):
+    """n compact rows as the stream's tasks yield them (the clean clip as stored, Eq. 3's gains, the noise
+    recording and offset), and the noise bank (one recording per row) the loop forms their noise from."""
+    from retain_asd.stream import NoiseBank
+
+    rows, noises = [], []
+    for i, (clean, noise, snr_db, a1, a2, label, m, k) in enumerate(_draws(n, seed)):
+        noises.append(noise.astype(np.float32))
+        rows.append({"clean_stored": clean.astype(np.float32), "clean_gain": np.float32(a1),
+                     "noise_gain": np.float32(a2), "noise_rec": np.int64(i), "noise_offset": np.int64(0),
                      "label": label, "machine_idx": np.int64(m), "noise_idx": np.int64(k),
                      "snr_db": np.float32(snr_db), "clip_idx": np.int64(i)})
-    return rows
+    bank = NoiseBank(audio=np.concatenate(noises), starts=np.arange(n, dtype=np.int64) * CLIP_SAMPLES,
+                     lengths=np.full(n, CLIP_SAMPLES, dtype=np.int64), noise_ids=np.asarray([f"n{i}" for i in range(n)]),
+                     noise_idx=np.arange(n, dtype=np.int64) % NUM_NOISE)
+    return rows, bank
 
 
 def make_batch(n: int, seed: int = 0) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch  # noqa: F401
@@ -12,11 +13,12 @@ from retain_asd.models.beats import load_beats
 from retain_asd.train.checkpoint import read_digests, read_train_state, state_digest
 from retain_asd.train.schedule import cosine_schedule
 
-from .rows import make_rows
+from .rows import make_stream_rows
 
 
 def test_ddp_two_workers_fixed_rows(ray_local, tmp_path, init_path):
     """2 gloo workers, tiny encoder, 4 fixed rows: losses finite and falling, teacher untouched, ranks equal."""
+    import ray
     import ray.data
 
     from retain_asd.train.launch import build_trainer, loop_config_from, read_metrics
@@ -27,9 +29,10 @@ def test_ddp_two_workers_fixed_rows(ray_local, tmp_path, init_path):
         "objective.freq_mask_bins=8", "objective.time_mask_frames=20"])
     labels = tmp_path / "labels.json"
     LabelVocab(("fan_a", "fan_b", "pump_a"), ("noise_hum", "noise_tools")).to_json(labels)
-    config = loop_config_from(cfg, labels, init_path)
+    rows, bank = make_stream_rows(4)
+    config = dataclasses.replace(loop_config_from(cfg, labels, init_path), noise_bank=ray.put(bank))
     assert config.batch_size_per_worker == 2 and config.align_layer == 2
-    rows = make_rows(4) * (12 * 2 * 4 // 4)  # exactly the rows 12 steps x 2 micro-batches x 4 need
+    rows = rows * (12 * 2 * 4 // 4)  # exactly the rows 12 steps x 2 micro-batches x 4 need
     result = build_trainer(cfg, config, ray.data.from_items(rows), tmp_path / "out").fit()
 
     history = read_metrics(tmp_path / "out" / "metrics.jsonl")
