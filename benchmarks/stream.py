@@ -7,8 +7,8 @@ Both sides read the same int16 shards of a synthetic corpus (written once under 
 machine types as `ingest` writes them) and mix at random SNRs: the stream consumed as the training loop
 consumes it (`loop.BATCH_COLUMNS` through `iter_train_batches`: torch tensors of clean, noise and mixture,
 formed on the consumer from the compact rows, after a warm-up), the baseline as one process reading each
-shard with pyarrow and calling `mixing.mix_at_snr` per clip. Each repeat measures both, in alternating order, so a ratio is always
-taken within one repeat on the same (shared) machine; `ratio` is the median over repeats.
+shard with pyarrow and calling `mixing.mix_at_snr` per clip. Each repeat measures both, in alternating
+order, so a ratio is always taken within one repeat on the same (shared) machine; `ratio` is the median over repeats.
 
 Also measured (each against the numpy loop of its own repeat): the scaling with 1 and 2 concurrent
 read/mix tasks; float32 shards; one shard per work unit on path-ordered shards (the stream before
@@ -118,7 +118,8 @@ def profile_stages(corpus, repeats: int = 3) -> dict:
     x = raw.astype(np.float32) / np.float32(32768)
     rng = np.random.default_rng(0)
     bank = stream.NoiseBank(audio=rng.standard_normal(4 * raw.size).astype(np.float32), starts=np.zeros(1, np.int64),
-                            lengths=np.asarray([4 * raw.size]), noise_ids=np.asarray(["n"]), noise_idx=np.zeros(1, np.int64))
+                            lengths=np.asarray([4 * raw.size]), noise_ids=np.asarray(["n"]),
+                            noise_idx=np.zeros(1, np.int64))
     noise = rng.standard_normal(x.shape).astype(np.float32)
     snr = rng.uniform(-5, 5, len(x))
     compact = {"clean_stored": raw, "clean_gain": rng.uniform(1e-4, 1e-3, len(raw)).astype(np.float32),
@@ -225,8 +226,10 @@ def main(argv=None) -> int:
     result = {"machine": {"cpus": usable_cpus(), "python": platform.python_version(),
                           "load_avg_at_start": os.getloadavg()},
               "profile_ms_per_clip": profile_stages(corpus)}
-    # Warm-up, not timed: Ray's worker processes start and import retain_asd (1-2 s each on 2 cores, which
-    # otherwise lands in the first repeat's timed window), and the shards enter the page cache.
+    # Warm-up, not timed, one full pass: Ray's worker processes start and import retain_asd (1-2 s each on 2
+    # cores), the shards enter the page cache, and the object store's shared memory is written for the first
+    # time (first-touch page faults: with a 2-epoch warm-up the first repeat ran at 0.63-0.78 of the loop, the
+    # later ones at 0.97-1.28; a long run pays this once, in its first GB of blocks).
     bench_stream(corpus, args.epochs, args.batch_size, 0)
     bench_numpy(corpus, 1)
     repeats = [_vs_numpy(*run, repeat=r) for r in range(args.repeats)]

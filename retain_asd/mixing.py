@@ -5,8 +5,8 @@ so the noise component has unit power and a1^2 P1 / (a2^2 P2) = R.
 
 The gains are computed in one place, `snr_gains`. Training mixes per instance (`mix_at_snr`, and its
 batched float32 form `mix_batch_at_snr`; the stream computes the same gains from `row_powers` with
-`gains_at_snr` and applies them on the consumer, `stream.form_audio`). Evaluation sets instead scale every noise relative to
-the mean power of the machine's clean set (`mix_at_dataset_snr`), so the SNR holds on average over
+`gains_at_snr` and applies them on the consumer, `stream.form_audio`). Evaluation sets instead scale every
+noise relative to the mean power of the machine's clean set (`mix_at_dataset_snr`), so the SNR holds on average over
 the set while single clips keep their natural loudness differences.
 
 Numerics: powers and gains are computed in float64; the returned arrays have the inputs' float

@@ -53,7 +53,8 @@ def make_stream_rows(n: int, seed: int = 0):
                      "label": label, "machine_idx": np.int64(m), "noise_idx": np.int64(k),
                      "snr_db": np.float32(snr_db), "clip_idx": np.int64(i)})
     bank = NoiseBank(audio=np.concatenate(noises), starts=np.arange(n, dtype=np.int64) * CLIP_SAMPLES,
-                     lengths=np.full(n, CLIP_SAMPLES, dtype=np.int64), noise_ids=np.asarray([f"n{i}" for i in range(n)]),
+                     lengths=np.full(n, CLIP_SAMPLES, dtype=np.int64),
+                     noise_ids=np.asarray([f"n{i}" for i in range(n)]),
                      noise_idx=np.arange(n, dtype=np.int64) % NUM_NOISE)
     return rows, bank
 
