@@ -12,7 +12,7 @@ order, so a ratio is always taken within one repeat on the same (shared) machine
 
 Also measured (each against the numpy loop of its own repeat): the scaling with 1 and 2 concurrent
 read/mix tasks; float32 shards; one shard per work unit on path-ordered shards (the stream before
-well-mixed batches); larger output blocks; `preserve_order` (the deterministic split `build_trainer`
+well-mixed batches); the smaller blocks of 32 rows; `preserve_order` (the deterministic split `build_trainer`
 uses). A per-stage profile (parquet decode, noise segments, Eq. 3, Arrow->torch) says where the time goes.
 
 Scale-out (`bench_stream_scale_out`): the same stream on a simulated cluster (`ray.cluster_utils.Cluster`,
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
         result["variants"] = {
             "float32_shards": _vs_numpy(make_corpus(work, args.per_attr, "float32"), *run[1:], repeat=0),
             "path_order_one_file_per_unit": _vs_numpy(path_order, *run[1:], repeat=1, files_per_unit=1),
-            "rows_per_block_64": _vs_numpy(*run, repeat=0, rows_per_block=64),
+            "rows_per_block_32": _vs_numpy(*run, repeat=0, rows_per_block=32),
             "preserve_order": _vs_numpy(*run, repeat=1, preserve_order=True),
         }
     result["ratio_stream_over_numpy"] = result["ratio"]

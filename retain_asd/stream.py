@@ -55,7 +55,8 @@ from retain_asd.corpus.labels import LabelVocab
 TORCH_COLUMNS = ("mixture", "clean", "noise", "label", "machine_idx", "noise_idx", "clip_idx", "snr_db",
                  "noise_offset", "epoch")
 ID_COLUMNS = ("clip_id", "noise_id")
-MIX_ROWS_PER_BLOCK = 32  # rows per output block: 32 x 320 kB = 10 MB for 10 s int16 clips
+MIX_ROWS_PER_BLOCK = 64  # rows per output block: 64 x 320 kB = 20 MB for 10 s int16 clips (32: 1.08x the
+# numpy loop, 64: 1.25x in the same benchmarks/stream.py run; Ray's per-block cost on the driver is ~5 ms)
 AUDIO_COLUMNS = ("clean", "noise", "mixture")  # formed on the consumer (`form_audio`), float32 (S,) each
 BUFFER_POOL_SETS = 8  # batches of audio buffers `iter_train_batches` keeps for reuse (see _BufferPool)
 GEN_BUFFER_BLOCKS = 8  # output blocks a stream task may hold before the executor takes them (see build_train_stream)
