@@ -13,7 +13,8 @@ order, so a ratio is always taken within one repeat on the same (shared) machine
 Also measured (each against the numpy loop of its own repeat): the scaling with 1 and 2 concurrent
 read/mix tasks; float32 shards; one shard per work unit on path-ordered shards (the stream before
 well-mixed batches); the smaller blocks of 32 rows; `preserve_order` (the deterministic split `build_trainer`
-uses). A per-stage profile (parquet decode, noise segments, Eq. 3, Arrow->torch) says where the time goes.
+uses). A per-stage profile (parquet decode, the gains' powers, forming the audio on the consumer into fresh or
+reused buffers) says where the time goes.
 
 Scale-out (`bench_stream_scale_out`): the same stream on a simulated cluster (`ray.cluster_utils.Cluster`,
 separate raylets and object stores on this machine) with one node, then two nodes of the same size; the
