@@ -142,6 +142,55 @@ def _mark_local_session() -> None:
                     session.parent, mb)
 
 
+def _raylet_pid() -> int | None:
+    """The pid of the raylet of the local Ray this process started (None if unknown)."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # Ray has no public accessor for it
+    try:
+        return int(node.all_processes["raylet"][0].process.pid)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
+def reap_orphan_workers(raylet_pid: int | None, grace_s: float = 2.0) -> int:
+    """Kill the worker processes of a stopped local Ray that outlived it; returns how many.
+
+    Workers carry their raylet's pid in RAY_RAYLET_PID. After `ray.shutdown()` they exit by themselves, but a
+    Train controller caught in its own teardown was once left behind at the end of the test suite, asleep and
+    reparented to init. Linux only (/proc); a no-op elsewhere or without a pid.
+    """
+    import signal
+    import time
+
+    if raylet_pid is None or not Path("/proc").is_dir():
+        return 0
+    marker = f"RAY_RAYLET_PID={raylet_pid}".encode()
+
+    def survivors() -> list[int]:
+        found = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                environ = Path(entry.path, "environ").read_bytes().split(b"\0")
+            except OSError:  # gone, or not ours to read
+                continue
+            if marker in environ:
+                found.append(int(entry.name))
+        return found
+
+    deadline = time.monotonic() + grace_s
+    while (left := survivors()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    if left:
+        log.warning("killed %d Ray worker process(es) that outlived their cluster: %s", len(left), left)
+    return len(left)
+
+
 def finish_local_ray(ok: bool) -> str | None:
     """Stop the embedded Ray this process started and clean its session folder; returns a line to print.
 
@@ -155,7 +204,9 @@ def finish_local_ray(ok: bool) -> str | None:
     import ray
 
     if ray.is_initialized():
+        raylet = _raylet_pid()
         ray.shutdown()
+        reap_orphan_workers(raylet)
     if not session.is_dir():
         return None
     if ok:

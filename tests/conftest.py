@@ -32,12 +32,13 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray cluster, started once per test session (about 3 s) and shared by every test."""
-    from retain_asd.runtime import init_ray, set_data_progress
+    from retain_asd.runtime import finish_local_ray, init_ray, set_data_progress
 
     ray = init_ray(num_cpus=2, quiet=True)
     set_data_progress(False)
     yield ray
-    ray.shutdown()
+    finish_local_ray(ok=True)  # stops it, kills a worker that outlived it, removes its session folder
+    ray.shutdown()  # a no-op unless a test started another Ray in between
 
 
 @pytest.fixture(scope="session")

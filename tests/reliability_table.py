@@ -62,6 +62,9 @@ CASES = [
     ("ray-spill-leftover", "spilled objects and logs left under the Ray temp folder",
      "a finished local run removes its session folder; a failed one keeps only its logs and prints their size "
      "and the `rm -rf` command; sessions of killed drivers are removed at the next local start"),
+    ("ray-worker-leftover", "a Ray worker (a Train controller in teardown) outlived its local cluster",
+     "after `ray.shutdown()` the workers carrying the stopped raylet's pid are killed after a 2 s grace "
+     "period, with a warning naming them; other processes are left alone"),
     ("property", "random bytes to the audio reader, random arrays to the mixer",
      "nothing raised but AudioError / MixingError"),
 ]

@@ -85,3 +85,23 @@ def test_a_finished_local_run_removes_its_ray_session_folder(tmp_path):
             assert Path(session).is_dir() and not list(Path(session).glob("ray_spilled_objects*"))
             assert note.startswith(f"Ray logs of this run: {session} (") and note.endswith(f"rm -rf {session}")
             subprocess.run(["rm", "-rf", session], check=True)
+
+
+@pytest.mark.reliability("ray-worker-leftover")
+def test_workers_that_outlive_their_cluster_are_killed_others_kept():
+    """`runtime.reap_orphan_workers`: processes carrying the stopped raylet's pid in RAY_RAYLET_PID (as every
+    Ray worker does) are killed after the grace period; a process of another raylet is left alone."""
+    from retain_asd.runtime import reap_orphan_workers
+
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    ours = subprocess.Popen(sleep, env={**os.environ, "RAY_RAYLET_PID": "999999991"})
+    other = subprocess.Popen(sleep, env={**os.environ, "RAY_RAYLET_PID": "999999992"})
+    try:
+        assert reap_orphan_workers(999999991, grace_s=0.5) == 1
+        assert ours.wait(timeout=10) == -9  # SIGKILL
+        assert other.poll() is None
+        assert reap_orphan_workers(999999991, grace_s=0.0) == 0 and reap_orphan_workers(None) == 0
+    finally:
+        for proc in (ours, other):
+            proc.kill()
+            proc.wait()
