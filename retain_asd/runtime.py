@@ -135,6 +135,7 @@ def _mark_local_session() -> None:
         (session / DRIVER_MARK).write_text(f"{os.getpid()}\n")
     except OSError:
         return
+    reap_workers_of_dead_clusters()
     removed = remove_dead_sessions(session.parent, keep=session)
     if removed:
         mb = sum(size for _, size in removed) / 1024**2
@@ -153,6 +154,45 @@ def _raylet_pid() -> int | None:
         return None
 
 
+def _ray_workers() -> dict[int, int]:
+    """{pid: its raylet's pid} of the Ray worker processes on this machine (RAY_RAYLET_PID in their environment,
+    as every Ray worker has); empty without /proc."""
+    found = {}
+    if not Path("/proc").is_dir():
+        return found
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = Path(entry.path, "environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours to read
+            continue
+        for item in environ:
+            if item.startswith(b"RAY_RAYLET_PID="):
+                with contextlib.suppress(ValueError):
+                    found[int(entry.name)] = int(item.split(b"=", 1)[1])
+                break
+    return found
+
+
+def _is_raylet(pid: int) -> bool:
+    try:
+        return b"raylet" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _kill(pids: list[int], why: str) -> int:
+    import signal
+
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    if pids:
+        log.warning("killed %d Ray worker process(es) %s: %s", len(pids), why, pids)
+    return len(pids)
+
+
 def reap_orphan_workers(raylet_pid: int | None, grace_s: float = 2.0) -> int:
     """Kill the worker processes of a stopped local Ray that outlived it; returns how many.
 
@@ -160,35 +200,22 @@ def reap_orphan_workers(raylet_pid: int | None, grace_s: float = 2.0) -> int:
     Train controller caught in its own teardown was once left behind at the end of the test suite, asleep and
     reparented to init. Linux only (/proc); a no-op elsewhere or without a pid.
     """
-    import signal
     import time
 
-    if raylet_pid is None or not Path("/proc").is_dir():
+    if raylet_pid is None:
         return 0
-    marker = f"RAY_RAYLET_PID={raylet_pid}".encode()
-
-    def survivors() -> list[int]:
-        found = []
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                environ = Path(entry.path, "environ").read_bytes().split(b"\0")
-            except OSError:  # gone, or not ours to read
-                continue
-            if marker in environ:
-                found.append(int(entry.name))
-        return found
-
     deadline = time.monotonic() + grace_s
-    while (left := survivors()) and time.monotonic() < deadline:
+    while (left := [p for p, r in _ray_workers().items() if r == raylet_pid]) and time.monotonic() < deadline:
         time.sleep(0.2)
-    for pid in left:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-    if left:
-        log.warning("killed %d Ray worker process(es) that outlived their cluster: %s", len(left), left)
-    return len(left)
+    return _kill(left, "that outlived their cluster")
+
+
+def reap_workers_of_dead_clusters() -> int:
+    """Kill the Ray worker processes on this machine whose raylet is gone (a killed driver's cluster); returns
+    how many. Such a worker does no more useful work, but a Train controller among them can still write its run
+    snapshot into a run folder that a re-run is cleaning (seen after SIGKILL of a driver: the re-run then
+    failed on a snapshot naming a checkpoint it had just removed). Workers of a live raylet are left alone."""
+    return _kill([p for p, r in _ray_workers().items() if not _is_raylet(r)], "whose raylet is gone")
 
 
 def finish_local_ray(ok: bool) -> str | None:

@@ -64,7 +64,8 @@ CASES = [
      "and the `rm -rf` command; sessions of killed drivers are removed at the next local start"),
     ("ray-worker-leftover", "a Ray worker (a Train controller in teardown) outlived its local cluster",
      "after `ray.shutdown()` the workers carrying the stopped raylet's pid are killed after a 2 s grace "
-     "period, with a warning naming them; other processes are left alone"),
+     "period, and before a run folder is cleaned for a resume (and at each local start) the workers of dead "
+     "raylets are killed, with a warning naming them; workers of a live raylet are left alone"),
     ("property", "random bytes to the audio reader, random arrays to the mixer",
      "nothing raised but AudioError / MixingError"),
 ]

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,19 +90,28 @@ def test_a_finished_local_run_removes_its_ray_session_folder(tmp_path):
 
 @pytest.mark.reliability("ray-worker-leftover")
 def test_workers_that_outlive_their_cluster_are_killed_others_kept():
-    """`runtime.reap_orphan_workers`: processes carrying the stopped raylet's pid in RAY_RAYLET_PID (as every
-    Ray worker does) are killed after the grace period; a process of another raylet is left alone."""
-    from retain_asd.runtime import reap_orphan_workers
+    """`runtime.reap_orphan_workers` kills the processes carrying the stopped raylet's pid in RAY_RAYLET_PID (as
+    every Ray worker does) after the grace period; `reap_workers_of_dead_clusters` kills those whose raylet pid
+    is no raylet any more (a killed driver's cluster). A process of a live raylet is left alone."""
+    from retain_asd.runtime import reap_orphan_workers, reap_workers_of_dead_clusters
 
     sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    raylet = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "raylet"])  # 'raylet' in argv
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
     ours = subprocess.Popen(sleep, env={**os.environ, "RAY_RAYLET_PID": "999999991"})
-    other = subprocess.Popen(sleep, env={**os.environ, "RAY_RAYLET_PID": "999999992"})
+    orphan = subprocess.Popen(sleep, env={**os.environ, "RAY_RAYLET_PID": dead})
+    live = subprocess.Popen(sleep, env={**os.environ, "RAY_RAYLET_PID": str(raylet.pid)})
+    procs = (raylet, ours, orphan, live)
     try:
+        time.sleep(0.5)  # environments readable
         assert reap_orphan_workers(999999991, grace_s=0.5) == 1
         assert ours.wait(timeout=10) == -9  # SIGKILL
-        assert other.poll() is None
         assert reap_orphan_workers(999999991, grace_s=0.0) == 0 and reap_orphan_workers(None) == 0
+        assert reap_workers_of_dead_clusters() >= 1  # the orphan (and any real one this machine had)
+        assert orphan.wait(timeout=10) == -9
+        assert live.poll() is None and raylet.poll() is None
     finally:
-        for proc in (ours, other):
+        for proc in procs:
             proc.kill()
             proc.wait()

@@ -24,7 +24,7 @@ import math
 import os
 from pathlib import Path
 
-from retain_asd import fsio, storage
+from retain_asd import fsio, runtime, storage
 from retain_asd.train.checkpoint import clean_checkpoints, folder_name, mark_complete
 from retain_asd.train.guard import DivergenceError
 
@@ -78,6 +78,7 @@ def prepare_resume(out_dir: str | os.PathLike, name: str, keep: int,
     restarts from what it reports.
     """
     run_dir = storage.as_location(storage.join(checkpoint_root or Path(out_dir) / "ray", name))
+    runtime.reap_workers_of_dead_clusters()  # a killed driver's Train controller may still write its snapshot
     latest, removed = clean_checkpoints(run_dir, keep)
     for folder in removed:
         _event(Path(out_dir) / EVENTS, "removed_checkpoint", folder=folder_name(folder))
