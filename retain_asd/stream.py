@@ -58,6 +58,7 @@ ID_COLUMNS = ("clip_id", "noise_id")
 MIX_ROWS_PER_BLOCK = 64  # rows per output block: 64 x 320 kB = 20 MB for 10 s int16 clips (32: 1.08x the
 # numpy loop, 64: 1.25x in the same benchmarks/stream.py run; Ray's per-block cost on the driver is ~5 ms)
 AUDIO_COLUMNS = ("clean", "noise", "mixture")  # formed on the consumer (`form_audio`), float32 (S,) each
+MIXING_COLUMNS = ("clean_stored", "clean_gain", "noise_gain", "noise_rec", "noise_offset")  # what `form_audio` reads
 BUFFER_POOL_SETS = 8  # batches of audio buffers `iter_train_batches` keeps for reuse (see _BufferPool)
 GEN_BUFFER_BLOCKS = 8  # output blocks a stream task may hold before the executor takes them (see build_train_stream)
 UNIT_ROWS = 512  # clips a work unit draws from at least: files_per_unit = ceil(UNIT_ROWS / rows per shard), >= 2
@@ -515,8 +516,7 @@ def with_audio(rows: dict, noise_bank) -> dict:
     (`form_audio`); `noise_bank` as for `noise_bank_of`."""
     bank = noise_bank_of(noise_bank)
     single = np.ndim(rows["clean_stored"]) == 1
-    keys = ("clean_stored", "clean_gain", "noise_gain", "noise_rec", "noise_offset")
-    batch = {k: np.asarray(rows[k])[None] if single else np.asarray(rows[k]) for k in keys}
+    batch = {k: np.asarray(rows[k])[None] if single else np.asarray(rows[k]) for k in MIXING_COLUMNS}
     audio = form_audio(batch, bank)
     return {**rows, **{k: a[0] if single else a for k, a in zip(AUDIO_COLUMNS, audio, strict=True)}}
 
@@ -585,8 +585,7 @@ def iter_train_batches(data_iterator, batch_size: int, seed: int, *, noise_bank,
             take = min(num_rows - lo, batch_size - fill)
             src, dst = slice(lo, lo + take), slice(fill, fill + take)
             if form:
-                form_audio({k: block[k][src] for k in ("clean_stored", "clean_gain", "noise_gain", "noise_rec",
-                                                       "noise_offset")}, bank, tuple(a[dst] for a in audio))
+                form_audio({k: block[k][src] for k in MIXING_COLUMNS}, bank, tuple(a[dst] for a in audio))
             for c in other:
                 out[c][dst] = block[c][src]
             lo, fill = lo + take, fill + take

@@ -266,6 +266,8 @@ def test_rows_are_compact_and_formed_on_the_consumer(corpus):
 def test_batch_buffers_are_reused_only_once_dropped(corpus):
     """The consumer's (batch, S) buffers are recycled: a batch the loop still holds keeps its values while
     later batches are formed; a dropped batch's buffers are written again (no fresh 41 MB page faults)."""
+    import torch
+
     plan = _build(corpus, num_epochs=4, files_per_unit=1)
     batches = stream.iter_train_batches(plan.dataset.iterator(), 4, seed=0, noise_bank=plan.state_ref,
                                         columns=("mixture", "clean", "noise", "clip_idx"), device="cpu")
@@ -279,19 +281,13 @@ def test_batch_buffers_are_reused_only_once_dropped(corpus):
         seen_ptrs.add(ptr)
         del batch  # the loop lets go of it: its buffers may be reused
     for k in kept:
-        assert torch_equal(kept[k], kept_copy[k]), k  # untouched while held
+        assert torch.equal(kept[k], kept_copy[k]), k  # untouched while held
     assert len(seen_ptrs) <= 2  # 6 batches formed in at most 2 sets of buffers (one in use, one being filled)
     view = next(batches)["noise"][:2]  # a view keeps its batch's buffer alive too
     view_copy = view.clone()
     for _ in range(3):
         next(batches)
-    assert torch_equal(view, view_copy)
-
-
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return bool(torch.equal(a, b))
+    assert torch.equal(view, view_copy)
 
 
 def test_consumer_needs_the_streams_noise_bank(corpus):
