@@ -22,12 +22,30 @@ def config_from_args(args: argparse.Namespace, prog: str, first: Sequence[str] =
     try:
         return load_config(args.preset, args.config, [*first, *args.overrides])
     except ConfigError as err:
+        if debugging():
+            raise
         print(f"{prog}: {err}", file=sys.stderr)
         return None
 
 
 # ---------------------------------------------------------------------------------------------------- errors
 DEBUG_HINT = "(run again with --debug for the traceback)"
+
+
+def debugging() -> bool:
+    """--debug was given (run_main sets RETAIN_ASD_DEBUG=1): errors show their traceback."""
+    import os
+
+    return os.environ.get("RETAIN_ASD_DEBUG") == "1"
+
+
+def fail(prog: str, err: BaseException, code: int = 2) -> int:
+    """Inside an ``except`` block: print ``prog: err`` on one line and return `code`; with --debug raise it
+    again, so the traceback shows (every command, the same way)."""
+    if debugging():
+        raise err
+    print(f"{prog}: {' '.join(str(err).split())}", file=sys.stderr)
+    return code
 
 
 def user_error(err: BaseException) -> BaseException | None:

@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 
+from pipelines.common import report_user_error
 from retain_asd.eval.dcase_files import score_submission
 from retain_asd.eval.metrics import official_score, official_score_interval
 
@@ -43,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = score_submission(args.scores, args.ground_truth)
     except (OSError, ValueError) as err:
-        print(f"dcase-score: error: {err}", file=sys.stderr)
-        return 2
+        return report_user_error("retain-asd dcase-score", err)
     official = official_score([r.score for r in results])
     if args.out:
         from pathlib import Path

@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 
-from pipelines.common import add_config_args, protocol_guard
+from pipelines.common import add_config_args, fail, protocol_guard
 from retain_asd.config import ConfigError, load_config
 
 
@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         sets = evalsets_from_config(cfg, force=args.force)
     except (ConfigError, EvalSetError, FileNotFoundError) as err:
-        print(f"retain-asd evalsets: {err}", file=sys.stderr)
-        return 2
+        return fail("retain-asd evalsets", err)
     m = sets.manifest
     print(f"evaluation sets {sets.root}: {m['rows']} recipe rows, SNRs {sets.snrs_db} dB")
     print(json.dumps({"counts": m["counts"], "per_machine": m["per_machine"]}, indent=1))

@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipelines.common import add_config_args, protocol_guard, quiet_run, report_user_error
+from pipelines.common import add_config_args, fail, protocol_guard, quiet_run, report_user_error
 
 
 def parse_layers(text: str) -> list[int]:
@@ -52,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.preset, args.config, args.overrides)
     except ConfigError as err:
-        print(f"retain-asd evaluate: {err}", file=sys.stderr)
-        return 2
+        return fail("retain-asd evaluate", err)
     if args.ray and not args.dcase_root and not protocol_guard(cfg, "retain-asd evaluate"):  # before Ray starts
         return 2
     try:  # a bad checkpoint, path or corpus is a user error: one line (--debug for the traceback)

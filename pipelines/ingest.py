@@ -13,7 +13,7 @@ import argparse
 import sys
 from dataclasses import replace
 
-from pipelines.common import add_config_args, config_from_args
+from pipelines.common import add_config_args, config_from_args, fail
 from retain_asd.runtime import init_ray
 
 
@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         pre = pretrain_corpus_from_config(cfg, force=args.force)
         evc = eval_corpus_from_config(cfg, force=args.force)
     except (LayoutError, FileExistsError, ConfigError) as err:
-        print(f"retain-asd ingest: {err}", file=sys.stderr)
-        return 2
+        return fail("retain-asd ingest", err)
     print("pre-training corpus:\n" + pre.summary())
     print("evaluation corpus:\n" + evc.summary())
     report = find_overlaps(pre, evc)

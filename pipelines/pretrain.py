@@ -21,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipelines.common import add_config_args, config_from_args, protocol_guard, quiet_run
+from pipelines.common import add_config_args, config_from_args, fail, protocol_guard, quiet_run
 from retain_asd.config import ConfigError
 
 
@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_init_checkpoint(cfg)  # a missing, torn or foreign model.checkpoint fails before Ray starts
     except (ConfigError, BEATsCheckpointError) as err:
-        print(f"retain-asd pretrain: model.checkpoint: {err}", file=sys.stderr)
-        return 2
+        return fail("retain-asd pretrain: model.checkpoint", err)
     if not protocol_guard(cfg, "retain-asd pretrain"):  # before Ray starts
         return 2
     try:
@@ -76,11 +75,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"{cfg.train.num_workers} workers")
             result = pretrain(cfg, args.out, stop_at_step=args.stop_at_step, track=not args.no_mlflow)
     except (ConfigError, FileNotFoundError) as err:
-        print(f"retain-asd pretrain: {err}", file=sys.stderr)
-        return 2
+        return fail("retain-asd pretrain", err)
     except DivergenceError as err:
-        print(f"retain-asd pretrain: {cfg.name} {err}", file=sys.stderr)
-        return 1
+        return fail(f"retain-asd pretrain: {cfg.name}", err, code=1)
     if cfg.objective.name == "frozen":
         state = "objective 'frozen' trains nothing; exported the initial encoder"
     else:
