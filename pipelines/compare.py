@@ -8,7 +8,8 @@ Rows are the evaluation runs grouped by preset (or sweep trial), mean ± 95% int
 condition x SNR, hmean{-10,-5,0} and All, for raw kNN scores and DN (the one --metric names is primary).
 Prints the markdown, writes comparison.md / comparison.csv / one SNR-curve PNG per condition under --out,
 and logs them as a `compare` run in the same experiment. The store: --tracking-uri, else the config's
-tracking.tracking_uri, else the SQLite store under data.work_dir (what pretrain / evaluate used).
+tracking.tracking_uri, else the SQLite store under data.work_dir (what pretrain / evaluate used); a path to a
+.db file is that SQLite store. A store that does not exist is an error: compare never creates one.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("hmean_low", "hmean_all", "hmean_low_dn", "hmean_all_dn"),
                    help="ranking figure; a _dn metric makes the DN table primary (default: %(default)s)")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", ""),
-                   help="MLflow store (default: $MLFLOW_TRACKING_URI or the config's store)")
+                   help="MLflow store: PATH/mlflow.db, sqlite:///PATH or http://HOST:PORT (default: "
+                        "$MLFLOW_TRACKING_URI or the config's store)")
     p.add_argument("--out", help="output folder (default: <data.work_dir>/compare/<experiment>)")
     p.add_argument("--no-log", action="store_true", help="do not log the comparison as an MLflow run")
     return p
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from retain_asd.eval.compare import compare_experiment
     from retain_asd.tracking import resolve_tracking_uri
 
-    uri = resolve_tracking_uri(args.tracking_uri or cfg.tracking.tracking_uri, cfg.data.work_dir)
+    uri = resolve_tracking_uri(args.tracking_uri or cfg.tracking.tracking_uri, cfg.data.work_dir, create=False)
     out = Path(args.out) if args.out else Path(cfg.data.work_dir) / "compare" / args.experiment
     result = compare_experiment(args.experiment, tracking_uri=uri, out_dir=out, runs=args.runs,
                                 metric=args.metric, log_run=not args.no_log)

@@ -23,15 +23,43 @@ from typing import Any
 from retain_asd.runtime import apply_env_defaults
 
 
-def resolve_tracking_uri(uri: str, work_dir: str | os.PathLike) -> str:
-    """'' -> ``sqlite:///<abs work_dir>/mlflow.db``; a relative sqlite path is made absolute; else as given."""
+def resolve_tracking_uri(uri: str, work_dir: str | os.PathLike, create: bool = True) -> str:
+    """'' -> ``sqlite:///<abs work_dir>/mlflow.db`` (its folder made unless not `create`); a plain path to a
+    ``.db`` file (``runs/demo/data/mlflow.db``) means that SQLite store; a relative sqlite path is made absolute;
+    else as given."""
     if not uri:
         path = Path(work_dir).resolve() / "mlflow.db"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{path}"
+    if "://" not in uri and Path(uri).suffix in SQLITE_SUFFIXES:
+        return f"sqlite:///{Path(uri).resolve()}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
     return uri
+
+
+SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+STORE_FORMS = "PATH/mlflow.db, sqlite:///PATH/mlflow.db or http://HOST:PORT (an `mlflow server`)"
+
+
+def require_store(uri: str) -> str:
+    """For commands that only read: `uri` names a tracking store that exists, else a ValueError naming the
+    accepted forms. Nothing is created (MLflow would make an empty SQLite file for a mistyped path)."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    if scheme == "sqlite":
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise ValueError(f"{path}: no MLflow store there (no run has logged to it); pass --tracking-uri with "
+                             f"the mlflow.db of your runs, e.g. runs/demo/data/mlflow.db ({STORE_FORMS})")
+        return uri
+    if scheme in STORE_SCHEMES:
+        return uri
+    if not scheme or scheme == "file":
+        raise ValueError(f"--tracking-uri {uri}: not an MLflow store this version serves (a folder is MLflow's old "
+                         f"file store); give {STORE_FORMS}")
+    raise ValueError(f"--tracking-uri {uri}: unknown store scheme {scheme!r}; give {STORE_FORMS}")
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -183,12 +211,12 @@ def compare_runs(uri: str, experiment: str, metrics: list[str]) -> list[dict[str
 def experiment_runs(uri: str, experiment: str, filter_string: str = "") -> list[dict[str, Any]]:
     """Every run of an experiment (``mlflow.search_runs``, optionally filtered with MLflow's filter syntax, e.g.
     ``"tags.preset LIKE 'tagging%'"``) as plain dicts: run_id, run_name, status, tags, params, metrics (the
-    latest value of each). A missing experiment is a ValueError naming the experiments the store has."""
+    latest value of each). A missing store (`require_store`) or experiment is a ValueError naming what exists."""
     import math
 
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(require_store(uri))  # reading never creates a store
     if mlflow.get_experiment_by_name(experiment) is None:
         names = sorted(e.name for e in mlflow.search_experiments())
         raise ValueError(f"MLflow experiment {experiment!r} not found in {uri}; it has: "

@@ -61,9 +61,14 @@ def compare_experiment(experiment: str, *, tracking_uri: str, out_dir: str | os.
     if metric not in ("hmean_low", "hmean_all", "hmean_low_dn", "hmean_all_dn"):
         raise ValueError(f"--metric {metric!r}: one of hmean_low, hmean_all, hmean_low_dn, hmean_all_dn")
     records = _records(tracking.experiment_runs(tracking_uri, experiment, runs))
+    if not records and runs:
+        presets = sorted({report.group_name(r) for r in _records(tracking.experiment_runs(tracking_uri, experiment))})
+        raise ValueError(f"experiment {experiment!r} ({tracking_uri}) has no evaluation runs matching {runs!r}; "
+                         + (f"its presets: {', '.join(presets)} (e.g. --runs \"tags.preset = '{presets[0]}'\")"
+                            if presets else "it has no evaluation runs at all; run `retain-asd evaluate` first"))
     if not records:
-        raise ValueError(f"experiment {experiment!r} ({tracking_uri}) has no evaluation runs"
-                         + (f" matching {runs!r}" if runs else "") + "; run `retain-asd evaluate` first")
+        raise ValueError(f"experiment {experiment!r} ({tracking_uri}) has no evaluation runs; "
+                         "run `retain-asd evaluate` first")
     primary = "dn" if metric.endswith("_dn") else "raw"
     rows = report.comparison_rows(records, metric)
     columns = report.comparison_columns(records)

@@ -110,3 +110,31 @@ def test_cli_prints_the_table_and_names_a_missing_experiment(store, tmp_path, ca
     assert main(["compare", "--experiment", "nope", "--tracking-uri", uri, "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert "'nope' not found" in err and "exp" in err
+
+
+def test_cli_store_paths_read_only_and_an_empty_filter(store, tmp_path, capsys, monkeypatch):
+    from pipelines.cli import main
+
+    uri, _ = store
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    db = uri[len("sqlite:///"):]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    # a plain path to the .db file is that SQLite store (relative too)
+    assert main(["compare", "--experiment", "exp", "--tracking-uri", "work/mlflow.db", "--no-log",
+                 "--out", str(tmp_path / "o")]) == 0
+    assert "| run | seeds | status |" in capsys.readouterr().out
+    # mistyped stores: one line, exit 2, nothing created
+    for wrong in ("work/mlfow.db", f"sqlite:///{tmp_path}/nowhere/mlflow.db", f"sqlte:///{db}", "work"):
+        assert main(["compare", "--experiment", "exp", "--tracking-uri", wrong, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("retain-asd compare: error: ") and len(err.strip().splitlines()) == 2, err
+        assert "Traceback" not in err and "PATH/mlflow.db" in err
+    assert main(["compare", "--experiment", "exp", "data.work_dir=elsewhere", "--out", str(tmp_path / "x")]) == 2
+    assert f"{tmp_path / 'elsewhere' / 'mlflow.db'}: no MLflow store there" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.parent.name != "o" and p.name != "o") == before
+    # a filter that matches nothing names the presets there are
+    assert main(["compare", "--experiment", "exp", "--tracking-uri", uri, "--runs", "tags.preset = 'tagging'",
+                 "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "no evaluation runs matching \"tags.preset = 'tagging'\"; its presets: broken, denoise, tagging_pm5" in err

@@ -200,3 +200,34 @@ def test_pretrain_opens_model_checkpoint_before_ray_starts(tmp_path, capsys):
     assert code == 2
     assert f"{truncated}: not a readable torch checkpoint" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.reliability("user-errors")
+@pytest.mark.parametrize("command", [
+    ["score", "clips", "--bank", "{tmp}/missing.pt", "--clips", "{tmp}"],
+    ["score", "bank", "--checkpoint", "{tmp}/missing.pt", "--normal", "{tmp}", "--out", "{tmp}/b.pt"],
+    ["config", "show", "nope"],
+    ["config", "show", "--preset", "smoke", "train.lr=x"],
+    ["dcase-score", "--scores", "{tmp}/missing", "--ground-truth", "{tmp}/missing"],
+    ["compare", "--experiment", "x", "--tracking-uri", "{tmp}/missing.db"],
+])
+def test_debug_gives_the_traceback_in_every_command(command, tmp_path, capsys):
+    """Without --debug: one line and the hint, exit code 2; with it, the exception itself."""
+    from pipelines.cli import main
+
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and 1 <= len(err.strip().splitlines()) <= 2, err
+    with pytest.raises((ValueError, OSError)):
+        main([*argv, "--debug"])
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_config_show_takes_preset_as_an_option_too(capsys):
+    from pipelines.cli import main
+
+    assert main(["config", "show", "--preset", "smoke"]) == 0
+    by_option = capsys.readouterr().out
+    assert main(["config", "show", "smoke"]) == 0
+    assert capsys.readouterr().out == by_option and "name: smoke" in by_option
