@@ -122,7 +122,8 @@ def run_main(main, argv: Sequence[str] | None = None, prog: str = "retain-asd") 
             os.environ.pop("RETAIN_ASD_DEBUG", None)
         else:
             os.environ["RETAIN_ASD_DEBUG"] = debug_before
-        note = None if ray_before else finish_local_ray(ok=code == 0)
+        # A user error (exit code 2) is said in one line: its Ray logs explain nothing more, so they go too.
+        note = None if ray_before else finish_local_ray(ok=code in (0, 2))
         if note:
             print(note, file=sys.stderr)
     return code
@@ -150,6 +151,9 @@ def quiet_run(log_path, verbose: bool = False, *, address: str | None = None, st
                 set_data_progress(verbose)
             yield console
             ok = True
+        except Exception as err:
+            ok = user_error(err) is not None  # one line says it all (run_main): no logs to keep
+            raise
         finally:
             if start_ray and not ray_before:
                 finish_local_ray(ok=ok)

@@ -13,8 +13,7 @@ import argparse
 import sys
 from dataclasses import replace
 
-from pipelines.common import add_config_args, config_from_args, fail
-from retain_asd.runtime import init_ray
+from pipelines.common import add_config_args, config_from_args, fail, quiet_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,13 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-shard", type=int, help="Parquet rows per shard file")
     p.add_argument("--force", action="store_true", help="rebuild even when the input is unchanged")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or an embedded local Ray)")
+    p.add_argument("--verbose", action="store_true", help="Ray's own logs on the console (default: <out>/ingest.log)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from pathlib import Path
+
     from retain_asd.config import ConfigError
     from retain_asd.corpus.ingest import eval_corpus_from_config, pretrain_corpus_from_config
+    from retain_asd.corpus.layouts import check_machine_root
     from retain_asd.corpus.names import LayoutError
     from retain_asd.corpus.protocol import find_overlaps
 
@@ -51,16 +54,21 @@ def main(argv: list[str] | None = None) -> int:
     ev = replace(cfg.eval, machine_root=args.eval_machine_root or cfg.eval.machine_root,
                  noise_root=args.eval_noise_root or cfg.eval.noise_root)
     cfg = replace(cfg, data=data, eval=ev)
-    init_ray(args.address)
+    try:  # the roots first: a wrong folder is said before anything is synthesised or ingested
+        for root in (data.machine_root, ev.machine_root):
+            if root:
+                check_machine_root(root)
+    except LayoutError as err:
+        return fail("retain-asd ingest", err)
     try:
-        pre = pretrain_corpus_from_config(cfg, force=args.force)
-        evc = eval_corpus_from_config(cfg, force=args.force)
+        with quiet_run(Path(data.work_dir) / "ingest.log", args.verbose, address=args.address) as console:
+            pre = pretrain_corpus_from_config(cfg, force=args.force)
+            evc = eval_corpus_from_config(cfg, force=args.force)
+            console.say("pre-training corpus:\n" + pre.summary())
+            console.say("evaluation corpus:\n" + evc.summary())
+            console.say(f"protocol: {find_overlaps(pre, evc).describe()}")
     except (LayoutError, FileExistsError, ConfigError) as err:
         return fail("retain-asd ingest", err)
-    print("pre-training corpus:\n" + pre.summary())
-    print("evaluation corpus:\n" + evc.summary())
-    report = find_overlaps(pre, evc)
-    print(f"protocol: {report.describe()}")
     return 0
 
 

@@ -222,7 +222,8 @@ def finish_local_ray(ok: bool) -> str | None:
     """Stop the embedded Ray this process started and clean its session folder; returns a line to print.
 
     ``ok``: the whole folder goes. Otherwise the spilled objects go and the logs stay for a post-mortem; the
-    line gives their size and the command that removes them. None when this process started no local Ray.
+    line gives their size and the command that removes them, and the folder loses its driver mark (it is no
+    killed run's leftover for the next start to remove). None when this process started no local Ray.
     """
     global _local_session
     session, _local_session = _local_session, None
@@ -242,6 +243,8 @@ def finish_local_ray(ok: bool) -> str | None:
         return f"removed the Ray session folder of this run ({size / 1024**2:.1f} MB: logs, spilled objects)"
     for spill in session.glob("ray_spilled_objects*"):
         shutil.rmtree(spill, ignore_errors=True)
+    # Kept on purpose, and the line below says so: the next start must not take it for a killed run's folder.
+    (session / DRIVER_MARK).unlink(missing_ok=True)
     size = folder_bytes(session)
     return (f"Ray logs of this run: {session} ({size / 1024**2:.1f} MB); remove them with: rm -rf {session}")
 

@@ -69,6 +69,8 @@ def test_sessions_of_dead_drivers_are_removed_others_kept(tmp_path):
 def test_a_finished_local_run_removes_its_ray_session_folder(tmp_path):
     """A real embedded Ray in a fresh process: after the command its session folder is gone (ok run), or
     only its logs stay, with their size and the command that removes them (failed run)."""
+    from retain_asd.runtime import DRIVER_MARK
+
     code = ("import sys\n"
             "from retain_asd import runtime\n"
             "ray = runtime.init_ray(num_cpus=1, quiet=True)\n"
@@ -85,6 +87,7 @@ def test_a_finished_local_run_removes_its_ray_session_folder(tmp_path):
         else:
             assert Path(session).is_dir() and not list(Path(session).glob("ray_spilled_objects*"))
             assert note.startswith(f"Ray logs of this run: {session} (") and note.endswith(f"rm -rf {session}")
+            assert not (Path(session) / DRIVER_MARK).exists()  # kept on purpose: no "killed run" at the next start
             subprocess.run(["rm", "-rf", session], check=True)
 
 

@@ -136,6 +136,24 @@ def _family_dataset(machine: str, split_dirs: Iterable[str]) -> str:
     return "dcase2021+"
 
 
+def check_machine_root(root: str | Path) -> list[Path]:
+    """The machine folders of a corpus root, or a LayoutError saying what the root is instead (one machine's
+    folder: pass its parent). Cheap: reads folder names only, so a command can check before any work."""
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise LayoutError(f"{root}: corpus folder does not exist")
+    machine_dirs = _machine_dirs(root)
+    if not machine_dirs:
+        found = sorted(p.name for p in root.iterdir())[:10]
+        if any((root / s).is_dir() for s in SPLIT_DIRS):
+            raise LayoutError(f"{root}: this looks like one machine's folder (it holds {found}); pass its parent, "
+                              f"{root.parent}, whose subfolders are the machines")
+        raise LayoutError(
+            f"{root}: no machine folders found (it holds {found}); expected '<root>/<machine>/{{"
+            f"{','.join(SPLIT_DIRS)}}}/<file>.wav', optionally under '<root>/{{dev_data,eval_data}}[/raw]/'")
+    return machine_dirs
+
+
 def scan_dcase(root: str | Path, ground_truth_dir: str | Path | None = None,
                dataset: str | None = None) -> ScanResult:
     """Scan a DCASE 2020-2025 / MIMII DG / ToyADMOS2 tree (see the module docstring) into records.
@@ -149,12 +167,7 @@ def scan_dcase(root: str | Path, ground_truth_dir: str | Path | None = None,
         raise LayoutError(f"{root}: corpus folder does not exist")
     if dataset is not None and dataset not in DATASETS:
         raise LayoutError(f"dataset={dataset!r}: expected one of {DATASETS}")
-    machine_dirs = _machine_dirs(root)
-    if not machine_dirs:
-        found = sorted(p.name for p in root.iterdir())[:10]
-        raise LayoutError(
-            f"{root}: no machine folders found (it holds {found}); expected '<root>/<machine>/{{"
-            f"{','.join(SPLIT_DIRS)}}}/<file>.wav', optionally under '<root>/{{dev_data,eval_data}}[/raw]/'")
+    machine_dirs = check_machine_root(root)
 
     truth = load_ground_truth(ground_truth_dir) if ground_truth_dir is not None else {}
     truth_sections = {(m, s) for m, s, _ in truth}

@@ -37,6 +37,18 @@ def test_ingest_missing_corpus_folder(tmp_path, capsys, ray_local):
     assert f"{tmp_path / 'nope'}: corpus folder does not exist" in capsys.readouterr().err
 
 
+def test_ingest_of_one_machine_folder_says_pass_its_parent_before_any_work(shared_data, tmp_path, capsys):
+    from pipelines.cli import main
+
+    machine = (shared_data / "machine/dcase2020t2_dev_id00").resolve()  # one machine's folder: train/, test/
+    out = tmp_path / "work"
+    assert main(["ingest", "--machine-root", str(machine), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"retain-asd ingest: {machine}: this looks like one machine's folder (it holds ['test', 'train']); "
+                   f"pass its parent, {machine.parent}, whose subfolders are the machines\n")
+    assert not out.exists()  # nothing synthesised, no Ray started for it
+
+
 def test_pretrain_without_a_config_is_a_usage_error(capsys):
     from pipelines.cli import main
 

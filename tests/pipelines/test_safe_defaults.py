@@ -44,7 +44,7 @@ def test_auto_uses_the_gpus_a_cluster_has(ray_local):
 
 # ---------------------------------------------------------------------------------------------------- corpus
 @pytest.mark.ray
-def test_a_real_corpus_is_never_replaced_by_the_synthetic_one(small_worlds, tmp_path, capsys, ray_local):
+def test_a_real_corpus_is_never_replaced_by_the_synthetic_one(small_worlds, tmp_path, capfd, ray_local):
     from pipelines.cli import main
     from retain_asd.corpus import shards
     from retain_asd.corpus.ingest import pretrain_corpus_dir, pretrain_corpus_from_config
@@ -55,14 +55,16 @@ def test_a_real_corpus_is_never_replaced_by_the_synthetic_one(small_worlds, tmp_
     work = tmp_path / "work"
     assert main(["ingest", "--machine-root", str(real_machines), "--noise-root", str(real_noise),
                  "--out", str(work), *evals]) == 0
+    said = capfd.readouterr()  # the people's console: the summaries; Ray (Data)'s own lines in the log
+    assert "pre-training corpus:" in said.out and "protocol:" in said.out, said
+    assert "INFO" not in said.out + said.err and f"logs of Ray and MLflow: {work / 'ingest.log'}" in said.out
     cfg = load_config("smoke", overrides=[f"data.work_dir={work}", *evals])
     shard_dir = pretrain_corpus_dir(cfg) / "machine"
     before = shards.read_manifest(shard_dir)
-    capsys.readouterr()
     # The user's next step without repeating the roots: stopped, told which roots to pass.
     assert main(["pretrain", "--preset", "smoke", "--out", str(tmp_path / "run"), f"data.work_dir={work}",
                  *evals]) == 2
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert f"data.machine_root={real_machines.resolve()}" in err and "synthetic" in err
     assert shards.read_manifest(shard_dir) == before  # untouched
     half = load_config("smoke", overrides=[f"data.work_dir={work}", f"data.machine_root={real_machines}", *evals])
