@@ -38,10 +38,10 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-import torchaudio.compliance.kaldi as kaldi
 from torch import Tensor, nn
 
 from retain_asd import fsio
+from retain_asd.models.fbank import kaldi_fbank
 from retain_asd.models.layers import deepest_layer
 
 SAMPLE_RATE_HZ = 16000  # the official preprocessing hard-codes 16 kHz
@@ -220,18 +220,14 @@ def fbank_features(waveforms: Tensor, fbank_mean: float = 15.41663, fbank_std: f
     """(B, S) waveforms at 16 kHz -> normalised log-mel fbank (B, T_frames, 128), as official `preprocess`.
 
     Always computed in fp32 with autocast off: the fbank's FFT/mel matmul in bf16 would shift the
-    features the checkpoints were trained on (the official code has no guard; identical in fp32).
+    features the checkpoints were trained on (the official code has no guard; identical in fp32). The whole
+    batch in one pass (`fbank.kaldi_fbank`), equal to the official per-clip `kaldi.fbank` loop.
     """
     if waveforms.ndim != 2:
         raise ValueError(f"waveforms must be (batch, samples), got shape {tuple(waveforms.shape)}")
     patch_grid(waveforms.shape[1])  # clear error for too-short clips
-    with torch.autocast(device_type=waveforms.device.type, enabled=False):
-        fbank = torch.stack([
-            kaldi.fbank(w.float().unsqueeze(0) * WAVEFORM_SCALE, num_mel_bins=NUM_MEL_BINS,
-                        sample_frequency=SAMPLE_RATE_HZ, frame_length=FRAME_LENGTH_MS,
-                        frame_shift=FRAME_SHIFT_MS)
-            for w in waveforms  # kaldi.fbank reads one channel only, hence the loop (as upstream)
-        ])  # (B, T_frames, 128)
+    fbank = kaldi_fbank(waveforms.float() * WAVEFORM_SCALE, NUM_MEL_BINS, SAMPLE_RATE_HZ, FRAME_LENGTH_MS,
+                        FRAME_SHIFT_MS)  # (B, T_frames, 128), fp32, one batched pass (models/fbank.py)
     return (fbank - fbank_mean) / (2 * fbank_std)  # official normalisation: note the factor 2
 
 
