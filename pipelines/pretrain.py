@@ -11,6 +11,8 @@ newest complete checkpoint. A non-finite loss or gradient norm stops the run (ex
 train.skip_nonfinite_steps=N skips up to N such steps). The pre-training corpus (data.*) is ingested first when
 needed; the leakage guard refuses a pre-training corpus that shares a machine type, clip or noise recording with
 the evaluation corpus (eval.*), unless data.add_eval_references: true (Table 5, recorded in MLflow and config.yaml).
+A run owns its --out while it runs (<out>/run.lock: pid, host, start time): a second `pretrain` on the same folder
+stops at once (exit code 2) naming the first; the lock of a run that died is taken over with a message.
 With data.storage=s3://bucket/prefix the checkpoints, the student and the MLflow artifacts go to the bucket
 (`<prefix>/runs/<out folder name>/<preset>/`), and a re-run with the same --out name resumes from there.
 """
@@ -58,6 +60,20 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args, "retain-asd pretrain")
     if cfg is None:
         return 2
+    from retain_asd import fsio
+
+    try:  # first of all: a second run on the same --out stops here, before it touches anything
+        with fsio.run_lock(args.out, f"retain-asd pretrain {cfg.name}") as stale:
+            if stale is not None:
+                print(f"retain-asd pretrain: took over {Path(args.out) / fsio.RUN_LOCK} of a run that is no longer "
+                      f"running ({fsio.describe_holder(stale)})", file=sys.stderr)
+            return _run(args, cfg)
+    except fsio.RunLockedError as err:
+        print(f"retain-asd pretrain: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, cfg) -> int:
     from retain_asd.models.beats import BEATsCheckpointError
     from retain_asd.train.guard import DivergenceError
     from retain_asd.train.launch import pretrain

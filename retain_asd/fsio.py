@@ -266,3 +266,122 @@ def load_torch(path: str | os.PathLike, fix: str | None = None, **kwargs) -> Any
     except Exception as err:  # zip / unpickling errors of a truncated file; pickle payloads refused
         first = str(err).splitlines()[0] if str(err) else ""
         raise CorruptFileError(path, f"{type(err).__name__}: {first}", fix) from None
+
+
+# ---------------------------------------------------------------------------------------------------- run lock
+RUN_LOCK = "run.lock"  # {"pid", "host", "started", "command"} of the run that owns an output folder
+
+
+class RunLockedError(ValueError):
+    """Another live run owns the output folder (its lock names it)."""
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _process_started(pid: int) -> float | None:
+    """When process ``pid`` started (Unix time, Linux /proc), None when unknown: tells a reused pid apart."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _holder_alive(holder: dict) -> bool:
+    """The lock's process still runs on this host (not a later process that got the same pid)."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or not _pid_alive(pid):
+        return False
+    started, since = _process_started(pid), holder.get("started_unix")
+    return started is None or not isinstance(since, int | float) or started <= since + 2.0
+
+
+def describe_holder(holder: dict) -> str:
+    return (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+            + (f" ({holder['command']})" if holder.get("command") else ""))
+
+
+_held: dict[Path, int] = {}  # locks this process holds: path -> depth (run_lock is re-entrant)
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike, command: str = "") -> Iterator[dict | None]:
+    """Own ``folder`` for one run: ``<folder>/run.lock`` names this process (pid, host, start time, command).
+
+    A second run on the same folder raises `RunLockedError` naming the first; a lock left by a dead process on
+    this host is taken over with a logged warning (yields the stale holder's record then, else None). A lock of another
+    host is never taken over (its process cannot be checked from here). Re-entrant within one process.
+    The lock file is linked into place whole (``os.link``), so a reader never sees half of it.
+    """
+    import datetime
+    import logging
+
+    folder = Path(folder).resolve()
+    created = not folder.exists()  # removed again at the end when the run left nothing in it
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / RUN_LOCK
+    if path in _held:
+        _held[path] += 1
+        try:
+            yield None
+        finally:
+            _held[path] -= 1
+        return
+    now = time.time()
+    mine = {"pid": os.getpid(), "host": _host(), "command": command, "started_unix": now,
+            "started": datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")}
+    tmp = temp_path(path)
+    write_json(tmp, mine)
+    stale = None
+    try:
+        for _ in range(5):
+            try:
+                os.link(tmp, path)
+                break
+            except FileExistsError:
+                pass
+            try:
+                holder = json.loads(path.read_text())
+                if not isinstance(holder, dict):
+                    raise ValueError("not a JSON object")
+            except FileNotFoundError:
+                continue  # released (or taken over) just now: try again
+            except ValueError:
+                holder = {}
+            if holder and (holder.get("host") != mine["host"] or _holder_alive(holder)):
+                where = "" if holder.get("host") == mine["host"] else \
+                    " (another host: whether it still runs cannot be checked from here)"
+                raise RunLockedError(f"{folder}: another run uses this output folder: {describe_holder(holder)}"
+                                     f"{where}. Wait for it to end or use another --out; if that run is gone, "
+                                     f"delete {path}")
+            trash = temp_path(path, "old")
+            try:
+                os.rename(path, trash)  # one taker wins; the others find the name gone and try again
+            except FileNotFoundError:
+                continue
+            trash.unlink(missing_ok=True)
+            stale = holder
+            message = (f"{folder}: took over the lock of a run that is no longer running "
+                       f"({describe_holder(holder) if holder else 'unreadable lock file'})")
+            logging.getLogger(__name__).warning(message)
+        else:
+            raise RunLockedError(f"{folder}: could not take {path} (other runs keep taking it); try again")
+    finally:
+        tmp.unlink(missing_ok=True)
+    _held[path] = 1
+    try:
+        yield stale
+    finally:
+        del _held[path]
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text()).get("pid") == mine["pid"]:
+                path.unlink()
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()

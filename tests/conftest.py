@@ -88,10 +88,28 @@ def small_pretrain_root(tmp_path_factory) -> list[str]:
 
 
 def pytest_collection_modifyitems(items):
-    """A test marked ``reliability("case")`` records its case in the JUnit XML (scripts/reliability_table.py)."""
+    """A test marked ``reliability("case")`` records its case in the JUnit XML (tests/reliability_table.py)."""
     for item in items:
         for marker in item.iter_markers("reliability"):
             item.user_properties.append(("reliability_case", marker.args[0]))
+
+
+@pytest.fixture
+def reliability_figures(request):
+    """``reliability_figures(steps_lost=0, retries=3, wall_added_s=1.2, bytes_lost=0, case=None)``: the measured
+    cost of a fault, recorded in the JUnit XML for its row of docs/reliability.md (`case`: needed only when the
+    test shows several cases)."""
+    import json
+
+    def record(case: str | None = None, **figures: float) -> None:
+        cases = [m.args[0] for m in request.node.iter_markers("reliability")]
+        if case is None:
+            assert len(cases) == 1, f"name the case, one of {cases}"
+            case = cases[0]
+        assert case in cases, f"{case!r} is not a reliability case of this test ({cases})"
+        request.node.user_properties.append(("reliability_figures", json.dumps({"case": case, **figures})))
+
+    return record
 
 
 # ---------------------------------------------------------------------------------------------------- object storage

@@ -239,3 +239,51 @@ def test_recursive_clean_up_reaches_nested_score_folders(tmp_path):
     kept = fsio.write_text(nested / "anomaly_score_fan_section_01_test.csv", "a.wav,0.5\n")
     assert fsio.remove_stale_temps(tmp_path, recursive=True) == [stale]
     assert sorted(nested.iterdir()) == [kept]
+
+
+# ---------------------------------------------------------------------------------------------------- run lock
+def _lock_of(pid: int, host: str | None = None, started_unix: float | None = None) -> dict:
+    import socket
+    import time
+
+    return {"pid": pid, "host": host or socket.gethostname(), "started": "2026-01-01 00:00:00 UTC",
+            "started_unix": time.time() if started_unix is None else started_unix, "command": "retain-asd pretrain x"}
+
+
+@pytest.mark.reliability("two-runs-one-out")
+def test_run_lock_refuses_a_live_holder_takes_over_a_dead_one_and_is_reentrant(tmp_path):
+    lock = tmp_path / fsio.RUN_LOCK
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps(_lock_of(live.pid)))
+        with pytest.raises(fsio.RunLockedError, match=rf"pid {live.pid} on .*started 2026-01-01 00:00:00 UTC"):
+            with fsio.run_lock(tmp_path):
+                pass
+        # the same pid, but a process that started after the lock was written: a reused pid, so the lock is stale
+        lock.write_text(json.dumps(_lock_of(live.pid, started_unix=0.0)))
+        with fsio.run_lock(tmp_path) as stale:
+            assert stale["pid"] == live.pid
+    finally:
+        live.kill()
+        live.wait()
+    lock.write_text(json.dumps(_lock_of(dead_pid())))
+    with fsio.run_lock(tmp_path, "first") as stale:
+        assert stale is not None
+        mine = json.loads(lock.read_text())
+        assert (mine["pid"], mine["command"]) == (os.getpid(), "first")
+        with fsio.run_lock(tmp_path) as again:  # re-entrant: the CLI and the library it calls
+            assert again is None
+        assert lock.is_file()
+    assert not lock.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # no temp file left
+    with fsio.run_lock(tmp_path / "new"):  # a folder the lock made is removed again when nothing was written
+        assert (tmp_path / "new" / fsio.RUN_LOCK).is_file()
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.reliability("two-runs-one-out")
+def test_run_lock_of_another_host_is_never_taken_over(tmp_path):
+    (tmp_path / fsio.RUN_LOCK).write_text(json.dumps(_lock_of(dead_pid(), host="gpu-node-7")))
+    with pytest.raises(fsio.RunLockedError, match="on gpu-node-7.*another host.*delete"):
+        with fsio.run_lock(tmp_path):
+            pass

@@ -395,10 +395,15 @@ def pretrain(cfg: Config, out_dir: str | os.PathLike, *, corpus=None, stop_at_st
     caller passes `corpus` (logged as MLflow params). `stop_at_step`: stop after
     that optimiser step (a checkpoint is written there; a later call resumes), e.g. for time-limited jobs.
     A re-run resumes from the newest COMPLETE checkpoint on disk (`recovery.prepare_resume`); the run ends
-    with <out>/summary.json; a divergence raises `DivergenceError` and exports nothing.
+    with <out>/summary.json; a divergence raises `DivergenceError` and exports nothing. The run owns `out_dir`
+    while it runs (`fsio.run_lock`): a second run on it raises `fsio.RunLockedError` naming the first.
     """
-    out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with fsio.run_lock(out_dir, "pretrain"):
+        return _pretrain(cfg, Path(out_dir).resolve(), corpus, stop_at_step, track, protocol)
+
+
+def _pretrain(cfg: Config, out_dir: Path, corpus, stop_at_step: int | None, track: bool,
+              protocol) -> PretrainResult:
     fsio.remove_stale_temps(out_dir)  # temp files of a run that was killed (config.yaml, student, MLflow pointer)
     config_path = out_dir / "config.yaml"
     init_checkpoint = resolve_init_checkpoint(cfg, out_dir)

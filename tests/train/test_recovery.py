@@ -2,6 +2,7 @@
 
 - a Ray Train worker SIGKILLed (by pid) after the first checkpoint, default settings: the group restarts
   from that checkpoint and the run finishes; summary.json counts the restart;
+- a second `retain-asd pretrain` on the driver's --out while it runs: exit code 2 within 5 s naming the first;
 - the driver (a child process running `retain-asd pretrain`) SIGKILLed right after a checkpoint is complete,
   with Ray's run snapshot one checkpoint behind and a torn checkpoint folder beside it: the re-run resumes
   from the newest complete checkpoint and removes the torn folder;
@@ -13,6 +14,7 @@ The corpus is ingested once (module fixture) and shared by the three runs.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -150,7 +152,9 @@ def test_sigkill_of_a_worker_restarts_the_group_and_the_run_finishes(work, tmp_p
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.reliability("resume-newest-complete")
-def test_rerun_after_a_driver_kill_resumes_from_the_newest_complete_checkpoint(work, tmp_path):
+@pytest.mark.reliability("two-runs-one-out")
+def test_rerun_after_a_driver_kill_resumes_from_the_newest_complete_checkpoint(work, tmp_path, caplog,
+                                                                               reliability_figures):
     from retain_asd.train.launch import pretrain
 
     overrides = _overrides(work, "train.total_steps=8", "train.checkpoint_every=2")
@@ -165,6 +169,17 @@ def test_rerun_after_a_driver_kill_resumes_from_the_newest_complete_checkpoint(w
     try:
         _wait_for(lambda: 2 in _markers(run_dir), 600, "step-2 checkpoint", driver)
         stale_snapshot = (run_dir / RAY_SNAPSHOT).read_bytes()  # Ray's record while step 2 is its latest
+        # the same job submitted again on the same --out: stops at once naming the first; the first goes on
+        lock = json.loads((out / "run.lock").read_text())
+        started = time.monotonic()
+        second = subprocess.run([sys.executable, "-m", "pipelines.cli", "pretrain", "--preset", "smoke", "--out",
+                                 str(out), "--no-mlflow", *overrides], cwd=REPO, env=env, capture_output=True,
+                                text=True, timeout=60)
+        second_s = time.monotonic() - started
+        assert second.returncode == 2, second.stderr
+        assert second_s < 5.0
+        assert f"pid {driver.pid} on {lock['host']}, started {lock['started']}" in second.stderr
+        assert json.loads((out / "run.lock").read_text())["pid"] == driver.pid
         _wait_for(lambda: 4 in _markers(run_dir), 300, "step-4 checkpoint", driver)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
@@ -179,8 +194,12 @@ def test_rerun_after_a_driver_kill_resumes_from_the_newest_complete_checkpoint(w
     torn.mkdir()
     (torn / TRAIN_STATE).write_bytes(b"PK\x03\x04 torn")
 
+    caplog.set_level(logging.WARNING, logger="retain_asd.fsio")
     result = pretrain(cfg, out, track=False)
     assert (result.step, result.summary["status"]) == (8, "completed")
+    assert f"took over the lock of a run that is no longer running (pid {driver.pid} " in caplog.text
+    assert not (out / "run.lock").exists()
+    reliability_figures("two-runs-one-out", steps_lost=0, retries=0, bytes_lost=0)  # the first reached step 4
     assert result.summary["resumed_from_step"] == [newest]  # not 2 (Ray's snapshot), not the torn folder
     assert not torn.exists()
     assert all(complete_step(p) is not None for p in run_dir.glob("checkpoint_*"))  # nothing incomplete left
