@@ -25,6 +25,10 @@ from retain_asd import fsio
 
 SAMPLE_RATE_HZ = 16000
 CLIP_S = 10.0
+MAX_SOURCE_S = 3600.0  # a longer file is refused before it is decoded (cut it into clips first)
+DECODE_BLOCK_FRAMES = 1 << 16
+KEEP_MARGIN_S = 1.0  # decoded past clip_s and cropped after resampling: the crop equals that of the whole file
+UNKNOWN_FRAMES = 2**62  # libsndfile's frame count of a stream that does not say its length (FLAC total 0)
 
 ChannelPolicy = Literal["mean"] | int
 PadMode = Literal["repeat", "zero"]
@@ -46,6 +50,8 @@ _HINTS = {
     "non-finite": "the file holds NaN or Inf samples; re-export it from the source",
     "silent": "every sample is zero; drop the file",
     "too short": "drop the file or lower min_clip_s",
+    "too long": "if the header claims more than the file holds, copy or re-export the file; a long recording: cut "
+    "it into clips first (or raise max_source_s)",
     "channel": "pick a channel index in range or use channel='mean'",
 }
 
@@ -142,8 +148,34 @@ def _check_wav_truncation(path, handle: sf.SoundFile) -> None:
         raise _error(path, "truncated", f"header declares {declared} data bytes, file holds {actual}")
 
 
-def _read_source(path, channel: ChannelPolicy) -> tuple[np.ndarray, int, int, int, list[str]]:
-    """Read the file into (T,) float32 per the channel policy; return samples, rate, channels, frames."""
+def _decode(path, handle: sf.SoundFile, keep_frames: int | None, max_frames: int) -> tuple[np.ndarray, int]:
+    """Decode block by block: the first `keep_frames` frames (all with None) as (T, C) float32, and the number of
+    frames in the stream. Nothing is sized from the header, and decoding stops once the stream passes
+    `max_frames`, so a small file that decodes to hours (a FLAC bomb) costs one block of memory."""
+    parts, frames = [], 0
+    while True:
+        try:
+            block = handle.read(DECODE_BLOCK_FRAMES, dtype="float32", always_2d=True)  # (<= block, C)
+        except sf.LibsndfileError as e:  # the stream breaks after a valid header (FLAC "lost sync")
+            raise _error(path, "corrupt", str(e).strip()) from None
+        if block.shape[0] == 0:
+            break
+        if keep_frames is None or frames < keep_frames:
+            parts.append(block if keep_frames is None else block[:keep_frames - frames])
+        frames += block.shape[0]
+        if frames > max_frames:
+            raise _error(path, "too long", f"decodes to more than {max_frames / handle.samplerate:.0f} s "
+                         f"(max_source_s) from {os.path.getsize(path)} bytes; decoding stopped there")
+    data = np.concatenate(parts) if parts else np.zeros((0, handle.channels), np.float32)
+    return data, frames
+
+
+def _read_source(path, channel: ChannelPolicy, keep_frames_s: float | None = None,
+                 max_source_s: float = MAX_SOURCE_S) -> tuple[np.ndarray, int, int, int, list[str]]:
+    """Read the file into (T,) float32 per the channel policy; return samples, rate, channels, frames.
+
+    The header is checked before anything is decoded (a length beyond `max_source_s`, a data chunk larger than
+    the file); with `keep_frames_s` only that much of the start is kept (the rest is decoded to check it)."""
     if not os.path.exists(path):
         raise _error(path, "not found")
     if os.path.isdir(path):
@@ -157,14 +189,19 @@ def _read_source(path, channel: ChannelPolicy) -> tuple[np.ndarray, int, int, in
     with handle:
         rate_hz, channels, declared_frames = handle.samplerate, handle.channels, handle.frames
         _check_wav_truncation(path, handle)
-        try:
-            data = handle.read(dtype="float32", always_2d=True)  # (T, C)
-        except sf.LibsndfileError as e:  # the stream breaks after a valid header (FLAC "lost sync")
-            raise _error(path, "corrupt", str(e).strip()) from None
-    if declared_frames == 0 or data.shape[0] == 0:
+        if rate_hz <= 0 or channels <= 0:
+            raise _error(path, "unreadable", f"header gives {rate_hz} Hz, {channels} channels")
+        max_frames = int(max_source_s * rate_hz)
+        if declared_frames > max_frames and declared_frames < UNKNOWN_FRAMES:
+            raise _error(path, "too long", f"header declares {declared_frames / rate_hz / 3600:.1f} h of audio "
+                         f"({declared_frames} frames at {rate_hz} Hz) in {os.path.getsize(path)} bytes, more than "
+                         f"max_source_s = {max_source_s:.0f} s")
+        keep = None if keep_frames_s is None else int(round(keep_frames_s * rate_hz)) + 1
+        data, frames = _decode(path, handle, keep, max_frames)
+    if declared_frames == 0 or frames == 0:
         raise _error(path, "empty", "0 frames")
-    if data.shape[0] < declared_frames:
-        raise _error(path, "truncated", f"header declares {declared_frames} frames, read {data.shape[0]}")
+    if frames < declared_frames < UNKNOWN_FRAMES:
+        raise _error(path, "truncated", f"header declares {declared_frames} frames, read {frames}")
 
     repairs = []
     if channel == "mean":
@@ -179,7 +216,7 @@ def _read_source(path, channel: ChannelPolicy) -> tuple[np.ndarray, int, int, in
         samples = data[:, channel]
         if channels > 1:
             repairs.append(f"channel {channel}")
-    return np.ascontiguousarray(samples), rate_hz, channels, data.shape[0], repairs
+    return np.ascontiguousarray(samples), rate_hz, channels, frames, repairs
 
 
 def load_clip(
@@ -190,13 +227,16 @@ def load_clip(
     clip_s: float | None = CLIP_S,
     min_clip_s: float = 1.0,
     pad_mode: PadMode = "zero",
+    max_source_s: float = MAX_SOURCE_S,
 ) -> AudioClip:
     """Read `path` and apply the policy: channel -> validate -> resample -> length.
 
     channel: "mean" averages the channels; an int picks one (DCASE 2026 is stereo near/far mic).
     clip_s: crop from the start / pad (pad_mode) to this length; None keeps the full length.
     min_clip_s: shorter sources are rejected rather than padded (mostly repeated audio is not a clip).
-    Validation (NaN/Inf, all zero) runs on the source samples, before any repair can hide it.
+    max_source_s: longer sources are refused before they are decoded (a header that claims hours, a FLAC bomb);
+    with clip_s only the start of the source is kept in memory.
+    Validation (NaN/Inf, all zero) runs on the source samples kept, before any repair can hide it.
     """
     if sample_rate_hz <= 0:
         raise ValueError(f"sample_rate_hz={sample_rate_hz}: must be positive")
@@ -207,7 +247,9 @@ def load_clip(
     if isinstance(channel, bool) or not (channel == "mean" or isinstance(channel, int)):
         raise ValueError(f"channel={channel!r}: expected 'mean' or a channel index (0 = first)")
     path = os.fspath(path)
-    samples, source_rate_hz, source_channels, source_frames, repairs = _read_source(path, channel)
+    keep_s = None if clip_s is None else clip_s + KEEP_MARGIN_S  # the resampler's window past the crop
+    samples, source_rate_hz, source_channels, source_frames, repairs = _read_source(path, channel, keep_s,
+                                                                                    max_source_s)
     validate_waveform(samples, path)
 
     source_s = source_frames / source_rate_hz

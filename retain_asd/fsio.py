@@ -253,12 +253,49 @@ def read_jsonl(path: str | os.PathLike, fix: str | None = None) -> list[dict]:
     return rows
 
 
+def torch_file_problem(path: str | os.PathLike) -> str | None:
+    """Why loading the torch file at ``path`` could need far more memory than its size, or None; read from the zip
+    directory only, before anything is loaded.
+
+    ``torch.save`` writes a zip whose records are stored as they are, so loading needs about the file's size. A
+    compressed record (torch loads one: a 1 MB file can inflate to gigabytes), records that claim more bytes than
+    the file holds, or the legacy pre-1.6 format (it allocates each tensor at the size its header claims, before
+    reading it) are refused."""
+    import zipfile
+
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            records = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:1] == b"\x80":  # a pickle: torch's legacy format
+            return ("saved in torch's legacy format (before torch 1.6), which allocates tensors at the sizes it "
+                    "claims before reading them; save it again with a current torch.save")
+        return None  # not a zip nor a pickle: torch.load fails on it with its own error
+    claimed = sum(r.file_size for r in records)
+    packed = [r.filename for r in records if r.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        return (f"holds compressed records ({packed[0]}{', ...' if len(packed) > 1 else ''}) that unpack to "
+                f"{claimed / 2**20:.0f} MiB from a {size / 2**20:.1f} MiB file; torch.save never compresses, so "
+                "this is not a file it wrote")
+    if claimed > size or any(r.header_offset + r.compress_size > size for r in records):
+        return f"its records claim {claimed} bytes, more than the file's {size}: it was cut short or forged"
+    return None
+
+
 def load_torch(path: str | os.PathLike, fix: str | None = None, **kwargs) -> Any:
-    """``torch.load(weights_only=True)`` whose failure on a torn or foreign file names the file."""
+    """``torch.load(weights_only=True)`` whose failure on a torn or foreign file names the file; a file that would
+    need far more memory than its size is refused before loading (`torch_file_problem`)."""
     import torch
 
     path = Path(path)
     kwargs.setdefault("map_location", "cpu")
+    problem = torch_file_problem(path) if path.is_file() else None
+    if problem:
+        raise CorruptFileError(path, problem, fix)
     try:
         return torch.load(path, weights_only=True, **kwargs)
     except FileNotFoundError:

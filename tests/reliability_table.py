@@ -72,6 +72,10 @@ CASES = [
     ("two-runs-one-out", "the same `pretrain` submitted twice on one `--out`",
      "the second exits with code 2 within 5 s naming the first (pid, host, start time; `<out>/run.lock`); the "
      "first goes on unaffected; the lock of a killed run is taken over with a message"),
+    ("crafted-input", "input that claims more than it holds: a WAV whose header claims 10 h in 1.6 KB, FLAC bombs "
+     "(a few KB that decode to over an hour, length in the header or left unknown), a checkpoint whose deflated "
+     "record inflates to 256 MiB", "refused within 2 s with < 200 MB memory growth, one line naming the file (size "
+     "checks before decoding or loading; long sources decoded block by block, keeping only the clip)"),
     ("property", "random bytes to the audio reader, random arrays to the mixer",
      "nothing raised but AudioError / MixingError"),
 ]

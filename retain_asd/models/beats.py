@@ -713,8 +713,12 @@ def load_beats(path: str | os.PathLike, map_location: str | torch.device | None 
     if not path.is_file():
         raise BEATsCheckpointError(f"{path}: no such file; pass the path of a BEATs checkpoint "
                                    "such as BEATs_iter3.pt")
+    from retain_asd import fsio
     from retain_asd.models.ckpt_io import numpy_safe_globals
 
+    problem = fsio.torch_file_problem(path)  # before any memory is allocated
+    if problem:
+        raise BEATsCheckpointError(f"{path}: not a readable torch checkpoint (refused before loading: {problem})")
     try:  # numpy scalars allowed: fairseq-written files (EAT) carry them; still no code objects
         with torch.serialization.safe_globals(numpy_safe_globals()):
             ckpt = torch.load(path, map_location=map_location, weights_only=True)

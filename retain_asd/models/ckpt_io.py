@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from retain_asd import fsio
+
 FAMILIES = ("beats", "eat")
 EAT_MODEL_NAME = "data2vec_multi"  # fairseq `cfg.model._name` of EAT / SSLAM checkpoints
 
@@ -37,6 +39,9 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file; pass the path of {what}")
+    problem = fsio.torch_file_problem(path)  # before any memory is allocated
+    if problem:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (refused before loading: {problem})")
     try:
         with torch.serialization.safe_globals(numpy_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
