@@ -12,7 +12,9 @@ train.skip_nonfinite_steps=N skips up to N such steps). The pre-training corpus 
 needed; the leakage guard refuses a pre-training corpus that shares a machine type, clip or noise recording with
 the evaluation corpus (eval.*), unless data.add_eval_references: true (Table 5, recorded in MLflow and config.yaml).
 A run owns its --out while it runs (<out>/run.lock: pid, host, start time): a second `pretrain` on the same folder
-stops at once (exit code 2) naming the first; the lock of a run that died is taken over with a message.
+stops at once (exit code 2) naming the first; the lock of a run that died is taken over with a message. When the
+checkpoint folder has no room for the next checkpoint, the run stops before writing it (exit code 1, the folder and
+its free space named); the newest complete checkpoint stays the latest, and the same command resumes from it.
 With data.storage=s3://bucket/prefix the checkpoints, the student and the MLflow artifacts go to the bucket
 (`<prefix>/runs/<out folder name>/<preset>/`), and a re-run with the same --out name resumes from there.
 """
@@ -69,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"running ({fsio.describe_holder(stale)})", file=sys.stderr)
             return _run(args, cfg)
     except fsio.RunLockedError as err:
-        print(f"retain-asd pretrain: {err}", file=sys.stderr)
-        return 2
+        return fail("retain-asd pretrain", err)
 
 
 def _run(args: argparse.Namespace, cfg) -> int:
     from retain_asd.models.beats import BEATsCheckpointError
+    from retain_asd.train.checkpoint import DiskFullError
     from retain_asd.train.guard import DivergenceError
     from retain_asd.train.launch import pretrain
     from retain_asd.train.recovery import summary_line
@@ -94,6 +96,8 @@ def _run(args: argparse.Namespace, cfg) -> int:
         return fail("retain-asd pretrain", err)
     except DivergenceError as err:
         return fail(f"retain-asd pretrain: {cfg.name}", err, code=1)
+    except DiskFullError as err:
+        return fail("retain-asd pretrain", err, code=1)
     if cfg.objective.name == "frozen":
         state = "objective 'frozen' trains nothing; exported the initial encoder"
     else:

@@ -76,6 +76,10 @@ CASES = [
      "(a few KB that decode to over an hour, length in the header or left unknown), a checkpoint whose deflated "
      "record inflates to 256 MiB", "refused within 2 s with < 200 MB memory growth, one line naming the file (size "
      "checks before decoding or loading; long sources decoded block by block, keeping only the clip)"),
+    ("disk-full", "the checkpoint folder's file system full when a checkpoint is due (a small tmpfs, filled)",
+     "every rank stops before writing it, with one line naming the folder, its free space and what the checkpoint "
+     "needs (exit code 1, no retries); the previous checkpoint stays the newest complete one; the same command "
+     "resumes from it once space is freed"),
     ("property", "random bytes to the audio reader, random arrays to the mixer",
      "nothing raised but AudioError / MixingError"),
 ]

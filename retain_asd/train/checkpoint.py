@@ -126,6 +126,42 @@ def save_train_state(directory: str | os.PathLike, *, rank: int, step: int, stud
     (directory / f"digest_rank{rank}.json").write_text(json.dumps({"step": step, **digests}))
 
 
+class DiskFullError(OSError):
+    """The checkpoint folder's file system has no room for the next checkpoint; names the folder and its free space."""
+
+
+CHECKPOINT_MARGIN_BYTES = 1 << 20  # the completeness marker and Ray Train's own records beside the files
+
+
+def checkpoint_room(storage_dir: str | os.PathLike | None, local_dir: str | os.PathLike, step: int,
+                    device: str | torch.device = "cpu") -> str | None:
+    """Before a checkpoint is persisted: None when ``storage_dir`` (where Ray Train copies it; None for an object
+    store) has room for every rank's files, else the message of a clean stop (the folder, its free space, what
+    is needed). Every rank of a process group (on `device`) calls it and gets the same answer (sizes summed, free
+    space the least any rank saw), so they all stop together and the newest complete checkpoint stays the latest."""
+    if storage_dir is None:
+        return None
+    import shutil
+
+    import torch.distributed as dist
+
+    mine = sum(p.stat().st_size for p in Path(local_dir).rglob("*") if p.is_file())
+    os.makedirs(storage_dir, exist_ok=True)
+    free = shutil.disk_usage(storage_dir).free
+    if dist.is_available() and dist.is_initialized():
+        sizes = torch.tensor([float(mine)], dtype=torch.float64, device=device)  # the group's device (NCCL: GPU)
+        frees = torch.tensor([float(free)], dtype=torch.float64, device=device)
+        dist.all_reduce(sizes, op=dist.ReduceOp.SUM)
+        dist.all_reduce(frees, op=dist.ReduceOp.MIN)
+        mine, free = int(sizes.item()), int(frees.item())
+    needed = mine + CHECKPOINT_MARGIN_BYTES
+    if free >= needed:
+        return None
+    return (f"{storage_dir}: disk full: {free / 2**20:.1f} MiB free, the step-{step} checkpoint needs "
+            f"{needed / 2**20:.1f} MiB; nothing of it was written and the newest complete checkpoint stays the "
+            "latest. Free some space and run the same command again to resume")
+
+
 def read_train_state(directory: str | os.PathLike) -> dict:
     """The rank-0 state of a checkpoint folder, local or in an object store (a URI)."""
     if storage.is_uri(directory):

@@ -228,7 +228,10 @@ def _metrics_log_callback(path: Path, uri: str | None = None, run_id: str | None
     class MetricsLog(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
             row = metrics[0]
-            fsio.append_line(path, json.dumps(row))
+            try:
+                fsio.append_line(path, json.dumps(row))
+            except OSError as err:  # a full disk: the run stops at its next checkpoint with the reason
+                log.warning("%s: step %s not recorded (%s)", path, row.get("step"), err)
             if run_id is None or "step" not in row:
                 return
             numbers = {k: v for k, v in row.items()
@@ -463,6 +466,12 @@ def _init_in_storage(cfg: Config, out_dir: Path, init_checkpoint: Path) -> dict:
     return {"init_checkpoint": path, "init_fs": filesystem}
 
 
+def _local_run_dir(cfg: Config, out_dir: Path) -> str | None:
+    """The local folder of the run's checkpoints (the workers check its free space first); None in a bucket."""
+    root = checkpoint_root(cfg, out_dir)
+    return None if storage.is_uri(root) else str(Path(root) / cfg.name)
+
+
 def _train(cfg: Config, out_dir: Path, corpus, init_checkpoint: Path, checkpoint: Path | str | None,
            stop_at_step: int | None, run: tuple[str, str] | None) -> Path | str:
     """Fit up to stop_at_step / total_steps from `checkpoint` (or the start); the newest checkpoint (a URI when
@@ -476,7 +485,7 @@ def _train(cfg: Config, out_dir: Path, corpus, init_checkpoint: Path, checkpoint
     plan = train_stream_from(cfg, corpus)
     loop_config = dataclasses.replace(loop_config_from(cfg, corpus.labels_path, init_checkpoint, stop_at_step),
                                       **resume, **_init_in_storage(cfg, out_dir, init_checkpoint),
-                                      noise_bank=plan.state_ref)
+                                      noise_bank=plan.state_ref, checkpoint_dir=_local_run_dir(cfg, out_dir))
     trainer = build_trainer(cfg, loop_config, plan.dataset, out_dir, mlflow_run=run)
     since = recovery.fit_started(out_dir)
     try:
@@ -489,6 +498,7 @@ def _train(cfg: Config, out_dir: Path, corpus, init_checkpoint: Path, checkpoint
     except DivergenceError as err:
         _finish(cfg, out_dir, "diverged", None, None, message=str(err))
         raise
+    recovery.raise_if_disk_full(out_dir, since)  # nothing more is written: the disk has no room
     root = checkpoint_root(cfg, out_dir)
     if result.checkpoint is None:
         raise RuntimeError(f"{storage.join(root, cfg.name)}: the run finished without a checkpoint")

@@ -22,6 +22,7 @@ from retain_asd.stream import iter_train_batches
 from retain_asd.train import guard as guard_mod
 from retain_asd.train import objectives as obj
 from retain_asd.train.checkpoint import (
+    checkpoint_room,
     load_train_state,
     rng_state,
     save_train_state,
@@ -142,4 +143,8 @@ def train_fn_per_worker(cfg: LoopConfig) -> None:
                              teacher_initial=teacher_initial, node_id=ray.get_runtime_context().get_node_id(),
                              data={"micro_batches_seen": done * cfg.grad_accum, "seed": cfg.seed,
                                    "skipped_steps": guard.skipped})
+            full = checkpoint_room(cfg.checkpoint_dir, directory, done, device)  # the same answer on every rank
+            if full:  # a clean stop (no retry): the previous checkpoint stays the newest complete one
+                ray.train.report({"disk_full": full})
+                return
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))

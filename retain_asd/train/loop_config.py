@@ -53,6 +53,7 @@ class LoopConfig:
     resume_fs: object = None  # pyarrow filesystem of resume_from when it is in an object store (None: local)
     init_fs: object = None  # pyarrow filesystem of init_checkpoint when it is in an object store (None: local)
     noise_bank: object = None  # the stream's StreamPlan.state_ref: the bank each row's noise is formed from
+    checkpoint_dir: str | None = None  # the local folder Ray Train persists checkpoints to (room checked first)
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))

@@ -2,7 +2,8 @@
 
     RunMonitor (Ray Train callback, in the controller)   <out>/ray/<name>/checkpoint_*/complete.json
       after_report: marks each persisted checkpoint        (`checkpoint.mark_complete`, written last)
-      complete; records resumes and a divergence stop    <out>/events.jsonl   one JSON object per event
+      complete; records resumes, a divergence stop and   <out>/events.jsonl   one JSON object per event
+      a stop for want of disk space
       after_exception: records a worker-group failure      (Ray Train then restarts the group from the
                                                            latest checkpoint, up to train.max_failures)
     prepare_resume (driver, before a fit): removes incomplete and orphaned checkpoint folders and Ray's run
@@ -25,7 +26,7 @@ import os
 from pathlib import Path
 
 from retain_asd import fsio, runtime, storage
-from retain_asd.train.checkpoint import clean_checkpoints, folder_name, mark_complete
+from retain_asd.train.checkpoint import DiskFullError, clean_checkpoints, folder_name, mark_complete
 from retain_asd.train.guard import DivergenceError
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ def run_monitor(events_path: Path):
                 _event(events_path, "resumed", step=first["resumed_from_step"])
             if "diverged" in first:
                 _event(events_path, "diverged", message=first["diverged"])
+            if "disk_full" in first:
+                _event(events_path, "disk_full", message=first["disk_full"])
 
         def after_exception(self, run_context, worker_exceptions):
             _event(events_path, "worker_failure", errors={rank: f"{type(e).__name__}: {e}"[:300]
@@ -95,6 +98,13 @@ def raise_if_diverged(out_dir: Path, since: int) -> None:
     for row in read_events(out_dir)[since:]:
         if row["event"] == "diverged":
             raise DivergenceError(row["message"])
+
+
+def raise_if_disk_full(out_dir: Path, since: int) -> None:
+    """The workers stopped before a checkpoint that had no room (`checkpoint.checkpoint_room`)."""
+    for row in read_events(out_dir)[since:]:
+        if row["event"] == "disk_full":
+            raise DiskFullError(row["message"])
 
 
 def fit_failed(out_dir: Path) -> None:

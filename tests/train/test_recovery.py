@@ -229,3 +229,66 @@ def test_huge_lr_stops_with_the_divergence_message_and_keeps_the_good_checkpoint
     assert summary["steps"] == step and summary["student"] is None
     assert summary["worker_failures"] == 0  # reported, not raised: max_failures does not replay it
     shutil.rmtree(out / "ray", ignore_errors=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MiB tmpfs mounted for the test (a real full file system); skipped where mounting is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here ({proc.stderr.strip() or proc.returncode})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.reliability("disk-full")
+def test_disk_full_at_a_checkpoint_stops_cleanly_and_the_rerun_resumes(work, small_disk, reliability_figures):
+    """The out folder on a small file system filled (a ballast file) once the step-2 checkpoint is complete: the
+    run stops before the step-4 checkpoint naming the folder and its free space; the step-2 checkpoint stays the
+    newest complete one; with the ballast gone the same run resumes from step 2 and finishes."""
+    from retain_asd.train.checkpoint import DiskFullError
+    from retain_asd.train.launch import pretrain
+
+    cfg = load_config("smoke", overrides=_overrides(work, "train.total_steps=4", "train.checkpoint_every=2"))
+    out = small_disk / "run"
+    run_dir = out / "ray" / cfg.name
+    ballast = small_disk / "ballast"
+    filled = threading.Event()
+
+    def fill_after_step_2():
+        try:
+            _wait_for(lambda: 2 in _markers(run_dir), 600, "step-2 checkpoint")
+        except AssertionError:
+            return
+        free = shutil.disk_usage(small_disk).free
+        with open(ballast, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, free - 256 * 1024)  # 256 KiB left: less than a checkpoint
+        filled.set()
+
+    filler = threading.Thread(target=fill_after_step_2, daemon=True)
+    filler.start()
+    with pytest.raises(DiskFullError) as err:
+        pretrain(cfg, out, track=False)
+    filler.join(timeout=5)
+    assert filled.is_set()
+    message = str(err.value)
+    assert message.startswith(f"{run_dir}: disk full: 0.2 MiB free, the step-4 checkpoint needs "), message
+    assert "\n" not in message
+    complete, incomplete = complete_checkpoints(run_dir)
+    assert [s for s, _ in complete] == [2] and incomplete == []  # nothing half-written beside it
+
+    ballast.unlink()  # space freed: the same run resumes from step 2
+    started = time.monotonic()
+    result = pretrain(cfg, out, track=False)
+    resumed_s = time.monotonic() - started
+    assert (result.step, result.summary["status"], result.summary["resumed_from_step"]) == (4, "completed", [2])
+    assert result.summary["worker_failures"] == 0  # a clean stop, no retries
+    # wall time added: the re-run (its start and the 2 steps done again), an upper bound
+    reliability_figures(steps_lost=2, retries=0, bytes_lost=0, wall_added_s=resumed_s)
