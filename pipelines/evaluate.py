@@ -3,7 +3,8 @@
 Each --checkpoint (a BEATs .pt, or `frozen` = model.checkpoint of the config, evaluated at layer 12) gets
 one MLflow run with every figure (per condition x SNR, raw and with domain normalisation, Table-2
 hmeans), and `--out DIR/<name>/` gets Table 2 (markdown, CSV), plots and evaluator-format score files.
-With --dcase-root the checkpoints are scored GenRep-style on a DCASE 2020-2025 folder instead.
+With --dcase-root the checkpoints are scored GenRep-style on a DCASE 2020-2026 folder instead (docs/dcase.md),
+on the channel data.channel of stereo files (DCASE 2026: 0 near mic, 1 far mic), or on several with --channels.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "a URI of either in data.storage (s3://...), or 'frozen' (model.checkpoint); repeatable")
     p.add_argument("--out", required=True, help="output folder for tables, plots and score files")
     p.add_argument("--layers", type=parse_layers, help="also evaluate these layers, e.g. 1-12 (Fig. 2)")
-    p.add_argument("--dcase-root", help="evaluate on a DCASE 2020-2025 folder instead of the eval sets")
+    p.add_argument("--dcase-root", help="evaluate on a DCASE 2020-2026 folder instead of the eval sets")
+    p.add_argument("--channels", type=lambda t: t.split(","),
+                   help="with --dcase-root: score these channels of the same clips, e.g. 0,1 (DCASE 2026 near and "
+                        "far mic) and print them side by side per machine (default: data.channel)")
     p.add_argument("--ground-truth", help="evaluator ground-truth folder for DCASE eval data (with --dcase-root)")
     p.add_argument("--ray", action="store_true", help="embed with a Ray Data actor pool (GPU when present)")
     p.add_argument("--address", help="Ray cluster address (with --ray)")
@@ -55,10 +59,18 @@ def main(argv: list[str] | None = None) -> int:
         return fail("retain-asd evaluate", err)
     if args.ray and not args.dcase_root and not protocol_guard(cfg, "retain-asd evaluate"):  # before Ray starts
         return 2
+    if args.channels and not args.dcase_root:
+        print("retain-asd evaluate: --channels needs --dcase-root (the eval sets are mono)", file=sys.stderr)
+        return 2
+    if bad := [c for c in args.channels or () if c != "mean" and not c.isdigit()]:
+        print(f"retain-asd evaluate: --channels {','.join(args.channels)}: {bad[0]!r} is not a channel index or "
+              "'mean'", file=sys.stderr)
+        return 2
     try:  # a bad checkpoint, path or corpus is a user error: one line (--debug for the traceback)
         with quiet_run(Path(args.out) / "evaluate.log", args.verbose, address=args.address, start_ray=args.ray):
             results = evaluate_from_config(cfg, args.checkpoint, args.out, layers=args.layers, use_ray=args.ray,
-                                           dcase_root=args.dcase_root, ground_truth_dir=args.ground_truth)
+                                           dcase_root=args.dcase_root, ground_truth_dir=args.ground_truth,
+                                           channels=args.channels)
     except Exception as err:
         return report_user_error("retain-asd evaluate", err)
     for r in results:
@@ -69,10 +81,16 @@ def main(argv: list[str] | None = None) -> int:
         figures = figures or {k: v for k, v in m.items() if k.startswith("dcase/official")}
         note = ""
         if args.dcase_root:
-            from retain_asd.eval.dcase_mode import source_only
+            from retain_asd.eval.dcase_mode import source_only, where
 
-            note = "  (source domain only: AUC + pAUC, no target AUC)" if source_only(r) else ""
+            note = f"  [{where(r)}]" + ("  (source domain only: AUC + pAUC, no target AUC)" if source_only(r) else "")
         print(f"{r.name}: " + "  ".join(f"{k}={100 * v:.2f}" for k, v in figures.items()) + note)
+    if args.dcase_root and args.channels and len(args.channels) > 1:
+        from retain_asd.eval.dcase_mode import channels_side_by_side
+
+        n = len(args.channels)
+        for start in range(0, len(results), n):
+            print("\n" + channels_side_by_side(results[start:start + n], cfg.eval.primary == "dn"))
     print(f"tables, plots and score files under {args.out}")
     return 0
 

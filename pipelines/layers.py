@@ -1,10 +1,14 @@
 """`retain-asd layers`: the paper's Fig. 2, the layer-wise curve: every layer of each encoder scored from one
-forward pass per clip (Table-2 hmean over all sets, the primary figure: eval.primary), on the evaluation corpus.
+forward pass per clip (Table-2 hmean over all sets, the primary figure: eval.primary), on the evaluation corpus,
+or with --dcase-root on a DCASE 2020-2026 tree (the official score of its year, per layer; channel data.channel).
 
     retain-asd layers --preset smoke --checkpoint frozen --checkpoint runs/demo/pretrain/student_beats.pt --out l
+    retain-asd layers --checkpoint frozen --checkpoint student.pt --dcase-root dcase2023t2/eval_data \
+        --ground-truth dcase2023_task2_evaluator/ground_truth --out fig2_2023
 
-Writes <out>/layers.md, <out>/score_per_layer.png and one MLflow run per encoder (`layers-<name>`, metric
-layerwise/hmean_all_primary_<dn|raw> at step = layer, plus layer_<k>/hmean_all_primary_<dn|raw>).
+Writes <out>/layers.md (with --dcase-root also a machine x layer table per encoder; * marks the layer `evaluate`
+reports), <out>/score_per_layer.png (one curve per encoder) and one MLflow run per encoder (`layers-<name>`,
+metric layerwise/hmean_all_primary_<dn|raw>, or layerwise/dcase_official_<dn|raw>, at step = layer).
 """
 
 from __future__ import annotations
@@ -22,23 +26,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, default_preset="smoke")
     p.add_argument("--checkpoint", action="append", required=True, help="encoder .pt or 'frozen'; repeatable")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--dcase-root", help="a DCASE 2020-2026 folder instead of the eval sets (docs/dcase.md)")
+    p.add_argument("--ground-truth", help="evaluator ground-truth folder for DCASE eval data (with --dcase-root)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    from retain_asd.eval.analyses import layerwise_markdown
     from retain_asd.eval.builder import layers_from_config
 
     cfg = config_from_args(args, "retain-asd layers")
     if cfg is None:
         return 2
     try:
-        scores, paths = layers_from_config(cfg, args.checkpoint, args.out)
-    except Exception as err:  # a bad checkpoint or layer: one line (--debug for the traceback)
+        _, paths = layers_from_config(cfg, args.checkpoint, args.out, dcase_root=args.dcase_root,
+                                      ground_truth_dir=args.ground_truth)
+    except Exception as err:  # a bad checkpoint, layer, tree or channel: one line (--debug for the traceback)
         return report_user_error("retain-asd layers", err)
-    print(layerwise_markdown(scores, f"hmean over all sets ({cfg.eval.primary}, primary)"))
+    print(paths[0].read_text())
     print("written: " + ", ".join(str(p) for p in paths))
     return 0
 

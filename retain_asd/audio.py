@@ -280,13 +280,22 @@ def load_clip(
     )
 
 
-def load_clips(paths: Sequence[str | os.PathLike], clip_s: float) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """(B, S) float32 clips of the readable files (`load_clip`) and (path, reason) for the others, so a bad
-    file in a folder is reported, never fatal."""
+def channel_policy(channel: str | int) -> ChannelPolicy:
+    """``data.channel`` ("mean", "0", "1") -> what `load_clip` takes ("mean" or an index)."""
+    text = str(channel)
+    if text != "mean" and not text.isdigit():
+        raise ValueError(f"channel={channel!r}: expected 'mean' or a channel index (0 = first)")
+    return "mean" if text == "mean" else int(text)
+
+
+def load_clips(paths: Sequence[str | os.PathLike], clip_s: float,
+               channel: ChannelPolicy = "mean") -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """(B, S) float32 clips of the readable files (`load_clip`, `channel` of a multi-channel file) and
+    (path, reason) for the others, so a bad file in a folder is reported, never fatal."""
     clips, bad = [], []
     for p in paths:
         try:
-            clips.append(load_clip(p, clip_s=clip_s).samples.astype(np.float32))
+            clips.append(load_clip(p, clip_s=clip_s, channel=channel).samples.astype(np.float32))
         except (AudioError, OSError, RuntimeError) as err:
             bad.append((str(p), str(err)))
     return (np.stack(clips) if clips else np.zeros((0, 0), np.float32)), bad

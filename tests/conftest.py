@@ -175,3 +175,89 @@ def bucket_keys(s3_server):
         return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
 
     return keys
+
+
+# ---------------------------------------------------------------------------------------------------- DCASE trees
+def _excerpts(path: Path, clip_s: float) -> list:
+    """Consecutive `clip_s` excerpts of a real recording (16 kHz)."""
+    import soundfile as sf
+
+    x, rate = sf.read(path, dtype="float32")
+    n = int(clip_s * rate)
+    return [x[i:i + n] for i in range(0, len(x) - n + 1, n)]
+
+
+def write_dcase_tree(root: Path, year: int, *, clip_s: float = 1.0, machines: tuple[str, ...] | None = None,
+                     eval_machines: tuple[str, ...] = ()) -> dict[str, Path]:
+    """A DCASE `year` tree (2023, 2025 or 2026 layout) from the real DCASE 2020 clips of ../shared/data, renamed
+    into that year's convention: per machine 6 source + 2 target train normals, and per domain 2 normal + 1
+    anomalous test clips, each a `clip_s` excerpt of a real recording (attributes invented for the test).
+
+    2025 adds a `supplemental/` clip. 2026 files are stereo, made from pairs of clips: channel 0 (near mic) the
+    machine excerpt, channel 1 (far mic) 0.3 x that excerpt + a real noise excerpt (Speech Commands). Eval
+    machines (`eval_machines`, under eval_data/raw/) get the additional training set in train/ and anonymised
+    tests `section_00_NNNN.wav`, with the evaluator's ground truth (2023+ layout: ground_truth_data/,
+    ground_truth_domain/, ground_truth_attributes/) under <root>/ground_truth. Returns {"root", "ground_truth"}.
+    """
+    import numpy as np
+    import soundfile as sf
+
+    machine_dir = SHARED_DATA / "machine"
+    normals = [e for p in sorted((machine_dir / "dcase2020t2_dev_id00" / "train").glob("*.wav"))[:4]
+               for e in _excerpts(p, clip_s)]
+    anomalies = (_excerpts(machine_dir / "dcase2020t2_dev_id00" / "test" / "anomaly_id_00_00000000.wav", clip_s)
+                 + _excerpts(machine_dir / "dcase2020t2_dev_id01_toycar" / "anomaly_id_01_00000000.wav", clip_s))
+    noise = _excerpts(SHARED_DATA / "noise" / "running_tap.wav", clip_s)
+    machines = machines or {2023: ("fan", "ToyCar"), 2025: ("fan", "bearing"), 2026: ("ToyCarEmu", "fan")}[year]
+    attrs = {"fan": "m-n_W", "ToyCar": "car_A1_spd_28V_mic_1", "bearing": "noAttribute", "ToyCarEmu": "noAttribute",
+             "ToyDrone": "noAttribute"}
+    counter = iter(range(10_000))
+
+    def audio(clip, k: int):
+        if year != 2026:
+            return clip
+        far = 0.3 * clip + 0.5 * noise[k % len(noise)] / max(1e-6, float(np.abs(noise[k % len(noise)]).max()))
+        stereo = np.stack([clip, far], axis=1)
+        return stereo / max(1.0, float(np.abs(stereo).max()))
+
+    truth: dict[str, list[tuple[str, int, int, str]]] = {}
+    for i, machine in enumerate((*machines, *eval_machines)):
+        evaluation = machine in eval_machines
+        base = root / ("eval_data" if evaluation else "dev_data") / "raw" / machine
+        (base / "train").mkdir(parents=True, exist_ok=True)
+        (base / "test").mkdir(parents=True, exist_ok=True)
+        attr = attrs.get(machine, "noAttribute")
+        rows = []
+        for j, domain in enumerate(["source"] * 6 + ["target"] * 2):
+            k = next(counter)
+            sf.write(base / "train" / f"section_00_{domain}_train_normal_{j:04d}_{attr}.wav",
+                     audio(normals[k % len(normals)], k), 16000)
+        tests = [(d, label) for d in ("source", "target") for label in ("normal", "normal", "anomaly")]
+        for j, (domain, label) in enumerate(tests):
+            k = next(counter)
+            clip = anomalies[(2 * i + j) % len(anomalies)] if label == "anomaly" else normals[k % len(normals)]
+            full = f"section_00_{domain}_test_{label}_{j:04d}_{attr}.wav"
+            name = f"section_00_{j:04d}.wav" if evaluation else full
+            sf.write(base / "test" / name, audio(clip, k), 16000)
+            rows.append((name, int(label == "anomaly"), int(domain == "target"), full))
+        truth[machine] = rows
+        if year == 2025 and not evaluation:
+            (base / "supplemental").mkdir(exist_ok=True)
+            sf.write(base / "supplemental" / f"section_00_source_supplemental_normal_0000_{attr}.wav",
+                     audio(normals[0], 0), 16000)
+    gt = root / "ground_truth"
+    for machine in eval_machines:
+        name = f"ground_truth_{machine}_section_00_test.csv"
+        for sub, column in (("ground_truth_data", 1), ("ground_truth_domain", 2)):
+            (gt / sub).mkdir(parents=True, exist_ok=True)
+            (gt / sub / name).write_text("".join(f"{r[0]},{r[column]}\n" for r in truth[machine]))
+        (gt / "ground_truth_attributes").mkdir(parents=True, exist_ok=True)
+        (gt / "ground_truth_attributes" / name).write_text(
+            "".join(f"{r[0]},{r[3].removesuffix('.wav')}\n" for r in truth[machine]))
+    return {"root": root, "ground_truth": gt}
+
+
+@pytest.fixture(scope="session")
+def dcase_tree(shared_data):
+    """`write_dcase_tree` (skips without ../shared/data)."""
+    return write_dcase_tree

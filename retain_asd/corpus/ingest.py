@@ -45,6 +45,8 @@ class Corpus:
             state = "rebuilt" if s.rebuilt else "up to date"
             lines.append(f"  {name:<8} {c['inputs']:>6} inputs  {c['written']:>6} written  "
                          f"{c['rejected']:>4} rejected  {len(s.manifest['shards'])} shards  ({state})")
+        if note := channel_note(self.machine.manifest):
+            lines.append(f"  {note}")
         lines.append(f"  classes: {self.vocab.num_machine} machine-attribute + {self.vocab.num_noise} noise "
                      f"= {self.vocab.num_classes}")
         for name in (*self.vocab.machine_classes, *self.vocab.noise_classes):
@@ -52,6 +54,18 @@ class Corpus:
         for path, reason in (*self.machine.rejects, *self.noise.rejects):
             lines.append(f"  rejected {path}: {reason}")
         return "\n".join(lines)
+
+
+def channel_note(manifest: dict) -> str:
+    """What data.channel did to multi-channel files (DCASE 2026: 0 near mic, 1 far mic), from the manifest's
+    per-file repairs; "" when every file was mono. A downmix is never silent."""
+    channel = manifest.get("settings", {}).get("channel", "mean")
+    repairs = [s.get("repairs", "") for s in manifest.get("sources", [])]
+    n = sum(1 for r in repairs if "downmix" in r.split(";") or any(x.startswith("channel ") for x in r.split(";")))
+    if not n:
+        return ""
+    what = "averaged (downmix)" if channel == "mean" else f"read on channel {channel} only"
+    return f"channel: data.channel = {channel}: {n} multi-channel files {what}"
 
 
 def ingest(machine_root: str | os.PathLike, noise_root: str | os.PathLike, out_dir: str | os.PathLike, *,

@@ -6,7 +6,8 @@
   representation the mixture loss asks the student for (Eq. 5). Students given after the first encoder are
   scored on the wave mixture too.
 * Fig. 2: every layer of each encoder, all from one forward pass per clip (``run.evaluate_checkpoint`` with
-  every layer), scored by the Table-2 harmonic mean over all sets (the primary figure, DN or raw).
+  every layer), scored by the Table-2 harmonic mean over all sets (the primary figure, DN or raw); on a DCASE
+  tree (``dcase_mode.evaluate_dcase``), by the official score of the tree's year.
 
 Library functions: no Config (the builders in ``eval/builder.py`` and the pipelines pass flat arguments).
 """
@@ -131,12 +132,29 @@ def write_table3(table: Table3, out_dir: str | os.PathLike) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------------- Fig. 2
-def layerwise_markdown(scores: dict[str, dict[int, float]], figure: str) -> str:
-    """Encoders x layers table of `figure` (x100)."""
+def _layer_cells(by: dict[int, float], layers: Sequence[int], mark: int | None) -> str:
+    return " | ".join((f"{100 * by[x]:.2f}" if x in by and not math.isnan(by[x]) else "–")
+                      + ("*" if x == mark else "") for x in layers)
+
+
+def layerwise_markdown(scores: dict[str, dict[int, float]], figure: str, marked: dict[str, int] | None = None) -> str:
+    """Encoders x layers table of `figure` (x100); `marked` {encoder: layer} gets a star (the layer `evaluate`
+    reports)."""
+    marked = marked or {}
     layers = sorted({layer for by in scores.values() for layer in by})
     lines = [f"Fig. 2: {figure} per layer (x100)", "", "| encoder | " + " | ".join(f"L{x}" for x in layers) + " |",
              "|---|" + "---:|" * len(layers)]
     for name, by in scores.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * by[x]:.2f}" if x in by and not math.isnan(by[x])
-                                                 else "–" for x in layers) + " |")
+        lines.append(f"| {name} | " + _layer_cells(by, layers, marked.get(name)) + " |")
+    if marked:
+        lines += ["", "* the layer `evaluate` reports for the encoder (eval.layer; eval.ssl_layer for 'frozen')"]
+    return "\n".join(lines) + "\n"
+
+
+def layerwise_machine_markdown(per_machine: dict[str, dict[int, float]], encoder: str, mark: int | None = None) -> str:
+    """One encoder's machine x layer table: each machine section's hmean of AUC_s, AUC_t, pAUC (x100)."""
+    layers = sorted({layer for by in per_machine.values() for layer in by})
+    lines = [f"{encoder}: hmean of AUC_source, AUC_target, pAUC per machine section and layer (x100)", "",
+             "| machine section | " + " | ".join(f"L{x}" for x in layers) + " |", "|---|" + "---:|" * len(layers)]
+    lines += [f"| {machine} | " + _layer_cells(by, layers, mark) + " |" for machine, by in per_machine.items()]
     return "\n".join(lines) + "\n"

@@ -162,12 +162,19 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
                          layers: Sequence[int] | None = None, use_ray: bool = False,
                          dcase_root: str | os.PathLike | None = None,
                          ground_truth_dir: str | os.PathLike | None = None, sets=None,
-                         track: bool = True) -> list[EvalResult]:
+                         track: bool = True, channels: Sequence[str] | None = None) -> list[EvalResult]:
     """Builder: evaluate each checkpoint (or "frozen") on the config's eval sets (or a DCASE folder),
     write tables, plots and score files under `out_dir/<name>/`, and log one MLflow run per checkpoint.
 
-    `sets`: built `EvalSets` to use instead of the config's; `track=False`: no MLflow run (the caller logs)."""
-    from retain_asd.eval.dcase_mode import evaluate_dcase, source_only, write_dcase_table
+    `sets`: built `EvalSets` to use instead of the config's; `track=False`: no MLflow run (the caller logs).
+    `channels` (DCASE folder only; default [data.channel]): score each channel of the same clips, one result and
+    run per checkpoint and channel (`<name>-ch<c>`), and `<out>/channels_<name>.md` side by side."""
+    from retain_asd.eval.dcase_mode import (
+        channels_side_by_side,
+        evaluate_dcase,
+        source_only,
+        write_dcase_table,
+    )
     from retain_asd.eval.evalsets import evalsets_from_config
     from retain_asd.tracking import (
         active_run_id,
@@ -192,25 +199,23 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
         sets = evalsets_from_config(cfg)
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
     cache_dir = embedding_cache_dir(cfg)
+    channels = [str(c) for c in (channels or [cfg.data.channel])] if dcase_root else [None]
     results, seen = [], {}
-    for name, path, frozen in resolved:
+    for (name, path, frozen), channel in [(r, c) for r in resolved for c in channels]:
         origin = {} if frozen else provenance(path)
         seed = origin.get("seed", cfg.train.seed)
         folder = f"{name}-seed{seed}" if origin else name
+        folder += f"-ch{channel}" if len(channels) > 1 else ""
         seen[folder] = seen.get(folder, 0) + 1
         folder = folder if seen[folder] == 1 else f"{folder}_{seen[folder]}"
         num_layers = depths[path]
-        primary = e.ssl_layer if frozen else e.layer  # SSL baselines (Table 2): layer 12
-        if primary > num_layers:
-            warnings.warn(f"{name}: layer {primary} > the encoder's {num_layers} blocks; using {num_layers}",
-                          stacklevel=2)
-            primary = num_layers
+        primary = primary_layer(e, frozen, num_layers, name)
         use_layers = [primary] + [x for x in (layers or []) if x != primary and x <= num_layers]
         embedder = Embedder(path, pooling=e.pooling, cache_dir=cache_dir, batch_size=e.batch_size)
         run_dir = out_dir / folder
         if dcase_root:
             result = evaluate_dcase(embedder, dcase_root, use_layers, ground_truth_dir=ground_truth_dir, k=e.k,
-                                    metric=e.metric, clip_s=cfg.data.clip_s, name=folder)
+                                    metric=e.metric, clip_s=cfg.data.clip_s, name=folder, channel=channel)
         else:
             result = evaluate_checkpoint(path, sets, use_layers, k=e.k, metric=e.metric,
                                          memmixup=e.memmixup_k if e.memmixup else 0,
@@ -226,17 +231,35 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
             "pretrain_run_id": origin.get("pretrain_run_id", ""), "checkpoint": origin.get("uri") or path,
             "checkpoint_hash": result.checkpoint_hash, "layers": str(use_layers),
             "mode": "dcase" if dcase_root else "evalsets",
-            "domains": "source only (AUC + pAUC)" if dcase_root and source_only(result) else ""}
+            "domains": "source only (AUC + pAUC)" if dcase_root and source_only(result) else "",
+            "dcase_layout": result.layout, "channel": result.channel}
         tags = {k: v for k, v in tags.items() if v}
         if track:
-            with mlflow_run(uri, cfg.tracking.experiment, run_name("evaluate", name, seed), params, tags,
+            run = run_name("evaluate", name, seed) + (f"-ch{channel}" if len(channels) > 1 else "")
+            with mlflow_run(uri, cfg.tracking.experiment, run, params, tags,
                             nested=active_run_id() is not None, storage=cfg.data.storage):
                 log_metrics(result.metrics())
                 log_artifacts(run_dir, artifact_path="evaluate")
         results.append(result)
     if not dcase_root and len(results) > 1:
         write_reports(results, out_dir)
+    if dcase_root and len(channels) > 1:
+        for start in range(0, len(results), len(channels)):  # one checkpoint's channels are adjacent
+            mine = results[start:start + len(channels)]
+            fsio.write_text(out_dir / f"channels_{resolved[start // len(channels)][0]}.md",
+                            "\n".join(channels_side_by_side(mine, dn) for dn in (e.primary == "dn", e.primary != "dn")))
     return results
+
+
+def primary_layer(e, frozen: bool, num_layers: int, name: str = "") -> int:
+    """The layer `evaluate` reports for an encoder: eval.ssl_layer for a frozen SSL baseline (Table 2: 12), else
+    eval.layer; clamped (with a warning) to the encoder's depth."""
+    primary = e.ssl_layer if frozen else e.layer
+    if primary > num_layers:
+        warnings.warn(f"{name}: layer {primary} > the encoder's {num_layers} blocks; using {num_layers}",
+                      stacklevel=3)
+        primary = num_layers
+    return primary
 
 
 def _run_params(cfg, origin: dict, frozen: bool) -> dict:
@@ -291,14 +314,18 @@ def table3_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.PathLi
     return result, paths
 
 
-def layers_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.PathLike):
+def layers_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.PathLike,
+                       dcase_root: str | os.PathLike | None = None, ground_truth_dir: str | os.PathLike | None = None):
     """Builder of `retain-asd layers` (Fig. 2): every layer of each encoder from one forward pass per clip,
     scored by the primary Table-2 hmean over all sets; layers.md, score_per_layer.png, one MLflow run per
-    encoder with ``layerwise/hmean_all_primary_<dn|raw>`` logged at step = layer (and the raw / DN figures)."""
+    encoder with ``layerwise/hmean_all_primary_<dn|raw>`` logged at step = layer (and the raw / DN figures).
+    With `dcase_root`: the same on a DCASE tree, scored by the official score (`layers_dcase`)."""
     from retain_asd.eval.analyses import layerwise_markdown
     from retain_asd.eval.report import plot_score_per_layer
     from retain_asd.tracking import log_artifacts, log_metrics, mlflow_run, resolve_tracking_uri
 
+    if dcase_root:
+        return layers_dcase(cfg, checkpoints, out_dir, dcase_root, ground_truth_dir)
     out_dir = Path(out_dir)
     resolved, depths, sets = _prepare(cfg, checkpoints, out_dir)
     e = cfg.eval
@@ -324,5 +351,64 @@ def layers_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.PathLi
     png = plot_score_per_layer(scores, out_dir / "score_per_layer.png")
     with mlflow_run(uri, cfg.tracking.experiment, "layers", {"checkpoints": [p for _, p, _ in resolved]},
                     {"kind": "layers"}, storage=cfg.data.storage):
+        log_artifacts(out_dir, artifact_path="layers")
+    return scores, [md, png]
+
+
+def layers_dcase(cfg, checkpoints: Sequence[str], out_dir: str | os.PathLike, dcase_root: str | os.PathLike,
+                 ground_truth_dir: str | os.PathLike | None = None):
+    """Fig. 2 on a DCASE tree (the paper's DCASE 2023 / 2025 curves): every layer of each encoder from one forward
+    pass per clip (`dcase_mode.evaluate_dcase`, channel data.channel), scored per layer by the official score of
+    the tree's year (the figure `evaluate --dcase-root` reports with eval.layer = that layer; eval.primary: DN or
+    raw). The layer `evaluate --dcase-root` uses (`primary_layer`) is marked. Writes layers.md (encoders x layers,
+    then a machine x layer table per encoder), score_per_layer.png, and one MLflow run per encoder
+    (``layerwise/dcase_official_<dn|raw>`` at step = layer, ``layer_<k>/dcase/official[_dn]`` and
+    ``layer_<k>/dcase/<machine section>/hmean[_dn]``) plus a run ``layers`` with the files."""
+    from retain_asd.eval.analyses import layerwise_machine_markdown, layerwise_markdown
+    from retain_asd.eval.dcase_mode import evaluate_dcase, machines_by_layer, official_by_layer
+    from retain_asd.eval.report import plot_score_per_layer
+    from retain_asd.tracking import log_artifacts, log_metrics, mlflow_run, resolve_tracking_uri
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    e = cfg.eval
+    dn = e.primary == "dn"
+    resolved = [resolve_checkpoint(spec, cfg, out_dir) for spec in checkpoints]
+    depths = check_checkpoints(resolved, 1, None, cfg.model.family)
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
+    scores: dict[str, dict[int, float]] = {}
+    per_machine: dict[str, dict[str, dict[int, float]]] = {}
+    marked: dict[str, int] = {}
+    layout = channel = ""
+    for name, path, frozen in resolved:
+        layers = list(range(1, depths[path] + 1))
+        marked[name] = primary_layer(e, frozen, depths[path], name)
+        embedder = Embedder(path, pooling=e.pooling, cache_dir=embedding_cache_dir(cfg), batch_size=e.batch_size)
+        result = evaluate_dcase(embedder, dcase_root, layers, ground_truth_dir=ground_truth_dir, k=e.k,
+                                metric=e.metric, clip_s=cfg.data.clip_s, name=name, channel=cfg.data.channel)
+        layout, channel = result.layout, result.channel
+        scores[name] = official_by_layer(result, dn)
+        per_machine[name] = machines_by_layer(result, dn)
+        tags = {"kind": "layers", "mode": "dcase", "dcase_layout": result.layout, "channel": result.channel,
+                "evaluate_layer": str(marked[name])}
+        with mlflow_run(uri, cfg.tracking.experiment, f"layers-{name}", {"checkpoint": path, "layers": layers},
+                        tags, storage=cfg.data.storage):
+            for flag, suffix in ((False, ""), (True, "_dn")):
+                for x, value in official_by_layer(result, flag).items():
+                    log_metrics({f"layerwise/dcase_official{suffix}": value}, step=x)
+                    log_metrics({f"layer_{x}/dcase/official{suffix}": value})
+                for machine, by in machines_by_layer(result, flag).items():
+                    log_metrics({f"layer_{x}/dcase/{machine}/hmean{suffix}": v for x, v in by.items() if v == v})
+            for x, value in scores[name].items():
+                log_metrics({f"layerwise/dcase_official_{e.primary}": value}, step=x)
+    where = f"{layout}, {channel}"
+    figure = f"official score ({'DN' if dn else 'raw'}, primary) on the {where} tree {dcase_root}"
+    text = layerwise_markdown(scores, figure, marked) + "".join(
+        "\n" + layerwise_machine_markdown(per_machine[name], name, marked[name]) for name in scores)
+    md = fsio.write_text(out_dir / "layers.md", text)
+    png = plot_score_per_layer(scores, out_dir / "score_per_layer.png", marked=marked, title=where)
+    with mlflow_run(uri, cfg.tracking.experiment, "layers", {"checkpoints": [p for _, p, _ in resolved]},
+                    {"kind": "layers", "mode": "dcase", "dcase_layout": layout, "channel": channel},
+                    storage=cfg.data.storage):
         log_artifacts(out_dir, artifact_path="layers")
     return scores, [md, png]

@@ -96,19 +96,33 @@ def plot_score_vs_snr(results: Results, path) -> Path:
     return _save(fig, path)
 
 
-def plot_score_per_layer(scores: Mapping[str, Mapping[int, float]], path) -> Path:
-    """Official score (x100) per encoder layer (1-based), one line per run (the paper's Fig. 2)."""
+def layer_figure(scores: Mapping[str, Mapping[int, float]], marked: Mapping[str, int] | None = None,
+                 title: str = ""):
+    """The paper's Fig. 2: official score (x100) per encoder layer (1-based), one curve per run; a run's
+    `marked` layer (the one `evaluate` reports) is ringed. Returns the matplotlib figure."""
     if not scores:
         raise ValueError("no scores to plot")
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for run, by_layer in scores.items():
         points = sorted((int(layer), 100 * float(v)) for layer, v in by_layer.items())
-        ax.plot(*zip(*points), marker="o", label=str(run))
+        (line,) = ax.plot(*zip(*points), marker="o", label=str(run))
+        mark = (marked or {}).get(run)
+        if mark in by_layer:
+            ax.scatter([mark], [100 * float(by_layer[mark])], s=140, facecolors="none", edgecolors=line.get_color(),
+                       linewidths=1.5, zorder=3)
     ax.set_xlabel("layer")
     ax.set_ylabel("official score (x100)")
+    if title:
+        ax.set_title(title, fontsize="small")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    return _save(fig, path)
+    return fig
+
+
+def plot_score_per_layer(scores: Mapping[str, Mapping[int, float]], path, marked: Mapping[str, int] | None = None,
+                         title: str = "") -> Path:
+    """`layer_figure` saved to `path`."""
+    return _save(layer_figure(scores, marked, title), path)
 
 
 def save_figure(fig, path) -> Path:

@@ -51,6 +51,8 @@ class EvalResult:
     primary_layer: int
     cells: list[Cell] = field(default_factory=list)
     primary: str = "dn"  # the reported figure (eval.primary): "dn" or "raw"; both are always computed
+    layout: str = ""  # DCASE-folder mode: the tree's editions ("DCASE 2026", corpus/years.py)
+    channel: str = ""  # DCASE-folder mode: the channel the clips were read on ("channel 0 (near mic)", "mono")
 
     def official_by_set(self, layer: int | None = None, domain_norm: bool = False) -> dict[tuple[str, int], float]:
         layer = self.primary_layer if layer is None else layer
