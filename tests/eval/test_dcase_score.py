@@ -270,3 +270,71 @@ def test_dcase_score_out_writes_the_evaluator_result_layout_with_decisions(tmp_p
                  str(tmp_path / "res2")]) == 0
     bare = read_csv(tmp_path / "res2" / "result.csv")
     assert dict(zip(bare[start + 1], bare[start + 2]))["precision (source)"] == ""
+
+
+def evaluator_formula(truth, scores) -> float:
+    """The official score as the DCASE 2023-2025 evaluators compute it, written here from their definition and
+    independent of metrics.py: per machine section, AUC over (that domain's normals + every anomaly) for source
+    and target, pAUC = roc_auc_score(max_fpr=0.1) over all clips; scipy's hmean over the list of all of them,
+    each floored at float epsilon."""
+    import scipy.stats
+    from sklearn.metrics import roc_auc_score
+
+    auc_s, auc_t, paucs = [], [], []
+    for key, (_names, is_anomaly, is_target, _) in sorted(truth.items()):
+        y, d, s = np.asarray(is_anomaly), np.asarray(is_target), scores[key]
+        src, tgt = (d == 0) | (y == 1), (d == 1) | (y == 1)
+        auc_s.append(roc_auc_score(y[src], s[src]))
+        auc_t.append(roc_auc_score(y[tgt], s[tgt]))
+        paucs.append(roc_auc_score(y, s, max_fpr=0.1))
+    return float(scipy.stats.hmean(np.maximum(auc_s + auc_t + paucs, sys.float_info.epsilon)))
+
+
+MACHINES_2026_EVAL = ("BlowerDustCollector", "Sander", "SewingMachine", "ToothBrush", "ToyDrone")
+
+
+def make_2026_gt(root: Path, rng):
+    """A 2023+-layout ground-truth folder for the five DCASE 2026 evaluation machines: 200 clips each, anonymised
+    `section_00_NNNN.wav`, unequal domain / label counts, full names in the 2026 (2023-style) convention."""
+    truth = {}
+    for sub in ("ground_truth_data", "ground_truth_domain", "ground_truth_attributes"):
+        (root / sub).mkdir(parents=True)
+    for m, machine in enumerate(MACHINES_2026_EVAL):
+        n_target, n_anomaly = 90 + 3 * m, 80 + 5 * m
+        is_target = rng.permutation(np.r_[np.zeros(200 - n_target), np.ones(n_target)].astype(int))
+        is_anomaly = rng.permutation(np.r_[np.zeros(200 - n_anomaly), np.ones(n_anomaly)].astype(int))
+        names = [f"section_00_{i:04d}.wav" for i in range(200)]
+        attr = "noAttribute" if machine in ("SewingMachine", "ToothBrush") else "spd_31V"
+        full = [f"section_00_{'target' if d else 'source'}_test_{'anomaly' if a else 'normal'}_{i:04d}_{attr}"
+                for i, (d, a) in enumerate(zip(is_target, is_anomaly))]
+        file = f"ground_truth_{machine}_section_00_test.csv"
+        (root / "ground_truth_data" / file).write_text("".join(f"{n},{v}\n" for n, v in zip(names, is_anomaly)))
+        (root / "ground_truth_domain" / file).write_text("".join(f"{n},{v}\n" for n, v in zip(names, is_target)))
+        (root / "ground_truth_attributes" / file).write_text("".join(f"{n},{f}\n" for n, f in zip(names, full)))
+        truth[(machine, "00")] = (names, is_anomaly, is_target, {n: f + ".wav" for n, f in zip(names, full)})
+    return truth
+
+
+def test_dcase_score_2026_names_equal_the_evaluator_formula(tmp_path, capsys):
+    """`dcase-score` on DCASE 2026 evaluation names (anonymised, and full names through ground_truth_attributes,
+    rows shuffled) equals the evaluator's formula computed independently, and the project's definitions."""
+    truth = make_2026_gt(tmp_path / "gt", np.random.default_rng(26))
+    scores = made_up_scores(truth, seed=26)
+    write_scores(tmp_path / "anon", truth, scores)
+    got = run_json(capsys, tmp_path / "anon", tmp_path / "gt")
+    assert [s["machine"] for s in got["sections"]] == sorted(MACHINES_2026_EVAL)
+    assert got["official_score"] == pytest.approx(evaluator_formula(truth, scores), abs=1e-12)
+    assert got == {"official_score": pytest.approx(expected_json(truth, scores)["official_score"], abs=1e-12),
+                   "sections": [{k: (pytest.approx(v, abs=1e-12) if isinstance(v, float) else v) for k, v in s.items()}
+                                for s in expected_json(truth, scores)["sections"]]}
+    write_scores(tmp_path / "full", truth, scores, name_of=lambda key, name: truth[key][3][name], shuffle_seed=5)
+    assert run_json(capsys, tmp_path / "full", tmp_path / "gt") == got
+
+
+@needs_data
+def test_evaluator_formula_matches_on_the_real_2022_ground_truth(capsys, tmp_path):
+    truth = truth_2022()
+    scores = made_up_scores(truth, seed=7)
+    write_scores(tmp_path, truth, scores)
+    assert run_json(capsys, tmp_path, GT_2022)["official_score"] == pytest.approx(evaluator_formula(truth, scores),
+                                                                                  abs=1e-12)
