@@ -63,16 +63,15 @@ def test_layers_on_a_2023_tree_equal_evaluate_at_every_layer(dcase_tree, encoder
     assert [line.get_label() for line in fig.axes[0].get_lines()] == ["teacher", "student"]
     assert (tmp_path / "fig2" / "score_per_layer.png").stat().st_size > 1000
 
-    for layer in (1, 2, 3):
-        assert evaluate([*ckpts, "--dcase-root", str(tree), "--out", str(tmp_path / f"e{layer}"),
+    for layer in (1, 2, 3):  # the student at each layer (the same code path serves every encoder)
+        assert evaluate(["--checkpoint", str(student), "--dcase-root", str(tree), "--out", str(tmp_path / f"e{layer}"),
                          *_common(tmp_path), f"eval.layer={layer}"]) == 0
         mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
         evaluated = {r.info.run_name: r for r in mlflow.search_runs(
             experiment_names=["retain-asd"], filter_string=f"tags.layers = '[{layer}]'", output_format="list")}
-        for name in ("teacher", "student"):
-            m = evaluated[f"evaluate-{name}-seed0"].data.metrics
-            assert m["dcase/official"] == pytest.approx(per_layer[name, ""][layer], abs=1e-12)
-            assert m["dcase/official_dn"] == pytest.approx(per_layer[name, "_dn"][layer], abs=1e-12)
+        m = evaluated["evaluate-student-seed0"].data.metrics
+        assert m["dcase/official"] == pytest.approx(per_layer["student", ""][layer], abs=1e-12)
+        assert m["dcase/official_dn"] == pytest.approx(per_layer["student", "_dn"][layer], abs=1e-12)
     assert "[DCASE 2023-2025, mono]" in capsys.readouterr().out
 
 
@@ -163,7 +162,7 @@ def test_2026_tree_near_and_far_channels(dcase_tree, encoders, tmp_path, capsys)
 
 def test_ingest_and_score_read_the_channel_of_stereo_files(dcase_tree, encoders, tmp_path, capsys, ray_local,
                                                           shared_data):
-    """`ingest` keeps the chosen channel of a 2026 tree and says so; `score bank` stores its channel."""
+    """`ingest` keeps the chosen channel of a 2026 tree and says so; `score` reads bank and clips on data.channel."""
     import shutil
 
     from pipelines.score import main as score
@@ -186,14 +185,16 @@ def test_ingest_and_score_read_the_channel_of_stereo_files(dcase_tree, encoders,
     assert "channel: data.channel = mean: 14 multi-channel files averaged (downmix)" in summaries["mean"]
 
     _, student = encoders
-    train = root / "dev_data/raw/fan/train"
-    assert score(["bank", "--checkpoint", str(student), "--normal", str(train), "--out", str(tmp_path / "b1.pt"),
-                  "--layer", "2", "--clip-s", "1.0", "--channel", "1"]) == 0
-    assert "channel 1" in capsys.readouterr().out
-    assert score(["clips", "--bank", str(tmp_path / "b1.pt"), "--clips", str(root / "dev_data/raw/fan/test")]) == 0
-    far_scores = capsys.readouterr().out
-    assert score(["bank", "--checkpoint", str(student), "--normal", str(train), "--out", str(tmp_path / "b0.pt"),
-                  "--layer", "2", "--clip-s", "1.0", "--channel", "0"]) == 0
-    assert score(["clips", "--bank", str(tmp_path / "b0.pt"), "--clips", str(root / "dev_data/raw/fan/test")]) == 0
-    near_scores = capsys.readouterr().out.split("\n", 1)[1]
-    assert near_scores.count(".wav,") == 6 and near_scores != far_scores
+    machine = root / "dev_data/raw/fan"
+    out = {}
+    for channel in ("1", "0"):
+        bank = tmp_path / f"bank{channel}.pt"
+        common = ["--preset", "smoke", "data.clip_s=1.0", f"data.channel={channel}"]
+        assert score(["bank", "--checkpoint", str(student), "--normal", str(machine), "--out", str(bank),
+                      *common]) == 0
+        capsys.readouterr()
+        assert score(["clips", "--bank", str(bank), "--clips", str(machine / "test"), "--preset", "smoke"]) == 0
+        out[channel] = capsys.readouterr().out
+        assert "6 clips scored" in out[channel] and "6 one channel taken" in out[channel]  # never a silent downmix
+    rows = {c: [line for line in text.splitlines() if ".wav," in line] for c, text in out.items()}
+    assert len(rows["0"]) == len(rows["1"]) == 6 and rows["0"] != rows["1"]
