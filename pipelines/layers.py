@@ -3,8 +3,8 @@ forward pass per clip (Table-2 hmean over all sets, the primary figure: eval.pri
 or with --dcase-root on a DCASE 2020-2026 tree (the official score of its year, per layer; channel data.channel).
 
     retain-asd layers --preset smoke --checkpoint frozen --checkpoint runs/demo/pretrain/student_beats.pt --out l
-    retain-asd layers --checkpoint frozen --checkpoint student.pt --dcase-root dcase2023t2/eval_data \
-        --ground-truth dcase2023_task2_evaluator/ground_truth --out fig2_2023
+    retain-asd layers --checkpoint frozen --checkpoint student.pt --out fig2_2023
+        --dcase-root dcase2023t2/eval_data --ground-truth dcase2023_task2_evaluator/ground_truth   (one line)
 
 Writes <out>/layers.md (with --dcase-root also a machine x layer table per encoder; * marks the layer `evaluate`
 reports), <out>/score_per_layer.png (one curve per encoder) and one MLflow run per encoder (`layers-<name>`,

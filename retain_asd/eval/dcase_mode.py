@@ -159,7 +159,8 @@ def channels_side_by_side(results: Sequence[EvalResult], domain_norm: bool) -> s
     cells = [next(c for c in r.cells if c.layer == r.primary_layer and c.domain_norm == domain_norm)
              for r in results]
     head = ["machine section"] + [f"{r.channel}: AUC_s / AUC_t / pAUC / hmean" for r in results]
-    lines = [f"{results[0].name} ({results[0].layout}, layer {results[0].primary_layer}, "
+    name = results[0].name.rsplit("-ch", 1)[0] if len(results) > 1 else results[0].name  # builder: <name>-ch<c>
+    lines = [f"{name} ({results[0].layout}, layer {results[0].primary_layer}, "
              f"{'DN' if domain_norm else 'raw kNN scores'}; x100)", "",
              "| " + " | ".join(head) + " |", "|---|" + "---:|" * len(results)]
     for machine in sorted({m for c in cells for m in c.machines}):

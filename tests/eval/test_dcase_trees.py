@@ -90,6 +90,14 @@ def test_layouts_of_each_year_and_the_docs_table(dcase_tree, tmp_path, shared_da
     assert found[2023][0].years == (2023, 2024, 2025) and found[2023][0].channels == 1
     assert found[2025][0].label == "DCASE 2023-2025"
     assert [Path(p).parent.name for p, _ in found[2025][1].rejects] == ["supplemental"] * 2  # named, not ingested
+    from retain_asd.eval.dcase_mode import evaluate_dcase
+    from retain_asd.eval.embed import Embedder
+
+    embedder = Embedder(write_random_checkpoint(tmp_path / "tiny.pt", beats_tiny(), seed=2), batch_size=8)
+    result = evaluate_dcase(embedder, tmp_path / "2025", [1, 3], clip_s=1.0)  # the supplemental clips stay out
+    assert (result.layout, result.channel) == ("DCASE 2023-2025", "mono")
+    assert sorted(result.cells[0].machines) == ["bearing_section_00", "fan_section_00"]
+    assert embedder.num_clips_encoded == 2 * (8 + 6)
     layout, scan = found[2026]
     assert (layout.label, layout.channels) == ("DCASE 2026", 2)
     assert layout.channel_label("0") == "channel 0 (near mic)" and layout.channel_label("1") == "channel 1 (far mic)"
