@@ -6,7 +6,8 @@ Supported machine-sound layouts (``scan_dcase``)
 
 * ``<root>/<machine>/<split_dir>/<file>``
 * ``<root>/{dev_data,eval_data}/<machine>/<split_dir>/<file>``
-* ``<root>/{dev_data,eval_data}/raw/<machine>/<split_dir>/<file>`` (the DCASE 2023-2025 baseline layout)
+* ``<root>/{dev_data,eval_data}/raw/<machine>/<split_dir>/<file>`` (the DCASE 2023-2026 baselines' layout;
+  ``<root>`` may also be the ``dev_data`` or ``eval_data`` folder itself)
 
 with ``<split_dir>`` one of ``train``, ``test``, ``source_test``, ``target_test``, ``supplemental``. Other
 folders are ignored; a root with no ``<machine>/<split_dir>`` folder at all is a ``LayoutError``.
@@ -114,8 +115,11 @@ def _audio_files(folder: Path) -> list[Path]:
 
 
 def _machine_dirs(root: Path) -> list[Path]:
-    """Folders ``<machine>`` holding at least one split folder, through ``dev_data``/``eval_data``/``raw``."""
+    """Folders ``<machine>`` holding at least one split folder, through ``dev_data``/``eval_data``/``raw``
+    (the root may also be a ``dev_data`` / ``eval_data`` folder itself, with or without ``raw/``)."""
     parents = [root]
+    if root.name in WRAPPER_DIRS and (root / "raw").is_dir():
+        parents.append(root / "raw")
     for wrapper in WRAPPER_DIRS:
         if (root / wrapper).is_dir():
             parents.append(root / wrapper)

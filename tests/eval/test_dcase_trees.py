@@ -103,6 +103,8 @@ def test_layouts_of_each_year_and_the_docs_table(dcase_tree, tmp_path, shared_da
     assert layout.channel_label("0") == "channel 0 (near mic)" and layout.channel_label("1") == "channel 1 (far mic)"
     with pytest.raises(LayoutError, match=r"data.channel = '2': the DCASE 2026 files have 2 channel\(s\)"):
         layout.check_channel("2")
+    dev = scan_dcase(tmp_path / "2026" / "dev_data")  # the dev_data folder itself (holding raw/) is a root too
+    assert sorted({r.machine for r in dev.records}) == ["ToyCarEmu", "fan"] and len(dev.records) == 28
     drone = [r for r in scan.records if r.machine == "ToyDrone"]  # additional training set + resolved eval tests
     assert sorted({(r.split, r.label) for r in drone}) == [("test", "anomaly"), ("test", "normal"), ("train", "normal")]
     assert sum(r.split == "train" for r in drone) == 8
