@@ -1,5 +1,6 @@
 """`retain-asd compare`: the paper's Table 2 across the runs of an MLflow experiment.
 
+    retain-asd compare --experiment demo --tracking-uri runs/demo/data/mlflow.db   (after `retain-asd demo`)
     retain-asd compare --experiment retain-asd
     retain-asd compare --experiment retain-asd-sweep --metric hmean_low_dn
     retain-asd compare --experiment retain-asd --runs "tags.preset LIKE 'tagging%'"

@@ -2,9 +2,13 @@
 forward pass per clip (Table-2 hmean over all sets, the primary figure: eval.primary), on the evaluation corpus,
 or with --dcase-root on a DCASE 2020-2026 tree (the official score of its year, per layer; channel data.channel).
 
-    retain-asd layers --preset smoke --checkpoint frozen --checkpoint runs/demo/pretrain/student_beats.pt --out l
+    retain-asd layers --preset demo data.work_dir=runs/demo/data --checkpoint frozen \
+        --checkpoint runs/demo/rows/tagging_mixture/seed0/pretrain/student_beats.pt --out runs/demo/layers
     retain-asd layers --checkpoint frozen --checkpoint student.pt --out fig2_2023
         --dcase-root dcase2023t2/eval_data --ground-truth dcase2023_task2_evaluator/ground_truth   (one line)
+
+(the first after `retain-asd demo`: its evaluation world, its initial encoder as 'frozen', its tagging_mixture
+student)
 
 Writes <out>/layers.md (with --dcase-root also a machine x layer table per encoder; * marks the layer `evaluate`
 reports), <out>/score_per_layer.png (one curve per encoder) and one MLflow run per encoder (`layers-<name>`,

@@ -62,10 +62,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def bank(args, cfg) -> int:
     from retain_asd.config import check_layer
-    from retain_asd.eval.detector import ReadPolicy, build_reference_bank
+    from retain_asd.eval.detector import ReadPolicy, build_reference_bank, normal_clips
     from retain_asd.eval.embed import Embedder
 
     e, d = cfg.eval, cfg.data
+    selection = normal_clips(args.normal)  # a wrong folder or an anomaly_* file: said before the model loads
     pooling = args.pooling or e.pooling
     embedder = Embedder(args.checkpoint, pooling=pooling, batch_size=e.batch_size)
     depth = embedder.model.num_layers
@@ -78,7 +79,7 @@ def bank(args, cfg) -> int:
             layer = depth
     check_layer(layer, depth, "--layer", args.checkpoint)
     policy = ReadPolicy(d.sample_rate_hz, args.clip_s or d.clip_s, d.min_clip_s, d.pad_mode, d.channel)
-    bank, selection, bad = build_reference_bank(args.checkpoint, args.normal, layer=layer, pooling=pooling,
+    bank, selection, bad = build_reference_bank(args.checkpoint, selection, layer=layer, pooling=pooling,
                                                 k=args.k or e.k, metric=args.metric or e.metric, policy=policy,
                                                 percentile=args.percentile, embedder=embedder)
     for line in selection.describe():

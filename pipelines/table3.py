@@ -2,7 +2,10 @@
 domain normalisation: each encoder on the wave mixture against the embedding-mixture oracle
 lam * E(clean) + (1 - lam) * E(noise) of the first encoder (same clips), plus any students given.
 
-    retain-asd table3 --preset smoke --checkpoint frozen --checkpoint runs/demo/pretrain/student_beats.pt --out t3
+    retain-asd table3 --preset demo data.work_dir=runs/demo/data --checkpoint frozen \
+        --checkpoint runs/demo/rows/tagging_mixture/seed0/pretrain/student_beats.pt --out runs/demo/table3
+
+(after `retain-asd demo`: its evaluation world, its initial encoder as 'frozen', its tagging_mixture student)
 
 Writes <out>/table3.md, <out>/table3.png and an MLflow run `table3` (metrics table3/<method>/<machine>_raw).
 """

@@ -171,7 +171,8 @@ def build_reference_bank(checkpoint: str | os.PathLike, normal, *, layer: int, p
                          k: int = 1, metric: str = "euclidean", policy: ReadPolicy = ReadPolicy(),
                          percentile: float = 90.0, batch_size: int = 16,
                          embedder: Embedder | None = None) -> tuple[knn.MemoryBank, NormalSelection, list[ClipRead]]:
-    """A deployable detector: embeddings of normal clips (`normal_clips` of `normal`) + a decision threshold.
+    """A deployable detector: embeddings of normal clips (`normal_clips` of `normal`, or that selection itself)
+    + a decision threshold.
 
     Threshold = `metrics.gamma_threshold` at `percentile` (0-100, e.g. 90) of the references' own leave-one-out
     kNN scores. Returns the bank, the selection (what was read and left out) and the files that could not be
@@ -179,7 +180,7 @@ def build_reference_bank(checkpoint: str | os.PathLike, normal, *, layer: int, p
     """
     if not 0.0 < percentile < 100.0:
         raise ValueError(f"--percentile {percentile}: a percentile in (0, 100), e.g. 90")
-    selection = normal_clips(normal)
+    selection = normal if isinstance(normal, NormalSelection) else normal_clips(normal)
     reads = read_clips(selection.files, policy, keep_silent=False)
     good = [r for r in reads if r.samples is not None]
     bad = [r for r in reads if r.samples is None]
