@@ -171,6 +171,8 @@ def protocol_guard(cfg: Config, prog: str) -> bool:
     try:
         report = check_protocol(cfg)
     except CorpusOverlapError as err:
+        if debugging():
+            raise
         print(f"{prog}: {err}", file=sys.stderr)
         return False
     if report:
