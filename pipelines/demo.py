@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
     from pipelines.study import run_and_print
-    from retain_asd.study import check_study
+    from retain_asd.experiments.study import check_study
 
     check_study(cfg)
     rows = ", ".join(r.split(":")[0] for r in cfg.study.rows)

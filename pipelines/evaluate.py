@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     from retain_asd.config import ConfigError, load_config
     from retain_asd.eval.builder import evaluate_from_config
+    from retain_asd.experiments import resolve_checkpoints
 
     try:
         cfg = load_config(args.preset, args.config, args.overrides)
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:  # a bad checkpoint, path or corpus is a user error: one line (--debug for the traceback)
         with quiet_run(Path(args.out) / "evaluate.log", args.verbose, address=args.address, start_ray=args.ray):
-            results = evaluate_from_config(cfg, args.checkpoint, args.out, layers=args.layers, use_ray=args.ray,
+            checkpoints = resolve_checkpoints(cfg, args.checkpoint, args.out)  # "frozen": the initial encoder
+            results = evaluate_from_config(cfg, checkpoints, args.out, layers=args.layers, use_ray=args.ray,
                                            dcase_root=args.dcase_root, ground_truth_dir=args.ground_truth,
                                            channels=args.channels)
     except Exception as err:

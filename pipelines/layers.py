@@ -39,12 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     from retain_asd.eval.builder import layers_from_config
+    from retain_asd.experiments import resolve_checkpoints
 
     cfg = config_from_args(args, "retain-asd layers")
     if cfg is None:
         return 2
     try:
-        _, paths = layers_from_config(cfg, args.checkpoint, args.out, dcase_root=args.dcase_root,
+        checkpoints = resolve_checkpoints(cfg, args.checkpoint, args.out)
+        _, paths = layers_from_config(cfg, checkpoints, args.out, dcase_root=args.dcase_root,
                                       ground_truth_dir=args.ground_truth)
     except Exception as err:  # a bad checkpoint, layer, tree or channel: one line (--debug for the traceback)
         return report_user_error("retain-asd layers", err)

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args, "retain-asd study")
     if cfg is None:
         return 2
-    from retain_asd.study import check_study
+    from retain_asd.experiments.study import check_study
 
     check_study(cfg)  # a bad row or seed list fails before Ray starts
     out = Path(args.out or f"runs/study-{cfg.name}").resolve()
@@ -43,8 +43,8 @@ def run_and_print(cfg, out: Path, *, address: str | None, verbose: bool, log_nam
     """Shared by `study` and `demo`: run the study quietly, print one line per stage and the table."""
     from pipelines.common import quiet_run
     from retain_asd.config import uses_foundation
+    from retain_asd.experiments.study import run_study, study_metric
     from retain_asd.runtime import isatty
-    from retain_asd.study import run_study, study_metric
     from retain_asd.train.foundation import foundation_path
     from retain_asd.train.launch import foundation_cache_dir, initial_encoder
 

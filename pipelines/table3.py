@@ -34,12 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     from retain_asd.eval.builder import table3_from_config
+    from retain_asd.experiments import resolve_checkpoints
 
     cfg = config_from_args(args, "retain-asd table3")
     if cfg is None:
         return 2
     try:
-        result, paths = table3_from_config(cfg, args.checkpoint, args.out, layer=args.layer)
+        checkpoints = resolve_checkpoints(cfg, args.checkpoint, args.out)
+        result, paths = table3_from_config(cfg, checkpoints, args.out, layer=args.layer)
     except Exception as err:  # a bad checkpoint or layer: one line (--debug for the traceback)
         return report_user_error("retain-asd table3", err)
     print(result.markdown())

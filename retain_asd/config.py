@@ -184,7 +184,7 @@ class FoundationConfig:
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """`retain-asd study`: the Table-2 rows over seeds (retain_asd/study.py)."""
+    """`retain-asd study`: the Table-2 rows over seeds (retain_asd/experiments/study.py)."""
 
     rows: tuple[str, ...] = ("frozen", "denoise", "denoise_linear_mixup", "denoise_snr_mixup", "tagging_pm5",
                              "mixture_pm5", "tagging_mixture_pm5", "tagging_0db", "mixture_0db",

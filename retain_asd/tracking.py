@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from retain_asd import fsio
 from retain_asd.runtime import apply_env_defaults
 
 
@@ -111,10 +112,11 @@ def ensure_experiment(uri: str, experiment: str, storage: str = "") -> str:
 @contextlib.contextmanager
 def mlflow_run(uri: str, experiment: str, run_name: str, params: Mapping[str, Any] | None = None,
                tags: Mapping[str, str] | None = None, run_id: str | None = None,
-               nested: bool = False, storage: str = "") -> Iterator[Any]:
+               nested: bool = False, storage: str = "", parent_run_id: str | None = None) -> Iterator[Any]:
     """Start (or resume, with ``run_id``) an MLflow run and make it active inside the block.
 
     ``nested``: a child of the run active around it (e.g. one evaluation inside a sweep trial's run).
+    ``parent_run_id``: a child of that run instead (it need not be active in this process).
     ``storage``: data.storage, where a new experiment keeps its artifacts (`artifact_location`).
     """
     import mlflow
@@ -122,7 +124,8 @@ def mlflow_run(uri: str, experiment: str, run_name: str, params: Mapping[str, An
     ensure_experiment(uri, experiment, storage)
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=dict(tags or {}),
-                          nested=nested) as run:
+                          nested=nested or parent_run_id is not None,
+                          parent_run_id=None if run_id else parent_run_id) as run:
         if params:
             mlflow.log_params(flatten(params))
         yield run
@@ -245,3 +248,45 @@ def log_artifact(path: str | os.PathLike, artifact_path: str | None = None) -> N
     import mlflow
 
     mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+# ---------------------------------------------------------------------------------------------------- run pointers
+RUN_POINTER = "mlflow_run.json"  # {"run_id", "tracking_uri", "experiment", ...}: the run an out folder logs to
+
+
+def read_run_pointer(out_dir: str | os.PathLike, name: str = RUN_POINTER) -> dict:
+    """The MLflow run of an out folder (``<out>/mlflow_run.json``; a pre-training's, read by evaluate), {} when it
+    was not tracked."""
+    path = Path(out_dir) / name
+    if not path.is_file():
+        return {}
+    state = fsio.read_json(path, fix="delete it; the next run then logs to a new MLflow run")
+    if not isinstance(state, dict):
+        raise fsio.CorruptFileError(f"{path}: not a JSON object; delete it; the next run then logs to a new "
+                                    "MLflow run")
+    return state
+
+
+def live_run_id(uri: str, run_id: str | None) -> str | None:
+    """``run_id`` when that run exists and is not deleted in the store (so it can be resumed), else None."""
+    if not run_id:
+        return None
+    import mlflow
+
+    try:
+        run = mlflow.MlflowClient(uri).get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None
+    return run_id if run.info.lifecycle_stage == "active" else None
+
+
+def child_runs(uri: str, experiment: str, parent_run_id: str, kind: str | None = None) -> list[dict[str, Any]]:
+    """The runs of `experiment` nested under `parent_run_id` (``kind``: only those tagged so), as `experiment_runs`."""
+    where = f"tags.mlflow.parentRunId = '{parent_run_id}'" + (f" and tags.kind = '{kind}'" if kind else "")
+    return experiment_runs(uri, experiment, where)
+
+
+def delete_run(uri: str, run_id: str) -> None:
+    import mlflow
+
+    mlflow.MlflowClient(uri).delete_run(run_id)

@@ -5,6 +5,7 @@ Read from the source with `ast`, so nothing is executed."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +59,7 @@ def _imports(path: Path, name: str, modules: dict[str, Path]):
     return out
 
 
+@functools.cache
 def _graph():
     modules = _modules()
     graph, private = {}, []
@@ -119,6 +121,28 @@ def test_library_never_imports_tune_or_pipelines():
     upward = [(m, t) for m, targets in graph.items() if m.startswith("retain_asd")
               for t in targets if t.split(".")[0] in ("tune", "pipelines")]
     assert upward == []
+
+
+def _arrows(graph, source: str, target: str) -> list[tuple[str, str]]:
+    """The imports from modules under `source` to modules under `target` (dotted prefixes)."""
+    def under(m, prefix):
+        return m == prefix or m.startswith(prefix + ".")
+
+    return sorted((m, t) for m, targets in graph.items() if under(m, source) for t in targets if under(t, target))
+
+
+def test_evaluation_never_imports_training():
+    """Scoring a checkpoint never trains one: "frozen" and the foundation encoder are resolved above both layers
+    (retain_asd.experiments), and the run pointer reader is tracking's."""
+    graph, _ = _graph()
+    assert _arrows(graph, "retain_asd.eval", "retain_asd.train") == []
+
+
+def test_experiments_sit_above_training_and_evaluation():
+    graph, _ = _graph()
+    below = [m for m in graph if m.startswith("retain_asd") and not m.startswith("retain_asd.experiments")]
+    assert [a for m in below for a in _arrows(graph, m, "retain_asd.experiments") if a[0] == m] == []
+    assert _arrows(graph, "retain_asd.experiments", "retain_asd.train") != []  # the walker sees the package
 
 
 def test_the_walker_sees_cycles_and_private_imports(tmp_path):

@@ -95,6 +95,7 @@ def noise_bank_on_other_node(corpus, node_b: str) -> dict:
 def run_on_cluster(work: Path) -> dict:
     from retain_asd.corpus.ingest import corpus_from_config
     from retain_asd.eval.builder import evaluate_from_config
+    from retain_asd.experiments import resolve_checkpoints
     from retain_asd.runtime import set_data_progress
     from retain_asd.train.checkpoint import read_digests
     from retain_asd.train.launch import latest_checkpoint, pretrain
@@ -122,7 +123,8 @@ def run_on_cluster(work: Path) -> dict:
         out["second"] = {"step": second.step, "digests": read_digests(second.checkpoint_path),
                          "resumed_from": [m.get("resumed_from_step") for m in second.metrics if m["step"] > 3]}
         lap("pretrain_stop_and_resume")
-        (scores,) = evaluate_from_config(cfg, [str(second.student_path)], work / "evaluate")
+        (scores,) = evaluate_from_config(cfg, resolve_checkpoints(cfg, [str(second.student_path)], work / "evaluate"),
+                                         work / "evaluate")
         out["eval"] = scores.metrics()
         lap("evaluate")
         sweep_cfg = smoke_config(work, "train.placement_strategy=STRICT_SPREAD", "train.total_steps=2",
@@ -146,6 +148,7 @@ def run_on_cluster(work: Path) -> dict:
 # ------------------------------------------------------------------------------------------ the test
 def test_two_nodes_spread_workers_ship_the_noise_bank_and_match_one_node(ray_local, tmp_path):
     from retain_asd.eval.builder import evaluate_from_config
+    from retain_asd.experiments import resolve_checkpoints
     from retain_asd.train.checkpoint import read_digests
     from retain_asd.train.launch import pretrain
 
@@ -189,7 +192,8 @@ def test_two_nodes_spread_workers_ship_the_noise_bank_and_match_one_node(ray_loc
     assert ranks[0]["node_id"] == ranks[1]["node_id"] not in (node_a, node_b)
     assert ranks[0]["student"] == ranks[1]["student"] == seen["second"]["digests"]["0"]["student"]
     shutil.rmtree(work / "data" / "embeddings")
-    (scores,) = evaluate_from_config(cfg, [str(result.student_path)], single / "evaluate")
+    (scores,) = evaluate_from_config(cfg, resolve_checkpoints(cfg, [str(result.student_path)], single / "evaluate"),
+                                     single / "evaluate")
     one_node = scores.metrics()
     assert sorted(one_node) == sorted(seen["eval"])
     assert one_node == pytest.approx(seen["eval"], abs=1e-9)

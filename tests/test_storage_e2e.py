@@ -75,6 +75,7 @@ def test_ingest_pretrain_kill_resume_evaluate_in_the_bucket(ray_local, s3_env, b
     from retain_asd.corpus.ingest import corpora_from_config
     from retain_asd.eval.builder import evaluate_from_config
     from retain_asd.eval.evalsets import evalsets_from_config
+    from retain_asd.experiments import resolve_checkpoints
     from retain_asd.models.beats import load_beats
     from retain_asd.train.checkpoint import read_train_state, state_digest
     from retain_asd.train.launch import pretrain, read_metrics
@@ -137,7 +138,8 @@ def test_ingest_pretrain_kill_resume_evaluate_in_the_bucket(ray_local, s3_env, b
     assert state_digest(load_beats(result.student_path).state_dict()) == state_digest(final["student"])
 
     # 4. evaluate the student by its URI (copied to a local cache, loaded weights_only)
-    (scores,) = evaluate_from_config(cfg, [result.student_uri], tmp_path / "eval")
+    (scores,) = evaluate_from_config(cfg, resolve_checkpoints(cfg, [result.student_uri], tmp_path / "eval"),
+                                     tmp_path / "eval")
     assert scores.name == f"{cfg.name}-seed{cfg.train.seed}" and scores.cells
 
     with caplog.at_level(logging.INFO, logger="retain_asd.eval.evalsets"):

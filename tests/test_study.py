@@ -1,6 +1,6 @@
-"""`retain-asd study`: rows from presets, the resume skip, one MLflow run per row x seed plus a summary run, and
-the table is `retain-asd compare`'s. Real Ray, MLflow and Parquet on the small synthetic worlds (frozen rows:
-no training)."""
+"""`retain-asd study`: rows from presets, the resume skip, one MLflow point run per row x seed (its pretrain and
+evaluate runs nested) plus a summary run, and the table is `retain-asd compare`'s. Real Ray, MLflow and Parquet
+on the small synthetic worlds (frozen rows: no training)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 import pytest
 
 from retain_asd.config import ConfigError, load_config
-from retain_asd.study import RESULT, parse_rows, row_config, run_study
+from retain_asd.experiments.study import RESULT, parse_rows, row_config, run_study
 
 
 def test_rows_take_objective_and_mixing_from_their_preset(tmp_path):
@@ -46,8 +46,10 @@ def test_rerun_skips_finished_rows(small_worlds, ray_local, tmp_path):
     assert len(first.cells) == 4 and not any(c.skipped for c in first.cells)
     assert [(c.row, c.seed) for c in first.cells] == [("frozen", 0), ("again", 0), ("frozen", 1), ("again", 1)]
     runs = compare_runs(uri, "study-test", ["hmean_all_dn"])
-    assert sorted(r["run_name"] for r in runs) == ["again/seed0", "again/seed1", "frozen/seed0", "frozen/seed1",
-                                                   "summary"]
+    points = ["again/seed0", "again/seed1", "frozen/seed0", "frozen/seed1"]
+    expected = sorted([*points, "summary", *(f"{kind}-{p.replace('/', '-')}" for p in points
+                                             for kind in ("pretrain", "evaluate"))])
+    assert sorted(r["run_name"] for r in runs) == expected
     by_name = {r["run_name"]: r["hmean_all_dn"] for r in runs}
     assert by_name["frozen/seed1"] == pytest.approx(first.cells[2].hmean_all)  # eval.primary: DN
     rows = {r.name: r for r in first.comparison.rows}
@@ -68,6 +70,6 @@ def test_rerun_skips_finished_rows(small_worlds, ray_local, tmp_path):
     assert sum("skipped" in line for line in lines) == 3
     assert [c.hmean_all for c in second.cells] == pytest.approx([c.hmean_all for c in first.cells])
     names = sorted(r["run_name"] for r in compare_runs(uri, "study-test", ["hmean_all"]))
-    assert names == ["again/seed0", "again/seed1", "frozen/seed0", "frozen/seed1", "summary"]
+    assert names == expected  # the interrupted point's run continued, its evaluation replaced
     assert second.table == first.table
     assert json.loads((tmp_path / "out" / "rows" / "again" / "seed1" / RESULT).read_text())["row"] == "again"

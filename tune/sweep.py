@@ -1,8 +1,8 @@
-"""Ray Tune around the library's pretrain + evaluate: one trial = pre-train a student with the trial's SNR
-range and alpha/beta, score it on the eval sets, report the Table-2 harmonic means.
+"""Ray Tune around the library's experiment point: one trial = `retain_asd.experiments.run_point` (pre-train a
+student with the trial's SNR range and alpha/beta, score it on the eval sets), reporting the Table-2 harmonic means.
 
 Three layers as in Ray's train/tune interop example: the loop (retain_asd.train.loop) runs per worker,
-``pretrain`` builds the TorchTrainer, and the Tuner below runs one ``pretrain`` per trial. Trial folders
+``pretrain`` builds the TorchTrainer, and the Tuner below runs one experiment point per trial. Trial folders
 come from trial ids and run names from the trial's choices (no timestamps), so a restarted sweep resumes its
 trials. ``tune.search = grid`` (default) runs every point of the grid exactly once.
 """
@@ -23,30 +23,23 @@ REPORTED = ("hmean_all", "hmean_low", "hmean_all_dn", "hmean_low_dn")
 
 
 def run_trial(choices: dict[str, Any], *, base: dict, corpus_root: str, out_dir: str, uri: str) -> None:
-    """Tune function trainable: pretrain + evaluate one choice of (SNR range, alpha, beta).
+    """Tune function trainable: one experiment point (`retain_asd.experiments.run_point`) for one choice of
+    (SNR range, alpha, beta), in ``<out>/trials/<trial id>`` (a restarted trial resumes there).
 
-    One MLflow run per trial (``kind=trial``, named after its choices) in the sweep's experiment, with the
-    trial's pre-training and evaluation runs nested under it; its figures are logged to it too.
+    The point's MLflow run is named after its choices and tagged with the trial id, in the sweep's experiment,
+    with its pre-training and evaluation runs nested; its Table-2 hmeans are reported to Tune.
     """
     from ray import tune
 
-    from retain_asd import tracking
     from retain_asd.corpus.ingest import load_corpus
-    from retain_asd.eval.builder import evaluate_from_config
-    from retain_asd.train.launch import pretrain
+    from retain_asd.experiments.point import run_point
 
     trial_id = tune.get_context().get_trial_id()
     name = trial_name(base["name"], choices)
     cfg = trial_config(from_dict(base), choices, name=name)
-    trial_dir = Path(out_dir) / "trials" / trial_id
-    tags = {"kind": "trial", "preset": name, "seed": str(cfg.train.seed), "trial_id": trial_id}
-    with tracking.mlflow_run(uri, cfg.tracking.experiment, f"trial-{name}", params=choices, tags=tags,
-                             storage=cfg.data.storage):
-        result = pretrain(cfg, trial_dir / "pretrain", corpus=load_corpus(corpus_root))
-        (scores,) = evaluate_from_config(cfg, [str(trial_dir / "pretrain")], trial_dir / "evaluate")
-        figures = {k: v for k, v in scores.metrics().items() if k in REPORTED}
-        tracking.log_metrics(figures)
-    tune.report(figures | {"step": result.step})
+    point = run_point(cfg, Path(out_dir) / "trials" / trial_id, tracking_uri=uri, tags={"trial_id": trial_id},
+                      corpus=load_corpus(corpus_root))
+    tune.report({k: v for k, v in point.figures.items() if k in REPORTED} | {"step": point.steps})
 
 
 # A trial only drives a TorchTrainer: it holds no CPU, or the workers (0.5 CPU each) plus Ray Data's read

@@ -1,17 +1,18 @@
-"""The config builder of the evaluation: a Config + checkpoint names -> `run.evaluate_checkpoint` (or the
+"""The config builder of the evaluation: a Config + resolved checkpoints -> `run.evaluate_checkpoint` (or the
 DCASE-folder mode), score files, Table-2 reports and one MLflow run per checkpoint.
 
-What pipelines/evaluate.py, pipelines/demo.py and tune/ call (`evaluate_from_config`). The library
-evaluation itself (`run.py`, `dcase_mode.py`) never reads a Config.
+What pipelines/evaluate.py and an experiment point (`retain_asd.experiments.point.run_point`) call
+(`evaluate_from_config`), after `retain_asd.experiments.resolve_checkpoints` has turned the --checkpoint values
+into files. The library evaluation itself (`run.py`, `dcase_mode.py`) never reads a Config.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from retain_asd import fsio, storage
 from retain_asd.eval.embed import Embedder
@@ -19,103 +20,23 @@ from retain_asd.eval.results import EvalResult
 from retain_asd.eval.run import evaluate_checkpoint, write_reports, write_score_files
 
 
-def resolve_checkpoint(spec: str, cfg, out_dir: Path) -> tuple[str, str, bool]:
-    """(row name, path, is_frozen) of a --checkpoint value: "frozen"; a .pt file; a pre-training out folder
-    (its student_beats.pt) or another folder holding exactly one .pt; a URI of a .pt or of a pre-training run
-    folder in data.storage (``s3://bucket/runs/<out>/<name>``, `fetch_checkpoint`); any of these as NAME=PATH to
-    name the row. Without NAME a pre-trained student is named after its preset (config.yaml beside it), else the file.
-    "frozen" is model.checkpoint, else (model.init = "foundation") the cached stand-in foundation encoder, the
-    one every student of the config starts from (`train.launch.initial_encoder`), else a random encoder."""
-    from retain_asd.models.beats import beats_base, beats_tiny, write_random_checkpoint
+class ResolvedCheckpoint(NamedTuple):
+    """A checkpoint ready to score: what `retain_asd.experiments.resolve_checkpoint` makes of a --checkpoint value
+    (evaluation itself resolves nothing: "frozen" may mean training the stand-in foundation encoder first)."""
 
-    if spec == "frozen":
-        if cfg.model.family == "eat" and not cfg.model.checkpoint:
-            from retain_asd.models.eat import RELEASED
-
-            wanted = RELEASED.get(cfg.name, "an EAT or SSLAM pre-trained checkpoint (fairseq .pt)")
-            raise FileNotFoundError(f"model.checkpoint is empty: 'frozen' under model.family=eat needs {wanted}; "
-                                    "download it and pass model.checkpoint=PATH")
-        if cfg.model.checkpoint:
-            if not Path(cfg.model.checkpoint).is_file():
-                raise FileNotFoundError(f"model.checkpoint = {cfg.model.checkpoint!r}: file not found; 'frozen' "
-                                        f"evaluates that checkpoint: pass an official {cfg.model.family} .pt")
-            return "frozen", cfg.model.checkpoint, True
-        if cfg.model.init == "foundation":  # the stand-in encoder every student of this config starts from
-            from retain_asd.train.launch import initial_encoder
-
-            return "frozen", str(initial_encoder(cfg)), True
-        warnings.warn("model.checkpoint is empty and model.init = 'random': 'frozen' is a RANDOM encoder (fine "
-                      "for smoke runs only)", stacklevel=2)
-        path = out_dir / "frozen_random.pt"
-        if not path.is_file():
-            write_random_checkpoint(path, beats_tiny() if cfg.model.size == "tiny" else beats_base(), cfg.train.seed)
-        return "frozen", str(path), True
-    name, path = _split_name(spec)
-    if isinstance(path, str):  # a URI: a local copy, with the config.yaml / mlflow_run.json beside it
-        path = fetch_checkpoint(path, Path(cfg.data.work_dir) / "checkpoints")
-    if path.is_dir():
-        student = path / "student_beats.pt"  # a pre-training out folder: its exported student
-        found = ([student] if student.is_file()
-                 else [p for p in sorted(path.rglob("*.pt")) if not p.name.startswith(".")])
-        if len(found) != 1:
-            raise FileNotFoundError(f"{path}: no student_beats.pt (the export of a finished `retain-asd pretrain`) "
-                                    f"and {len(found)} other .pt files inside; pass a pre-training out folder or "
-                                    "the .pt file itself")
-        path = found[0]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found; pass a BEATs .pt file, a pre-training out folder, "
-                                "NAME=PATH or 'frozen'")
-    if name is None:
-        pretrained = provenance(path)
-        name = pretrained["preset"] if pretrained else path.stem
-    return name, str(path), False
-
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-
-
-def _split_name(spec: str) -> tuple[str | None, Path | str]:
-    """'NAME=PATH' -> (NAME, PATH) (NAME names the row); a plain path -> (None, path); a URI stays a string."""
-    name, sep, rest = spec.partition("=")
-    if not sep or storage.is_uri(name) or Path(spec).exists():
-        return None, storage.as_location(spec)
-    if not _NAME.match(name):
-        raise ValueError(f"--checkpoint {spec!r}: NAME in NAME=PATH must be letters, digits, '_', '.', '+', '-'")
-    return name, storage.as_location(rest)
+    name: str  # the row and run name
+    path: str  # a local encoder .pt
+    frozen: bool  # an initial encoder scored as an SSL baseline (eval.ssl_layer), not a student
 
 
 SOURCE_URI = "source_uri.json"  # beside a fetched checkpoint: {"uri": where it was copied from}
-
-
-def fetch_checkpoint(uri: str, cache_dir: str | os.PathLike) -> Path:
-    """A local copy of a checkpoint in an object store: a ``.pt`` URI, or a pre-training run folder (its
-    student_beats.pt). Its config.yaml and mlflow_run.json come along when they are beside it (`provenance`).
-
-    Copied on every call (atomically) into ``<cache_dir>/<sha1 of the URI>/``, so a re-exported student is
-    never scored from a stale copy; the weights are then loaded as any local file (``weights_only=True``).
-    """
-    import hashlib
-
-    file_uri = uri if uri.endswith(".pt") else storage.join(uri, "student_beats.pt")
-    if not storage.is_file(file_uri):
-        raise FileNotFoundError(f"{file_uri}: checkpoint not found in the object store; pass the URI of a .pt or "
-                                "of a pre-training run folder (<data.storage>/runs/<out name>/<preset>)")
-    folder = Path(cache_dir).resolve() / hashlib.sha1(file_uri.encode()).hexdigest()[:16]
-    parent = file_uri.rpartition("/")[0]
-    for name in ("config.yaml", "mlflow_run.json"):
-        if storage.is_file(storage.join(parent, name)):
-            storage.download(storage.join(parent, name), folder / name)
-        else:
-            (folder / name).unlink(missing_ok=True)
-    fsio.write_json(folder / SOURCE_URI, {"uri": file_uri})
-    return storage.download(file_uri, folder / file_uri.rpartition("/")[2])
 
 
 def provenance(checkpoint: str | os.PathLike) -> dict:
     """What pre-training left beside a checkpoint: {"preset", "seed", "pretrain_run_id", "config"} from its
     config.yaml and MLflow run pointer (mlflow_run.json); {} for a checkpoint from elsewhere."""
     from retain_asd.config import ConfigError, load_config, to_dict
-    from retain_asd.train.launch import read_run_pointer
+    from retain_asd.tracking import read_run_pointer
 
     folder = Path(checkpoint).parent
     if not (folder / "config.yaml").is_file():
@@ -158,15 +79,18 @@ def embedding_cache_dir(cfg) -> Path | str:
     return storage.join(cfg.data.storage, "embeddings") if cfg.data.storage else Path(cfg.data.work_dir) / "embeddings"
 
 
-def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.PathLike,
+def evaluate_from_config(cfg, checkpoints: Sequence[ResolvedCheckpoint], out_dir: str | os.PathLike,
                          layers: Sequence[int] | None = None, use_ray: bool = False,
                          dcase_root: str | os.PathLike | None = None,
                          ground_truth_dir: str | os.PathLike | None = None, sets=None,
-                         track: bool = True, channels: Sequence[str] | None = None) -> list[EvalResult]:
-    """Builder: evaluate each checkpoint (or "frozen") on the config's eval sets (or a DCASE folder),
-    write tables, plots and score files under `out_dir/<name>/`, and log one MLflow run per checkpoint.
+                         track: bool = True, channels: Sequence[str] | None = None,
+                         tags: Mapping[str, str] | None = None) -> list[EvalResult]:
+    """Builder: evaluate each resolved checkpoint on the config's eval sets (or a DCASE folder),
+    write tables, plots and score files under `out_dir/<name>/`, and log one MLflow run per checkpoint
+    (nested under the active run; its id in the result's ``run_id``).
 
-    `sets`: built `EvalSets` to use instead of the config's; `track=False`: no MLflow run (the caller logs).
+    `sets`: built `EvalSets` to use instead of the config's; `track=False`: no MLflow run (the caller logs);
+    `tags`: added to each run's tags (an experiment point's study or trial).
     `channels` (DCASE folder only; default [data.channel]): score each channel of the same clips, one result and
     run per checkpoint and channel (`<name>-ch<c>`), and `<out>/channels_<name>.md` side by side."""
     from retain_asd.eval.dcase_mode import (
@@ -189,7 +113,7 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
     out_dir.mkdir(parents=True, exist_ok=True)
     fsio.remove_stale_temps(out_dir, recursive=True)  # temp files of an evaluate that was killed
     e = cfg.eval
-    resolved = [resolve_checkpoint(spec, cfg, out_dir) for spec in checkpoints]  # a bad path fails first
+    resolved = _resolved(checkpoints)
     depths = check_checkpoints(resolved, e.layer, layers, cfg.model.family)  # a torn / foreign file, a missing layer
     if not dcase_root:
         from retain_asd.corpus.ingest import check_protocol
@@ -200,7 +124,7 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
     cache_dir = embedding_cache_dir(cfg)
     channels = [str(c) for c in (channels or [cfg.data.channel])] if dcase_root else [None]
-    results, seen = [], {}
+    results, seen, extra_tags = [], {}, tags or {}
     for (name, path, frozen), channel in [(r, c) for r in resolved for c in channels]:
         origin = {} if frozen else provenance(path)
         seed = origin.get("seed", cfg.train.seed)
@@ -233,13 +157,14 @@ def evaluate_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.Path
             "mode": "dcase" if dcase_root else "evalsets",
             "domains": "source only (AUC + pAUC)" if dcase_root and source_only(result) else "",
             "dcase_layout": result.layout, "channel": result.channel}
-        tags = {k: v for k, v in tags.items() if v}
+        tags = {k: v for k, v in tags.items() if v} | dict(extra_tags)
         if track:
             run = run_name("evaluate", name, seed) + (f"-ch{channel}" if len(channels) > 1 else "")
             with mlflow_run(uri, cfg.tracking.experiment, run, params, tags,
-                            nested=active_run_id() is not None, storage=cfg.data.storage):
+                            nested=active_run_id() is not None, storage=cfg.data.storage) as tracked:
                 log_metrics(result.metrics())
                 log_artifacts(run_dir, artifact_path="evaluate")
+                result.run_id = tracked.info.run_id
         results.append(result)
     if not dcase_root and len(results) > 1:
         write_reports(results, out_dir)
@@ -277,19 +202,28 @@ def _run_params(cfg, origin: dict, frozen: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- analyses
-def _prepare(cfg, checkpoints: Sequence[str], out_dir: Path):
-    """Resolve and open every checkpoint, run the leakage guard, build the eval sets: (resolved, depths, sets)."""
+def _resolved(checkpoints: Sequence[ResolvedCheckpoint]) -> list[ResolvedCheckpoint]:
+    for c in checkpoints:
+        if not isinstance(c, tuple):
+            raise TypeError(f"{c!r}: evaluation takes resolved checkpoints; resolve --checkpoint values with "
+                            "retain_asd.experiments.resolve_checkpoints(cfg, specs, out_dir)")
+    return [ResolvedCheckpoint(*c) for c in checkpoints]
+
+
+def _prepare(cfg, checkpoints: Sequence[ResolvedCheckpoint], out_dir: Path):
+    """Open every checkpoint, run the leakage guard, build the eval sets: (resolved, depths, sets)."""
     from retain_asd.corpus.ingest import check_protocol
     from retain_asd.eval.evalsets import evalsets_from_config
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    resolved = [resolve_checkpoint(spec, cfg, out_dir) for spec in checkpoints]
+    resolved = _resolved(checkpoints)
     depths = check_checkpoints(resolved, 1, None, cfg.model.family)
     check_protocol(cfg)
     return resolved, depths, evalsets_from_config(cfg)
 
 
-def table3_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.PathLike, *, layer: int | None = None):
+def table3_from_config(cfg, checkpoints: Sequence[ResolvedCheckpoint], out_dir: str | os.PathLike, *,
+                       layer: int | None = None):
     """Builder of `retain-asd table3`: Table 3 (Mismatch 0 dB, per machine, no DN) for the checkpoints (the first,
     e.g. "frozen", also gives the embedding-mixture oracle); table3.md, table3.png, one MLflow run."""
     from retain_asd.config import to_dict
@@ -314,7 +248,7 @@ def table3_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.PathLi
     return result, paths
 
 
-def layers_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.PathLike,
+def layers_from_config(cfg, checkpoints: Sequence[ResolvedCheckpoint], out_dir: str | os.PathLike,
                        dcase_root: str | os.PathLike | None = None, ground_truth_dir: str | os.PathLike | None = None):
     """Builder of `retain-asd layers` (Fig. 2): every layer of each encoder from one forward pass per clip,
     scored by the primary Table-2 hmean over all sets; layers.md, score_per_layer.png, one MLflow run per
@@ -355,7 +289,7 @@ def layers_from_config(cfg, checkpoints: Sequence[str], out_dir: str | os.PathLi
     return scores, [md, png]
 
 
-def layers_dcase(cfg, checkpoints: Sequence[str], out_dir: str | os.PathLike, dcase_root: str | os.PathLike,
+def layers_dcase(cfg, checkpoints: Sequence[ResolvedCheckpoint], out_dir: str | os.PathLike, dcase_root: str | os.PathLike,
                  ground_truth_dir: str | os.PathLike | None = None):
     """Fig. 2 on a DCASE tree (the paper's DCASE 2023 / 2025 curves): every layer of each encoder from one forward
     pass per clip (`dcase_mode.evaluate_dcase`, channel data.channel), scored per layer by the official score of
@@ -373,7 +307,7 @@ def layers_dcase(cfg, checkpoints: Sequence[str], out_dir: str | os.PathLike, dc
     out_dir.mkdir(parents=True, exist_ok=True)
     e = cfg.eval
     dn = e.primary == "dn"
-    resolved = [resolve_checkpoint(spec, cfg, out_dir) for spec in checkpoints]
+    resolved = _resolved(checkpoints)
     depths = check_checkpoints(resolved, 1, None, cfg.model.family)
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
     scores: dict[str, dict[int, float]] = {}

@@ -2,8 +2,8 @@
 
 Runs come from ``mlflow.search_runs`` (through `retain_asd.tracking.experiment_runs`); grouping, intervals,
 tables and plots are `report.comparison_*`. The evaluation runs are the ones tagged ``kind=evaluate`` (one per
-scored checkpoint, see `builder.evaluate_from_config`); a sweep trial (``kind=trial``) with no evaluation run
-under it shows as a failed row.
+scored checkpoint, see `builder.evaluate_from_config`); an experiment point (``kind=point``: a study cell or a
+sweep trial, `retain_asd.experiments.point`) with no evaluation run under it shows as a failed row.
 """
 
 from __future__ import annotations
@@ -26,13 +26,16 @@ class Comparison:
     run_id: str | None = None  # the comparison's own MLflow run (None when not logged)
 
 
+POINT_KINDS = ("point", "trial")  # "trial": a sweep's point before experiment points had their own kind
+
+
 def _records(runs: list[dict]) -> list[report.RunRecord]:
     evaluations = [r for r in runs if r["tags"].get("kind") == "evaluate"]
-    scored_trials = {r["tags"].get("mlflow.parentRunId") for r in evaluations}
+    scored_points = {r["tags"].get("mlflow.parentRunId") for r in evaluations}
     scored_groups = {report.group_name(report.RunRecord(**r)) for r in evaluations}
     out = [report.RunRecord(**r) for r in evaluations]
-    for r in runs:  # a trial that never got to its evaluation: a failed row of its own
-        if r["tags"].get("kind") == "trial" and r["run_id"] not in scored_trials:
+    for r in runs:  # a point that never got to its evaluation: a failed row of its own
+        if r["tags"].get("kind") in POINT_KINDS and r["run_id"] not in scored_points:
             rec = report.RunRecord(**(r | {"status": "FAILED" if r["status"] == "FINISHED" else r["status"],
                                             "metrics": {}}))
             if report.group_name(rec) not in scored_groups:

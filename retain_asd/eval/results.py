@@ -53,6 +53,7 @@ class EvalResult:
     primary: str = "dn"  # the reported figure (eval.primary): "dn" or "raw"; both are always computed
     layout: str = ""  # DCASE-folder mode: the tree's editions ("DCASE 2026", corpus/years.py)
     channel: str = ""  # DCASE-folder mode: the channel the clips were read on ("channel 0 (near mic)", "mono")
+    run_id: str | None = None  # its MLflow run, when the evaluation was tracked
 
     def official_by_set(self, layer: int | None = None, domain_norm: bool = False) -> dict[tuple[str, int], float]:
         layer = self.primary_layer if layer is None else layer

@@ -49,6 +49,7 @@ from retain_asd.models.beats import (
     save_beats,
     write_random_checkpoint,
 )
+from retain_asd.tracking import RUN_POINTER, read_run_pointer
 from retain_asd.train import objectives, recovery
 from retain_asd.train.checkpoint import TRAIN_STATE, complete_checkpoints, read_train_state
 from retain_asd.train.guard import DivergenceError
@@ -334,27 +335,12 @@ def _check_same_config(cfg: Config, path: Path) -> None:
                               "resuming would mix them. Use another --out, or delete the folder to start over")
 
 
-RUN_POINTER = "mlflow_run.json"  # {"run_id", "tracking_uri", "experiment"}: what `evaluate` tags its runs with
-
-
-def read_run_pointer(out_dir: str | os.PathLike) -> dict:
-    """The MLflow run of a pre-training out dir (``<out>/mlflow_run.json``), {} when it was not tracked."""
-    path = Path(out_dir) / RUN_POINTER
-    if not path.is_file():
-        return {}
-    state = fsio.read_json(path, fix="delete it; the next run then logs to a new MLflow run")
-    if not isinstance(state, dict):
-        raise fsio.CorruptFileError(f"{path}: not a JSON object; delete it; the next run then logs to a new "
-                                    "MLflow run")
-    return state
-
-
 @contextlib.contextmanager
-def _tracked_run(cfg: Config, out_dir: Path, track: bool, protocol=None):
+def _tracked_run(cfg: Config, out_dir: Path, track: bool, protocol=None, tags: dict | None = None):
     """One MLflow run per out dir, open around training (so metrics go in live) and the export; its id is kept
-    in <out>/mlflow_run.json, so a resumed run continues it. Nested under the active run (a sweep trial's).
+    in <out>/mlflow_run.json, so a resumed run continues it. Nested under the active run (an experiment point's).
     `protocol`: the leakage guard's ``OverlapReport``, logged as ``protocol.*`` params (and kept in the pointer,
-    so the evaluation of this student logs the same keys)."""
+    so the evaluation of this student logs the same keys). `tags`: over the run's own (``preset`` names it)."""
     if not track:
         yield None
         return
@@ -362,16 +348,17 @@ def _tracked_run(cfg: Config, out_dir: Path, track: bool, protocol=None):
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
     state = read_run_pointer(out_dir)
+    run_id = tracking.live_run_id(uri, state.get("run_id"))  # a deleted run is not resumed: a new one starts
     extra = state.get("params", {})
     if protocol is not None:  # what the two corpora share (data.add_eval_references)
         from retain_asd.corpus.protocol import overlap_params
 
         extra = overlap_params(protocol)
-    params = {**config_mod.to_dict(cfg), **extra} if not state.get("run_id") else None
+    params = {**config_mod.to_dict(cfg), **extra} if not run_id else None
     tags = {"kind": "pretrain", "preset": cfg.name, "seed": str(cfg.train.seed), "objective": cfg.objective.name,
-            "out_dir": str(out_dir)}
-    with tracking.mlflow_run(uri, cfg.tracking.experiment, tracking.run_name("pretrain", cfg.name, cfg.train.seed),
-                             params=params, tags=tags, run_id=state.get("run_id"),
+            "out_dir": str(out_dir), **(tags or {})}
+    name = tracking.run_name("pretrain", tags["preset"], cfg.train.seed)
+    with tracking.mlflow_run(uri, cfg.tracking.experiment, name, params=params, tags=tags, run_id=run_id,
                              nested=tracking.active_run_id() is not None, storage=cfg.data.storage) as run:
         fsio.write_json(out_dir / RUN_POINTER, {"run_id": run.info.run_id, "tracking_uri": uri,
                                                 "experiment": cfg.tracking.experiment, "params": extra})
@@ -390,23 +377,24 @@ def _log_outputs(out_dir: Path, student_path: Path, student_uri: str | None = No
 
 # ---------------------------------------------------------------------------------------- pretrain
 def pretrain(cfg: Config, out_dir: str | os.PathLike, *, corpus=None, stop_at_step: int | None = None,
-             track: bool = True, protocol=None) -> PretrainResult:
+             track: bool = True, protocol=None, tags: dict | None = None) -> PretrainResult:
     """Pre-train (or resume) the student of `cfg` into `out_dir`; export it; log the run to MLflow.
 
     `corpus`: the ingested PRE-TRAINING corpus (default: `ingest.corpora_from_config(cfg)`, which runs the
     leakage guard against the evaluation corpus first); `protocol`: the guard's ``OverlapReport`` when the
-    caller passes `corpus` (logged as MLflow params). `stop_at_step`: stop after
+    caller passes `corpus` (logged as MLflow params); `tags`: MLflow tags over the run's own (an experiment
+    point's label as ``preset``, its study or trial). `stop_at_step`: stop after
     that optimiser step (a checkpoint is written there; a later call resumes), e.g. for time-limited jobs.
     A re-run resumes from the newest COMPLETE checkpoint on disk (`recovery.prepare_resume`); the run ends
     with <out>/summary.json; a divergence raises `DivergenceError` and exports nothing. The run owns `out_dir`
     while it runs (`fsio.run_lock`): a second run on it raises `fsio.RunLockedError` naming the first.
     """
     with fsio.run_lock(out_dir, "pretrain"):
-        return _pretrain(cfg, Path(out_dir).resolve(), corpus, stop_at_step, track, protocol)
+        return _pretrain(cfg, Path(out_dir).resolve(), corpus, stop_at_step, track, protocol, tags)
 
 
 def _pretrain(cfg: Config, out_dir: Path, corpus, stop_at_step: int | None, track: bool,
-              protocol) -> PretrainResult:
+              protocol, tags: dict | None) -> PretrainResult:
     fsio.remove_stale_temps(out_dir)  # temp files of a run that was killed (config.yaml, student, MLflow pointer)
     config_path = out_dir / "config.yaml"
     init_checkpoint = resolve_init_checkpoint(cfg, out_dir)
@@ -421,7 +409,7 @@ def _pretrain(cfg: Config, out_dir: Path, corpus, stop_at_step: int | None, trac
     if not objectives.objective_terms(cfg.objective.name).trains_student:
         log.warning("objective %r trains nothing: exporting the initial encoder as %s", cfg.objective.name,
                     student_path)
-        with _tracked_run(cfg, out_dir, track, protocol) as run:
+        with _tracked_run(cfg, out_dir, track, protocol, tags) as run:
             save_beats(load_beats(init_checkpoint), student_path)
             summary = _finish(cfg, out_dir, "completed", None, student_path, step=0)
             student_uri = _upload_outputs(cfg, out_dir)
@@ -434,7 +422,7 @@ def _pretrain(cfg: Config, out_dir: Path, corpus, stop_at_step: int | None, trac
         from retain_asd.corpus.ingest import corpora_from_config
 
         corpus, _, protocol = corpora_from_config(cfg)  # before the MLflow run: a corpus error is no failed run
-    with _tracked_run(cfg, out_dir, track, protocol) as run:
+    with _tracked_run(cfg, out_dir, track, protocol, tags) as run:
         checkpoint = checkpoint if done else _train(cfg, out_dir, corpus, init_checkpoint, checkpoint,
                                                     stop_at_step, run)
         state = read_train_state(checkpoint)

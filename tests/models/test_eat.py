@@ -300,7 +300,7 @@ def test_parity_with_official_code():
 
 def test_presets_are_the_frozen_table2_rows_and_name_their_checkpoint(tmp_path):
     from retain_asd.config import ConfigError, load_config
-    from retain_asd.eval.builder import resolve_checkpoint
+    from retain_asd.experiments import resolve_checkpoint
     from retain_asd.models.eat import RELEASED
     from retain_asd.train.launch import resolve_init_checkpoint
 

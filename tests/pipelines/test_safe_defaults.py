@@ -77,7 +77,8 @@ def test_a_real_corpus_is_never_replaced_by_the_synthetic_one(small_worlds, tmp_
 # ---------------------------------------------------------------------------------------------------- checkpoint
 def test_checkpoint_accepts_a_pretrain_out_folder_and_name_equals_path(tmp_path):
     from retain_asd.config import dump_yaml
-    from retain_asd.eval.builder import provenance, resolve_checkpoint
+    from retain_asd.eval.builder import provenance
+    from retain_asd.experiments import resolve_checkpoint
     from retain_asd.fsio import write_json
 
     cfg = load_config("smoke", overrides=[f"data.work_dir={tmp_path / 'data'}", "train.seed=3"])

@@ -8,7 +8,7 @@ import torch
 
 from retain_asd.config import ConfigError, load_config
 from retain_asd.corpus.labels import LabelVocab
-from retain_asd.eval.builder import resolve_checkpoint
+from retain_asd.experiments import resolve_checkpoint
 from retain_asd.models.beats import load_beats
 from retain_asd.train.checkpoint import state_digest
 from retain_asd.train.launch import foundation_cache_dir, initial_encoder, loop_config_from, resolve_init_checkpoint

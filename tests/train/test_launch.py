@@ -151,10 +151,11 @@ def test_pretrain_smoke_stops_after_a_checkpoint_and_resumes(ray_local, tmp_path
 
     # Its evaluation: the out folder means its student; one experiment, tagged with the pre-training run.
     from retain_asd.eval.builder import evaluate_from_config
+    from retain_asd.experiments import resolve_checkpoints
 
     ecfg = _cfg(tmp_path, "smoke", "eval.source_refs=6", "eval.target_refs=2", "eval.test_normal=2",
                 "eval.test_anomaly=2", "eval.snrs_db=[-5.0, 5.0]", "eval.conditions=[factory_a]")
-    (scored,) = evaluate_from_config(ecfg, [str(out)], tmp_path / "eval")
+    (scored,) = evaluate_from_config(ecfg, resolve_checkpoints(ecfg, [str(out)], tmp_path / "eval"), tmp_path / "eval")
     _, runs = _mlflow_runs(tmp_path)
     ev = next(r for r in runs if r.data.tags.get("kind") == "evaluate")
     assert ev.data.tags["pretrain_run_id"] == run.info.run_id and ev.data.tags["frozen"] == "false"

@@ -47,8 +47,9 @@ def test_grid_sweep_runs_each_point_once_nested_runs_and_compare_shows_every_tri
     assert frame["hmean_all"].between(0.0, 1.0).all() and (frame["step"] == 2).all()
     mlflow.set_tracking_uri(f"sqlite:///{db}")
     runs = mlflow.search_runs(experiment_names=["retain-asd-sweep"], output_format="list")
-    trials = {r.info.run_id: r for r in runs if r.data.tags.get("kind") == "trial"}
+    trials = {r.info.run_id: r for r in runs if r.data.tags.get("kind") == "point"}  # one experiment point each
     assert len(trials) == 4 and all("hmean_all" in r.data.metrics for r in trials.values())
+    assert sorted(r.data.tags["trial_id"] for r in trials.values()) == sorted(frame["trial_id"])
     for kind in ("pretrain", "evaluate"):  # nested under their trial's run, in the same experiment
         children = [r for r in runs if r.data.tags.get("kind") == kind]
         assert sorted(r.data.tags["mlflow.parentRunId"] for r in children) == sorted(trials)

@@ -3,10 +3,10 @@
     run_study(cfg, out_dir)
       -> the initial encoder (model.checkpoint, or the cached stand-in foundation encoder)   once
       -> the pre-training corpus (pre-training world) and the evaluation sets (evaluation world) once
-      -> for each row x seed:  <out>/rows/<row>/seed<k>/
+      -> for each row x seed:  <out>/rows/<row>/seed<k>/, one experiment point (`point.run_point`)
            pretrain (Ray Train; `frozen` trains nothing)        pretrain/
            evaluate on the 7 SNRs x 3 conditions (kNN)          evaluate/
-           one MLflow run `<row>/seed<k>` (config, metrics, tables)
+           MLflow run `<row>/seed<k>` with its pretrain and evaluate runs nested, all tagged study=<name>
            result.json (written last: a finished cell of the study; a re-run skips it)
       -> summary: `compare_experiment` over the study's MLflow runs (what `retain-asd compare` prints): mean and
          95% interval over seeds per cell, hmean{-10,-5,0} and All, raw and DN; <out>/summary/comparison.{md,csv},
@@ -274,7 +274,7 @@ def run_study(cfg: Config, out_dir: str | os.PathLike, *, evaluation_sets=None, 
                 f"(hmean_low {100 * done.hmean_low:.2f}, hmean_all {100 * done.hmean_all:.2f})")
             cells.append(done)
             continue
-        cell = run_cell(cfg, row, seed, where, corpus=corpus, evaluation_sets=evaluation_sets, uri=uri,
+        cell = study_point(cfg, row, seed, where, corpus=corpus, evaluation_sets=evaluation_sets, uri=uri,
                         experiment=experiment)
         cells.append(cell)
         say(f"[{i}/{len(plan)}] {row.label} seed {seed}: hmean_low {100 * cell.hmean_low:.2f}, hmean_all "
@@ -294,45 +294,24 @@ def run_study(cfg: Config, out_dir: str | os.PathLike, *, evaluation_sets=None, 
     return StudyResult(out_dir, cells, comparison, table, uri, experiment, run_id, summary / "comparison.md")
 
 
-def run_cell(cfg: Config, row: Row, seed: int, where: Path, *, corpus, evaluation_sets, uri: str,
-             experiment: str) -> CellResult:
-    """Pre-train one row at one seed, evaluate it, log its MLflow run, write result.json (last)."""
+def study_point(cfg: Config, row: Row, seed: int, where: Path, *, corpus, evaluation_sets, uri: str,
+                experiment: str) -> CellResult:
+    """One row at one seed as an experiment point (`run_point`: pre-train, evaluate, log), then result.json (last)."""
     from retain_asd import tracking
-    from retain_asd.eval.builder import evaluate_from_config
-    from retain_asd.train.launch import pretrain
+    from retain_asd.experiments.point import run_point
 
     rc = row_config(cfg, row, seed)
-    t0 = time.perf_counter()
-    trained = pretrain(rc, where / "pretrain", corpus=corpus, track=False)
-    train_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    spec = "frozen" if trained.step == 0 else str(trained.student_path)
-    layers = list(cfg.study.extra_layers)
-    (result,) = evaluate_from_config(rc, [spec], where / "evaluate", layers=layers, sets=evaluation_sets,
-                                     track=False)
-    eval_s = time.perf_counter() - t0
-    dn = result.primary == "dn"  # eval.primary: the reported figure (DN, as the paper's Table 2, or raw)
-    scores = result.official_by_set(domain_norm=dn)
-    overall = result.table2(domain_norm=dn)[-1]
-    figures = result.metrics()
-    last = trained.metrics[-1] if trained.metrics else {}
-    extra = {"steps": trained.step, "primary_layer": result.primary_layer, "primary": result.primary,
-             "final_loss": last.get("loss"), "objective": rc.objective.name}
-    # kind=evaluate, preset=<row>, seed: the run convention `retain-asd compare` groups by (row, seeds)
-    tags = {"kind": "evaluate", "study": cfg.name, "preset": row.label, "seed": str(seed)}
-    tracking.delete_runs(uri, experiment, tags)  # a run of this cell left by an interrupted study
-    tags |= {"row_preset": row.preset, "objective": rc.objective.name}
-    with tracking.mlflow_run(uri, experiment, f"{row.label}/seed{seed}", params=to_dict(rc), tags=tags,
-                             storage=cfg.data.storage) as run:
-        for h in trained.metrics:  # the training curve
-            numbers = {f"train/{k}": v for k, v in h.items()
-                       if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)}
-            tracking.log_metrics(numbers, step=int(h["step"]))
-        tracking.log_metrics({**figures, "train_s": train_s, "eval_s": eval_s, "steps": trained.step})
-        tracking.log_artifacts(where / "evaluate", artifact_path="evaluate")
-        run_id = run.info.run_id
-    cell = CellResult(row.label, seed, scores, overall.hmean_low, overall.hmean_all, run_id, train_s, eval_s,
-                      extra=extra)
+    tags = {"study": cfg.name, "preset": row.label, "seed": str(seed)}  # the runs `retain-asd compare` groups
+    if not tracking.read_run_pointer(where):  # the same cell of an earlier study in this store, another folder
+        tracking.delete_runs(uri, experiment, tags)
+    point = run_point(rc, where, tracking_uri=uri, experiment=experiment, label=row.label,
+                      tags=tags | {"row_preset": row.preset}, corpus=corpus, evaluation_sets=evaluation_sets,
+                      layers=cfg.study.extra_layers)
+    last = point.pretrained.metrics[-1] if point.pretrained.metrics else {}
+    extra = {"steps": point.steps, "primary_layer": point.evaluation.primary_layer,
+             "primary": point.evaluation.primary, "final_loss": last.get("loss"), "objective": rc.objective.name}
+    cell = CellResult(row.label, seed, point.scores, point.hmean_low, point.hmean_all, point.run_id, point.train_s,
+                      point.eval_s, extra=extra)
     fsio.write_text(where / RESULT, json.dumps(cell.to_json(), indent=1))  # last: the cell is finished
     return cell
 
@@ -358,4 +337,4 @@ def _log_summary(uri: str, experiment: str, cfg: Config, comparison, summary: Pa
 
 
 __all__ = ["CellResult", "Row", "StudyResult", "TABLE2_ROWS", "check_study", "compact_table", "parse_rows",
-           "read_cell", "row_config", "run_cell", "run_study", "study_metric", "study_plan"]
+           "read_cell", "row_config", "run_study", "study_point", "study_metric", "study_plan"]
