@@ -289,8 +289,8 @@ def layers_from_config(cfg, checkpoints: Sequence[ResolvedCheckpoint], out_dir: 
     return scores, [md, png]
 
 
-def layers_dcase(cfg, checkpoints: Sequence[ResolvedCheckpoint], out_dir: str | os.PathLike, dcase_root: str | os.PathLike,
-                 ground_truth_dir: str | os.PathLike | None = None):
+def layers_dcase(cfg, checkpoints: Sequence[ResolvedCheckpoint], out_dir: str | os.PathLike,
+                 dcase_root: str | os.PathLike, ground_truth_dir: str | os.PathLike | None = None):
     """Fig. 2 on a DCASE tree (the paper's DCASE 2023 / 2025 curves): every layer of each encoder from one forward
     pass per clip (`dcase_mode.evaluate_dcase`, channel data.channel), scored per layer by the official score of
     the tree's year (the figure `evaluate --dcase-root` reports with eval.layer = that layer; eval.primary: DN or
