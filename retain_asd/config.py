@@ -21,6 +21,16 @@ from typing import Any
 
 import yaml
 
+from retain_asd.choices import (
+    CONDITIONS,
+    ENCODER_FAMILIES,
+    LAM_MODES,
+    OBJECTIVE_WEIGHTS,
+    OBJECTIVES,
+    SNR_SAMPLERS,
+    TEACHER_INPUTS,
+)
+
 PRESETS_DIR = Path(__file__).parent / "presets"
 
 
@@ -212,37 +222,12 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------------- validation
-# The choice lists: the one definition, imported by the modules that act on them (train/objectives.py, mixing).
-OBJECTIVES = (
-    "frozen",  # no training: the pre-trained BEATs as is (Table 2, first row)
-    "denoise",  # Eq. 1: BCE over machine classes on the noisy input
-    "linear_mixup",  # Eq. 1 on linear mixup of two noisy clips (ratio ~ Beta(a, a), soft labels)
-    "snr_mixup",  # Eq. 1 on two noisy clips mixed by Eq. 3 at an SNR (hard, union labels)
-    "tagging",  # Eq. 4: BCE over machine + noise classes (C + N multi-hot)
-    "mixture",  # Eq. 5-6: student(mixture) aligned to lam T(clean) + (1 - lam) T(noise)
-    "tagging_mixture",  # Eq. 7: alpha * tagging + beta * mixture (the paper's method)
-)
-# Eq. 7 is the only weighting rule: L = alpha * L_tag + beta * L_mix for every objective. alpha weights the
-# classification term (Eq. 4 tagging, or Eq. 1 for the denoising baselines), beta the mixture term (Eq. 5-6).
-# The weights an objective can use; any other must be 0 (Table 2: "Tagging Loss (alpha=1, beta=0)").
-OBJECTIVE_WEIGHTS = {
-    "frozen": (),
-    "denoise": ("alpha",),
-    "linear_mixup": ("alpha",),
-    "snr_mixup": ("alpha",),
-    "tagging": ("alpha",),
-    "mixture": ("beta",),
-    "tagging_mixture": ("alpha", "beta"),
-}
-SNR_SAMPLERS = ("fixed", "uniform", "discrete")  # mixing.make_snr_sampler kinds
-LAM_MODES = ("fixed", "snr")  # fixed: the paper (lam = 0.5); snr: lam = R / (1 + R)
-TEACHER_INPUTS = ("scaled", "unit_power")  # what the teacher hears in Eq. 5 (objectives.teacher_components)
 _CHOICES = {
     "data.audio_dtype": ("float32", "int16"),
     "data.pad_mode": ("zero", "repeat"),
     "mixing.snr_sampler": SNR_SAMPLERS,
     "model.size": ("base", "tiny"),
-    "model.family": ("beats", "eat"),
+    "model.family": ENCODER_FAMILIES,
     "model.init": ("foundation", "random"),
     "objective.name": OBJECTIVES,
     "objective.lam_mode": LAM_MODES,
@@ -255,7 +240,6 @@ _CHOICES = {
     "train.use_gpu": ("auto", "true", "false"),
     "tune.search": ("grid", "random", "optuna"),
 }
-_CONDITIONS = ("factory_a", "factory_b", "mismatch")
 
 
 def _check(ok: bool, name: str, must: str, value: Any) -> None:
@@ -309,8 +293,8 @@ def validate(cfg: Config) -> None:
     validate_weights(o.name, o.alpha, o.beta)
     _check(1 <= o.align_layer <= 48, "objective.align_layer", "a 1-based layer index", o.align_layer)
     _check(o.mixup_beta > 0, "objective.mixup_beta", "> 0", o.mixup_beta)
-    _check(all(c in _CONDITIONS for c in e.conditions) and len(e.conditions) > 0, "eval.conditions",
-           f"a non-empty subset of {list(_CONDITIONS)}", e.conditions)
+    _check(all(c in CONDITIONS for c in e.conditions) and len(e.conditions) > 0, "eval.conditions",
+           f"a non-empty subset of {list(CONDITIONS)}", e.conditions)
     _check(len(e.snrs_db) > 0, "eval.snrs_db", "non-empty", e.snrs_db)
     _check(e.source_refs > 0 and e.target_refs > 0, "eval.source_refs/target_refs", "> 0",
            (e.source_refs, e.target_refs))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retain_asd.config import SNR_SAMPLERS
+from retain_asd.choices import SNR_SAMPLERS
 
 
 class MixingError(ValueError):

@@ -104,13 +104,19 @@ def test_config_show_cli(capsys):
 
 
 def test_choice_lists_have_one_home():
-    from retain_asd import config, mixing
+    from retain_asd import choices, config, mixing
+    from retain_asd.eval import evalsets
+    from retain_asd.models import ckpt_io
     from retain_asd.train import objectives
 
-    assert objectives.OBJECTIVES is config.OBJECTIVES and objectives.LAM_MODES is config.LAM_MODES
-    assert objectives.TEACHER_INPUTS is config.TEACHER_INPUTS and mixing.SNR_SAMPLERS is config.SNR_SAMPLERS
-    for name in config.OBJECTIVES:
+    assert objectives.OBJECTIVES is choices.OBJECTIVES and objectives.LAM_MODES is choices.LAM_MODES
+    assert objectives.TEACHER_INPUTS is choices.TEACHER_INPUTS and mixing.SNR_SAMPLERS is choices.SNR_SAMPLERS
+    assert evalsets.CONDITIONS is choices.CONDITIONS and ckpt_io.FAMILIES is choices.ENCODER_FAMILIES
+    for name in choices.OBJECTIVES:
         objectives.objective_terms(name)  # every configurable objective has its terms
+    assert config.load_config("smoke", overrides=["eval.conditions=[mismatch]"]).eval.conditions == ("mismatch",)
+    with pytest.raises(config.ConfigError, match=r"eval.conditions = \('factory_c',\): must be a non-empty subset"):
+        config.load_config("smoke", overrides=["eval.conditions=[factory_c]"])
 
 
 def test_ssl_baseline_layer_is_a_field():

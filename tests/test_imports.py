@@ -138,6 +138,14 @@ def test_evaluation_never_imports_training():
     assert _arrows(graph, "retain_asd.eval", "retain_asd.train") == []
 
 
+def test_the_maths_reads_choice_lists_not_the_config_schema():
+    """mixing, the objectives and the eval sets take names from retain_asd.choices (the ground floor)."""
+    graph, _ = _graph()
+    maths = ("retain_asd.mixing", "retain_asd.train.objectives", "retain_asd.eval.evalsets")
+    assert [m for m in maths if "retain_asd.config" in graph[m]] == []
+    assert all("retain_asd.choices" in graph[m] for m in maths) and graph["retain_asd.choices"] == set()
+
+
 def test_experiments_sit_above_training_and_evaluation():
     graph, _ = _graph()
     below = [m for m in graph if m.startswith("retain_asd") and not m.startswith("retain_asd.experiments")]

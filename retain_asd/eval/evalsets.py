@@ -50,6 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retain_asd import fsio, mixing, storage
+from retain_asd.choices import CONDITIONS
 from retain_asd.corpus import shards
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,6 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 RECIPES = "recipes.parquet"
 MANIFEST = "manifest.json"
-CONDITIONS = ("factory_a", "factory_b", "mismatch")
 FACTORY_STATIONARY = {"factory_a": True, "factory_b": False}
 ROLES = ("ref_source", "ref_target", "test")
 RECIPE_COLUMNS = ("condition", "snr_db", "machine", "section", "role", "domain", "label", "clip_id", "wav_name",

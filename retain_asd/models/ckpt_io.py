@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from retain_asd import fsio
+from retain_asd.choices import ENCODER_FAMILIES
 
-FAMILIES = ("beats", "eat")
+FAMILIES = ENCODER_FAMILIES  # model.family
 EAT_MODEL_NAME = "data2vec_multi"  # fairseq `cfg.model._name` of EAT / SSLAM checkpoints
 
 

@@ -21,13 +21,13 @@ class LoopConfig:
     num_classes: int  # C + N tagging-head outputs (machine classes, then noise classes)
     num_machine_classes: int  # C: the columns Eq. 1 (denoise) reads
     # ---- objective (train/objectives.py)
-    objective: str  # config.OBJECTIVES
+    objective: str  # choices.OBJECTIVES
     alpha: float  # Eq. 7 weight of the tagging loss
     beta: float  # Eq. 7 weight of the mixture loss
     lam: float  # Eq. 5 lambda (lam_mode "fixed")
-    lam_mode: str  # config.LAM_MODES
+    lam_mode: str  # choices.LAM_MODES
     align_layer: int  # 1-based block aligned by Eq. 6 (resolved against the encoder)
-    teacher_inputs: str  # config.TEACHER_INPUTS
+    teacher_inputs: str  # choices.TEACHER_INPUTS
     mixup_beta: float  # linear mixup ratio ~ Beta(a, a)
     snr_sampler: dict  # mixing.make_snr_sampler kwargs (snr_mixup draws its SNR from it)
     specaugment: bool

@@ -17,7 +17,7 @@ from the sample's SNR, R / (1 + R), the paper's stated future work.
 Conventions: S = student, T = teacher, h = linear tagging head on the time-pooled student output.
 Label columns are ordered machine classes first, then noise classes (235 = 231 + 4 in the paper), so
 the machine part of a multi-hot label is `y[:, :num_machine_classes]`. Nothing here imports Ray or
-MLflow. The name lists (objectives, lambda modes, teacher inputs) live in `retain_asd.config`, which checks
+MLflow. The name lists (objectives, lambda modes, teacher inputs) live in `retain_asd.choices`; the config checks
 every name when a Config is built; the functions here raise a clear error for an unknown name as well.
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retain_asd.config import LAM_MODES, OBJECTIVE_WEIGHTS, OBJECTIVES, TEACHER_INPUTS
+from retain_asd.choices import LAM_MODES, OBJECTIVE_WEIGHTS, OBJECTIVES, TEACHER_INPUTS
 from retain_asd.mixing import snr_gains
 
 DEFAULT_LAM = 0.5  # paper default (Eq. 5)
