@@ -4,10 +4,10 @@
   retain-asd score clips --bank bank.pt --clips DIR [--out scores.csv]  score and decision per file
 
 A bank holds normal clips only: given a DCASE machine folder it reads `train/` (never `test/`), and it skips
-files named anomaly_*. The threshold is the 90th percentile (--percentile) of a gamma fit to the references'
-leave-one-out kNN scores. Clips are read as the bank's were (16 kHz mono, cropped or padded to data.clip_s);
-what that changed is a column per file. A silent file is scored and flagged; an unreadable one is skipped and
-counted. Both take the config (--preset, --config, KEY=VALUE, e.g. data.min_clip_s=0.5).
+files named anomaly_* (2021+: *_anomaly_*). The threshold is the 90th percentile (--percentile) of a gamma fit
+to the references' leave-one-out kNN scores. Clips are read as the bank's were (16 kHz mono, cropped or padded
+to data.clip_s); what that changed is a column per file. A silent file is scored and flagged; an unreadable one
+is skipped and counted. Both take the config (--preset, --config, KEY=VALUE, e.g. data.min_clip_s=0.5).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The deployable detector behind `retain-asd score` (pipelines/score.py).
 
 Owns choosing the normal clips of a bank (`normal_clips`: a DCASE machine folder's `train/`, never its `test/`,
-never a file named `anomaly_*`), building a reference bank from them (`build_reference_bank`: embeddings + a
-gamma-fit decision threshold) and scoring a folder of clips against it (`score_with_bank`). Every file is read
-with `audio.load_clip`, so an unreadable file is reported with its reason, never fatal; what the read policy
-changed (resampling, cropping, padding) is reported per file; a silent file is scored and flagged, never
-dropped (a dead microphone is a finding).
+never a file named `anomaly_*` / `*_anomaly_*`), building a reference bank from them (`build_reference_bank`:
+embeddings + a gamma-fit decision threshold) and scoring a folder of clips against it (`score_with_bank`).
+Every file is read with `audio.load_clip`, so an unreadable file is reported with its reason, never fatal;
+what the read policy changed (resampling, cropping, padding) is reported per file; a silent file is scored and
+flagged, never dropped (a dead microphone is a finding).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from retain_asd.audio import AudioError, load_clip
 from retain_asd.eval import knn, metrics
 from retain_asd.eval.embed import Embedder
 
-ANOMALY_PREFIX = "anomaly"  # DCASE names anomalous clips anomaly_*; a bank of normal clips never takes one
+# DCASE names anomalous clips anomaly_* (2020) or section_XX_<domain>_<split>_anomaly_* (2021+); a bank never takes one
+ANOMALY_NAMES = "anomaly_* / *_anomaly_*"
 TEST_FOLDERS = ("test",)  # DCASE test clips (normal and anomalous): scored with `score clips`, never a reference
 
 
@@ -99,7 +100,8 @@ def _audio_files(folder: Path, skip_dirs: tuple[str, ...] = ()) -> list[Path]:
 
 
 def _is_anomaly(path: Path) -> bool:
-    return path.name.lower().startswith(ANOMALY_PREFIX)
+    name = path.name.lower()
+    return name.startswith("anomaly_") or "_anomaly_" in name
 
 
 def clip_files(source) -> list[tuple[str, str]]:
@@ -120,14 +122,14 @@ class NormalSelection:
     files: list[tuple[str, str]]
     read: list[tuple[str, int]] = field(default_factory=list)  # (folder or file, audio files taken)
     not_read: list[tuple[str, int]] = field(default_factory=list)  # (folder, audio files): DCASE test folders
-    anomalies: list[str] = field(default_factory=list)  # files named anomaly_* inside the folders read
+    anomalies: list[str] = field(default_factory=list)  # files named as anomalies inside the folders read
 
     def describe(self) -> list[str]:
         lines = [f"read {where}: {n} audio file(s)" for where, n in self.read]
         lines += [f"not read: {where} ({n} audio file(s); test clips are scored with `retain-asd score clips`)"
                   for where, n in self.not_read]
         if self.anomalies:
-            lines.append(f"skipped {len(self.anomalies)} file(s) named {ANOMALY_PREFIX}_* (a bank holds normal "
+            lines.append(f"skipped {len(self.anomalies)} file(s) named {ANOMALY_NAMES} (a bank holds normal "
                          f"clips only): {', '.join(self.anomalies[:3])}{' ...' if len(self.anomalies) > 3 else ''}")
         return lines
 
@@ -136,15 +138,16 @@ def normal_clips(sources) -> NormalSelection:
     """The normal clips of `sources` (folders or files) for a reference bank.
 
     A folder with a `train/` subfolder is a DCASE machine folder: only `train/` is read. Any other folder is
-    read whole except subfolders named `test` (DCASE test clips hold anomalies). Files named `anomaly_*` are
-    skipped with a count; one given explicitly is an error. Names are relative to the folder given.
+    read whole except subfolders named `test` (DCASE test clips hold anomalies). Files named `anomaly_*` (2020)
+    or `*_anomaly_*` (2021+) are skipped with a count; one given explicitly is an error. Names are relative to
+    the folder given.
     """
     files, read, not_read, anomalies = [], [], [], []
     for source in [sources] if isinstance(sources, str | os.PathLike) else sources:
         source = Path(source)
         if source.is_file():
             if _is_anomaly(source):
-                raise ValueError(f"{source}: named {ANOMALY_PREFIX}_*, an anomalous clip; a bank holds normal "
+                raise ValueError(f"{source}: named {ANOMALY_NAMES}, an anomalous clip; a bank holds normal "
                                  "clips only: leave it out of --normal")
             files.append((str(source), source.name))
             read.append((str(source), 1))

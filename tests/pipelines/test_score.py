@@ -111,15 +111,18 @@ def test_a_bank_of_a_machine_folder_holds_only_its_normal_train_clips(machine, t
                 or ",ok," in line)
     assert float(rows["anomaly_id_00_00000000.wav"]) > 0 and float(rows[names[8]]) > 0
 
-    # a flat folder with an anomaly_* file: skipped and counted; the file given explicitly: refused
+    # a flat folder with files named as anomalies (2020 and 2021+ names): skipped and counted; the file given
+    # explicitly: refused
     flat = tmp_path / "flat"
     flat.mkdir()
     for p in sorted((folder / "train").iterdir()) + [folder / "test/anomaly_id_00_00000000.wav"]:
         (flat / p.name).symlink_to(p.resolve())
+    (flat / "section_00_target_test_anomaly_0000.wav").symlink_to((folder / "test" / names[8]).resolve())  # 2021+
     assert main(["bank", "--checkpoint", str(ckpt), "--normal", str(flat), "--out", str(tmp_path / "f.pt"),
                  "--layer", "2", "--percentile", "95"]) == 0
     out = capsys.readouterr().out
-    assert "skipped 1 file(s) named anomaly_* (a bank holds normal clips only): anomaly_id_00_00000000.wav" in out
+    assert ("skipped 2 file(s) named anomaly_* / *_anomaly_* (a bank holds normal clips only): "
+            "anomaly_id_00_00000000.wav, section_00_target_test_anomaly_0000.wav") in out
     flat_bank = MemoryBank.load(tmp_path / "f.pt")
     assert len(flat_bank.meta["files"]) == 8 and flat_bank.meta["percentile"] == 95.0
     anomaly = folder / "test/anomaly_id_00_00000000.wav"
