@@ -29,6 +29,44 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session", autouse=True)
+def migrated_mlflow_schema(tmp_path_factory):
+    """A new sqlite MLflow store runs MLflow's whole chain of schema migrations (seconds each time, and the tests
+    make dozens of stores). Here the chain runs once, into an empty template database, and each new empty sqlite
+    store of this process gets the template's bytes (sqlite's backup API) instead: the same tables and schema
+    version MLflow's own migrations give. Stores with any table, other databases and child processes: unchanged."""
+    import sqlite3
+
+    import mlflow.store.db.utils as db_utils
+
+    migrate = db_utils._initialize_tables
+    template = tmp_path_factory.mktemp("mlflow_schema") / "migrated.db"
+
+    def initialize_tables(engine):
+        target = engine.url.database
+        if engine.url.get_backend_name() != "sqlite" or not target or target == ":memory:" or \
+                not db_utils._is_empty_database(engine):
+            return migrate(engine)
+        if not template.exists():
+            import sqlalchemy
+
+            scratch = template.with_suffix(".tmp")
+            template_engine = sqlalchemy.create_engine(f"sqlite:///{scratch}")
+            migrate(template_engine)
+            template_engine.dispose()
+            scratch.rename(template)
+        src, dst = sqlite3.connect(template), sqlite3.connect(target)
+        try:
+            src.backup(dst)
+        finally:
+            src.close()
+            dst.close()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(db_utils, "_initialize_tables", initialize_tables)
+        yield template
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray cluster, started once per test session (about 3 s) and shared by every test."""
