@@ -36,31 +36,34 @@ def migrated_mlflow_schema(tmp_path_factory):
     store of this process gets the template's bytes (sqlite's backup API) instead: the same tables and schema
     version MLflow's own migrations give. Stores with any table, other databases and child processes: unchanged."""
     import sqlite3
+    import threading
 
     import mlflow.store.db.utils as db_utils
 
     migrate = db_utils._initialize_tables
     template = tmp_path_factory.mktemp("mlflow_schema") / "migrated.db"
+    lock = threading.Lock()
 
     def initialize_tables(engine):
         target = engine.url.database
         if engine.url.get_backend_name() != "sqlite" or not target or target == ":memory:" or \
                 not db_utils._is_empty_database(engine):
             return migrate(engine)
-        if not template.exists():
-            import sqlalchemy
+        with lock:
+            if not template.exists():
+                import sqlalchemy
 
-            scratch = template.with_suffix(".tmp")
-            template_engine = sqlalchemy.create_engine(f"sqlite:///{scratch}")
-            migrate(template_engine)
-            template_engine.dispose()
-            scratch.rename(template)
-        src, dst = sqlite3.connect(template), sqlite3.connect(target)
-        try:
-            src.backup(dst)
-        finally:
-            src.close()
-            dst.close()
+                scratch = template.with_suffix(".tmp")
+                template_engine = sqlalchemy.create_engine(f"sqlite:///{scratch}")
+                migrate(template_engine)
+                template_engine.dispose()
+                scratch.rename(template)
+            src, dst = sqlite3.connect(template), sqlite3.connect(target)
+            try:
+                src.backup(dst)
+            finally:
+                src.close()
+                dst.close()
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(db_utils, "_initialize_tables", initialize_tables)
