@@ -2,10 +2,12 @@
 
 The ground floor: `config.py` checks settings against these lists, and the modules that act on the names
 (`mixing.py`, `train/objectives.py`, `eval/evalsets.py`, `models/`) import them from here, never the config
-schema. Plain tuples and dicts of strings; nothing is imported.
+schema. Plain tuples and dicts of strings; the encoder families are the model registry's (which imports nothing).
 """
 
 from __future__ import annotations
+
+from retain_asd.models.registry import FAMILIES
 
 OBJECTIVES = (
     "frozen",  # no training: the pre-trained BEATs as is (Table 2, first row)
@@ -32,7 +34,7 @@ SNR_SAMPLERS = ("fixed", "uniform", "discrete")  # mixing.make_snr_sampler kinds
 LAM_MODES = ("fixed", "snr")  # fixed: the paper (lam = 0.5); snr: lam = R / (1 + R)
 TEACHER_INPUTS = ("scaled", "unit_power")  # what the teacher hears in Eq. 5 (objectives.teacher_components)
 CONDITIONS = ("factory_a", "factory_b", "mismatch")  # the evaluation sets (eval/evalsets.py), in table order
-ENCODER_FAMILIES = ("beats", "eat")  # model.family: checkpoint layouts retain_asd.models reads
+ENCODER_FAMILIES = tuple(FAMILIES)  # model.family: the families of retain_asd/models/registry.py
 
 __all__ = ["CONDITIONS", "ENCODER_FAMILIES", "LAM_MODES", "OBJECTIVES", "OBJECTIVE_WEIGHTS", "SNR_SAMPLERS",
            "TEACHER_INPUTS"]

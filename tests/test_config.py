@@ -106,12 +106,12 @@ def test_config_show_cli(capsys):
 def test_choice_lists_have_one_home():
     from retain_asd import choices, config, mixing
     from retain_asd.eval import evalsets
-    from retain_asd.models import ckpt_io
+    from retain_asd.models import registry
     from retain_asd.train import objectives
 
     assert objectives.OBJECTIVES is choices.OBJECTIVES and objectives.LAM_MODES is choices.LAM_MODES
     assert objectives.TEACHER_INPUTS is choices.TEACHER_INPUTS and mixing.SNR_SAMPLERS is choices.SNR_SAMPLERS
-    assert evalsets.CONDITIONS is choices.CONDITIONS and ckpt_io.FAMILIES is choices.ENCODER_FAMILIES
+    assert evalsets.CONDITIONS is choices.CONDITIONS and choices.ENCODER_FAMILIES == tuple(registry.FAMILIES)
     for name in choices.OBJECTIVES:
         objectives.objective_terms(name)  # every configurable objective has its terms
     assert config.load_config("smoke", overrides=["eval.conditions=[mismatch]"]).eval.conditions == ("mismatch",)

@@ -143,7 +143,31 @@ def test_the_maths_reads_choice_lists_not_the_config_schema():
     graph, _ = _graph()
     maths = ("retain_asd.mixing", "retain_asd.train.objectives", "retain_asd.eval.evalsets")
     assert [m for m in maths if "retain_asd.config" in graph[m]] == []
-    assert all("retain_asd.choices" in graph[m] for m in maths) and graph["retain_asd.choices"] == set()
+    assert all("retain_asd.choices" in graph[m] for m in maths)
+    assert graph["retain_asd.choices"] <= {"retain_asd.models.registry"}  # the family names: the registry's
+    assert graph["retain_asd.models.registry"] == set()
+
+
+def test_an_encoder_family_is_one_model_file_and_one_registry_line():
+    """Every family's module detects and loads its checkpoints behind the Encoder protocol; the loader and the
+    config know families only through the registry."""
+    import torch
+
+    from retain_asd.choices import ENCODER_FAMILIES
+    from retain_asd.models import registry
+    from retain_asd.models.beats import BEATs, beats_tiny
+
+    assert ENCODER_FAMILIES == tuple(registry.FAMILIES) == ("beats", "eat")
+    for family in registry.FAMILIES:
+        module = registry.family_module(family)
+        assert callable(module.is_checkpoint) and callable(module.from_checkpoint)
+    model = BEATs(beats_tiny())
+    assert isinstance(model, registry.Encoder) and (model.num_layers, model.embed_dim) == (3, 64)
+    hidden, grid = model.extract_layers(torch.zeros(1, 16000), layers=2)
+    assert len(hidden) == 2 and hidden[-1].shape == (1, grid[0] * grid[1], model.embed_dim)
+    graph, _ = _graph()
+    loaders = ("retain_asd.models.encoders", "retain_asd.models.ckpt_io", "retain_asd.models.registry")
+    assert [m for m in loaders if graph[m] & {"retain_asd.models.beats", "retain_asd.models.eat"}] == []
 
 
 def test_experiments_sit_above_training_and_evaluation():

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retain_asd import fsio
+from retain_asd.models.ckpt_io import CheckpointError, read_checkpoint
 from retain_asd.models.fbank import kaldi_fbank
 from retain_asd.models.layers import deepest_layer
 
@@ -536,6 +537,10 @@ class BEATs(nn.Module):
     def num_layers(self) -> int:
         return self.cfg.encoder_layers
 
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.encoder_embed_dim  # D of every layer's (B, T*F, D) output
+
     def freeze(self) -> BEATs:
         """Teacher mode: eval, no gradients, and later `.train()` calls keep it in eval. Returns self."""
         self._frozen = True
@@ -671,32 +676,17 @@ def _init_weights(model: BEATs) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-class BEATsCheckpointError(RuntimeError):
+class BEATsCheckpointError(CheckpointError, RuntimeError):
     """A BEATs checkpoint that is missing, unreadable, or does not match its own cfg."""
-
-
-def _first(items: list[str], n: int = 5) -> str:
-    more = f" (+{len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
 
 
 def check_state_dict(model: BEATs, state_dict: Mapping[str, Any],
                      source: str | os.PathLike = "state dict") -> None:
-    """Raise BEATsCheckpointError naming `source` and the first differing keys/shapes, else return."""
-    if not isinstance(state_dict, Mapping):
-        raise BEATsCheckpointError(f"{source}: 'model' must be a state dict, got {type(state_dict).__name__}")
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    not_tensors = [k for k in expected if k in state_dict and not isinstance(state_dict[k], Tensor)]
-    shapes = [f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-              if k in state_dict and k not in not_tensors and state_dict[k].shape != v.shape]
-    if missing or unexpected or not_tensors or shapes:
-        parts = [f"{name}: {_first(keys)}" for name, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("not a tensor", not_tensors),
-                  ("shape (checkpoint != cfg)", shapes)) if keys]
-        raise BEATsCheckpointError(f"{source}: state dict does not match the BEATs built from its cfg; "
-                                   + "; ".join(parts))
+    """Raise BEATsCheckpointError naming `source` and the first differing keys/shapes (`ckpt_io.check_state_dict`),
+    or when the layers' relative-position tables differ (BEATs shares layer 0's); else return."""
+    from retain_asd.models.ckpt_io import check_state_dict as check_strict
+
+    check_strict(model, state_dict, source, family="BEATs", error=BEATsCheckpointError)
     tables = [v for k, v in state_dict.items() if k.endswith("self_attn.relative_attention_bias.weight")]
     if any(not torch.equal(t, tables[0]) for t in tables[1:]):
         raise BEATsCheckpointError(f"{source}: relative_attention_bias differs between layers, but BEATs "
@@ -710,21 +700,22 @@ def load_beats(path: str | os.PathLike, map_location: str | torch.device | None 
     kept as `model.label_dict`). Returns the model in eval mode on `map_location`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise BEATsCheckpointError(f"{path}: no such file; pass the path of a BEATs checkpoint "
-                                   "such as BEATs_iter3.pt")
-    from retain_asd import fsio
-    from retain_asd.models.ckpt_io import numpy_safe_globals
+    try:
+        ckpt = read_checkpoint(path, map_location, what="a BEATs checkpoint such as BEATs_iter3.pt")
+    except CheckpointError as err:
+        raise BEATsCheckpointError(str(err)) from err
+    return from_checkpoint(ckpt, path, map_location)
 
-    problem = fsio.torch_file_problem(path)  # before any memory is allocated
-    if problem:
-        raise BEATsCheckpointError(f"{path}: not a readable torch checkpoint (refused before loading: {problem})")
-    try:  # numpy scalars allowed: fairseq-written files (EAT) carry them; still no code objects
-        with torch.serialization.safe_globals(numpy_safe_globals()):
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        raise BEATsCheckpointError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: "
-                                   f"{str(err).splitlines()[0] if str(err) else ''})") from err
+
+def is_checkpoint(ckpt: Any) -> bool:
+    """A loaded checkpoint in the official BEATs layout: a flat cfg (with encoder_layers) and 'model'."""
+    return isinstance(ckpt, Mapping) and isinstance(ckpt.get("cfg"), Mapping) and "model" in ckpt and \
+        "encoder_layers" in ckpt["cfg"]
+
+
+def from_checkpoint(ckpt: Any, path: str | os.PathLike,
+                    map_location: str | torch.device | None = "cpu") -> BEATs:
+    """BEATs built from a loaded checkpoint's cfg with its weights loaded strictly (`check_state_dict`); eval mode."""
     if not isinstance(ckpt, Mapping) or "cfg" not in ckpt or "model" not in ckpt:
         found = sorted(map(str, ckpt)) if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise BEATsCheckpointError(f"{path}: not a BEATs checkpoint; expected a dict with 'cfg' and 'model', "
@@ -771,6 +762,7 @@ def write_random_checkpoint(path: str | os.PathLike, cfg: BEATsConfig, seed: int
 
 __all__ = [
     "BEATS_CONFIGS", "BEATs", "BEATsCheckpointError", "BEATsConfig", "OFFICIAL_CFG_KEYS", "beats_base",
-    "beats_tiny", "check_state_dict", "explicit_attention", "fbank_features", "load_beats", "patch_grid",
+    "beats_tiny", "check_state_dict", "explicit_attention", "fbank_features", "from_checkpoint", "is_checkpoint",
+    "load_beats", "patch_grid",
     "reduce_padding_mask", "relative_position_bucket", "save_beats", "write_random_checkpoint",
 ]

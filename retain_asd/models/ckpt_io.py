@@ -13,14 +13,37 @@ import numpy as np
 import torch
 
 from retain_asd import fsio
-from retain_asd.choices import ENCODER_FAMILIES
+from retain_asd.models.registry import FAMILIES, family_module
 
-FAMILIES = ENCODER_FAMILIES  # model.family
 EAT_MODEL_NAME = "data2vec_multi"  # fairseq `cfg.model._name` of EAT / SSLAM checkpoints
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or of the wrong encoder family; names the file."""
+
+
+def _first(items: list[str], n: int = 5) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: Any, source: str | os.PathLike = "state dict", *,
+                     family: str = "encoder", error: type[Exception] = CheckpointError) -> None:
+    """The strict check of every family before `load_state_dict(strict=True)`: raise `error` naming `source` and the
+    first missing, unexpected, non-tensor or wrongly shaped keys against the `family` model built from its cfg."""
+    if not isinstance(state_dict, Mapping):
+        raise error(f"{source}: 'model' must be a state dict, got {type(state_dict).__name__}")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    not_tensors = [k for k in expected if k in state_dict and not isinstance(state_dict[k], torch.Tensor)]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+              if k in state_dict and k not in not_tensors and state_dict[k].shape != v.shape]
+    if missing or unexpected or not_tensors or shapes:
+        parts = [f"{name}: {_first(keys)}" for name, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("not a tensor", not_tensors),
+                  ("shape (checkpoint != cfg)", shapes)) if keys]
+        raise error(f"{source}: state dict does not match the {family} built from its cfg; " + "; ".join(parts))
 
 
 def numpy_safe_globals() -> list:
@@ -63,13 +86,8 @@ def is_eat_checkpoint(ckpt: Any) -> bool:
 
 
 def detect_family(ckpt: Any) -> str | None:
-    """'beats', 'eat', or None for a loaded checkpoint dict."""
-    if is_eat_checkpoint(ckpt):
-        return "eat"
-    if isinstance(ckpt, Mapping) and isinstance(ckpt.get("cfg"), Mapping) and "model" in ckpt and \
-            "encoder_layers" in ckpt["cfg"]:
-        return "beats"
-    return None
+    """The family (`registry.FAMILIES`: 'beats', 'eat') whose module claims a loaded checkpoint dict, or None."""
+    return next((name for name in FAMILIES if family_module(name).is_checkpoint(ckpt)), None)
 
 
 def checkpoint_family(path: str | os.PathLike) -> str:

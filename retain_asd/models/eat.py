@@ -45,7 +45,7 @@ FRAME_SHIFT_MS = 10.0
 FBANK_MEAN = -4.268  # official AudioSet statistics (feature_extract.py, raw_audio_dataset.py)
 FBANK_STD = 4.569
 from retain_asd.models.ckpt_io import EAT_MODEL_NAME as MODEL_NAME  # noqa: E402
-from retain_asd.models.ckpt_io import is_eat_checkpoint  # noqa: E402
+from retain_asd.models.ckpt_io import CheckpointError, is_eat_checkpoint  # noqa: E402
 from retain_asd.models.layers import deepest_layer  # noqa: E402
 
 MODALITY = "IMAGE"  # EAT runs the spectrogram through data2vec 2.0's image path
@@ -356,6 +356,10 @@ class EAT(nn.Module):
         return self.cfg.depth
 
     @property
+    def embed_dim(self) -> int:
+        return self.cfg.embed_dim  # D of every layer's (B, T*F, D) output
+
+    @property
     def image(self) -> _ImageEncoder:
         return self.modality_encoders[MODALITY]
 
@@ -452,13 +456,8 @@ def _init_weights(model: EAT) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-class EATCheckpointError(ValueError):
+class EATCheckpointError(CheckpointError):
     """An EAT checkpoint that is missing, unreadable, of another family, or does not match its own cfg."""
-
-
-def _first(items: list[str], n: int = 5) -> str:
-    more = f" (+{len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
 
 
 def encoder_state_dict(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -473,21 +472,22 @@ def encoder_state_dict(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], l
 
 
 def check_state_dict(model: EAT, state_dict: Mapping[str, Any], source: str | os.PathLike = "state dict") -> None:
-    """Raise EATCheckpointError naming `source` and the first differing keys/shapes, else return."""
-    if not isinstance(state_dict, Mapping):
-        raise EATCheckpointError(f"{source}: 'model' must be a state dict, got {type(state_dict).__name__}")
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    not_tensors = [k for k in expected if k in state_dict and not isinstance(state_dict[k], Tensor)]
-    shapes = [f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-              if k in state_dict and k not in not_tensors and state_dict[k].shape != v.shape]
-    if missing or unexpected or not_tensors or shapes:
-        parts = [f"{name}: {_first(keys)}" for name, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("not a tensor", not_tensors),
-                  ("shape (checkpoint != cfg)", shapes)) if keys]
-        raise EATCheckpointError(f"{source}: state dict does not match the EAT built from its cfg; "
-                                 + "; ".join(parts))
+    """Raise EATCheckpointError naming `source` and the first differing keys/shapes (`ckpt_io.check_state_dict`)."""
+    from retain_asd.models.ckpt_io import check_state_dict as check_strict
+
+    check_strict(model, state_dict, source, family="EAT", error=EATCheckpointError)
+
+
+def is_checkpoint(ckpt: Any) -> bool:
+    """A loaded checkpoint in the fairseq layout of EAT / SSLAM (cfg.model._name = data2vec_multi)."""
+    return is_eat_checkpoint(ckpt)
+
+
+def from_checkpoint(ckpt: Mapping[str, Any], source: str | os.PathLike,
+                    map_location: str | torch.device | None = "cpu") -> EAT:
+    """EAT built from a loaded checkpoint dict, its encoder weights loaded strictly; eval mode on `map_location`."""
+    model = model_from_checkpoint(ckpt, source)
+    return model.to(map_location) if isinstance(map_location, str | torch.device) else model
 
 
 def model_from_checkpoint(ckpt: Mapping[str, Any], source: str | os.PathLike) -> EAT:
@@ -582,6 +582,7 @@ RELEASED = {
 __all__ = [
     "EAT", "EATCheckpointError", "EATConfig", "EAT_CONFIGS", "FBANK_MEAN", "FBANK_STD", "PRETRAINING_PREFIXES",
     "RELEASED", "check_state_dict", "checkpoint_dict", "eat_base", "eat_tiny", "encoder_state_dict",
-    "fbank_features", "input_frames", "is_eat_checkpoint", "load_eat", "model_from_checkpoint", "num_fbank_frames",
+    "fbank_features", "from_checkpoint", "input_frames", "is_checkpoint", "is_eat_checkpoint", "load_eat",
+    "model_from_checkpoint", "num_fbank_frames",
     "save_eat", "sincos_positions", "write_random_checkpoint",
 ]
