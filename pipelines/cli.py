@@ -25,6 +25,7 @@ COMMANDS = {
     "dcase-score": ("pipelines.dcase_score", "score evaluator-format CSVs against ground truth"),
     "table3": ("pipelines.table3", "Table 3: wave mixture vs. embedding-mixture oracle (Mismatch 0 dB, no DN)"),
     "layers": ("pipelines.layers", "Fig. 2: every layer of each encoder scored from one forward pass"),
+    "tracking": ("pipelines.tracking_cmd", "backfill: log what a pre-training run could not while MLflow was down"),
     "compare": ("pipelines.compare", "Table 2 across the runs of an MLflow experiment (mean and 95% CI over seeds)"),
     "sweep": ("pipelines.sweep", "Ray Tune search over SNR ranges and alpha/beta"),
     "study": ("pipelines.study", "the Table-2 rows over several seeds: mean and 95% interval per cell"),

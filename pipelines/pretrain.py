@@ -113,6 +113,9 @@ def _run(args: argparse.Namespace, cfg) -> int:
         print(f"  summary:                {result.out_dir / 'summary.json'}")
     if result.mlflow_run_id:
         print(f"  MLflow run:             {result.mlflow_run_id}")
+    if result.mlflow_pending:
+        print(f"  MLflow was unreachable at the end; once it is back: retain-asd tracking backfill --out "
+              f"{result.out_dir}")
     return 0
 
 

@@ -14,14 +14,20 @@ SQLite file, or a server). An experiment keeps the artifact location it was crea
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import logging
 import os
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from retain_asd import fsio
 from retain_asd.runtime import apply_env_defaults
+
+log = logging.getLogger(__name__)
 
 
 def resolve_tracking_uri(uri: str, work_dir: str | os.PathLike, create: bool = True) -> str:
@@ -128,7 +134,24 @@ def mlflow_run(uri: str, experiment: str, run_name: str, params: Mapping[str, An
                           parent_run_id=None if run_id else parent_run_id) as run:
         if params:
             mlflow.log_params(flatten(params))
-        yield run
+        try:
+            yield run
+        except BaseException:
+            _end_run(uri, "FAILED")
+            raise
+        _end_run(uri, "FINISHED")
+
+
+def _end_run(uri: str, status: str) -> None:
+    """End the active run; a store that is down leaves it RUNNING there with a warning instead of failing the
+    work that was done (the run is off this process's stack either way)."""
+    import mlflow
+
+    try:
+        with quick_failures():
+            mlflow.end_run(status)
+    except Exception as err:
+        log.warning("MLflow at %s: run not marked %s (%s)", uri, status, short_error(err))
 
 
 def _clean(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -290,3 +313,170 @@ def delete_run(uri: str, run_id: str) -> None:
     import mlflow
 
     mlflow.MlflowClient(uri).delete_run(run_id)
+
+
+# ------------------------------------------------------------------------------------ a store that goes away
+QUICK_FAILURE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextlib.contextmanager
+def quick_failures() -> Iterator[None]:
+    """MLflow's HTTP client without its own retries inside the block (by default 7 with doubling backoff: minutes
+    per call while a server is down), so a call to a store that is away fails at once and the caller decides
+    (`MetricsBuffer` retries later, the end of a run warns). Process-wide while the block lasts."""
+    saved = {key: os.environ.get(key) for key in QUICK_FAILURE_ENV}
+    os.environ.update(QUICK_FAILURE_ENV)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def short_error(err: BaseException) -> str:
+    """The first line of an error, at most 200 characters (MLflow's carry the whole HTTP story)."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200] if text else ''}"
+
+
+def step_metrics(row: Mapping[str, Any]) -> dict[str, float]:
+    """The metric values of one report (a ``metrics.jsonl`` row): its numbers other than the step, keys cleaned."""
+    return _clean({k: v for k, v in row.items()
+                   if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)})
+
+
+BATCH = 1000  # MLflow's log_batch limit on metrics per call
+
+
+class MetricsBuffer:
+    """Metric values for one run, sent from a background thread: `add` never waits for the store.
+
+    A batch that fails (the server down, restarting or overloaded) stays at the head of the buffer and is sent
+    again after a backoff that doubles from `backoff_s` to `max_backoff_s`, so values arrive in order and none is
+    lost while the process lives. Beyond `max_pending` waiting values the oldest go, counted in `dropped`
+    (metrics.jsonl still holds them: `backfill`). `send(batch)` logs a list of ``mlflow.entities.Metric``;
+    `on_event(name, **fields)` hears "unreachable" at the first failure of an outage, "still_unreachable" after
+    2, 4, 8, ... retries, and "back" (with the retries and seconds it took) at the first success after it.
+    """
+
+    def __init__(self, send, *, backoff_s: float = 0.5, max_backoff_s: float = 15.0, max_pending: int = 100_000,
+                 on_event=None):
+        self._send, self._on_event = send, on_event or (lambda name, **fields: None)
+        self.backoff_s, self.max_backoff_s, self.max_pending = backoff_s, max_backoff_s, max_pending
+        self._pending: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._deadline: float | None = None  # set by close()
+        self.sent = self.retries = self.dropped = 0
+
+    def add(self, metrics: Mapping[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+        with self._cond:
+            self._pending.extend(Metric(k, v, stamp, int(step)) for k, v in _clean(metrics).items())
+            while len(self._pending) > self.max_pending:
+                self._pending.popleft()
+                self.dropped += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    def close(self, timeout_s: float) -> int:
+        """Send what is waiting, retrying for at most `timeout_s`; the number of values left unsent."""
+        with self._cond:
+            self._deadline = time.monotonic() + timeout_s
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s + 1.0)
+        return self.pending
+
+    def _run(self) -> None:
+        delay, failures, failing_since = self.backoff_s, 0, 0.0
+        while True:
+            with self._cond:
+                while not self._pending and self._deadline is None:
+                    self._cond.wait()
+                if not self._pending:
+                    return  # closed, all sent
+                batch = [self._pending[i] for i in range(min(BATCH, len(self._pending)))]
+            try:
+                self._send(batch)
+            except Exception as err:  # the store is away: keep the batch, wait, try again
+                if failures == 0:
+                    failing_since = time.monotonic()
+                    self._on_event("unreachable", error=short_error(err), pending=self.pending)
+                failures += 1
+                self.retries += 1
+                if failures >= 2 and failures & (failures - 1) == 0:  # 2, 4, 8, ... retries: sparser as it lasts
+                    self._on_event("still_unreachable", retries=failures, pending=self.pending)
+                with self._cond:
+                    wait = delay
+                    if self._deadline is not None:
+                        wait = min(wait, self._deadline - time.monotonic())
+                        if wait <= 0:
+                            return  # closing and out of time: the caller counts what is left
+                    self._cond.wait(wait)
+                delay = min(delay * 2, self.max_backoff_s)
+                continue
+            with self._cond:
+                for metric in batch:  # unless dropped meanwhile (the buffer overflowed during the send)
+                    if self._pending and self._pending[0] is metric:
+                        self._pending.popleft()
+                self.sent += len(batch)
+            if failures:
+                self._on_event("back", retries=failures, waited_s=round(time.monotonic() - failing_since, 1))
+            delay, failures = self.backoff_s, 0
+
+
+_BUFFERS: dict[tuple[str, str], MetricsBuffer] = {}
+
+
+def metrics_buffer(uri: str, run_id: str, on_event=None) -> MetricsBuffer:
+    """This process's `MetricsBuffer` for a run (one per run, made at the first call), sending with
+    `quick_failures`: MLflow's own retries would hold the buffer for minutes per call."""
+    key = (uri, run_id)
+    if key not in _BUFFERS:
+        import mlflow
+
+        apply_env_defaults()
+        client = mlflow.MlflowClient(uri)
+
+        def send(batch: list) -> None:
+            with quick_failures():
+                client.log_batch(run_id, metrics=batch, synchronous=True)
+
+        _BUFFERS[key] = MetricsBuffer(send, on_event=on_event)
+    return _BUFFERS[key]
+
+
+def backfill(uri: str, run_id: str, rows: list[Mapping[str, Any]]) -> int:
+    """Log the values of `rows` (``metrics.jsonl``: {"step": N, name: value, ...}) that the run does not have yet
+    (by name and step), stamped now; returns how many. A second call logs none."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient(uri)
+    wanted: dict[str, dict[int, float]] = {}
+    for row in rows:
+        if "step" in row:
+            for key, value in step_metrics(row).items():
+                wanted.setdefault(key, {})[int(row["step"])] = value
+    now = int(time.time() * 1000)
+    missing = []
+    for key, by_step in wanted.items():
+        have = {m.step for m in client.get_metric_history(run_id, key)}
+        missing += [Metric(key, value, now, step) for step, value in sorted(by_step.items()) if step not in have]
+    for i in range(0, len(missing), BATCH):
+        client.log_batch(run_id, metrics=missing[i:i + BATCH], synchronous=True)
+    return len(missing)

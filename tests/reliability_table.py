@@ -80,6 +80,11 @@ CASES = [
      "every rank stops before writing it, with one line naming the folder, its free space and what the checkpoint "
      "needs (exit code 1, no retries); the previous checkpoint stays the newest complete one; the same command "
      "resumes from it once space is freed"),
+    ("mlflow-down", "the `mlflow server` a run logs to killed once the first step is in it, started again only after "
+     "the run ended", "the steps go on (metric logging is buffered and retried in the background, never in the "
+     "step); the run exits 0 naming `retain-asd tracking backfill --out RUN_DIR`, which, once the server is back, "
+     "logs every step's metrics from metrics.jsonl, the artifacts and the run's end (a server back before the end: "
+     "the run back-fills itself)"),
     ("property", "random bytes to the audio reader, random arrays to the mixer",
      "nothing raised but AudioError / MixingError"),
 ]

@@ -70,6 +70,7 @@ class PretrainResult:
     mlflow_run_id: str | None = None
     summary: dict = field(default_factory=dict)  # what <out>/summary.json holds
     student_uri: str | None = None  # the student's copy in data.storage (None: local only)
+    mlflow_pending: bool = False  # the store was down at the end: `retain-asd tracking backfill --out` finishes it
 
 
 # ---------------------------------------------------------------------------------------- storage
@@ -219,12 +220,24 @@ def train_stream_from(cfg: Config, corpus, num_clips: int | None = None) -> Any:
 # ---------------------------------------------------------------------------------------- trainer
 def _metrics_log_callback(path: Path, uri: str | None = None, run_id: str | None = None):
     """A Ray Train callback for rank 0's metrics of every report, as it arrives: appended to a JSONL file and,
-    with ``run_id``, logged live to that MLflow run (step, losses, lr, clips/s; timestamps of the report).
+    with ``run_id``, handed to that MLflow run's `tracking.MetricsBuffer` (step, losses, lr, clips/s; stamped
+    with the report's time), which sends them from a background thread: the store being down never holds up a
+    step; the values wait and go when it is back (the outage and the return are events in events.jsonl), and
+    the end of the run back-fills from metrics.jsonl what did not arrive (`_publish`).
 
     Ray Train V2 keeps only the metrics attached to checkpoints in `Result.metrics_dataframe`; this keeps
     the full history (runs in the controller, so `path` must be on a file system it can reach).
     """
     from ray.train import UserCallback
+
+    events = path.parent / recovery.EVENTS
+
+    def on_event(name: str, **fields) -> None:
+        log.warning("MLflow at %s %s: %s", uri, name, fields)
+        try:
+            fsio.append_line(events, json.dumps({"event": f"mlflow_{name}", **fields}))
+        except OSError:
+            pass
 
     class MetricsLog(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
@@ -235,14 +248,9 @@ def _metrics_log_callback(path: Path, uri: str | None = None, run_id: str | None
                 log.warning("%s: step %s not recorded (%s)", path, row.get("step"), err)
             if run_id is None or "step" not in row:
                 return
-            numbers = {k: v for k, v in row.items()
-                       if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)}
-            try:
-                from retain_asd import tracking
+            from retain_asd import tracking
 
-                tracking.log_metrics_to(uri, run_id, numbers, step=int(row["step"]))
-            except Exception as err:  # the store being down must not stop training; metrics.jsonl has it all
-                log.warning("MLflow: could not log step %s live (%s)", row["step"], err)
+            tracking.metrics_buffer(uri, run_id, on_event).add(tracking.step_metrics(row), int(row["step"]))
 
     return MetricsLog()
 
@@ -365,6 +373,53 @@ def _tracked_run(cfg: Config, out_dir: Path, track: bool, protocol=None, tags: d
         yield uri, run.info.run_id
 
 
+def _publish(out_dir: Path, run: tuple[str, str], student_path: Path, student_uri: str | None = None) -> bool:
+    """The end of a tracked run: the metric values live logging did not deliver (back-filled from metrics.jsonl),
+    then the outputs (`_log_outputs`). A store that is down is a warning naming the command that does this later
+    (`backfill_run`), not a failed run; False then."""
+    from retain_asd import tracking
+
+    uri, run_id = run
+    try:
+        with tracking.quick_failures():
+            added = tracking.backfill(uri, run_id, read_metrics(out_dir / "metrics.jsonl"))
+            _log_outputs(out_dir, student_path, student_uri)
+    except Exception as err:
+        message = (f"MLflow at {uri} unreachable at the end of the run ({tracking.short_error(err)}); its metrics "
+                   f"are in {out_dir / 'metrics.jsonl'}: once the server is back, `retain-asd tracking backfill "
+                   f"--out {out_dir}` logs them, the artifacts and the run's end")
+        warnings.warn(message, stacklevel=2)
+        log.warning(message)
+        return False
+    if added:
+        log.info("MLflow: %d metric values the live logging missed back-filled from metrics.jsonl", added)
+    return True
+
+
+def backfill_run(out_dir: str | os.PathLike) -> dict:
+    """`retain-asd tracking backfill --out DIR`: what the end of a pre-training run could not log to MLflow (the
+    server was down) logged now: the metric values of metrics.jsonl the run lacks, the artifacts and tags, and the
+    run marked FINISHED. Idempotent; refused while a run holds the folder (`fsio.run_lock`). Returns
+    {"run_id", "tracking_uri", "backfilled"}; the next `pretrain` of the folder does the same at its end."""
+    from retain_asd import tracking
+
+    out_dir = Path(out_dir).resolve()
+    with fsio.run_lock(out_dir, "retain-asd tracking backfill"):
+        state = read_run_pointer(out_dir)
+        if not state.get("run_id"):
+            raise FileNotFoundError(f"{out_dir / RUN_POINTER}: not found; --out must be the output folder of a "
+                                    "`retain-asd pretrain` run logged to MLflow")
+        uri, run_id = state["tracking_uri"], state["run_id"]
+        with tracking.mlflow_run(uri, state["experiment"], "", run_id=run_id):
+            added = tracking.backfill(uri, run_id, read_metrics(out_dir / "metrics.jsonl"))
+            student = out_dir / "student_beats.pt"
+            if student.is_file() and (out_dir / "summary.json").is_file():
+                cfg = config_mod.load_config(path=out_dir / "config.yaml")
+                location = run_location(cfg, out_dir)
+                _log_outputs(out_dir, student, location and storage.join(location, student.name))
+    return {"run_id": run_id, "tracking_uri": uri, "backfilled": added}
+
+
 def _log_outputs(out_dir: Path, student_path: Path, student_uri: str | None = None) -> None:
     """The run summary, the resolved config.yaml and the exported student as artifacts of the active run
     (the experiment's artifact location: in data.storage when it is set, `tracking.artifact_location`)."""
@@ -413,10 +468,9 @@ def _pretrain(cfg: Config, out_dir: Path, corpus, stop_at_step: int | None, trac
             save_beats(load_beats(init_checkpoint), student_path)
             summary = _finish(cfg, out_dir, "completed", None, student_path, step=0)
             student_uri = _upload_outputs(cfg, out_dir)
-            if run:
-                _log_outputs(out_dir, student_path, student_uri)
+            pending = bool(run) and not _publish(out_dir, run, student_path, student_uri)
         return PretrainResult(out_dir, student_path, config_path, 0, True, None, [], run and run[1], summary,
-                              student_uri)
+                              student_uri, pending)
     done = newest is not None and newest[0] >= (stop_at_step or cfg.train.total_steps)
     if corpus is None and not done:
         from retain_asd.corpus.ingest import corpora_from_config
@@ -433,10 +487,9 @@ def _pretrain(cfg: Config, out_dir: Path, corpus, stop_at_step: int | None, trac
         summary = _finish(cfg, out_dir, "completed" if completed else "stopped", checkpoint, student_path,
                           skipped=int(state["data"].get("skipped_steps", 0)), step=step)
         student_uri = _upload_outputs(cfg, out_dir)
-        if run:
-            _log_outputs(out_dir, student_path, student_uri)
+        pending = bool(run) and not _publish(out_dir, run, student_path, student_uri)
     return PretrainResult(out_dir, student_path, config_path, step, completed, str(checkpoint), history,
-                          run and run[1], summary, student_uri)
+                          run and run[1], summary, student_uri, pending)
 
 
 def _init_in_storage(cfg: Config, out_dir: Path, init_checkpoint: Path) -> dict:

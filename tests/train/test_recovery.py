@@ -292,3 +292,108 @@ def test_disk_full_at_a_checkpoint_stops_cleanly_and_the_rerun_resumes(work, sma
     assert result.summary["worker_failures"] == 0  # a clean stop, no retries
     # wall time added: the re-run (its start and the 2 steps done again), an upper bound
     reliability_figures(steps_lost=2, retries=0, bytes_lost=0, wall_added_s=resumed_s)
+
+
+# ------------------------------------------------------------------------------------------------ MLflow server away
+def _mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` (its own SQLite store under `root`) on 127.0.0.1:`port`, once /health answers."""
+    import urllib.request
+
+    root.mkdir(parents=True, exist_ok=True)
+    log = open(root / "server.log", "a")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+
+    def up() -> bool:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    _wait_for(up, 300, "mlflow server /health", proc)
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.reliability("mlflow-down")
+def test_mlflow_server_down_from_mid_run_until_after_the_end(work, tmp_path, capsys, reliability_figures):
+    """A real `mlflow server` killed once the run's first step is in it, and started again only after the run
+    ended: the steps go on (later ones reach metrics.jsonl), the live logging keeps the values and retries
+    (events.jsonl), `retain-asd pretrain` exits 0 naming the back-fill command; once the server is back that
+    command logs every step's metrics, the artifacts and the run's end, and a second call logs nothing."""
+    import mlflow
+
+    from pipelines.cli import main
+    from retain_asd.train.launch import read_metrics
+    from retain_asd.train.recovery import read_events
+
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root, out, uri = tmp_path / "mlflow", tmp_path / "run", f"http://127.0.0.1:{port}"
+    server = _mlflow_server(root, port)
+    overrides = [f"data.work_dir={work / 'data'}", "data.synth_machines=[fan]", f"tracking.tracking_uri={uri}",
+                 "tracking.experiment=outage", "train.total_steps=6", "train.log_every=1", "train.checkpoint_every=3"]
+    killed: dict = {}
+
+    def kill_after_the_first_logged_step():
+        client = mlflow.MlflowClient(uri)
+
+        def first_step_logged():
+            run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"] \
+                if (out / "mlflow_run.json").is_file() else None
+            try:
+                return run_id and client.get_metric_history(run_id, "loss")
+            except Exception:
+                return None
+
+        try:
+            _wait_for(first_step_logged, 600, "step 1 in MLflow")
+        except AssertionError:
+            return
+        _stop(server)
+        killed["rows"] = len(read_metrics(out / "metrics.jsonl"))
+
+    killer = threading.Thread(target=kill_after_the_first_logged_step, daemon=True)
+    killer.start()
+    try:
+        code = main(["pretrain", "--preset", "smoke", "--out", str(out), *overrides])
+        killer.join(timeout=5)
+        console = capsys.readouterr().out
+        assert code == 0, console
+        assert killed and killed["rows"] < 6, killed  # the outage began before the last step
+        steps = [row["step"] for row in read_metrics(out / "metrics.jsonl")]
+        assert steps == [1, 2, 3, 4, 5, 6]  # no step held up or lost
+        assert f"MLflow was unreachable at the end; once it is back: retain-asd tracking backfill --out {out}" \
+            in console
+        outage = [e for e in read_events(out) if e["event"].startswith("mlflow_")]
+        assert outage and outage[0]["event"] == "mlflow_unreachable"  # the live logging kept trying
+        retries = max([1] + [e.get("retries", 0) for e in outage])
+
+        server = _mlflow_server(root, port)  # back, after the run
+        started = time.monotonic()
+        assert main(["tracking", "backfill", "--out", str(out)]) == 0
+        backfill_s = time.monotonic() - started
+        run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+        client = mlflow.MlflowClient(uri)
+        for key in ("loss", "lr", "clips_per_s"):
+            assert sorted(m.step for m in client.get_metric_history(run_id, key)) == steps, key
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["student_beats"] == str(out / "student_beats.pt")
+        assert {"config.yaml", "summary.json", "student_beats.pt"} <= {f.path for f in client.list_artifacts(run_id)}
+        capsys.readouterr()
+        assert main(["tracking", "backfill", "--out", str(out)]) == 0
+        assert ": 0 metric values back-filled" in capsys.readouterr().out  # idempotent
+        reliability_figures(steps_lost=0, retries=retries, wall_added_s=backfill_s, bytes_lost=0)
+    finally:
+        _stop(server)
