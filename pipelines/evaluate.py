@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     from retain_asd.config import ConfigError, load_config
     from retain_asd.eval.builder import evaluate_from_config
+    from retain_asd.eval.evalsets import scored_on_line
     from retain_asd.experiments import resolve_checkpoints
 
     try:
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             from retain_asd.eval.dcase_mode import source_only, where
 
             note = f"  [{where(r)}]" + ("  (source domain only: AUC + pAUC, no target AUC)" if source_only(r) else "")
-        print(f"{r.name}: " + "  ".join(f"{k}={100 * v:.2f}" for k, v in figures.items()) + note)
+        print(f"{r.name}: " + "  ".join(f"{k}={100 * v:.2f}" for k, v in figures.items()) + note
+              + (f"  [{scored_on_line(r.scored_on)}]" if r.scored_on and not args.dcase_root else ""))
     if args.dcase_root and args.channels and len(args.channels) > 1:
         from retain_asd.eval.dcase_mode import channels_side_by_side
 

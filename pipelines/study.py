@@ -45,6 +45,7 @@ def run_and_print(cfg, out: Path, *, address: str | None, verbose: bool, log_nam
     from retain_asd.config import uses_foundation
     from retain_asd.experiments.study import run_study, study_metric
     from retain_asd.runtime import isatty
+    from retain_asd.tracking import runs_page
     from retain_asd.train.foundation import foundation_path
     from retain_asd.train.launch import foundation_cache_dir, initial_encoder
 
@@ -60,10 +61,13 @@ def run_and_print(cfg, out: Path, *, address: str | None, verbose: bool, log_nam
     console.say("")
     console.say(f"Table 2 over seeds ({result.comparison.primary} primary; official score x100, mean ± 95% interval; "
                 "hmean{-10,-5,0} and All over " + ", ".join(cfg.eval.conditions) + "):")
+    for line in result.comparison.scored_on:  # what every score of the table was computed on
+        console.say(line)
     console.say(result.table)
     console.say(f"every condition x SNR: {result.table_path} (CSV and plots beside it)")
     console.say(f"MLflow: {result.tracking_uri}, experiment '{result.experiment}'")
     console.say(f"  open it with: mlflow ui --backend-store-uri {result.tracking_uri}")
+    console.say(f"  the runs table: {runs_page(result.tracking_uri, result.experiment)}")
     console.say(f"  the same table: retain-asd compare --experiment {result.experiment} --metric "
                 f"{study_metric(cfg)} --tracking-uri {result.tracking_uri}")
     return 0

@@ -131,6 +131,7 @@ class TrainConfig:
 class EvalConfig:
     machine_root: str = ""  # EVALUATION corpus (other machine types than data.machine_root); "" = synthetic eval world
     noise_root: str = ""  # its noise (categories.yaml: stationary -> Factory A, else Factory B); "" = synthetic
+    synthetic: bool = False  # true: the synthetic evaluation world on purpose (needed with a real data.machine_root)
     synth_machines: tuple[str, ...] = ("bearing", "blower", "slider")  # evaluation world types (when roots are "")
     synth_noise: tuple[str, ...] = ("hvac", "transformer", "hammering", "passby")  # stationary: hvac, transformer
     conditions: tuple[str, ...] = ("factory_a", "factory_b", "mismatch")
@@ -296,6 +297,8 @@ def validate(cfg: Config) -> None:
     _check(all(c in CONDITIONS for c in e.conditions) and len(e.conditions) > 0, "eval.conditions",
            f"a non-empty subset of {list(CONDITIONS)}", e.conditions)
     _check(len(e.snrs_db) > 0, "eval.snrs_db", "non-empty", e.snrs_db)
+    _check(not (e.synthetic and (e.machine_root or e.noise_root)), "eval.synthetic",
+           "false when eval.machine_root / eval.noise_root name a real evaluation corpus", e.synthetic)
     _check(e.source_refs > 0 and e.target_refs > 0, "eval.source_refs/target_refs", "> 0",
            (e.source_refs, e.target_refs))
     _check(e.test_normal > 0 and e.test_anomaly > 0, "eval.test_normal/test_anomaly", "> 0",

@@ -94,16 +94,23 @@ def artifact_location(uri: str, experiment: str, storage: str = "") -> str | Non
     return None
 
 
+# MLflow 3 opens an experiment without a kind on its GenAI traces page; this kind opens it on its runs table.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(uri: str, experiment: str, storage: str = "") -> str:
     """Create the experiment when missing (Tune trials need it to exist), with an explicit artifact location
-    (`artifact_location`); returns its id. An existing experiment whose artifacts live elsewhere than
-    `storage` asks for a warning: its runs keep logging artifacts there."""
+    (`artifact_location`) and `EXPERIMENT_TAGS`; returns its id. An existing experiment gets the tags it lacks;
+    one whose artifacts live elsewhere than `storage` asks for a warning: its runs keep logging artifacts there."""
     apply_env_defaults()
     import mlflow
 
     mlflow.set_tracking_uri(uri)
     found = mlflow.get_experiment_by_name(experiment)
     if found:
+        for key, value in EXPERIMENT_TAGS.items():
+            if found.tags.get(key) != value:
+                mlflow.MlflowClient(uri).set_experiment_tag(found.experiment_id, key, value)
         wanted = artifact_location(uri, experiment, storage)
         if storage and found.artifact_location != wanted:
             import warnings
@@ -112,7 +119,19 @@ def ensure_experiment(uri: str, experiment: str, storage: str = "") -> str:
                           f"in data.storage ({wanted}); use a new tracking.experiment to log them to the bucket",
                           stacklevel=2)
         return found.experiment_id
-    return mlflow.create_experiment(experiment, artifact_location=artifact_location(uri, experiment, storage))
+    return mlflow.create_experiment(experiment, artifact_location=artifact_location(uri, experiment, storage),
+                                    tags=EXPERIMENT_TAGS)
+
+
+def runs_page(uri: str, experiment: str, base_url: str = "http://127.0.0.1:5000") -> str:
+    """The address of an experiment's runs table in `mlflow ui` (MLflow 3 opens an experiment in its GenAI
+    workflow unless the address asks for the model-training one)."""
+    import mlflow
+
+    found = mlflow.MlflowClient(uri).get_experiment_by_name(experiment)
+    if found is None:
+        raise ValueError(f"MLflow experiment {experiment!r} not found in {uri}")
+    return f"{base_url.rstrip('/')}/#/experiments/{found.experiment_id}?workflowType=machine_learning"
 
 
 @contextlib.contextmanager
@@ -187,7 +206,7 @@ def active_run_id() -> str | None:
 
 
 def run_name(kind: str, preset: str, seed: Any) -> str:
-    """The one naming rule: ``<kind>-<preset or trial>-seed<seed>`` (kind: pretrain, evaluate)."""
+    """The one naming rule: ``<kind>-<preset, row or trial>-seed<seed>`` (kind: point, pretrain, evaluate)."""
     return f"{kind}-{preset}-seed{seed}"
 
 

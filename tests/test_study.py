@@ -46,12 +46,11 @@ def test_rerun_skips_finished_rows(small_worlds, ray_local, tmp_path):
     assert len(first.cells) == 4 and not any(c.skipped for c in first.cells)
     assert [(c.row, c.seed) for c in first.cells] == [("frozen", 0), ("again", 0), ("frozen", 1), ("again", 1)]
     runs = compare_runs(uri, "study-test", ["hmean_all_dn"])
-    points = ["again/seed0", "again/seed1", "frozen/seed0", "frozen/seed1"]
-    expected = sorted([*points, "summary", *(f"{kind}-{p.replace('/', '-')}" for p in points
-                                             for kind in ("pretrain", "evaluate"))])
+    points = ["again-seed0", "again-seed1", "frozen-seed0", "frozen-seed1"]
+    expected = sorted(["summary", *(f"{kind}-{p}" for p in points for kind in ("point", "pretrain", "evaluate"))])
     assert sorted(r["run_name"] for r in runs) == expected
     by_name = {r["run_name"]: r["hmean_all_dn"] for r in runs}
-    assert by_name["frozen/seed1"] == pytest.approx(first.cells[2].hmean_all)  # eval.primary: DN
+    assert by_name["evaluate-frozen-seed1"] == pytest.approx(first.cells[2].hmean_all)  # eval.primary: DN
     rows = {r.name: r for r in first.comparison.rows}
     assert set(rows) == {"frozen", "again"} and rows["frozen"].seeds == ("0", "1")
     assert rows["frozen"].estimates["hmean_all_dn"].n == 2  # (smoke: a random encoder per seed, so a spread)

@@ -93,3 +93,19 @@ def test_backfill_logs_only_the_missing_steps_once(tmp_path):
     assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss")) == \
         [(1, 1.0), (2, 2.0), (3, 3.0)]
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_every_experiment_opens_on_its_runs_table(tmp_path):
+    """MLflow 3 shows an experiment without a kind as a GenAI traces page: every experiment the system creates, or
+    finds without it, carries mlflow.experimentKind = custom_model_development."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    old = client.create_experiment("older", artifact_location=(tmp_path / "a").as_uri())  # made before the rule
+    assert "mlflow.experimentKind" not in client.get_experiment(old).tags
+    for name in ("older", "fresh"):
+        with tracking.mlflow_run(uri, name, "r"):
+            pass
+        tags = client.get_experiment_by_name(name).tags
+        assert tags["mlflow.experimentKind"] == "custom_model_development", name

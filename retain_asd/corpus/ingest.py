@@ -228,8 +228,20 @@ def pretrain_roots(cfg) -> CorpusRoots:
 
 
 def eval_roots(cfg) -> CorpusRoots:
-    """The evaluation corpus's raw folders; writes the synthetic evaluation world when a root is empty."""
+    """The evaluation corpus's raw folders; writes the synthetic evaluation world when a root is empty.
+
+    A real pre-training corpus (data.machine_root) with an empty evaluation root is a ConfigError naming the
+    empty roots: its scores would silently come from the synthetic world. eval.synthetic: true asks for that."""
+    from retain_asd.config import ConfigError
+
     d, e = cfg.data, cfg.eval
+    missing = [f"eval.{name}" for name, root in (("machine_root", e.machine_root), ("noise_root", e.noise_root))
+               if not root]
+    if d.machine_root and missing and not e.synthetic:
+        raise ConfigError(f"{' / '.join(missing)} empty while data.machine_root = {d.machine_root!r} is a real "
+                          f"pre-training corpus: the evaluation would use the synthetic evaluation world. Pass "
+                          f"{' and '.join(m + '=PATH' for m in missing)} (the evaluation corpus), or "
+                          "eval.synthetic=true to score on the synthetic evaluation world on purpose")
     return _world_roots("eval", e.machine_root, e.noise_root, Path(d.work_dir).resolve(), seed=d.synth_seed,
                         machines=e.synth_machines, noise=e.synth_noise, data=d, field_prefix="eval")
 

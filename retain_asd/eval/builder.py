@@ -145,6 +145,9 @@ def evaluate_from_config(cfg, checkpoints: Sequence[ResolvedCheckpoint], out_dir
                                          memmixup=e.memmixup_k if e.memmixup else 0,
                                          memmixup_ratio=e.memmixup_ratio, conditions=e.conditions,
                                          use_ray=use_ray, name=folder, embedder=embedder, primary=e.primary)
+        if dcase_root:
+            result.scored_on = {"eval.corpus": str(dcase_root), "eval.split": "test",
+                                "eval.sizes": f"{len({m for c in result.cells for m in c.machines})} machines"}
         write_score_files(result, run_dir / "scores")
         if dcase_root:
             write_dcase_table(result, run_dir / "dcase_table.md")
@@ -157,7 +160,7 @@ def evaluate_from_config(cfg, checkpoints: Sequence[ResolvedCheckpoint], out_dir
             "mode": "dcase" if dcase_root else "evalsets",
             "domains": "source only (AUC + pAUC)" if dcase_root and source_only(result) else "",
             "dcase_layout": result.layout, "channel": result.channel}
-        tags = {k: v for k, v in tags.items() if v} | dict(extra_tags)
+        tags = {k: v for k, v in {**tags, **result.scored_on}.items() if v} | dict(extra_tags)
         if track:
             run = run_name("evaluate", name, seed) + (f"-ch{channel}" if len(channels) > 1 else "")
             with mlflow_run(uri, cfg.tracking.experiment, run, params, tags,

@@ -24,6 +24,7 @@ class Comparison:
     primary: str  # "raw" or "dn"
     paths: list[Path] = field(default_factory=list)  # markdown, CSV, one SNR-curve PNG per condition x variant
     run_id: str | None = None  # the comparison's own MLflow run (None when not logged)
+    scored_on: list[str] = field(default_factory=list)  # what the scores were computed on (`scored_on_lines`)
 
 
 POINT_KINDS = ("point", "trial")  # "trial": a sweep's point before experiment points had their own kind
@@ -41,6 +42,19 @@ def _records(runs: list[dict]) -> list[report.RunRecord]:
             if report.group_name(rec) not in scored_groups:
                 out.append(rec)
     return out
+
+
+def scored_on_lines(records) -> list[str]:
+    """What the compared scores were computed on (the runs' eval.corpus / eval.split / eval.sizes tags), one line
+    per distinct set; a table mixing several says so, each once."""
+    from retain_asd.eval.evalsets import scored_on_line
+
+    seen = {}
+    for r in records:
+        if r.tags.get("eval.corpus"):
+            tags = {k: r.tags.get(k, "?") for k in ("eval.corpus", "eval.split", "eval.sizes")}
+            seen.setdefault(scored_on_line(tags), None)
+    return [f"scored on the {line}" for line in seen]
 
 
 def compare_experiment(experiment: str, *, tracking_uri: str, out_dir: str | os.PathLike,
@@ -76,6 +90,8 @@ def compare_experiment(experiment: str, *, tracking_uri: str, out_dir: str | os.
     rows = report.comparison_rows(records, metric)
     columns = report.comparison_columns(records)
     title = f"{experiment}: Table 2 ({len(records)} runs, ranked by {metric})"
+    scored_on = scored_on_lines(records)
+    title += "".join(f"; {line}" for line in scored_on)
     markdown = report.comparison_markdown(rows, columns, primary, title)
     out_dir = Path(out_dir)
     paths = [fsio.write_text(out_dir / "comparison.md", markdown),
@@ -93,4 +109,4 @@ def compare_experiment(experiment: str, *, tracking_uri: str, out_dir: str | os.
             for path in paths:
                 tracking.log_artifact(path, artifact_path="compare")
             run_id = run.info.run_id
-    return Comparison(markdown, rows, columns, primary, paths, run_id)
+    return Comparison(markdown, rows, columns, primary, paths, run_id, scored_on)

@@ -42,7 +42,7 @@ import os
 import shutil
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +87,29 @@ class EvalSets:
     root: Path | str  # a local folder or an object-store URI
     manifest: dict
     table: pa.Table
+    corpus: str = ""  # what the sets were drawn from, for people (`corpus_label`); "" = the corpus folder
+
+    @property
+    def split(self) -> str:
+        """"test" (the evaluation sets) or "validation" (the disjoint sets sweeps select on)."""
+        return str(self.manifest.get("split", "test"))
+
+    def scored_on(self) -> dict[str, str]:
+        """What a score on these sets was computed on, as MLflow tags: the evaluation corpus, the split and the
+        set sizes (totals over machines, per condition and SNR)."""
+        total: dict[str, int] = {}
+        for counts in self.manifest.get("per_machine", {}).values():
+            for key, n in counts.items():
+                total[key] = total.get(key, 0) + int(n)
+
+        def count(role: str, label: str = "") -> int:
+            return sum(n for k, n in total.items() if k.startswith(role + "/") and k.endswith(label))
+
+        machines = len(self.manifest.get("per_machine", {}))
+        sizes = (f"{machines} machine{'s' * (machines != 1)}, {count('ref_source')} + {count('ref_target')} "
+                 f"references (source + target), {count('test', '/normal')} + {count('test', '/anomaly')} test "
+                 "clips (normal + anomalous)")
+        return {"eval.corpus": self.corpus or str(self.corpus_root), "eval.split": self.split, "eval.sizes": sizes}
 
     @property
     def corpus_root(self) -> Path | str:
@@ -329,6 +352,22 @@ def load_evalsets(root: str | os.PathLike) -> EvalSets:
     return EvalSets(root, manifest, pq.read_table(recipes, filesystem=filesystem))
 
 
+def corpus_label(cfg) -> str:
+    """The evaluation corpus of a config in words: its roots, or the synthetic evaluation world and its seed."""
+    e, seed = cfg.eval, cfg.data.synth_seed
+    world = f"synthetic evaluation world (data.synth_seed={seed})"
+    if e.machine_root and e.noise_root:
+        return f"{e.machine_root} (noise: {e.noise_root})"
+    if e.machine_root or e.noise_root:
+        return f"{e.machine_root or e.noise_root} with the {world}'s {'noise' if e.machine_root else 'machines'}"
+    return world
+
+
+def scored_on_line(tags: dict) -> str:
+    """`EvalSets.scored_on` as one line: ``<split> split of <corpus>: <sizes>``."""
+    return f"{tags.get('eval.split', '?')} split of {tags.get('eval.corpus', '?')}: {tags.get('eval.sizes', '?')}"
+
+
 def evalsets_from_config(cfg, force: bool = False) -> EvalSets:
     """Builder: a Config -> the sets of the EVALUATION corpus (`eval.machine_root` / `eval.noise_root`, or the
     synthetic evaluation world), ingested into `<work_dir>/corpus_eval` when needed, under `<work_dir>/evalsets`.
@@ -345,7 +384,7 @@ def evalsets_from_config(cfg, force: bool = False) -> EvalSets:
                            test_normal=e.test_normal, test_anomaly=e.test_anomaly, seed=e.seed)
     corpus = eval_corpus_from_config(cfg)
     out_dir = storage.join(cfg.data.storage, "evalsets") if cfg.data.storage else work / "evalsets"
-    return build_evalsets(corpus.root, out_dir, params, force=force)
+    return replace(build_evalsets(corpus.root, out_dir, params, force=force), corpus=corpus_label(cfg))
 
 
 # ---------------------------------------------------------------------------------------------------- mixtures

@@ -54,6 +54,7 @@ class EvalResult:
     layout: str = ""  # DCASE-folder mode: the tree's editions ("DCASE 2026", corpus/years.py)
     channel: str = ""  # DCASE-folder mode: the channel the clips were read on ("channel 0 (near mic)", "mono")
     run_id: str | None = None  # its MLflow run, when the evaluation was tracked
+    scored_on: dict = field(default_factory=dict)  # eval.corpus / eval.split / eval.sizes (`EvalSets.scored_on`)
 
     def official_by_set(self, layer: int | None = None, domain_norm: bool = False) -> dict[tuple[str, int], float]:
         layer = self.primary_layer if layer is None else layer

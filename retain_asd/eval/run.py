@@ -21,7 +21,7 @@ from pathlib import Path
 
 from retain_asd.eval import dcase_files, metrics
 from retain_asd.eval.embed import Embedder
-from retain_asd.eval.evalsets import EvalSets, MixtureSource, row_key
+from retain_asd.eval.evalsets import EvalSets, MixtureSource, row_key, scored_on_line
 from retain_asd.eval.results import Cell, EvalResult, cell_name, score_machine
 
 
@@ -40,7 +40,7 @@ def evaluate_checkpoint(model_or_path, evalsets: EvalSets, layers: int | Sequenc
     layers = [layers] if isinstance(layers, int) else list(layers)
     embedder = embedder or Embedder(model_or_path, pooling=pooling, cache_dir=cache_dir, batch_size=batch_size)
     source = MixtureSource(evalsets.corpus_root)
-    result = EvalResult(name, embedder.checkpoint_hash, layers[0], primary=primary)
+    result = EvalResult(name, embedder.checkpoint_hash, layers[0], primary=primary, scored_on=evalsets.scored_on())
     for condition in conditions or ("factory_a", "factory_b", "mismatch"):
         for snr_db in evalsets.snrs_db:
             rows = evalsets.rows(condition, snr_db)
@@ -94,18 +94,21 @@ def write_score_files(result: EvalResult, out_dir: str | os.PathLike) -> list[Pa
 # ---------------------------------------------------------------------------------------------------- reports
 def write_reports(results: Sequence[EvalResult], out_dir: str | os.PathLike, primary: str | None = None) -> list[Path]:
     """Table 2 (markdown + CSV, raw and DN) and plots for several checkpoints side by side; each table's first
-    column says which figure it holds and which one is primary (`primary`, default: the results' own)."""
+    column says which figure it holds, which one is primary (`primary`, default: the results' own) and what the
+    scores were computed on (corpus, split, set sizes)."""
     from retain_asd.eval import report
 
     out_dir = Path(out_dir)
     paths = []
+    scored_on = next((r.scored_on for r in results if r.scored_on), {})
+    on = f"; {scored_on_line(scored_on)}" if scored_on else ""
     for dn in (False, True):
         table = {r.name: r.official_by_set(domain_norm=dn) for r in results if r.official_by_set(domain_norm=dn)}
         if not table:
             continue
         tag = "_dn" if dn else ""
         first = primary or (results[0].primary if results else "dn")
-        label = ("DN" if dn else "raw") + (", primary" if dn == (first == "dn") else "")
+        label = ("DN" if dn else "raw") + (", primary" if dn == (first == "dn") else "") + on
         paths += [report.write_table2_markdown(table, out_dir / f"table2{tag}.md", label=label),
                   report.write_table2_csv(table, out_dir / f"table2{tag}.csv", label=label),
                   report.plot_score_vs_snr(table, out_dir / f"score_vs_snr{tag}.png")]

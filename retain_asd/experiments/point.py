@@ -3,7 +3,7 @@
 The demo, the study (one point per row x seed) and every sweep trial call `run_point`; nothing else chains
 pre-training and evaluation. Its MLflow layout, the same for every caller:
 
-    <label>/seed<k>                 kind=point     config as params; hmean_{low,all}[_dn], train_s, eval_s, steps
+    point-<label>-seed<k>           kind=point     config as params; hmean_{low,all}[_dn], train_s, eval_s, steps
       pretrain-<label>-seed<k>      kind=pretrain  nested: the training curve, live; config.yaml, student, summary
       evaluate-<label>-seed<k>      kind=evaluate  nested: every figure, tables, plots, score files
 
@@ -79,7 +79,8 @@ def run_point(cfg: Config, out_dir: str | os.PathLike, *, tracking_uri: str | No
     run_id = tracking.live_run_id(uri, tracking.read_run_pointer(out_dir).get("run_id"))
     if run_id is None:  # a new point run: children of an earlier one are not continued under it
         (out_dir / "pretrain" / tracking.RUN_POINTER).unlink(missing_ok=True)
-    with tracking.mlflow_run(uri, experiment, f"{label}/seed{seed}", params=None if run_id else to_dict(cfg),
+    name = tracking.run_name("point", label, seed)
+    with tracking.mlflow_run(uri, experiment, name, params=None if run_id else to_dict(cfg),
                              tags={"kind": "point", "objective": cfg.objective.name, **tags}, run_id=run_id,
                              parent_run_id=parent_run_id, storage=cfg.data.storage) as run:
         fsio.write_json(out_dir / tracking.RUN_POINTER, {"run_id": run.info.run_id, "tracking_uri": uri,

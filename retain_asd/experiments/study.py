@@ -6,7 +6,7 @@
       -> for each row x seed:  <out>/rows/<row>/seed<k>/, one experiment point (`point.run_point`)
            pretrain (Ray Train; `frozen` trains nothing)        pretrain/
            evaluate on the 7 SNRs x 3 conditions (kNN)          evaluate/
-           MLflow run `<row>/seed<k>` with its pretrain and evaluate runs nested, all tagged study=<name>
+           MLflow run `point-<row>-seed<k>` with its pretrain and evaluate runs nested, all tagged study=<name>
            result.json (written last: a finished cell of the study; a re-run skips it)
       -> summary: `compare_experiment` over the study's MLflow runs (what `retain-asd compare` prints): mean and
          95% interval over seeds per cell, hmean{-10,-5,0} and All, raw and DN; <out>/summary/comparison.{md,csv},
@@ -261,7 +261,10 @@ def run_study(cfg: Config, out_dir: str | os.PathLike, *, evaluation_sets=None, 
         from retain_asd.eval.evalsets import evalsets_from_config
 
         evaluation_sets = evalsets_from_config(cfg)  # from the evaluation corpus only
-    say(f"evaluation sets: {evaluation_sets.root} ({len(evaluation_sets.machines)} machines "
+    from retain_asd.eval.evalsets import scored_on_line
+
+    say(f"evaluation sets: {scored_on_line(evaluation_sets.scored_on())}")
+    say(f"  {evaluation_sets.root} ({len(evaluation_sets.machines)} machines "
         f"{', '.join(evaluation_sets.machines)}; {len(cfg.eval.conditions)} conditions x "
         f"{len(evaluation_sets.snrs_db)} SNRs, {time.perf_counter() - t0:.0f} s)")
 

@@ -77,7 +77,7 @@ def _protocol(work, pretrain_root):
             f"eval.noise_root={work / 'synth' / 'noise'}", "data.clip_s=2.0"]
 
 
-def test_evaluate_cli_smoke_preset_writes_tables_and_mlflow_run(work, sets, tmp_path, small_pretrain_root):
+def test_evaluate_cli_smoke_preset_writes_tables_and_mlflow_run(work, sets, tmp_path, small_pretrain_root, capsys):
     import mlflow
 
     from pipelines.evaluate import main
@@ -96,6 +96,13 @@ def test_evaluate_cli_smoke_preset_writes_tables_and_mlflow_run(work, sets, tmp_
         for f in ("table2.md", "table2.csv", "table2_dn.md", "score_vs_snr.png"):
             assert (tmp_path / "out" / name / f).is_file()
     assert (tmp_path / "out/table2.md").read_text().count("\n") == 4  # header, rule, 2 runs
+    # every score says what it was computed on: console line, table headers, MLflow tags
+    on = (f"test split of {work / 'synth' / 'machines'} (noise: {work / 'synth' / 'noise'}): 2 machines, 16 + 4 "
+          "references (source + target), 8 + 8 test clips (normal + anomalous)")
+    out = capsys.readouterr().out
+    assert sum(on in line and "hmean_all" in line for line in out.splitlines()) == 2
+    for table in ("table2.md", "table2_dn.csv", "ckpt/table2.md", "frozen/table2_dn.csv"):
+        assert on in (tmp_path / "out" / table).read_text().splitlines()[0], table
     mlflow.set_tracking_uri(f"sqlite:///{db}")
     runs = mlflow.search_runs(experiment_names=["retain-asd"], output_format="list")
     assert sorted(r.info.run_name for r in runs) == ["evaluate-ckpt-seed0", "evaluate-frozen-seed0"]
@@ -106,6 +113,36 @@ def test_evaluate_cli_smoke_preset_writes_tables_and_mlflow_run(work, sets, tmp_
               "hmean_all", "hmean_all_dn", "factory_b/hmean_all", "factory_a/snr_5/fan/auc_source"):
         assert k in keys
     assert "hmean_low" not in keys  # the smoke grid has no -10 dB: the low-SNR hmean is undefined
+    assert {(r.data.tags["eval.split"], r.data.tags["eval.corpus"]) for r in runs} == {
+        ("test", f"{work / 'synth' / 'machines'} (noise: {work / 'synth' / 'noise'})")}
+
+
+def test_a_real_pretraining_corpus_needs_an_evaluation_corpus_or_the_synthetic_world_on_purpose(
+        tmp_path, capsys, small_pretrain_root):
+    import mlflow
+
+    from pipelines.evaluate import main
+
+    db = tmp_path / "mlflow.db"
+    argv = ["--preset", "smoke", "--checkpoint", "frozen", "--out", str(tmp_path / "out"), *small_pretrain_root,
+            "data.clip_s=2.0", f"data.work_dir={tmp_path / 'work'}", f"tracking.tracking_uri=sqlite:///{db}",
+            "eval.synth_machines=[bearing]", "eval.synth_noise=[hvac, hammering]", "eval.source_refs=4",
+            "eval.target_refs=2", "eval.test_normal=2", "eval.test_anomaly=2", "eval.snrs_db=[0.0]",
+            "eval.conditions=[factory_a]"]
+    assert main(argv) == 2  # before any work: the scores would silently come from the synthetic world
+    err = capsys.readouterr().err
+    assert "eval.machine_root / eval.noise_root empty" in err and "eval.synthetic=true" in err
+    assert not (tmp_path / "work").exists()
+    with pytest.warns(UserWarning, match="RANDOM encoder"):
+        assert main([*argv, "eval.synthetic=true"]) == 0
+    world = "synthetic evaluation world (data.synth_seed=0)"
+    on = f"test split of {world}: 1 machine, 4 + 2 references (source + target), 4 + 4 test clips"
+    assert on in capsys.readouterr().out
+    assert on in (tmp_path / "out" / "frozen" / "table2_dn.md").read_text().splitlines()[0]
+    (run,) = mlflow.MlflowClient(f"sqlite:///{db}").search_runs(
+        [mlflow.MlflowClient(f"sqlite:///{db}").get_experiment_by_name("retain-asd").experiment_id])
+    assert (run.data.tags["eval.corpus"], run.data.tags["eval.split"]) == (world, "test")
+    assert run.data.tags["eval.sizes"].startswith("1 machine, 4 + 2 references")
 
 
 def test_dcase_mode_on_a_dcase2023_tree(work, tmp_path):
