@@ -132,6 +132,7 @@ class EvalConfig:
     machine_root: str = ""  # EVALUATION corpus (other machine types than data.machine_root); "" = synthetic eval world
     noise_root: str = ""  # its noise (categories.yaml: stationary -> Factory A, else Factory B); "" = synthetic
     synthetic: bool = False  # true: the synthetic evaluation world on purpose (needed with a real data.machine_root)
+    validation_fraction: float = 0.3  # share of each machine's clips (and of the noise segments) kept for validation
     synth_machines: tuple[str, ...] = ("bearing", "blower", "slider")  # evaluation world types (when roots are "")
     synth_noise: tuple[str, ...] = ("hvac", "transformer", "hammering", "passby")  # stationary: hvac, transformer
     conditions: tuple[str, ...] = ("factory_a", "factory_b", "mismatch")
@@ -151,6 +152,19 @@ class EvalConfig:
     primary: str = "dn"  # the reported figure: "dn" (domain normalisation, paper Table 2) or "raw" (Table 3)
     batch_size: int = 16
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Validation sets, disjoint from the test sets: what sweeps select on and stop trials by (never the test
+    sets). Built like the evaluation sets from the held-out share eval.validation_fraction of the evaluation
+    corpus, or from a validation corpus of its own (e.g. a DCASE development set, with the evaluation set for
+    testing)."""
+
+    machine_root: str = ""  # "" = the held-out share of the evaluation corpus
+    noise_root: str = ""  # with machine_root: the validation corpus's noise (categories.yaml as eval.noise_root)
+    conditions: tuple[str, ...] = ("mismatch", "factory_b")  # scored during pre-training (train.validate_every)
+    snrs_db: tuple[float, ...] = (-5.0, 0.0)  # the low-SNR end, where the methods differ
 
 
 @dataclass(frozen=True)
@@ -213,6 +227,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     foundation: FoundationConfig = field(default_factory=FoundationConfig)
@@ -297,6 +312,14 @@ def validate(cfg: Config) -> None:
     _check(all(c in CONDITIONS for c in e.conditions) and len(e.conditions) > 0, "eval.conditions",
            f"a non-empty subset of {list(CONDITIONS)}", e.conditions)
     _check(len(e.snrs_db) > 0, "eval.snrs_db", "non-empty", e.snrs_db)
+    _check(0.0 <= e.validation_fraction < 1.0, "eval.validation_fraction", "in [0, 1)", e.validation_fraction)
+    v = cfg.validation
+    _check(all(c in _CONDITIONS for c in v.conditions) and len(v.conditions) > 0, "validation.conditions",
+           f"a non-empty subset of {list(_CONDITIONS)}", v.conditions)
+    _check(len(v.snrs_db) > 0, "validation.snrs_db", "non-empty", v.snrs_db)
+    _check(bool(v.machine_root) == bool(v.noise_root), "validation.machine_root / validation.noise_root",
+           "both set (a validation corpus of its own) or both empty (a share of the evaluation corpus)",
+           (v.machine_root, v.noise_root))
     _check(not (e.synthetic and (e.machine_root or e.noise_root)), "eval.synthetic",
            "false when eval.machine_root / eval.noise_root name a real evaluation corpus", e.synthetic)
     _check(e.source_refs > 0 and e.target_refs > 0, "eval.source_refs/target_refs", "> 0",

@@ -169,6 +169,7 @@ def load_corpus(out_dir: str | os.PathLike) -> Corpus:
 PRETRAIN_DIR = "corpus_pretrain"
 PRETRAIN_EVALREFS_DIR = "corpus_pretrain_evalrefs"  # data.add_eval_references: true (Table 5, last row)
 EVAL_DIR = "corpus_eval"
+VAL_DIR = "corpus_val"  # validation.machine_root / noise_root: a validation corpus of its own
 HASH_CACHE = "protocol_sha1.json"
 
 
@@ -259,6 +260,10 @@ def check_protocol(cfg):
     for root in pre.extra_machine_roots:
         pre_scan.records.extend(layouts.scan_dcase(root).records)
     pre_noise, ev_noise = layouts.scan_noise(pre.noise_root), layouts.scan_noise(ev.noise_root)
+    v = cfg.validation
+    if v.machine_root:  # a validation corpus of its own is held out from pre-training like the evaluation corpus
+        ev_scan.records.extend(layouts.scan_dcase(v.machine_root).records)
+        ev_noise.records.extend(layouts.scan_noise(v.noise_root).records)
     records = [*pre_scan.records, *pre_noise.records, *ev_scan.records, *ev_noise.records]
     protocol.file_sha1s([r.path for r in records], cache)  # one cache file for both corpora
     pre_manifest = protocol.raw_manifest(pre_scan.records, pre_noise.records, cache)
@@ -321,6 +326,14 @@ def eval_corpus_from_config(cfg, *, force: bool = False) -> Corpus:
                      "eval")
     return ingest(ev.machine_root, ev.noise_root, corpus_location(cfg, EVAL_DIR),
                   settings=decode_settings(d), rows_per_shard=d.rows_per_shard, force=force)
+
+
+def validation_corpus_from_config(cfg, *, force: bool = False) -> Corpus:
+    """Builder: the ingested validation corpus of its own (validation.machine_root / noise_root),
+    ``<work_dir>/corpus_val``; the validation sets are otherwise a held-out share of the evaluation corpus."""
+    v = cfg.validation
+    return ingest(v.machine_root, v.noise_root, corpus_location(cfg, VAL_DIR), settings=decode_settings(cfg.data),
+                  rows_per_shard=cfg.data.rows_per_shard, force=force)
 
 
 def _guard_corpus(corpus_dir: Path | str, world: str, machine_root: str, noise_root: str, prefix: str,

@@ -78,6 +78,8 @@ class EvalSetParams:
     test_normal: int = 50  # per domain
     test_anomaly: int = 50  # per domain
     seed: int = 0
+    split: str = "test"  # "test" or "validation": which part of the corpus (`holdout`) the sets are drawn from
+    holdout: float = 0.0  # share of each machine's clips and of each factory's noise segments kept for validation
 
 
 @dataclass(frozen=True)
@@ -158,15 +160,29 @@ def _pick(rows: list[dict], n: int, rng: np.random.Generator, what: str, warning
     return [rows[i] for i in sorted(order)]  # corpus (path) order inside a role
 
 
+def holdout_part(items: list, share: float, split: str, rng: np.random.Generator) -> list:
+    """The `split` part of `items` when a seeded `share` of them is kept for validation: "validation" gets
+    round(share x n) items drawn with `rng`, "test" the others (input order kept). share 0: the corpus is all one
+    split (the test sets of the evaluation corpus, or a validation corpus of its own)."""
+    if share <= 0:
+        return list(items)
+    held = set(rng.permutation(len(items))[: int(math.floor(share * len(items) + 0.5))].tolist())
+    return [x for i, x in enumerate(items) if (i in held) == (split == "validation")]
+
+
 def select_clips(meta: list[dict], params: EvalSetParams, warnings: list[str]) -> list[dict]:
-    """Clean clips of every machine with their role; meta rows are shard rows without audio."""
+    """Clean clips of every machine with their role; meta rows are shard rows without audio. With `holdout`,
+    each (split, domain, label) group of a machine is divided first (seeded, the same for both parts), and the
+    sets draw only from their own part: validation and test sets never share a clip."""
     out = []
     for machine in sorted({r["machine"] for r in meta}):
         rng = _rng(params.seed, "clips", machine)
         mine = [r for r in meta if r["machine"] == machine]
 
-        def where(split, domain, label, rows=mine):
-            return [r for r in rows if r["split"] == split and r["domain"] == domain and r["label"] == label]
+        def where(split, domain, label, rows=mine, machine=machine):
+            group = [r for r in rows if r["split"] == split and r["domain"] == domain and r["label"] == label]
+            return holdout_part(group, params.holdout, params.split,
+                                _rng(params.seed, "holdout", machine, split, domain, label))
 
         groups = [("ref_source", where("train", "source", "normal"), params.source_refs),
                   ("ref_target", where("train", "target", "normal"), params.target_refs)]
@@ -237,6 +253,11 @@ def _recipes(corpus_root: Path | str, params: EvalSetParams, warnings: list[str]
             kind = "stationary" if stationary else "non-stationary"
             raise EvalSetError(f"{noise_dir}: no {kind} noise category for {factory}; mark one in "
                                "categories.yaml and re-ingest")
+        segments = holdout_part(segments, params.holdout, params.split, _rng(params.seed, "holdout-noise", factory))
+        if not segments:
+            raise EvalSetError(f"{noise_dir}: {factory} has too few noise segments to keep a share of "
+                               f"{params.holdout} for validation; add noise recordings, or give the validation "
+                               "sets their own noise (validation.noise_root)")
         order = _rng(params.seed, "noise", factory).permutation(len(segments))
         uses = math.ceil(len(clips) / len(segments))
         if uses > 1:
@@ -315,7 +336,8 @@ def build_evalsets(corpus_root: str | os.PathLike, out_dir: str | os.PathLike, p
             key = f"{r['role']}/{r['domain']}/{r['label']}"
             per_machine.setdefault(r["machine"], {}).setdefault(key, 0)
             per_machine[r["machine"]][key] += 1
-    manifest = {**identity, "corpus_root": str(corpus_root), "counts": counts, "per_machine": per_machine,
+    manifest = {**identity, "split": params.split, "corpus_root": str(corpus_root), "counts": counts,
+                "per_machine": per_machine,
                 "warnings": warnings, "rows": len(rows)}
     if isinstance(out_dir, str):
         _write_remote(out_dir, _table(rows), manifest)
@@ -368,23 +390,98 @@ def scored_on_line(tags: dict) -> str:
     return f"{tags.get('eval.split', '?')} split of {tags.get('eval.corpus', '?')}: {tags.get('eval.sizes', '?')}"
 
 
+def _sets_params(cfg, split: str) -> EvalSetParams:
+    e, v = cfg.eval, cfg.validation
+    own = bool(v.machine_root)  # a validation corpus of its own: no share of the evaluation corpus is held out
+    return EvalSetParams(snrs_db=tuple(v.snrs_db if split == "validation" else e.snrs_db), source_refs=e.source_refs,
+                         target_refs=e.target_refs, test_normal=e.test_normal, test_anomaly=e.test_anomaly,
+                         seed=e.seed, split=split, holdout=0.0 if own else e.validation_fraction)
+
+
+def _sets_dir(cfg, name: str) -> Path | str:
+    return storage.join(cfg.data.storage, name) if cfg.data.storage else Path(cfg.data.work_dir) / name
+
+
 def evalsets_from_config(cfg, force: bool = False) -> EvalSets:
-    """Builder: a Config -> the sets of the EVALUATION corpus (`eval.machine_root` / `eval.noise_root`, or the
+    """Builder: a Config -> the TEST sets of the EVALUATION corpus (`eval.machine_root` / `eval.noise_root`, or the
     synthetic evaluation world), ingested into `<work_dir>/corpus_eval` when needed, under `<work_dir>/evalsets`.
     With data.storage set both are in the object store: `<data.storage>/corpus_eval`, `<data.storage>/evalsets`.
 
     Only the evaluation corpus is read (paper Sec. 4.1): the references, test clips and Factory A / B noise
     are never the pre-training corpus's. The leakage guard (`ingest.check_protocol`) is the entry point's job.
+    A share `eval.validation_fraction` of each machine's clips and of the noise segments is never used here: the
+    validation sets (`validation_sets_from_config`) are drawn from it, unless validation.machine_root is given.
     """
     from retain_asd.corpus.ingest import eval_corpus_from_config
 
-    e = cfg.eval
-    work = Path(cfg.data.work_dir)
-    params = EvalSetParams(snrs_db=tuple(e.snrs_db), source_refs=e.source_refs, target_refs=e.target_refs,
-                           test_normal=e.test_normal, test_anomaly=e.test_anomaly, seed=e.seed)
     corpus = eval_corpus_from_config(cfg)
-    out_dir = storage.join(cfg.data.storage, "evalsets") if cfg.data.storage else work / "evalsets"
-    return replace(build_evalsets(corpus.root, out_dir, params, force=force), corpus=corpus_label(cfg))
+    sets = build_evalsets(corpus.root, _sets_dir(cfg, "evalsets"), _sets_params(cfg, "test"), force=force)
+    return replace(sets, corpus=corpus_label(cfg))
+
+
+def validation_sets_from_config(cfg, force: bool = False, test_sets: EvalSets | None = None) -> EvalSets:
+    """Builder: the VALIDATION sets, built like the test sets (`validation.snrs_db`; the conditions a caller scores
+    are `validation.conditions`) from a part of the evaluation corpus the test sets never use: the held-out share
+    `eval.validation_fraction` of each machine's clips and of the noise segments, or a validation corpus of its
+    own (validation.machine_root / validation.noise_root, ingested into `corpus_val`). Written to `<work>/valsets`.
+
+    Checked against the test sets (`test_sets`, default: built here) by content hash: a clip or a noise segment in
+    both is a `SplitOverlapError` naming the files."""
+    from retain_asd.corpus.ingest import eval_corpus_from_config, validation_corpus_from_config
+
+    v = cfg.validation
+    corpus = validation_corpus_from_config(cfg) if v.machine_root else eval_corpus_from_config(cfg)
+    sets = build_evalsets(corpus.root, _sets_dir(cfg, "valsets"), _sets_params(cfg, "validation"), force=force)
+    label = f"{v.machine_root} (noise: {v.noise_root})" if v.machine_root else corpus_label(cfg)
+    sets = replace(sets, corpus=label)
+    check_sets_disjoint(test_sets or evalsets_from_config(cfg), sets)
+    return sets
+
+
+# ---------------------------------------------------------------------------------------------------- the split guard
+class SplitOverlapError(EvalSetError):
+    """Validation and test sets share a clip or a noise segment (by content hash); the message names the files."""
+
+
+def _contents(sets: EvalSets) -> tuple[dict[str, str], dict[tuple[str, int], str]]:
+    """{content hash: clip path} of the clean clips and {(content hash, offset): recording path} of the noise
+    segments a set uses; both the file hash and the decoded-audio hash of each file are keys."""
+    rows = sets._pylist()
+    clip_ids = {r["clip_id"] for r in rows}
+    segments = {(r["noise_id"], int(r["noise_offset"])) for r in rows if r.get("noise_id")}
+    noise_ids = {n for n, _ in segments}
+    clips, noise = {}, {}
+    for name, wanted in (("machine", clip_ids), ("noise", noise_ids)):
+        folder = shards.child(sets.corpus_root, name)
+        hashes = {s["path"]: {s.get("sha1"), s.get("audio_sha1")} - {None, ""}
+                  for s in shards.read_manifest(folder)["sources"]}  # what the corpus guard compares, too
+        for r in shards.read_table(folder, columns=["clip_id", "path"]).to_pylist():
+            if r["clip_id"] not in wanted:
+                continue
+            for h in hashes.get(r["path"], ()):
+                if name == "machine":
+                    clips[h] = r["path"]
+                else:
+                    noise.update({(h, off): r["path"] for n, off in segments if n == r["clip_id"]})
+    return clips, noise
+
+
+def check_sets_disjoint(test: EvalSets, validation: EvalSets) -> None:
+    """The leakage guard between the two splits: no clean clip and no noise segment (recording content + offset)
+    of the validation sets in the test sets. Raises `SplitOverlapError` naming the first files of each kind."""
+    test_clips, test_noise = _contents(test)
+    val_clips, val_noise = _contents(validation)
+    clips = sorted({(val_clips[h], test_clips[h]) for h in val_clips.keys() & test_clips.keys()})
+    noise = sorted({(val_noise[k], test_noise[k], k[1]) for k in val_noise.keys() & test_noise.keys()})
+    if not clips and not noise:
+        return
+    lines = [f"the validation sets ({validation.root}) and the test sets ({test.root}) share {len(clips)} clip(s) "
+             f"and {len(noise)} noise segment(s) (by content hash); sweeps would select on test data"]
+    lines += [f"  clip:\n    validation: {v}\n    test:       {t}" for v, t in clips[:3]]
+    lines += [f"  noise segment at sample {off}:\n    validation: {v}\n    test:       {t}" for v, t, off in noise[:3]]
+    lines.append("Fix: point validation.machine_root / validation.noise_root at other files (or leave them empty "
+                 "to hold out eval.validation_fraction of the evaluation corpus)")
+    raise SplitOverlapError("\n".join(lines))
 
 
 # ---------------------------------------------------------------------------------------------------- mixtures

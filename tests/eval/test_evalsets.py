@@ -91,3 +91,46 @@ def test_short_data_warns_with_counts(corpus, tmp_path, caplog):
     assert short.manifest["counts"]["factory_a_max_segment_uses"] == 2
     assert any("40 noise segments" in w and "44 clips" in w for w in short.manifest["warnings"])
     assert max(Counter((r["noise_id"], r["noise_offset"]) for r in short.rows("factory_a", 0.0)).values()) == 2
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+@pytest.mark.ray
+def test_validation_and_test_sets_share_no_clip_and_no_noise_segment(small_worlds, ray_local, tmp_path):
+    """The held-out share of the evaluation world gives the validation sets; the test sets never touch it."""
+    import shutil
+
+    from retain_asd.config import load_config
+    from retain_asd.eval.evalsets import SplitOverlapError, evalsets_from_config, validation_sets_from_config
+
+    small = ["eval.source_refs=8", "eval.target_refs=4", "eval.test_normal=4", "eval.test_anomaly=4",
+             "eval.snrs_db=[0.0]"]
+    cfg = load_config("smoke", overrides=[*small_worlds, f"data.work_dir={tmp_path / 'work'}", *small])
+    test = evalsets_from_config(cfg)
+    val = validation_sets_from_config(cfg, test_sets=test)  # the guard passes
+    assert (test.split, val.split) == ("test", "validation") and val.snrs_db == [-5.0, 0.0]
+    clips = {s: {r["clip_id"] for r in sets.table.to_pylist()} for s, sets in (("test", test), ("val", val))}
+    noise = {s: {(r["noise_id"], r["noise_offset"]) for r in sets.table.to_pylist()}
+             for s, sets in (("test", test), ("val", val))}
+    assert clips["test"] and clips["val"] and not clips["test"] & clips["val"]
+    assert noise["test"] and noise["val"] and not noise["test"] & noise["val"]
+    # the world holds 12 + 4 references and 4 + 4 tests per domain; round(0.3 n) of each group is held out
+    per = val.manifest["per_machine"]["bearing"]
+    assert per == {"ref_source/source/normal": 4, "ref_target/target/normal": 1, "test/source/normal": 1,
+                   "test/source/anomaly": 1, "test/target/normal": 1, "test/target/anomaly": 1}, per
+    per = test.manifest["per_machine"]["bearing"]  # the rest, capped by what the test sets ask for (8, 4, 4 + 4)
+    assert per == {"ref_source/source/normal": 8, "ref_target/target/normal": 3, "test/source/normal": 3,
+                   "test/source/anomaly": 3, "test/target/normal": 3, "test/target/anomaly": 3}, per
+    assert val.scored_on()["eval.split"] == "validation"
+
+    # a validation corpus of its own that holds copies of the evaluation files: refused, naming them
+    roots = dict(o.split("=", 1) for o in small_worlds)
+    shutil.copytree(roots["eval.machine_root"], tmp_path / "val" / "machines")
+    shutil.copytree(roots["eval.noise_root"], tmp_path / "val" / "noise")
+    planted = load_config("smoke", overrides=[*small_worlds, f"data.work_dir={tmp_path / 'work'}", *small,
+                                              f"validation.machine_root={tmp_path / 'val' / 'machines'}",
+                                              f"validation.noise_root={tmp_path / 'val' / 'noise'}"])
+    with pytest.raises(SplitOverlapError, match="share") as err:
+        validation_sets_from_config(planted)
+    text = str(err.value)
+    assert str(tmp_path / "val" / "machines") in text and roots["eval.machine_root"] in text
+    assert str(tmp_path / "val" / "noise") in text and "noise segment" in text
