@@ -55,9 +55,9 @@ def test_demo_study_and_sweep_log_one_point_alike(small_worlds, ray_local, tmp_p
 
     demo, in_demo = layout(uri, "layout-demo")
     assert [(name, kind, parent) for name, kind, parent, _ in demo] == [
-        (f"evaluate-{POINT}-seed0", "evaluate", f"point-{POINT}-seed0"),
-        (f"pretrain-{POINT}-seed0", "pretrain", f"point-{POINT}-seed0"), (f"point-{POINT}-seed0", "point", None)]
-    assert dict(demo[2][3])["preset"] == POINT and dict(demo[0][3])["frozen"] == "true"
+        (f"evaluate-{POINT}-seed0", "evaluate", f"point-{POINT}-seed0"), (f"point-{POINT}-seed0", "point", None),
+        (f"pretrain-{POINT}-seed0", "pretrain", f"point-{POINT}-seed0")]
+    assert dict(demo[1][3])["preset"] == POINT and dict(demo[0][3])["frozen"] == "true"
     assert in_demo == {"study", "row_preset"}
     assert layout(uri, "layout-study") == (demo, {"study", "row_preset"})
     assert layout(uri, "layout-sweep") == (demo, {"trial_id"})
