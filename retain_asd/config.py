@@ -314,8 +314,8 @@ def validate(cfg: Config) -> None:
     _check(len(e.snrs_db) > 0, "eval.snrs_db", "non-empty", e.snrs_db)
     _check(0.0 <= e.validation_fraction < 1.0, "eval.validation_fraction", "in [0, 1)", e.validation_fraction)
     v = cfg.validation
-    _check(all(c in _CONDITIONS for c in v.conditions) and len(v.conditions) > 0, "validation.conditions",
-           f"a non-empty subset of {list(_CONDITIONS)}", v.conditions)
+    _check(all(c in CONDITIONS for c in v.conditions) and len(v.conditions) > 0, "validation.conditions",
+           f"a non-empty subset of {list(CONDITIONS)}", v.conditions)
     _check(len(v.snrs_db) > 0, "validation.snrs_db", "non-empty", v.snrs_db)
     _check(bool(v.machine_root) == bool(v.noise_root), "validation.machine_root / validation.noise_root",
            "both set (a validation corpus of its own) or both empty (a share of the evaluation corpus)",
