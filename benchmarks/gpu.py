@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retain_asd.config import MixingConfig, ModelConfig, ObjectiveConfig, TrainConfig
 from retain_asd.eval.embed import embed
 from retain_asd.models.beats import BEATs, beats_base, beats_tiny
 from retain_asd.train.loop_config import LoopConfig
@@ -88,12 +89,10 @@ def train_step(size: str, device: torch.device, batch: int, clip_s: float, iters
     data = {k: v.to(device) for k, v in {"mixture": clean + noise, "clean": clean, "noise": noise,
                                          "label": label, "snr_db": torch.zeros(batch)}.items()}
     config = LoopConfig(  # the paper's defaults for the parts a step reads; the rest as in a preset
-        init_checkpoint="", layerdrop=False, grad_decay=False, num_classes=NUM_MACHINE + NUM_NOISE,
-        num_machine_classes=NUM_MACHINE, objective="tagging_mixture", alpha=1.0, beta=1.0, lam=0.5,
-        lam_mode="fixed", align_layer=cfg.encoder_layers, teacher_inputs="scaled", mixup_beta=0.5,
-        snr_sampler={"kind": "uniform", "low_db": -5.0, "high_db": 5.0}, specaugment=True, freq_mask_bins=24,
-        time_mask_frames=80, num_masks=2, lr=1e-4, weight_decay=1e-3, warmup_steps=0, total_steps=iters + 2,
-        batch_size_per_worker=batch, grad_accum=1, grad_clip=0.0, log_every=1, checkpoint_every=iters + 2, seed=0)
+        model=ModelConfig(), objective=ObjectiveConfig(freq_mask_bins=24, time_mask_frames=80, num_masks=2),
+        mixing=MixingConfig(), train=TrainConfig(warmup_steps=0, total_steps=iters + 2, grad_accum=1),
+        init_checkpoint="", num_classes=NUM_MACHINE + NUM_NOISE, num_machine_classes=NUM_MACHINE,
+        align_layer=cfg.encoder_layers, batch_size_per_worker=batch)
     spec_gen, np_rng = torch.Generator().manual_seed(1), np.random.default_rng(2)
 
     def step():

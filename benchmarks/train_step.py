@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retain_asd.config import MixingConfig, ModelConfig, ObjectiveConfig, TrainConfig
 from retain_asd.models.beats import BEATs, beats_base, beats_tiny
 from retain_asd.train.loop_config import LoopConfig
 from retain_asd.train.specaug import SpecAugment
@@ -67,20 +68,19 @@ def run(size: str, device: torch.device, batch: int, warmup: int, iters: int) ->
     data = _batch(batch, device)
     spec_gen, np_rng = torch.Generator().manual_seed(1), np.random.default_rng(2)
     config = LoopConfig(
-        init_checkpoint="", layerdrop=False, grad_decay=False, num_classes=NUM_MACHINE + NUM_NOISE,
-        num_machine_classes=NUM_MACHINE, objective="tagging_mixture", alpha=1.0, beta=1.0, lam=0.5,
-        lam_mode="fixed", align_layer=cfg.encoder_layers, teacher_inputs="scaled", mixup_beta=0.5,
-        snr_sampler={"kind": "fixed", "snr_db": 0.0}, specaugment=True, freq_mask_bins=24, time_mask_frames=80,
-        num_masks=2, lr=1e-4, weight_decay=1e-3, warmup_steps=0, total_steps=1, batch_size_per_worker=batch,
-        grad_accum=1, grad_clip=0.0, log_every=1, checkpoint_every=1, seed=0)
+        model=ModelConfig(), objective=ObjectiveConfig(freq_mask_bins=24, time_mask_frames=80, num_masks=2),
+        mixing=MixingConfig(snr_sampler="fixed", snr_db=0.0), train=TrainConfig(warmup_steps=0, total_steps=1,
+                                                                                grad_accum=1),
+        init_checkpoint="", num_classes=NUM_MACHINE + NUM_NOISE, num_machine_classes=NUM_MACHINE,
+        align_layer=cfg.encoder_layers, batch_size_per_worker=batch)
 
     seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for step in range(warmup + iters):
         for name, objective in VARIANTS.items():
             _sync(device)
             start = time.perf_counter()
-            losses = compute_losses(student, teacher, specaug, data, replace(config, objective=objective),
-                                    spec_gen, np_rng)
+            variant = replace(config, objective=replace(config.objective, name=objective))
+            losses = compute_losses(student, teacher, specaug, data, variant, spec_gen, np_rng)
             losses.total.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -53,7 +53,7 @@ from retain_asd.tracking import RUN_POINTER, read_run_pointer
 from retain_asd.train import objectives, recovery
 from retain_asd.train.checkpoint import TRAIN_STATE, complete_checkpoints, read_train_state
 from retain_asd.train.guard import DivergenceError
-from retain_asd.train.loop_config import LoopConfig
+from retain_asd.train.loop_config import LoopConfig, snr_sampler_args
 
 log = logging.getLogger(__name__)
 
@@ -160,19 +160,10 @@ def _num_layers(checkpoint: Path) -> int:
 
 
 # ---------------------------------------------------------------------------------------- loop config
-def snr_sampler_args(cfg: Config) -> dict:
-    """Flat `mixing.make_snr_sampler` arguments from the mixing section."""
-    m = cfg.mixing
-    if m.snr_sampler == "fixed":
-        return {"kind": "fixed", "snr_db": m.snr_db}
-    if m.snr_sampler == "uniform":
-        return {"kind": "uniform", "low_db": m.snr_low_db, "high_db": m.snr_high_db}
-    return {"kind": "discrete", "values_db": list(m.snr_values_db)}
-
-
 def loop_config_from(cfg: Config, labels_path: str | os.PathLike, init_checkpoint: str | os.PathLike,
                      stop_at_step: int | None = None) -> LoopConfig:
-    """The frozen `LoopConfig` `train_fn_per_worker` reads (it never sees a Config); checked here, on the driver."""
+    """The frozen `LoopConfig` `train_fn_per_worker` reads (config sections + what the driver resolves); checked
+    here, on the driver."""
     o, t, m = cfg.objective, cfg.train, cfg.model
     vocab = LabelVocab.from_json(labels_path)
     layers = _num_layers(Path(init_checkpoint))
@@ -182,18 +173,10 @@ def loop_config_from(cfg: Config, labels_path: str | os.PathLike, init_checkpoin
         raise ConfigError(f"objective.align_layer: {err}") from None
     if stop_at_step is not None and not 1 <= stop_at_step <= t.total_steps:
         raise ValueError(f"stop_at_step = {stop_at_step}: must be in 1..train.total_steps ({t.total_steps})")
-    return LoopConfig(
-        init_checkpoint=str(Path(init_checkpoint).resolve()), layerdrop=m.layerdrop, grad_decay=m.grad_decay,
-        num_classes=vocab.num_classes, num_machine_classes=vocab.num_machine,
-        objective=o.name, alpha=o.alpha, beta=o.beta, lam=o.lam, lam_mode=o.lam_mode, align_layer=align_layer,
-        teacher_inputs=o.teacher_inputs, mixup_beta=o.mixup_beta, snr_sampler=snr_sampler_args(cfg),
-        specaugment=o.specaugment, freq_mask_bins=o.freq_mask_bins, time_mask_frames=o.time_mask_frames,
-        num_masks=o.num_masks,
-        lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, total_steps=t.total_steps,
-        batch_size_per_worker=t.batch_size // t.num_workers, grad_accum=t.grad_accum, grad_clip=t.grad_clip,
-        log_every=t.log_every, checkpoint_every=t.checkpoint_every, seed=t.seed, stop_at_step=stop_at_step,
-        skip_seen_batches=True, skip_nonfinite_steps=t.skip_nonfinite_steps,
-    )
+    return LoopConfig(model=m, objective=o, mixing=cfg.mixing, train=t,
+                      init_checkpoint=str(Path(init_checkpoint).resolve()), num_classes=vocab.num_classes,
+                      num_machine_classes=vocab.num_machine, align_layer=align_layer,
+                      batch_size_per_worker=t.batch_size // t.num_workers, stop_at_step=stop_at_step)
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -213,7 +196,7 @@ def train_stream_from(cfg: Config, corpus, num_clips: int | None = None) -> Any:
     else:
         num_epochs = stream.epochs_for_steps(num_clips, 1, 1, num_train)
     return stream.build_train_stream(corpus.machine.root, corpus.noise.root, corpus.labels_path,
-                                     snr_sampler=snr_sampler_args(cfg), seed=cfg.mixing.seed,
+                                     snr_sampler=snr_sampler_args(cfg.mixing), seed=cfg.mixing.seed,
                                      num_epochs=num_epochs, class_weighted=t.class_weighted)
 
 

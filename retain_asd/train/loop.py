@@ -18,6 +18,7 @@ from contextlib import nullcontext
 
 import torch
 
+from retain_asd.mixing import make_snr_sampler
 from retain_asd.stream import iter_train_batches
 from retain_asd.train import guard as guard_mod
 from retain_asd.train import objectives as obj
@@ -30,7 +31,7 @@ from retain_asd.train.checkpoint import (
     set_rng_state,
     weights_digest,
 )
-from retain_asd.train.loop_config import LoopConfig
+from retain_asd.train.loop_config import LoopConfig, snr_sampler_args
 from retain_asd.train.schedule import cosine_schedule
 from retain_asd.train.specaug import SpecAugment
 from retain_asd.train.student import build_models, compute_losses
@@ -60,16 +61,17 @@ def train_fn_per_worker(cfg: LoopConfig) -> None:
     from ray.train import Checkpoint
 
     # ---- setup: student (DDP) + head, frozen teacher, SpecAugment, AdamW, RNGs
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device()
-    if not obj.objective_terms(cfg.objective).trains_student:
-        raise ValueError(f"objective {cfg.objective!r} trains nothing; export the initial encoder instead")
+    o, t = cfg.objective, cfg.train
+    if not obj.objective_terms(o.name).trains_student:
+        raise ValueError(f"objective {o.name!r} trains nothing; export the initial encoder instead")
     model, teacher = build_models(cfg, device)  # same init on every rank (DDP also broadcasts rank 0's)
     teacher_initial = weights_digest(teacher)
-    specaug = SpecAugment(cfg.freq_mask_bins, cfg.time_mask_frames, cfg.num_masks if cfg.specaugment else 0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    rngs = seed_rngs(cfg.seed, rank)  # dropout, layerdrop, masks, mixup draws and data order differ per rank
+    specaug = SpecAugment(o.freq_mask_bins, o.time_mask_frames, o.num_masks if o.specaugment else 0)
+    snr_sampler = make_snr_sampler(**snr_sampler_args(cfg.mixing))  # snr_mixup's SNRs; built once per worker
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    rngs = seed_rngs(t.seed, rank)  # dropout, layerdrop, masks, mixup draws and data order differ per rank
 
     start_step, resumed, skipped = 0, {}, 0
     # a worker-group restart gets Ray's latest checkpoint of this fit; a new fit the newest complete one on disk
@@ -84,36 +86,34 @@ def train_fn_per_worker(cfg: LoopConfig) -> None:
         if rng is not None:
             set_rng_state(rng, rngs.spec, rngs.np)
         resumed = {"resumed_from_step": start_step, "optimizer_sha256_at_resume": state["optimizer_sha256"]}
-    unused = model.top_layer < model.encoder.num_layers or cfg.layerdrop  # blocks that may get no gradient
+    unused = model.top_layer < model.encoder.num_layers or cfg.model.layerdrop  # blocks that may get no gradient
     student = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": unused})
-    skip = start_step * cfg.grad_accum if cfg.skip_seen_batches else 0
+    skip = start_step * t.grad_accum if cfg.skip_seen_batches else 0
     batches = micro_batches(ray.train.get_dataset_shard("train"), cfg.batch_size_per_worker, rngs.stream_seed,
                             cfg.noise_bank, skip)
 
     # ---- schedule: precomputed per optimiser step (MAE style), indexed lr[step]
-    lr = cosine_schedule(cfg.lr, cfg.total_steps, cfg.warmup_steps)
-
+    lr = cosine_schedule(t.lr, t.total_steps, t.warmup_steps)
     window, clips, t0 = defaultdict(float), 0, time.perf_counter()
-    guard = guard_mod.DivergenceGuard(cfg.skip_nonfinite_steps, skipped)
+    guard = guard_mod.DivergenceGuard(t.skip_nonfinite_steps, skipped)
     for step in range(start_step, cfg.stop):
         for group in optimizer.param_groups:
             group["lr"] = float(lr[step])
         # ---- losses + step: grad_accum micro-batches, DDP all-reduce only on the last one
-        for micro in range(cfg.grad_accum):
+        for micro in range(t.grad_accum):
             batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-            last = micro == cfg.grad_accum - 1
+            last = micro == t.grad_accum - 1
             with nullcontext() if last or world == 1 else student.no_sync():
-                losses = compute_losses(student, teacher, specaug, batch, cfg, rngs.spec, rngs.np)
-                (losses.total / cfg.grad_accum).backward()
+                losses = compute_losses(student, teacher, specaug, batch, cfg, rngs.spec, rngs.np, snr_sampler)
+                (losses.total / t.grad_accum).backward()
             guard.observe(values := losses.as_floats(), micro)
             for name, value in values.items():
-                window[name] += value / cfg.grad_accum if math.isfinite(value) else 0.0  # a skipped step's NaN
+                window[name] += value / t.grad_accum if math.isfinite(value) else 0.0  # a skipped step's NaN
             clips += batch["mixture"].shape[0]
-        if cfg.grad_clip > 0:
-            window["grad_norm"] += (norm := float(torch.nn.utils.clip_grad_norm_(student.parameters(),
-                                                                                 cfg.grad_clip)))
+        if t.grad_clip > 0:
+            window["grad_norm"] += (norm := float(torch.nn.utils.clip_grad_norm_(student.parameters(), t.grad_clip)))
         # ---- divergence guard: a non-finite loss or gradient norm is never applied (train/guard.py)
-        decision = guard.check(step + 1, norm if cfg.grad_clip > 0 else guard_mod.grad_norm(student.parameters()))
+        decision = guard.check(step + 1, norm if t.grad_clip > 0 else guard_mod.grad_norm(student.parameters()))
         if decision == guard_mod.STOP:  # every rank reports it and returns: no retry, no checkpoint
             ray.train.report({"diverged": guard.message})
             return
@@ -123,10 +123,10 @@ def train_fn_per_worker(cfg: LoopConfig) -> None:
         done = step + 1
 
         # ---- log: window means on rank 0's data; clips/s over all workers
-        save = done % cfg.checkpoint_every == 0 or done == cfg.stop
-        if not (save or done % cfg.log_every == 0):
+        save = done % t.checkpoint_every == 0 or done == cfg.stop
+        if not (save or done % t.log_every == 0):
             continue
-        steps_in_window = clips / (cfg.grad_accum * cfg.batch_size_per_worker)
+        steps_in_window = clips / (t.grad_accum * cfg.batch_size_per_worker)
         metrics = {"step": done, "lr": float(lr[step]),
                    "clips_per_s": clips * world / (time.perf_counter() - t0),
                    **{k: v / steps_in_window for k, v in window.items()}, **resumed,
@@ -141,7 +141,7 @@ def train_fn_per_worker(cfg: LoopConfig) -> None:
             save_train_state(directory, rank=rank, step=done, student=model.encoder, head=model.head,
                              optimizer=optimizer, rng=rng_state(rngs.spec, rngs.np), teacher=teacher,
                              teacher_initial=teacher_initial, node_id=ray.get_runtime_context().get_node_id(),
-                             data={"micro_batches_seen": done * cfg.grad_accum, "seed": cfg.seed,
+                             data={"micro_batches_seen": done * t.grad_accum, "seed": t.seed,
                                    "skipped_steps": guard.skipped})
             full = checkpoint_room(cfg.checkpoint_dir, directory, done, device)  # the same answer on every rank
             if full:  # a clean stop (no retry): the previous checkpoint stays the newest complete one

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from retain_asd.mixing import make_snr_sampler
+from retain_asd.mixing import SNRSampler, make_snr_sampler
 from retain_asd.models.beats import BEATs, load_beats
 from retain_asd.train import objectives as obj
-from retain_asd.train.loop_config import LoopConfig
+from retain_asd.train.loop_config import LoopConfig, snr_sampler_args
 from retain_asd.train.specaug import SpecAugment
 
 
@@ -54,13 +54,13 @@ class Student(nn.Module):
 
 def build_models(cfg: LoopConfig, device: torch.device) -> tuple[Student, BEATs | None]:
     """The student (train mode) and, when the objective needs one, the frozen teacher (eval mode, never
-    wrapped in DDP), both from `cfg.init_checkpoint`. Seeded with `cfg.seed`: the same init on every rank."""
-    terms = obj.objective_terms(cfg.objective)
-    torch.manual_seed(cfg.seed)
+    wrapped in DDP), both from `cfg.init_checkpoint`. Seeded with train.seed: the same init on every rank."""
+    terms = obj.objective_terms(cfg.objective.name)
+    torch.manual_seed(cfg.train.seed)
     with init_checkpoint_file(cfg) as init_path:
         encoder = load_beats(init_path)
         teacher = load_beats(init_path).freeze().to(device) if terms.needs_teacher else None
-    encoder.layerdrop, encoder.grad_decay = cfg.layerdrop, cfg.grad_decay
+    encoder.layerdrop, encoder.grad_decay = cfg.model.layerdrop, cfg.model.grad_decay
     top_layer = encoder.num_layers if terms.needs_head else cfg.align_layer
     student = Student(encoder, cfg.num_classes if terms.needs_head else None, top_layer).to(device).train()
     return student, teacher
@@ -92,19 +92,22 @@ def _partners(batch: dict, np_rng: np.random.Generator, device: torch.device) ->
 
 
 def compute_losses(student: nn.Module, teacher: BEATs | None, specaug: SpecAugment, batch: dict, cfg: LoopConfig,
-                   spec_generator: torch.Generator, np_rng: np.random.Generator) -> obj.LossTerms:
-    """The objective `cfg.objective` on one micro-batch; `student` may be DDP-wrapped."""
-    terms = obj.objective_terms(cfg.objective)
+                   spec_generator: torch.Generator, np_rng: np.random.Generator,
+                   snr_sampler: SNRSampler | None = None) -> obj.LossTerms:
+    """The objective `cfg.objective` on one micro-batch; `student` may be DDP-wrapped. `snr_sampler`: what
+    snr_mixup draws its SNRs from, built once per worker (default: made here from `cfg.mixing`)."""
+    o = cfg.objective
+    terms = obj.objective_terms(o.name)
     encoder = getattr(student, "module", student).encoder
     mixture, label = batch["mixture"], batch["label"]  # (B, S), (B, C + N)
     batch_size, device = mixture.shape[0], mixture.device
     if terms.mixup == "linear":  # baseline: mixup of two noisy clips, soft labels
-        ratio = obj.sample_mixup_ratio(np_rng, batch_size, cfg.mixup_beta).to(device)
+        ratio = obj.sample_mixup_ratio(np_rng, batch_size, o.mixup_beta).to(device)
         j = _partners(batch, np_rng, device)
         mixture, label = obj.linear_mixup(mixture, mixture[j], label, label[j], ratio)
     elif terms.mixup == "snr":  # baseline: two noisy clips mixed by Eq. 3, union of the labels
-        snr_db = torch.as_tensor(make_snr_sampler(**cfg.snr_sampler).sample(np_rng, batch_size),
-                                 dtype=torch.float32, device=device)
+        sampler = snr_sampler or make_snr_sampler(**snr_sampler_args(cfg.mixing))
+        snr_db = torch.as_tensor(sampler.sample(np_rng, batch_size), dtype=torch.float32, device=device)
         j = _partners(batch, np_rng, device)
         mixture, label = obj.snr_mixup(mixture, mixture[j], label, label[j], snr_db)
 
@@ -119,10 +122,10 @@ def compute_losses(student: nn.Module, teacher: BEATs | None, specaug: SpecAugme
         denoise = obj.denoise_loss(logits.float(), label, cfg.num_machine_classes)
     if terms.uses_mixture:  # Eq. 5-6 at align_layer; the teacher hears the components, no grad
         layer = cfg.align_layer
-        clean, noise = obj.teacher_components(batch["clean"], batch["noise"], cfg.teacher_inputs)
+        clean, noise = obj.teacher_components(batch["clean"], batch["noise"], o.teacher_inputs)
         with torch.no_grad(), autocast:
             target_layers, _ = teacher.extract_layers(torch.cat([clean, noise]), layers=layer)
         teacher_clean, teacher_noise = target_layers[layer - 1].chunk(2)  # (B, N, D) each
-        lam = obj.resolve_lam(cfg.lam_mode, cfg.lam, batch["snr_db"])  # (B,)
+        lam = obj.resolve_lam(o.lam_mode, o.lam, batch["snr_db"])  # (B,)
         mixture_term = obj.mixture_loss(hidden[layer - 1], teacher_clean, teacher_noise, lam)
-    return obj.combined_loss(tagging, mixture_term, cfg.alpha, cfg.beta, denoise=denoise)
+    return obj.combined_loss(tagging, mixture_term, o.alpha, o.beta, denoise=denoise)

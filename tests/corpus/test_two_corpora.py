@@ -74,12 +74,12 @@ def test_one_epoch_of_the_real_stream_holds_no_clip_or_noise_of_the_eval_corpus(
                                                                                  small_worlds):
     from retain_asd import stream
     from retain_asd.corpus.shards import read_table
-    from retain_asd.train.launch import snr_sampler_args
+    from retain_asd.train.loop_config import snr_sampler_args
 
     def epoch_ids(cfg):
         pre, ev, _ = ingest_mod.corpora_from_config(cfg)
         ds = stream.build_train_dataset(pre.machine.root, pre.noise.root, pre.labels_path,
-                                        snr_sampler=snr_sampler_args(cfg), seed=0, num_epochs=1)
+                                        snr_sampler=snr_sampler_args(cfg.mixing), seed=0, num_epochs=1)
         rows = ds.select_columns(["clip_id", "noise_id"]).take_all()
         eval_clips = set(read_table(ev.machine.root, columns=["path", "clip_id"]).column("clip_id").to_pylist())
         eval_noise = set(read_table(ev.noise.root, columns=["path", "clip_id"]).column("clip_id").to_pylist())

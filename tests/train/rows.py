@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from retain_asd.config import MixingConfig, ModelConfig, ObjectiveConfig, TrainConfig
 from retain_asd.models.beats import load_beats
 from retain_asd.train.loop_config import LoopConfig
 from retain_asd.train.student import Student
@@ -66,16 +67,23 @@ def make_batch(n: int, seed: int = 0) -> dict:
 
 
 BASE = LoopConfig(
-    init_checkpoint="unused.pt", layerdrop=False, grad_decay=False, num_classes=NUM_MACHINE + NUM_NOISE,
-    num_machine_classes=NUM_MACHINE, objective="tagging_mixture", alpha=0.7, beta=1.3, lam=0.5, lam_mode="fixed",
-    align_layer=2, teacher_inputs="scaled", mixup_beta=0.5, snr_sampler={"kind": "fixed", "snr_db": 0.0},
-    specaugment=False, freq_mask_bins=8, time_mask_frames=20, num_masks=0, lr=1e-3, weight_decay=1e-3,
-    warmup_steps=0, total_steps=2, batch_size_per_worker=2, grad_accum=1, grad_clip=0.0, log_every=1,
-    checkpoint_every=1, seed=0)
+    model=ModelConfig(size="tiny", init="random"),  # layerdrop and grad_decay off
+    objective=ObjectiveConfig(name="tagging_mixture", alpha=0.7, beta=1.3, lam=0.5, lam_mode="fixed", align_layer=2,
+                              teacher_inputs="scaled", mixup_beta=0.5, specaugment=False, freq_mask_bins=8,
+                              time_mask_frames=20, num_masks=0),
+    mixing=MixingConfig(snr_sampler="fixed", snr_db=0.0),
+    train=TrainConfig(lr=1e-3, weight_decay=1e-3, warmup_steps=0, total_steps=2, batch_size=2, grad_accum=1,
+                      grad_clip=0.0, num_workers=1, log_every=1, checkpoint_every=1, seed=0),
+    init_checkpoint="unused.pt", num_classes=NUM_MACHINE + NUM_NOISE, num_machine_classes=NUM_MACHINE, align_layer=2,
+    batch_size_per_worker=2)
+OBJECTIVE_FIELDS = {f.name for f in dataclasses.fields(ObjectiveConfig)}
 
 
-def loop_config(**over) -> LoopConfig:
-    return dataclasses.replace(BASE, **over)
+def loop_config(objective: str | None = None, **over) -> LoopConfig:
+    """BASE with another objective (its name), objective-section settings (lam_mode=...) or LoopConfig fields."""
+    section = {k: over.pop(k) for k in list(over) if k in OBJECTIVE_FIELDS}
+    section |= {"name": objective} if objective else {}
+    return dataclasses.replace(BASE, objective=dataclasses.replace(BASE.objective, **section), **over)
 
 
 def make_models(init_path, head=True, top_layer=3):

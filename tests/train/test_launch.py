@@ -14,7 +14,7 @@ from retain_asd.corpus.labels import LabelVocab
 from retain_asd.models.beats import beats_tiny, load_beats, write_random_checkpoint
 from retain_asd.train.checkpoint import read_train_state, state_digest
 from retain_asd.train.launch import loop_config_from, pretrain, read_metrics
-from retain_asd.train.loop_config import LoopConfig
+from retain_asd.train.loop_config import LoopConfig, snr_sampler_args
 
 WORLDS: list[str] = []  # overrides pointing data.* / eval.* at the small synthetic worlds (conftest)
 
@@ -44,16 +44,21 @@ def test_loop_config_is_typed_frozen_and_checked(tmp_path):
     config = loop_config_from(cfg, labels, init)
     assert isinstance(config, LoopConfig)
     assert (config.num_classes, config.num_machine_classes) == (3, 2)
-    assert config.teacher_inputs == "unit_power" and config.snr_sampler == {"kind": "fixed", "snr_db": 3.0}
+    # the config sections as they are, plus what the driver resolves
+    assert (config.objective, config.mixing, config.train, config.model) == (cfg.objective, cfg.mixing, cfg.train,
+                                                                             cfg.model)
+    assert snr_sampler_args(config.mixing) == {"kind": "fixed", "snr_db": 3.0}
     assert config.batch_size_per_worker == 2 and config.init_checkpoint == str(init.resolve())
     assert config.stop == cfg.train.total_steps
     with pytest.raises(dataclasses.FrozenInstanceError):
-        config.lr = 1.0
-    fields = dataclasses.asdict(config)
+        config.align_layer = 1
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     with pytest.raises(TypeError, match="learning_rate"):  # a misspelt field fails on the driver
         LoopConfig(**{**fields, "learning_rate": 1.0})
-    with pytest.raises(TypeError, match=r"LoopConfig.grad_accum = '2'"):
-        LoopConfig(**{**fields, "grad_accum": "2"})
+    with pytest.raises(TypeError, match=r"LoopConfig.batch_size_per_worker = '2'"):
+        LoopConfig(**{**fields, "batch_size_per_worker": "2"})
+    with pytest.raises(TypeError, match=r"LoopConfig.objective = 'tagging': expected ObjectiveConfig"):
+        LoopConfig(**{**fields, "objective": "tagging"})
     with pytest.raises(ConfigError, match="objective.align_layer"):
         loop_config_from(_cfg(tmp_path, "smoke", "objective.align_layer=4"), labels, init)  # tiny has 3
     with pytest.raises(ValueError, match="stop_at_step"):

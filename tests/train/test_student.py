@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from retain_asd.mixing import make_snr_sampler
 from retain_asd.train import objectives as obj
 from retain_asd.train.specaug import SpecAugment
 from retain_asd.train.student import compute_losses
@@ -76,6 +77,12 @@ def test_mixup_baselines_mix_the_student_input(init_path):
     logits = student.head(student.encoder.extract_layers(x)[0][-1].mean(1))
     torch.testing.assert_close(linear.total, 0.7 * obj.denoise_loss(logits, y, NUM_MACHINE), rtol=1e-5, atol=1e-6)
     assert len({plain.total.item(), linear.total.item(), snr.total.item()}) == 3
+    # snr_mixup draws from the sampler the worker built once (default: made from cfg.mixing, fixed 0 dB here)
+    same = compute_losses(student, None, aug, batch, loop_config(objective="snr_mixup"), *generators(),
+                          make_snr_sampler(kind="fixed", snr_db=0.0))
+    louder = compute_losses(student, None, aug, batch, loop_config(objective="snr_mixup"), *generators(),
+                            make_snr_sampler(kind="fixed", snr_db=20.0))
+    assert same.total.item() == snr.total.item() and louder.total.item() != snr.total.item()
 
 
 def test_specaugment_masks_student_input_only(init_path):
