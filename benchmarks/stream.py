@@ -1,4 +1,4 @@
-"""Throughput of the training stream: mixed 10 s clips/s through Ray Data against a plain numpy loop.
+"""Throughput of the training stream: mixed 10 s clips/s through Ray Data against a torch DataLoader.
 
     python benchmarks/stream.py [--epochs 24] [--batch-size 64] [--repeats 3] [--out benchmarks/results/stream.json]
                                 [--cpus-per-node 1] [--skip-two-nodes] [--skip-variants]
@@ -6,11 +6,13 @@
 Both sides read the same int16 shards of a synthetic corpus (written once under --work, shuffled across
 machine types as `ingest` writes them) and mix at random SNRs: the stream consumed as the training loop
 consumes it (`loop.BATCH_COLUMNS` through `iter_train_batches`: torch tensors of clean, noise and mixture,
-formed on the consumer from the compact rows, after a warm-up), the baseline as one process reading each
-shard with pyarrow and calling `mixing.mix_at_snr` per clip. Each repeat measures both, in alternating
-order, so a ratio is always taken within one repeat on the same (shared) machine; `ratio` is the median over repeats.
+formed on the consumer from the compact rows, after a warm-up), the baseline as a user would write it without
+Ray: a `torch.utils.data.DataLoader` with 2 worker processes over the same shards (`ShardClips`: pyarrow read,
+a noise segment and an SNR per clip, float32 Eq. 3 per shard, batches of the same size). Each repeat measures
+both, in alternating order, so a ratio is always taken within one repeat on the same (shared) machine;
+`ratio` is the median over repeats. The load average at the start and end is in the JSON.
 
-Also measured (each against the numpy loop of its own repeat): the scaling with 1 and 2 concurrent
+Also measured (each against the DataLoader of its own repeat): the scaling with 1 and 2 concurrent
 read/mix tasks; float32 shards; one shard per work unit on path-ordered shards (the stream before
 well-mixed batches); the smaller blocks of 32 rows; `preserve_order` (the deterministic split `build_trainer`
 uses). A per-stage profile (parquet decode, the gains' powers, forming the audio on the consumer into fresh or
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 
 from retain_asd import mixing, stream
 from retain_asd.corpus import shards
@@ -86,28 +89,61 @@ def bench_stream(corpus, epochs: int, batch_size: int, warmup_batches: int, *, p
             "settings": {"preserve_order": preserve_order, **stream_kw}}
 
 
-def bench_numpy(corpus, epochs: int) -> dict:
-    """One process: pyarrow read per shard, a random noise segment and mix_at_snr per clip."""
+class ShardClips(torch.utils.data.IterableDataset):
+    """The DataLoader baseline's dataset, what a user would write without Ray: each worker process reads its
+    share of the shards with pyarrow (the same train rows the stream plans), draws a noise segment and an SNR
+    per clip, and mixes the shard's clips with float32 Eq. 3 (`mixing.mix_batch_at_snr`); the DataLoader
+    collates the clips into batches. Yields the columns the training loop takes."""
+
+    def __init__(self, state, epochs: int, seed: int = 0):
+        self.clean, self.bank, self.num_classes = state.clean, state.bank, state.num_classes
+        self.epochs, self.seed = epochs, seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = np.random.default_rng([self.seed, worker])
+        clean, bank = self.clean, self.bank
+        for _ in range(self.epochs):
+            for f in range(worker, len(clean.files), workers):
+                index = np.flatnonzero(clean.file_idx == f)
+                x1 = shards.audio_matrix(pq.read_table(clean.files[f], columns=["audio"]))[clean.row_in_file[index]]
+                j = rng.integers(len(bank), size=len(index))
+                offsets = stream.noise_offsets(bank.lengths[j], x1.shape[1], rng)
+                x2 = np.stack([mixing.noise_segment(bank.recording(k), o, x1.shape[1]) for k, o in zip(j, offsets)])
+                snr_db = rng.uniform(-5, 5, len(index))
+                mixture, clean_part, noise_part = mixing.mix_batch_at_snr(x1, x2, snr_db)
+                for r, i in enumerate(index):
+                    label = np.zeros(self.num_classes, np.float32)
+                    label[[clean.machine_idx[i], bank.noise_idx[j[r]]]] = 1.0
+                    yield {"mixture": mixture[r], "clean": clean_part[r], "noise": noise_part[r], "label": label,
+                           "snr_db": np.float32(snr_db[r]), "clip_idx": np.int64(i)}
+
+
+def bench_dataloader(corpus, epochs: int, batch_size: int, warmup_batches: int, num_workers: int = 2) -> dict:
+    """Clips/s of `torch.utils.data.DataLoader` over `ShardClips` (after `warmup_batches`, which include the
+    workers' start)."""
     state = stream.build_stream_state(corpus.root / "machine", corpus.root / "noise", corpus.labels_path,
                                       snr_sampler=SNR, seed=0, class_weighted=False)
-    bank, rng = state.bank, np.random.default_rng(0)
-    clips, t0 = 0, time.perf_counter()
-    for _ in range(epochs):
-        for path in state.clean.files:
-            matrix = shards.audio_matrix(pq.read_table(path, columns=["audio"]))
-            for x1 in matrix:
-                j = int(rng.integers(len(bank)))
-                offset = int(stream.noise_offsets(bank.lengths[j : j + 1], len(x1), rng)[0])
-                x2 = mixing.noise_segment(bank.recording(j), offset, len(x1))
-                mixing.mix_at_snr(x1, x2, float(rng.uniform(-5, 5)))
-                clips += 1
+    loader = torch.utils.data.DataLoader(ShardClips(state, epochs), batch_size=batch_size, num_workers=num_workers,
+                                         drop_last=True, multiprocessing_context="spawn", prefetch_factor=2)
+    clips, t0 = 0, None
+    for i, batch in enumerate(loader):
+        if i == warmup_batches:
+            t0, clips = time.perf_counter(), 0
+        clips += int(batch["mixture"].shape[0])
+    if t0 is None:
+        raise ValueError(f"--epochs {epochs}: too few clips for {warmup_batches} warm-up batches of {batch_size}")
     seconds = time.perf_counter() - t0
-    return {"clips": clips, "seconds": seconds, "clips_per_s": clips / seconds}
+    return {"clips": clips, "seconds": seconds, "clips_per_s": clips / seconds, "warmup_batches": warmup_batches,
+            "settings": {"num_workers": num_workers, "batch_size": batch_size, "multiprocessing_context": "spawn",
+                         "prefetch_factor": 2, "mixing": "float32 Eq. 3 per shard (mixing.mix_batch_at_snr)",
+                         "collate": "default_collate of per-clip dicts"}}
 
 
 def profile_stages(corpus, repeats: int = 3) -> dict:
     """Milliseconds per 10 s clip of each stage, single process: the tasks' (parquet decode, powers) and the
-    consumer's (forming clean, noise and mixture into fresh or reused buffers), and the numpy loop's mix."""
+    consumer's (forming clean, noise and mixture into fresh or reused buffers), and a float64 per-clip mix."""
     files = sorted((corpus.root / "machine").glob("*.parquet"))
     t = time.perf_counter()
     rows = 0
@@ -144,15 +180,16 @@ def profile_stages(corpus, repeats: int = 3) -> dict:
     }
 
 
-def _vs_numpy(corpus, epochs: int, batch_size: int, warmup: int, repeat: int, **kw) -> dict:
-    """One repeat: the stream and the numpy loop back to back (order alternates), and their ratio."""
+def _vs_dataloader(corpus, epochs: int, batch_size: int, warmup: int, repeat: int, **kw) -> dict:
+    """One repeat: the stream and the DataLoader baseline back to back (order alternates), and their ratio."""
     if repeat % 2 == 0:
-        ray_side, numpy_side = bench_stream(corpus, epochs, batch_size, warmup, **kw), bench_numpy(corpus, epochs)
-    else:
-        numpy_side = bench_numpy(corpus, epochs)
         ray_side = bench_stream(corpus, epochs, batch_size, warmup, **kw)
-    return {"ray_stream": ray_side, "numpy_loop": numpy_side,
-            "ratio": ray_side["clips_per_s"] / numpy_side["clips_per_s"]}
+        baseline = bench_dataloader(corpus, epochs, batch_size, warmup)
+    else:
+        baseline = bench_dataloader(corpus, epochs, batch_size, warmup)
+        ray_side = bench_stream(corpus, epochs, batch_size, warmup, **kw)
+    return {"ray_stream": ray_side, "dataloader": baseline,
+            "ratio": ray_side["clips_per_s"] / baseline["clips_per_s"]}
 
 
 def _simulated_cluster(num_nodes: int, cpus_per_node: int):
@@ -210,7 +247,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=24, help="epochs of 104 clips (>= 2,000 after warm-up)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--warmup-batches", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3, help="stream vs numpy pairs; ratio = their median")
+    parser.add_argument("--repeats", type=int, default=3, help="stream vs DataLoader pairs; ratio = their median")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "stream.json"))
     parser.add_argument("--cpus-per-node", type=int, default=max(1, usable_cpus() // 2),
                         help="CPUs of each simulated node in the 1- vs 2-node comparison")
@@ -232,24 +269,27 @@ def main(argv=None) -> int:
     # time (first-touch page faults: with a 2-epoch warm-up the first repeat ran at 0.63-0.78 of the loop, the
     # later ones at 0.97-1.28; a long run pays this once, in its first GB of blocks).
     bench_stream(corpus, args.epochs, args.batch_size, 0)
-    bench_numpy(corpus, 1)
-    repeats = [_vs_numpy(*run, repeat=r) for r in range(args.repeats)]
+    bench_dataloader(corpus, 4, args.batch_size, 0)  # each worker batches its own half: 2 batches each
+    repeats = [_vs_dataloader(*run, repeat=r) for r in range(args.repeats)]
     result["repeats"] = repeats
     result["ratio"] = statistics.median(r["ratio"] for r in repeats)
-    result["ray_stream"], result["numpy_loop"] = repeats[0]["ray_stream"], repeats[0]["numpy_loop"]
+    result["baseline"] = ("torch.utils.data.DataLoader, 2 worker processes, float32 Eq. 3 per shard, batches of "
+                          f"{args.batch_size} (ShardClips)")
+    result["ray_stream"], result["dataloader"] = repeats[0]["ray_stream"], repeats[0]["dataloader"]
     result["clips_per_epoch"] = result["ray_stream"]["rows_planned"] // args.epochs
-    result["scaling"] = {f"tasks_{k}": _vs_numpy(*run, repeat=k, max_tasks=k) for k in (1, 2)}
+    result["scaling"] = {f"tasks_{k}": _vs_dataloader(*run, repeat=k, max_tasks=k) for k in (1, 2)}
     result["scaling"]["ratio_2_over_1_tasks"] = (result["scaling"]["tasks_2"]["ray_stream"]["clips_per_s"]
                                                  / result["scaling"]["tasks_1"]["ray_stream"]["clips_per_s"])
     if not args.skip_variants:
         path_order = make_corpus(work, args.per_attr, shuffle_seed=None)
         result["variants"] = {
-            "float32_shards": _vs_numpy(make_corpus(work, args.per_attr, "float32"), *run[1:], repeat=0),
-            "path_order_one_file_per_unit": _vs_numpy(path_order, *run[1:], repeat=1, files_per_unit=1),
-            "rows_per_block_32": _vs_numpy(*run, repeat=0, rows_per_block=32),
-            "preserve_order": _vs_numpy(*run, repeat=1, preserve_order=True),
+            "float32_shards": _vs_dataloader(make_corpus(work, args.per_attr, "float32"), *run[1:], repeat=0),
+            "path_order_one_file_per_unit": _vs_dataloader(path_order, *run[1:], repeat=1, files_per_unit=1),
+            "rows_per_block_32": _vs_dataloader(*run, repeat=0, rows_per_block=32),
+            "preserve_order": _vs_dataloader(*run, repeat=1, preserve_order=True),
         }
-    result["ratio_stream_over_numpy"] = result["ratio"]
+    result["ratio_stream_over_dataloader"] = result["ratio"]
+    result["machine"]["load_avg_at_end"] = os.getloadavg()
     if not args.skip_two_nodes:
         import ray
 
