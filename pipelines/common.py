@@ -179,3 +179,26 @@ def protocol_guard(cfg: Config, prog: str) -> bool:
         print(f"{prog}: data.add_eval_references: true: pre-training adds the evaluation references and noise on "
               f"purpose (Table 5, '+ eval-reference data'); {report.describe(limit=1)}", file=sys.stderr)
     return True
+
+
+# ---------------------------------------------------------------------------------------------------- analyses
+def run_analysis(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None, build) -> int:
+    """The main() of an analysis command (`table3`, `layers`): the config, its --checkpoint values resolved
+    (`retain_asd.experiments.resolve_checkpoints`), then `build(cfg, checkpoints, args) -> (table text, paths)`;
+    prints the table and the files written. A bad checkpoint, layer or tree is one line (exit code 2)."""
+    import logging
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    cfg = config_from_args(args, prog)
+    if cfg is None:
+        return 2
+    from retain_asd.experiments import resolve_checkpoints
+
+    try:
+        text, paths = build(cfg, resolve_checkpoints(cfg, args.checkpoint, args.out), args)
+    except Exception as err:  # one line (--debug for the traceback)
+        return report_user_error(prog, err)
+    print(text)
+    print("written: " + ", ".join(str(p) for p in paths))
+    return 0

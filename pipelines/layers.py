@@ -18,10 +18,9 @@ metric layerwise/hmean_all_primary_<dn|raw>, or layerwise/dcase_official_<dn|raw
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from pipelines.common import add_config_args, config_from_args, report_user_error
+from pipelines.common import add_config_args, run_analysis
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,24 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+def build(cfg, checkpoints, args):
     from retain_asd.eval.builder import layers_from_config
-    from retain_asd.experiments import resolve_checkpoints
 
-    cfg = config_from_args(args, "retain-asd layers")
-    if cfg is None:
-        return 2
-    try:
-        checkpoints = resolve_checkpoints(cfg, args.checkpoint, args.out)
-        _, paths = layers_from_config(cfg, checkpoints, args.out, dcase_root=args.dcase_root,
-                                      ground_truth_dir=args.ground_truth)
-    except Exception as err:  # a bad checkpoint, layer, tree or channel: one line (--debug for the traceback)
-        return report_user_error("retain-asd layers", err)
-    print(paths[0].read_text())
-    print("written: " + ", ".join(str(p) for p in paths))
-    return 0
+    _, paths = layers_from_config(cfg, checkpoints, args.out, dcase_root=args.dcase_root,
+                                  ground_truth_dir=args.ground_truth)
+    return paths[0].read_text(), paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_analysis("retain-asd layers", build_parser(), argv, build)
 
 
 if __name__ == "__main__":

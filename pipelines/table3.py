@@ -13,10 +13,9 @@ Writes <out>/table3.md, <out>/table3.png and an MLflow run `table3` (metrics tab
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from pipelines.common import add_config_args, config_from_args, report_user_error
+from pipelines.common import add_config_args, run_analysis
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,23 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+def build(cfg, checkpoints, args):
     from retain_asd.eval.builder import table3_from_config
-    from retain_asd.experiments import resolve_checkpoints
 
-    cfg = config_from_args(args, "retain-asd table3")
-    if cfg is None:
-        return 2
-    try:
-        checkpoints = resolve_checkpoints(cfg, args.checkpoint, args.out)
-        result, paths = table3_from_config(cfg, checkpoints, args.out, layer=args.layer)
-    except Exception as err:  # a bad checkpoint or layer: one line (--debug for the traceback)
-        return report_user_error("retain-asd table3", err)
-    print(result.markdown())
-    print("written: " + ", ".join(str(p) for p in paths))
-    return 0
+    result, paths = table3_from_config(cfg, checkpoints, args.out, layer=args.layer)
+    return result.markdown(), paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_analysis("retain-asd table3", build_parser(), argv, build)
 
 
 if __name__ == "__main__":
