@@ -23,6 +23,10 @@ ENV_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "true",
     "RAY_DEDUP_LOGS": "1",
+    # an object store answering errors for a while (503 SlowDown, resets): boto3 (MLflow's S3 artifacts) retries
+    # like pyarrow does (retain_asd.storage.S3_MAX_ATTEMPTS), with the standard mode's backoff
+    "AWS_RETRY_MODE": "standard",
+    "AWS_MAX_ATTEMPTS": "10",
 }
 
 # The embedded Ray's object store (Ray's default takes 30% of RAM): 2 GiB, or a quarter of RAM on a small

@@ -8,7 +8,9 @@ Everything goes through pyarrow's filesystem layer (what Ray Train, Ray Data and
 region and credentials come from the standard AWS environment variables, never from the config file:
 ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (an S3-compatible server such as MinIO or moto),
 ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` /
-``AWS_SESSION_TOKEN``. Without keys in the environment the AWS SDK's own chain applies on each node
+``AWS_SESSION_TOKEN``; ``AWS_MAX_ATTEMPTS``: attempts per request (default 10, with the SDK's backoff), for
+pyarrow here and for boto3 (MLflow's artifact store; `retain_asd.runtime` sets ``AWS_RETRY_MODE=standard``
+and this default). Without keys in the environment the AWS SDK's own chain applies on each node
 (profile, instance role), which is what a cloud cluster uses.
 
 Local paths stay the default; other schemes pyarrow knows (``gs://``, ``hdfs://``, ``file://``) go to
@@ -65,8 +67,43 @@ def _env(*names: str) -> str | None:
     return next((os.environ[n] for n in names if os.environ.get(n)), None)
 
 
+S3_MAX_ATTEMPTS = 10  # attempts per request (AWS_MAX_ATTEMPTS overrides): a bucket answering errors for a while
+
+
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3FileSystem with the AWS SDK's standard retry policy at `max_attempts` attempts per request
+    (503 SlowDown, throttling, 5xx, connection resets and timeouts are retried with a jittered backoff that
+    doubles, each wait capped at 20 s by the SDK, so a request gives up after a bounded time), kept when the
+    filesystem is pickled to Ray's workers: pyarrow's own pickling drops `retry_strategy` (they would get its
+    default of 3 attempts)."""
+
+    def __init__(self, max_attempts: int = S3_MAX_ATTEMPTS, **kwargs):
+        self._arguments = (max_attempts, kwargs)
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts), **kwargs)
+
+    def __reduce__(self):
+        return _rebuild_s3, self._arguments
+
+
+def _rebuild_s3(max_attempts: int, kwargs: dict) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(max_attempts, **kwargs)
+
+
+def s3_max_attempts() -> int:
+    """Attempts per S3 request: AWS_MAX_ATTEMPTS (the AWS SDKs' own variable; boto3 reads it too), else 10."""
+    text = _env("AWS_MAX_ATTEMPTS")
+    try:
+        value = int(text) if text else S3_MAX_ATTEMPTS
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"AWS_MAX_ATTEMPTS = {text!r}: must be a whole number >= 1 (attempts per S3 request)")
+    return value
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
-    """An S3FileSystem configured from the AWS_* environment variables only (see the module docstring).
+    """An S3FileSystem configured from the AWS_* environment variables only (see the module docstring), retrying
+    each request up to `s3_max_attempts` times (`RetryingS3FileSystem`).
 
     Keys found in the environment are passed explicitly, so the filesystem keeps them when Ray pickles it to
     workers whose environment lacks them; without keys each process uses the SDK's default chain.
@@ -85,7 +122,7 @@ def s3_filesystem() -> pafs.S3FileSystem:
     elif key or secret:
         raise ValueError("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together (or neither, to use "
                          "the AWS SDK's default chain: profile, instance role)")
-    return pafs.S3FileSystem(**kwargs)
+    return RetryingS3FileSystem(s3_max_attempts(), **kwargs)
 
 
 def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:

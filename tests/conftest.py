@@ -218,6 +218,124 @@ def bucket_keys(s3_server):
     return keys
 
 
+class FlakyProxy:
+    """A fault-injecting HTTP proxy on 127.0.0.1 in front of `upstream` (the S3 server): while a fault window is
+    open (`faults(seconds, rate)`) it answers a share `rate` of the requests, drawn at random, with 503 SlowDown
+    (S3's throttling error) or by resetting the connection (TCP RST after reading the request), half each;
+    every other request goes through unchanged. `injected` counts the faults, `requests` everything."""
+
+    SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code><Message>Please reduce your '
+                b"request rate.</Message></Error>")
+
+    def __init__(self, upstream: str, seed: int = 0):
+        import http.server
+        import random
+        import threading
+        from collections import Counter
+        from urllib.parse import urlparse
+
+        self.upstream = urlparse(upstream)
+        self.random, self.lock = random.Random(seed), threading.Lock()
+        self.until, self.rate = 0.0, 0.0
+        self.injected, self.requests = Counter(), 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive and 100-continue, as S3 clients expect
+
+            def log_message(self, *args):
+                pass
+
+            def _body(self) -> bytes | None:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                        if size == 0:
+                            return b"".join(chunks)
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else None
+
+            def _any(self):
+                import http.client
+                import socket
+                import struct
+
+                body = self._body()
+                fault = proxy._draw()
+                if fault == "reset":
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                if fault == "slowdown":
+                    self.send_response(503, "Slow Down")
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(proxy.SLOWDOWN)))
+                    self.end_headers()
+                    self.wfile.write(proxy.SLOWDOWN)
+                    return
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("transfer-encoding", "connection", "expect", "content-length")}
+                if body is not None:
+                    headers["Content-Length"] = str(len(body))
+                upstream = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=120)
+                try:
+                    upstream.request(self.command, self.path, body=body, headers=headers)
+                    answer = upstream.getresponse()
+                    data = answer.read()
+                finally:
+                    upstream.close()
+                self.send_response(answer.status, answer.reason)
+                for key, value in answer.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", answer.getheader("Content-Length", "0") if self.command == "HEAD"
+                                 else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def faults(self, seconds: float, rate: float = 0.3) -> None:
+        """Open a fault window of `seconds` from now."""
+        with self.lock:
+            self.until, self.rate = time.monotonic() + seconds, rate
+
+    def _draw(self) -> str | None:
+        with self.lock:
+            self.requests += 1
+            if time.monotonic() >= self.until or self.random.random() >= self.rate:
+                return None
+            fault = self.random.choice(("slowdown", "reset"))
+            self.injected[fault] += 1
+            return fault
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def flaky_s3_env(s3_env, monkeypatch):
+    """`s3_env` with the endpoint behind a `FlakyProxy` (no faults until the test opens a window); yields it."""
+    proxy = FlakyProxy(s3_env)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
 # ---------------------------------------------------------------------------------------------------- DCASE trees
 def _excerpts(path: Path, clip_s: float) -> list:
     """Consecutive `clip_s` excerpts of a real recording (16 kHz)."""

@@ -103,3 +103,20 @@ def test_embedding_cache_in_the_bucket_is_bit_exact_and_drops_a_torn_chunk(s3_en
     assert f"{torn}: cannot be read" in caplog.text and "computed again" in caplog.text
     assert not storage.exists(torn)  # dropped: its rows would be encoded and put again
     np.testing.assert_array_equal(again.get(["a", "b", "c"], 2), emb)
+
+
+def test_the_s3_retry_policy_survives_pickling_to_workers(monkeypatch):
+    """pyarrow drops `retry_strategy` when it pickles an S3FileSystem; Ray's workers must get the same attempts."""
+    import pickle
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "7")
+    fs = storage.s3_filesystem()
+    again = pickle.loads(pickle.dumps(fs))
+    assert isinstance(again, storage.RetryingS3FileSystem) and again._arguments == fs._arguments
+    assert again._arguments[0] == 7 and again._arguments[1]["endpoint_override"] == "127.0.0.1:9"
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS")
+    assert storage.s3_filesystem()._arguments[0] == storage.S3_MAX_ATTEMPTS == 10
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "0")
+    with pytest.raises(ValueError, match="AWS_MAX_ATTEMPTS = '0': must be a whole number >= 1"):
+        storage.s3_filesystem()

@@ -7,6 +7,13 @@ from the newest complete checkpoint in the bucket and finishes -> evaluate the s
 lists the shards, manifests, checkpoints, student, evaluation sets, embedding cache and MLflow artifacts as
 objects in the bucket, and the local work dir holds no corpus, no checkpoint, no evaluation set, no cached
 embedding and no artifact.
+
+The bucket sits behind a fault-injecting proxy (`FlakyProxy`, tests/conftest.py) that answers 30% of the requests
+with 503 SlowDown or a connection reset for 20 s at three points: the start of ingest, the resumed pre-training's
+first report (its checkpoints, the student's upload, the MLflow artifacts), and the start of evaluation. Every
+stage finishes through the retries of `storage.RetryingS3FileSystem` (pyarrow, also in Ray's workers) and of
+boto3 (MLflow's artifacts), and no object listed as complete (a checkpoint's complete.json, a corpus manifest)
+lacks a file.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -68,10 +76,33 @@ def _wait_until_gone(session: int, timeout_s: float = 60) -> None:
     raise AssertionError(f"processes of session {session} still alive after {timeout_s} s")
 
 
+def _listed_but_missing(bucket_keys) -> list[str]:
+    """Files a completion marker lists that are not in the bucket (or not at the listed size): each checkpoint's
+    complete.json, each corpus manifest.json."""
+    import boto3
+
+    client = boto3.client("s3")
+    keys = bucket_keys("e2e/")
+    missing = []
+    for key in keys:
+        folder = key.rpartition("/")[0]
+        if key.endswith("/complete.json"):
+            marker = json.loads(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+            for name, meta in marker["files"].items():
+                found = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{folder}/{name}").get("Contents", [])
+                if not any(o["Key"] == f"{folder}/{name}" and o["Size"] == meta["bytes"] for o in found):
+                    missing.append(f"{folder}/{name}")
+        elif key.endswith("/manifest.json") and "/corpus_" in key:
+            manifest = json.loads(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+            missing += [f"{folder}/{name}" for name in manifest["shards"] if f"{folder}/{name}" not in keys]
+    return missing
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ingest_pretrain_kill_resume_evaluate_in_the_bucket(ray_local, s3_env, bucket_keys, small_worlds, tmp_path,
-                                                           caplog):
+@pytest.mark.reliability("bucket-errors")
+def test_ingest_pretrain_kill_resume_evaluate_in_the_bucket(ray_local, flaky_s3_env, bucket_keys, small_worlds,
+                                                           tmp_path, caplog, reliability_figures):
     from retain_asd.corpus.ingest import corpora_from_config
     from retain_asd.eval.builder import evaluate_from_config
     from retain_asd.eval.evalsets import evalsets_from_config
@@ -85,7 +116,9 @@ def test_ingest_pretrain_kill_resume_evaluate_in_the_bucket(ray_local, s3_env, b
                  f"data.storage=s3://{BUCKET}/e2e", *SMALL, *small_worlds]
     cfg = load_config("smoke", overrides=overrides)
 
-    # 1. ingest: shards, manifests, rejects and labels are objects in the bucket
+    proxy = flaky_s3_env
+    # 1. ingest: shards, manifests, rejects and labels are objects in the bucket (30% errors for its first 20 s)
+    proxy.faults(20, rate=0.3)
     pre, ev, _ = corpora_from_config(cfg)
     assert (pre.root, ev.root) == (f"s3://{BUCKET}/e2e/corpus_pretrain", f"s3://{BUCKET}/e2e/corpus_eval")
     for corpus in ("corpus_pretrain", "corpus_eval"):
@@ -122,9 +155,20 @@ def test_ingest_pretrain_kill_resume_evaluate_in_the_bucket(ray_local, s3_env, b
     assert saved["step"] == newest
     assert not (out / "ray").exists() and not (out / "student_beats.pt").exists()
 
-    # 3. the re-run resumes from the bucket's newest complete checkpoint and finishes
+    # 3. the re-run resumes from the bucket's newest complete checkpoint and finishes (30% errors for 20 s from
+    # its first report: its checkpoints, the student's upload and the MLflow artifacts go through them)
+    def faults_at_the_first_report():
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not any("resumed_from_step" in m
+                                                      for m in read_metrics(out / "metrics.jsonl")):
+            time.sleep(0.1)
+        proxy.faults(20, rate=0.3)
+
+    opener = threading.Thread(target=faults_at_the_first_report, daemon=True)
+    opener.start()
     with pytest.warns(UserWarning, match="RANDOM"):
         result = pretrain(cfg, out)
+    opener.join(timeout=1)
     assert (result.step, result.summary["status"]) == (cfg.train.total_steps, "completed")
     assert result.summary["resumed_from_step"] == [newest]
     assert result.checkpoint_path.startswith(f"s3://{BUCKET}/{prefix}checkpoint_")
@@ -137,7 +181,8 @@ def test_ingest_pretrain_kill_resume_evaluate_in_the_bucket(ray_local, s3_env, b
     assert all(int(s["step"]) == cfg.train.total_steps for s in final["optimizer"]["state"].values())
     assert state_digest(load_beats(result.student_path).state_dict()) == state_digest(final["student"])
 
-    # 4. evaluate the student by its URI (copied to a local cache, loaded weights_only)
+    # 4. evaluate the student by its URI (copied to a local cache, loaded weights_only; 30% errors for 20 s)
+    proxy.faults(20, rate=0.3)
     (scores,) = evaluate_from_config(cfg, resolve_checkpoints(cfg, [result.student_uri], tmp_path / "eval"),
                                      tmp_path / "eval")
     assert scores.name == f"{cfg.name}-seed{cfg.train.seed}" and scores.cells
@@ -166,3 +211,7 @@ def test_ingest_pretrain_kill_resume_evaluate_in_the_bucket(ray_local, s3_env, b
     assert not any((work / name).exists()
                    for name in ("corpus_pretrain", "corpus_eval", "mlartifacts", "evalsets", "embeddings"))
     assert not (out / "ray").exists() and not (tmp_path / "mlartifacts").exists()
+    assert _listed_but_missing(bucket_keys) == []  # a marker or manifest never lists a file the bucket lacks
+    faults = sum(proxy.injected.values())
+    assert proxy.injected["slowdown"] > 0 and proxy.injected["reset"] > 0, proxy.injected
+    reliability_figures(steps_lost=0, retries=faults, bytes_lost=0)
