@@ -25,8 +25,10 @@ writer of several objects writes its completion marker (a manifest, ``complete.j
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -34,6 +36,8 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from retain_asd import fsio
+
+log = logging.getLogger(__name__)
 
 S3_SCHEMES = ("s3", "s3a")
 OTHER_SCHEMES = ("gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")  # pyarrow's own (not tested here)
@@ -171,6 +175,27 @@ def ray_storage(location: str | os.PathLike) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- files
+RETRY_WAIT_S = 60.0  # the most a whole-object read or write waits out a bucket's errors before it fails
+
+
+def retrying(call, what: str):
+    """`call()`, again after an error the SDK does not retry itself (a connection reset while a response body is
+    read: "Failed to flush response stream"), with a backoff doubling 0.2 -> 5 s, for at most `RETRY_WAIT_S`
+    seconds; a missing object is no error to retry. The whole object is read or written again."""
+    delay, deadline = 0.2, time.monotonic() + RETRY_WAIT_S
+    while True:
+        try:
+            return call()
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: %s; retrying in %.1f s", what, " ".join(str(err).split())[:200], delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 def _info(location: str | os.PathLike) -> pafs.FileInfo:
     fs, path = resolve(location)
     return fs.get_file_info(path)
@@ -226,9 +251,13 @@ def read_bytes(location: str | os.PathLike) -> bytes:
     if not is_uri(location):
         return Path(location).read_bytes()
     fs, path = resolve(location)
-    try:
+
+    def read() -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
+
+    try:
+        return retrying(read, str(location))
     except FileNotFoundError:
         raise FileNotFoundError(f"{location}: no such object") from None
 
@@ -239,8 +268,12 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
         fsio.write_bytes(location, data)
         return
     fs, path = resolve(location)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+
+    def write() -> None:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+    retrying(write, str(location))
 
 
 def read_json(location: str | os.PathLike, fix: str | None = None) -> Any:
@@ -264,16 +297,24 @@ def upload(local_path: str | os.PathLike, location: str | os.PathLike) -> None:
             shutil.copyfileobj(src, dst)
         return
     fs, path = resolve(location)
-    with open(local_path, "rb") as src, fs.open_output_stream(path) as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
+
+    def put() -> None:
+        with open(local_path, "rb") as src, fs.open_output_stream(path) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+    retrying(put, str(location))
 
 
 def download(location: str | os.PathLike, local_path: str | os.PathLike) -> Path:
     """Copy `location` to a local file, atomically (a killed download leaves only a hidden temp file)."""
     fs, path = resolve(location)
-    try:
+
+    def get() -> None:
         with fs.open_input_stream(path) as src, fsio.atomic_write(local_path, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
+
+    try:
+        retrying(get, str(location))
     except FileNotFoundError:
         raise FileNotFoundError(f"{location}: no such object") from None
     return Path(local_path)

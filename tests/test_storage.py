@@ -120,3 +120,24 @@ def test_the_s3_retry_policy_survives_pickling_to_workers(monkeypatch):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "0")
     with pytest.raises(ValueError, match="AWS_MAX_ATTEMPTS = '0': must be a whole number >= 1"):
         storage.s3_filesystem()
+
+
+def test_retrying_reads_again_after_an_error_the_sdk_does_not_retry_but_never_a_missing_object(monkeypatch):
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("AWS Error INTERNAL_FAILURE during GetObject operation: Failed to flush response stream")
+        return b"data"
+
+    assert storage.retrying(flaky, "s3://b/k") == b"data" and len(calls) == 3
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("s3://b/k")
+
+    with pytest.raises(FileNotFoundError):
+        storage.retrying(missing, "s3://b/k")
+    assert len(calls) == 4  # not retried

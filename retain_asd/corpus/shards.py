@@ -369,7 +369,11 @@ def shard_source(root: str | os.PathLike, name: str) -> tuple[str, object]:
 def read_shard(root: str | os.PathLike, name: str, columns: Sequence[str] | None = None) -> pa.Table:
     """One shard of a corpus folder (local or URI)."""
     path, filesystem = shard_source(root, name)
-    return pq.read_table(path, columns=list(columns) if columns else None, filesystem=filesystem)
+
+    def read() -> pa.Table:
+        return pq.read_table(path, columns=list(columns) if columns else None, filesystem=filesystem)
+
+    return read() if filesystem is None else storage.retrying(read, path)  # a bucket's errors are retried
 
 
 def read_table(root: str | os.PathLike, columns: Sequence[str] | None = None) -> pa.Table:
