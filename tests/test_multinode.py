@@ -4,7 +4,7 @@ stores on this machine, one DDP worker per node (STRICT_SPREAD).
 The cluster runs in a child process (``python tests/test_multinode.py WORK``): the session's embedded Ray
 (`ray_local`) stays untouched, and the child's nodes are torn down with it. On the cluster: ingest, the
 stream's state shipped to the other node, a smoke pre-training stopped after a checkpoint and resumed, an
-evaluation and a 2-trial sweep. The child writes what it saw to WORK/result.json; the test compares it with
+evaluation and a 1-trial sweep. The child writes what it saw to WORK/result.json; the test compares it with
 a single-node run of the same config in the session's Ray.
 """
 
@@ -28,10 +28,16 @@ NODE_OBJECT_STORE_BYTES = 256 * 1024**2
 NODE_CPUS = 2
 
 
+# The smoke preset on the smallest worlds that still cross the nodes: 1 s clips, one machine type per world, the
+# evaluation on one condition (factory_a mixes noise) at one SNR. Same settings on 2 nodes and on 1.
+SMALL = ["data.clip_s=1.0", "data.synth_machines=[fan]", "eval.synth_machines=[bearing]",
+         "eval.synth_noise=[hvac, hammering]", "eval.conditions=[factory_a]", "eval.snrs_db=[0.0]"]
+
+
 def smoke_config(work: Path, *more: str):
     from retain_asd.config import load_config
 
-    return load_config("smoke", overrides=[f"data.work_dir={work / 'data'}", "data.synth_machines=[fan]",
+    return load_config("smoke", overrides=[f"data.work_dir={work / 'data'}", *SMALL,
                                            f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}", *more])
 
 
@@ -127,10 +133,11 @@ def run_on_cluster(work: Path) -> dict:
                                          work / "evaluate")
         out["eval"] = scores.metrics()
         lap("evaluate")
+        # one trial: its DDP ranks spread over both nodes (several trials on one node: tests/tune/test_sweep.py)
         sweep_cfg = smoke_config(work, "train.placement_strategy=STRICT_SPREAD", "train.total_steps=2",
-                                 "train.warmup_steps=1", "train.checkpoint_every=2", "tune.num_samples=2",
-                                 "tune.snr_ranges_db=[[0.0, 0.0]]", "tune.alphas=[0.5, 2.0]", "tune.betas=[1.0]",
-                                 "tune.max_concurrent=2", "eval.conditions=[factory_a]", "eval.snrs_db=[0.0]")
+                                 "train.warmup_steps=1", "train.checkpoint_every=2", "tune.num_samples=1",
+                                 "tune.snr_ranges_db=[[0.0, 0.0]]", "tune.alphas=[0.5]", "tune.betas=[1.0]",
+                                 "tune.max_concurrent=1")
         grid = run_sweep(sweep_cfg, work / "sweep")
         out["sweep"] = {"errors": [str(e) for e in grid.errors],
                         "hmean_all": [r.metrics.get("hmean_all") for r in grid],
@@ -178,8 +185,8 @@ def test_two_nodes_spread_workers_ship_the_noise_bank_and_match_one_node(ray_loc
         assert ranks[0]["student"] == ranks[1]["student"]
     assert (seen["first"]["step"], seen["second"]["step"]) == (3, 6)
     assert seen["second"]["resumed_from"][0] == 3
-    assert not seen["sweep"]["errors"] and len(seen["sweep"]["trial_digests"]) == 2
-    assert all(0.0 <= h <= 1.0 for h in seen["sweep"]["hmean_all"])
+    assert not seen["sweep"]["errors"] and len(seen["sweep"]["trial_digests"]) == 1
+    assert len(seen["sweep"]["hmean_all"]) == 1 and all(0.0 <= h <= 1.0 for h in seen["sweep"]["hmean_all"])
 
     # the same config and corpus on one node (the session's Ray), without the stop: same weights, same
     # scores. Same corpus files: a re-ingest may order the rows of a shard differently, and the stream's
