@@ -2,14 +2,20 @@
 
     train_step   samples/s of a full base-BEATs pre-training step in bf16 autocast: SpecAugment, student
                  forward, frozen teacher on clean and noise, tagging + mixture losses, backward, AdamW
-                 (`student.compute_losses`, the training loop's own code)
-    stream       mixed clips/s the Ray Data stream delivers as tensors on the GPU (`iter_train_batches`),
-                 and supply / demand = stream clips/s over train_step samples/s (>= 1: the GPU never waits)
+                 (`student.compute_losses`, the training loop's own code; fused AdamW on CUDA as the loop uses);
+                 where the time goes (`phases_ms`: the same step cut into fbank, SpecAugment, student forward,
+                 teacher, losses, backward, optimiser, a device sync after each), model FLOPs per sample
+                 (torch.utils.flop_counter over one step) and the achieved fraction of the device's peak
+                 (dense bf16, looked up from the device name in PEAK_TFLOPS; unknown for a CPU)
+    stream       mixed clips/s the Ray Data stream delivers as tensors on the GPU (`iter_train_batches` on the
+                 compact rows, audio formed on the consumer), and supply / demand = stream clips/s over the
+                 train_step samples/s reached (>= 1: the GPU never waits)
     embed        clips/s of evaluation embeddings (`eval.embed.embed`: fp32 as evaluation runs it, and bf16)
     knn          benchmarks/knn.py on the GPU (the CUDA path of `eval.knn`) against sklearn on the CPU
 
     python benchmarks/gpu.py                          # CUDA; writes benchmarks/results/gpu.json
     python benchmarks/gpu.py --device cpu --tiny      # dry run of the same code path on the CPU (tiny sizes)
+    python benchmarks/gpu.py --compile                # the step with train.compile (torch.compile) as well
 
 Without a CUDA device (and no --device cpu) it prints why and exits 0 without writing anything. The
 stream part needs Ray and soundfile; where they are not installed it is skipped with the reason in the JSON.
@@ -33,13 +39,18 @@ import torch
 from retain_asd.config import MixingConfig, ModelConfig, ObjectiveConfig, TrainConfig
 from retain_asd.eval.embed import embed
 from retain_asd.models.beats import BEATs, beats_base, beats_tiny
+from retain_asd.train import objectives as obj
 from retain_asd.train.loop_config import LoopConfig
 from retain_asd.train.specaug import SpecAugment
-from retain_asd.train.student import Student, compute_losses
+from retain_asd.train.student import Student, compile_models, compute_losses
 
 SAMPLE_RATE_HZ = 16000
 NUM_MACHINE, NUM_NOISE = 231, 4  # the paper's 235 classes
 SNR = {"kind": "uniform", "low_db": -5.0, "high_db": 5.0}
+# Dense (no sparsity) bf16 tensor-core peak in TFLOP/s, from the vendors' data sheets; matched in this order
+# against the device name. A device not listed (and every CPU) gets no peak and no fraction.
+PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0),
+               ("L4", 121.0), ("A10G", 70.0))
 # Sizes per mode: (model, clip_s, step batch, embed batch, iters, knn refs/queries/dim, stream clips).
 SIZES = {
     "full": {"model": "base", "clip_s": 10.0, "step_batch": 32, "embed_batch": 64, "iters": 10,
@@ -71,8 +82,15 @@ def _cfg(size: str):
     return beats_base() if size == "base" else beats_tiny()
 
 
-def train_step(size: str, device: torch.device, batch: int, clip_s: float, iters: int) -> dict:
-    """Samples/s of one full pre-training step (Eq. 7: tagging + mixture), bf16 autocast on CUDA."""
+def peak_tflops(device_name: str) -> dict:
+    """The device's dense bf16 peak from PEAK_TFLOPS (first name contained in `device_name`), or why there is none."""
+    for name, tflops in PEAK_TFLOPS:
+        if name in device_name:
+            return {"tflops": tflops, "matched": name, "dtype": "bf16 dense (data sheet)"}
+    return {"tflops": None, "matched": None, "note": f"peak unknown for {device_name!r} (no fraction reported)"}
+
+
+def _step_setup(size: str, device: torch.device, batch: int, clip_s: float, iters: int) -> tuple:
     torch.manual_seed(0)
     cfg = _cfg(size)
     student = Student(BEATs(cfg), NUM_MACHINE + NUM_NOISE, cfg.encoder_layers).to(device).train()
@@ -80,7 +98,7 @@ def train_step(size: str, device: torch.device, batch: int, clip_s: float, iters
     teacher.load_state_dict(student.encoder.state_dict())
     teacher.freeze()
     specaug = SpecAugment(freq_mask_bins=24, time_mask_frames=80, num_masks=2)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=1e-3)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=1e-3, fused=device.type == "cuda")
     g = torch.Generator().manual_seed(0)
     clean, noise = (0.1 * torch.randn(batch, int(clip_s * SAMPLE_RATE_HZ), generator=g) for _ in range(2))
     label = torch.zeros(batch, NUM_MACHINE + NUM_NOISE)
@@ -93,6 +111,78 @@ def train_step(size: str, device: torch.device, batch: int, clip_s: float, iters
         mixing=MixingConfig(), train=TrainConfig(warmup_steps=0, total_steps=iters + 2, grad_accum=1),
         init_checkpoint="", num_classes=NUM_MACHINE + NUM_NOISE, num_machine_classes=NUM_MACHINE,
         align_layer=cfg.encoder_layers, batch_size_per_worker=batch)
+    return student, teacher, specaug, optimizer, data, config
+
+
+def phases(student, teacher, specaug, optimizer, data: dict, config: LoopConfig, device: torch.device,
+           iters: int) -> dict[str, float]:
+    """Median milliseconds of each phase of the step `compute_losses` + backward + AdamW runs, timed one by one
+    with a device sync after each (so they add up to a little more than the step, which overlaps nothing)."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    spec_gen, layer = torch.Generator().manual_seed(1), config.align_layer
+    times: dict[str, list[float]] = {}
+
+    def timed(name, fn, *args):
+        _sync(device)
+        start = time.perf_counter()
+        out = fn(*args)
+        _sync(device)
+        times.setdefault(name, []).append(1e3 * (time.perf_counter() - start))
+        return out
+
+    def student_forward(fbank):
+        with autocast:
+            return student(fbank)
+
+    def teacher_forward(fbank):
+        with torch.inference_mode(), autocast:
+            return teacher.extract_layers_from_fbank(fbank, layers=layer)[0][layer - 1].clone()
+
+    def losses(hidden, logits, target):
+        t_clean, t_noise = target.chunk(2)
+        return (obj.tagging_loss(logits.float(), data["label"])
+                + obj.mixture_loss(hidden[layer - 1], t_clean, t_noise, 0.5))
+
+    def optimise():
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    waveforms = torch.cat([data["mixture"], data["clean"], data["noise"]])  # (3B, S): every fbank of a step
+    for i in range(iters + 1):  # the first round warms up
+        fbank = timed("fbank", student.encoder.preprocess, waveforms)
+        mixture_fbank, teacher_fbank = fbank.split([len(data["mixture"]), 2 * len(data["mixture"])])
+        masked = timed("specaugment", specaug, mixture_fbank, spec_gen)
+        hidden, logits = timed("student_forward", student_forward, masked)
+        target = timed("teacher", teacher_forward, teacher_fbank)
+        total = timed("losses", losses, hidden, logits, target)
+        timed("backward", total.backward)
+        timed("optimiser", optimise)
+        if i == 0:
+            times.clear()
+    return {name: statistics.median(ms) for name, ms in times.items()}
+
+
+def step_flops(student, teacher, specaug, data: dict, config: LoopConfig) -> int:
+    """Model FLOPs of one step (student forward + backward, teacher forward), counted by torch.utils.flop_counter
+    (matrix products, convolutions, and attention where the counter knows the kernel: CUDA's, not the CPU's)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        losses = compute_losses(student, teacher, specaug, data, config, torch.Generator().manual_seed(1),
+                                np.random.default_rng(2))
+        losses.total.backward()
+    student.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def train_step(size: str, device: torch.device, batch: int, clip_s: float, iters: int, compile: bool = False) -> dict:
+    """Samples/s of one full pre-training step (Eq. 7: tagging + mixture), bf16 autocast on CUDA; where its time
+    goes (`phases_ms`), its model FLOPs and the fraction of the device's peak."""
+    student, teacher, specaug, optimizer, data, config = _step_setup(size, device, batch, clip_s, iters)
+    phase_ms = phases(student, teacher, specaug, optimizer, data, config, device, iters)
+    flops = step_flops(student, teacher, specaug, data, config)
+    if compile:
+        student, teacher = compile_models(student, teacher)
     spec_gen, np_rng = torch.Generator().manual_seed(1), np.random.default_rng(2)
 
     def step():
@@ -101,10 +191,20 @@ def train_step(size: str, device: torch.device, batch: int, clip_s: float, iters
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = _timed(step, device, warmup=2, iters=iters)
-    out = {"model": size, "batch": batch, "clip_s": clip_s, "s_per_step": seconds,
+    seconds = _timed(step, device, warmup=3 if compile else 2, iters=iters)
+    cpu = f"CPU {platform.processor() or platform.machine()}"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    peak = peak_tflops(name)
+    achieved = flops / statistics.median(seconds) / 1e12
+    out = {"model": size, "batch": batch, "clip_s": clip_s, "s_per_step": seconds, "compile": compile,
            "dtype": "bfloat16 autocast" if device.type == "cuda" else "float32",
-           "samples_per_s": batch / statistics.median(seconds)}
+           "optimizer": "AdamW fused" if device.type == "cuda" else "AdamW (foreach)",
+           "samples_per_s": batch / statistics.median(seconds),
+           "phases_ms": phase_ms, "phases_sum_ms": sum(phase_ms.values()),
+           "step_ms": 1e3 * statistics.median(seconds),
+           "model_flops_per_step": flops, "model_flops_per_sample": flops / batch,
+           "achieved_tflops": achieved, "peak": peak,
+           "fraction_of_peak": achieved / peak["tflops"] if peak["tflops"] else None}
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
@@ -183,6 +283,7 @@ def main(argv=None) -> dict | None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="tiny model and sizes: a dry run of the code path")
     parser.add_argument("--no-stream", action="store_true", help="skip the Ray Data stream part")
+    parser.add_argument("--compile", action="store_true", help="the step with torch.compile (train.compile)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gpu.json")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -195,8 +296,12 @@ def main(argv=None) -> dict | None:
     result = {"benchmark": "gpu", "mode": "tiny" if args.tiny else "full", "torch": torch.__version__,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
               "python": platform.python_version()}
-    result["train_step"] = train_step(size["model"], device, size["step_batch"], size["clip_s"], size["iters"])
-    print(f"train step: {result['train_step']['samples_per_s']:.2f} samples/s", flush=True)
+    result["train_step"] = train_step(size["model"], device, size["step_batch"], size["clip_s"], size["iters"],
+                                      compile=args.compile)
+    step = result["train_step"]
+    print(f"train step: {step['samples_per_s']:.2f} samples/s; " + ", ".join(
+        f"{k} {v:.1f}" for k, v in step["phases_ms"].items()) + " ms; " + (
+        f"{100 * step['fraction_of_peak']:.1f}% of peak" if step["fraction_of_peak"] else "peak unknown"), flush=True)
     result["embed"] = embed_throughput(size["model"], device, size["embed_batch"], size["clip_s"], size["iters"])
     print(f"embed: {result['embed']['float32_clips_per_s']:.2f} clips/s fp32, "
           f"{result['embed']['bfloat16_autocast_clips_per_s']:.2f} bf16", flush=True)
@@ -209,6 +314,8 @@ def main(argv=None) -> dict | None:
                                              Path(tmp))
     supply = result["stream"].get("clips_per_s")
     result["supply_over_demand"] = supply / result["train_step"]["samples_per_s"] if supply else None
+    if supply:
+        result["stream"]["rows"] = "compact (clip as stored + Eq. 3 gains, audio formed on the consumer)"
     result["seconds_total"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

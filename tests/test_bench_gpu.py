@@ -24,10 +24,22 @@ def test_dry_run_writes_every_part(gpu_bench, tmp_path):
     result = gpu_bench.main(["--device", "cpu", "--tiny", "--no-stream", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["mode"] == "tiny" and result["train_step"]["samples_per_s"] > 0
-    assert len(result["train_step"]["s_per_step"]) == gpu_bench.SIZES["tiny"]["iters"]
+    step = result["train_step"]
+    assert len(step["s_per_step"]) == gpu_bench.SIZES["tiny"]["iters"]
+    assert set(step["phases_ms"]) == {"fbank", "specaugment", "student_forward", "teacher", "losses", "backward",
+                                      "optimiser"} and all(ms > 0 for ms in step["phases_ms"].values())
+    assert step["model_flops_per_sample"] > 0 and step["achieved_tflops"] > 0
+    assert step["peak"]["tflops"] is None and step["fraction_of_peak"] is None  # a CPU: peak unknown
     assert result["embed"]["float32_clips_per_s"] > 0 and result["embed"]["bfloat16_autocast_clips_per_s"] > 0
     assert result["knn"]["ratio_over_sklearn_cpu"] > 0  # ids and distances were checked against sklearn
     assert result["stream"] == {"skipped": "--no-stream"} and result["supply_over_demand"] is None
+
+
+def test_peak_is_looked_up_from_the_device_name(gpu_bench):
+    assert gpu_bench.peak_tflops("NVIDIA H200")["tflops"] == 989.0
+    assert gpu_bench.peak_tflops("NVIDIA H100 PCIe")["tflops"] == 756.0
+    assert gpu_bench.peak_tflops("NVIDIA H100 80GB HBM3")["tflops"] == 989.0
+    assert gpu_bench.peak_tflops("CPU x86_64")["tflops"] is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no CUDA")

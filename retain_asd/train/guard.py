@@ -29,6 +29,12 @@ def grad_norm(parameters: Iterable[torch.nn.Parameter]) -> float:
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
+def grad_norm_tensor(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """`grad_norm` as a 0-d tensor on the gradients' device (no host sync)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+
 class DivergenceGuard:
     """Collects the non-finite values of one optimiser step (`observe`) and decides (`check`)."""
 
@@ -41,6 +47,19 @@ class DivergenceGuard:
         """Record the non-finite losses of one micro-batch (call for each, before the optimiser step)."""
         self.bad += [f"{name} = {value} (micro-batch {micro})" for name, value in losses.items()
                      if not math.isfinite(value)]
+
+    def fetch(self, micro_losses: list[Mapping[str, torch.Tensor]], norm: torch.Tensor
+              ) -> tuple[list[dict[str, float]], float]:
+        """The step's losses (one dict per micro-batch) and gradient norm as floats, observed, in ONE
+        device-to-host copy: the training step's only host sync outside logging and checkpoint steps."""
+        flat = [v.detach().float().reshape(()) for losses in micro_losses for v in losses.values()]
+        floats = torch.stack([*flat, norm.detach().float().reshape(()).to(flat[0].device)]).tolist()
+        out, i = [], 0
+        for micro, losses in enumerate(micro_losses):
+            out.append(dict(zip(losses, floats[i:i + len(losses)], strict=True)))
+            self.observe(out[-1], micro)
+            i += len(losses)
+        return out, floats[-1]
 
     def check(self, step: int, norm: float | None) -> str:
         """OK, SKIP (zero the gradients, no update) or STOP (`message` says the step and the values).

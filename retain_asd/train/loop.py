@@ -34,7 +34,7 @@ from retain_asd.train.checkpoint import (
 from retain_asd.train.loop_config import LoopConfig, snr_sampler_args
 from retain_asd.train.schedule import cosine_schedule
 from retain_asd.train.specaug import SpecAugment
-from retain_asd.train.student import build_models, compute_losses
+from retain_asd.train.student import build_models, compile_models, compute_losses, make_optimizer
 
 BATCH_COLUMNS = ("mixture", "clean", "noise", "label", "snr_db", "clip_idx")  # clip_idx: mixup partners
 
@@ -70,7 +70,7 @@ def train_fn_per_worker(cfg: LoopConfig) -> None:
     teacher_initial = weights_digest(teacher)
     specaug = SpecAugment(o.freq_mask_bins, o.time_mask_frames, o.num_masks if o.specaugment else 0)
     snr_sampler = make_snr_sampler(**snr_sampler_args(cfg.mixing))  # snr_mixup's SNRs; built once per worker
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = make_optimizer(model, cfg, device)  # AdamW, fused on a GPU
     rngs = seed_rngs(t.seed, rank)  # dropout, layerdrop, masks, mixup draws and data order differ per rank
 
     start_step, resumed, skipped = 0, {}, 0
@@ -88,6 +88,7 @@ def train_fn_per_worker(cfg: LoopConfig) -> None:
         resumed = {"resumed_from_step": start_step, "optimizer_sha256_at_resume": state["optimizer_sha256"]}
     unused = model.top_layer < model.encoder.num_layers or cfg.model.layerdrop  # blocks that may get no gradient
     student = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": unused})
+    student, teacher = compile_models(student, teacher) if t.compile else (student, teacher)  # train.compile
     skip = start_step * t.grad_accum if cfg.skip_seen_batches else 0
     batches = micro_batches(ray.train.get_dataset_shard("train"), cfg.batch_size_per_worker, rngs.stream_seed,
                             cfg.noise_bank, skip)
@@ -99,21 +100,25 @@ def train_fn_per_worker(cfg: LoopConfig) -> None:
     for step in range(start_step, cfg.stop):
         for group in optimizer.param_groups:
             group["lr"] = float(lr[step])
-        # ---- losses + step: grad_accum micro-batches, DDP all-reduce only on the last one
+        # ---- losses + step: grad_accum micro-batches, DDP all-reduce only on the last one; no host sync
+        step_losses = []
         for micro in range(t.grad_accum):
             batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
             last = micro == t.grad_accum - 1
             with nullcontext() if last or world == 1 else student.no_sync():
                 losses = compute_losses(student, teacher, specaug, batch, cfg, rngs.spec, rngs.np, snr_sampler)
                 (losses.total / t.grad_accum).backward()
-            guard.observe(values := losses.as_floats(), micro)
-            for name, value in values.items():
-                window[name] += value / t.grad_accum if math.isfinite(value) else 0.0  # a skipped step's NaN
+            step_losses.append(losses.as_tensors())  # stays on the device
             clips += batch["mixture"].shape[0]
+        norm = (torch.nn.utils.clip_grad_norm_(student.parameters(), t.grad_clip) if t.grad_clip > 0
+                else guard_mod.grad_norm_tensor(student.parameters()))
+        # ---- divergence guard (train/guard.py): the step's one host sync; a non-finite step is never applied
+        values, norm = guard.fetch(step_losses, norm)
+        for name, value in (item for micro_values in values for item in micro_values.items()):
+            window[name] += value / t.grad_accum if math.isfinite(value) else 0.0  # a skipped step's NaN
         if t.grad_clip > 0:
-            window["grad_norm"] += (norm := float(torch.nn.utils.clip_grad_norm_(student.parameters(), t.grad_clip)))
-        # ---- divergence guard: a non-finite loss or gradient norm is never applied (train/guard.py)
-        decision = guard.check(step + 1, norm if t.grad_clip > 0 else guard_mod.grad_norm(student.parameters()))
+            window["grad_norm"] += norm
+        decision = guard.check(step + 1, norm)
         if decision == guard_mod.STOP:  # every rank reports it and returns: no retry, no checkpoint
             ray.train.report({"diverged": guard.message})
             return

@@ -104,7 +104,9 @@ def _mean_power(x: torch.Tensor, name: str) -> torch.Tensor:
     """Mean power per sample over all non-batch dims, in fp32 at least; a silent sample is an error."""
     power = x.flatten(1).to(torch.promote_types(x.dtype, torch.float32)).square().mean(dim=1)  # (B,)
     bad = ~(torch.isfinite(power) & (power > 0))
-    if bool(bad.any()):
+    if power.device.type != "cpu":  # checked on the device: a host sync here would stall the training step
+        torch._assert_async(~bad.any(), f"{name}: a sample is silent or not finite (mean power 0/NaN/inf)")
+    elif bool(bad.any()):
         rows = bad.nonzero().flatten().tolist()
         raise ValueError(f"{name}: samples {rows} are silent or not finite (mean power 0/NaN/inf); drop them")
     return power
@@ -208,7 +210,9 @@ def lam_from_snr(snr_db: float | np.ndarray | torch.Tensor) -> torch.Tensor:
     snr_db = torch.as_tensor(snr_db)
     if not snr_db.is_floating_point():
         snr_db = snr_db.float()
-    if not bool(torch.isfinite(snr_db).all()):
+    if snr_db.device.type != "cpu":  # checked on the device: no host sync inside the training step
+        torch._assert_async(torch.isfinite(snr_db).all(), "snr_db: must be finite to derive lam (lam_mode: snr)")
+    elif not bool(torch.isfinite(snr_db).all()):
         raise ValueError("snr_db: must be finite to derive lam (lam_mode: snr)")
     return torch.sigmoid(snr_db * (np.log(10.0) / 10.0))
 
@@ -238,14 +242,18 @@ class LossTerms:
     mixture: torch.Tensor | None = None  # Eq. 6
     denoise: torch.Tensor | None = None  # Eq. 1 (the denoising baselines)
 
-    def as_floats(self, prefix: str = "loss") -> dict[str, float]:
-        """Detached floats for logging: {"loss": total, "loss_tagging": ..., "loss_mixture": ..., ...}."""
-        out = {prefix: float(self.total.detach())}
+    def as_tensors(self, prefix: str = "loss") -> dict[str, torch.Tensor]:
+        """Detached 0-d tensors, still on the device (no host sync): {"loss": total, "loss_tagging": ...}."""
+        out = {prefix: self.total.detach()}
         for name in ("tagging", "mixture", "denoise"):
             value = getattr(self, name)
             if value is not None:
-                out[f"{prefix}_{name}"] = float(value.detach())
+                out[f"{prefix}_{name}"] = value.detach()
         return out
+
+    def as_floats(self, prefix: str = "loss") -> dict[str, float]:
+        """Detached floats for logging: {"loss": total, "loss_tagging": ..., "loss_mixture": ..., ...}."""
+        return {name: float(value) for name, value in self.as_tensors(prefix).items()}
 
 
 def combined_loss(

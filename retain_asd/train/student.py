@@ -66,6 +66,21 @@ def build_models(cfg: LoopConfig, device: torch.device) -> tuple[Student, BEATs 
     return student, teacher
 
 
+def make_optimizer(model: nn.Module, cfg: LoopConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with the configured lr and weight decay; `fused` (one kernel for all parameters) on a GPU."""
+    return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                             fused=device.type == "cuda")
+
+
+def compile_models(student: nn.Module, teacher: BEATs | None) -> tuple[nn.Module, BEATs | None]:
+    """`train.compile`: `torch.compile` of the student (its forward from the fbank, maybe DDP-wrapped) and of the
+    teacher's layer extraction (fbank included). Attributes still reach the wrapped modules (`.module`,
+    `.no_sync()`, `.parameters()`), so the loop and `compute_losses` are unchanged."""
+    if teacher is not None:
+        teacher.extract_layers = torch.compile(teacher.extract_layers)
+    return torch.compile(student), teacher
+
+
 @contextlib.contextmanager
 def init_checkpoint_file(cfg: LoopConfig) -> Iterator[str]:
     """The init checkpoint as a local file while the models are built: `cfg.init_checkpoint` itself, or, when it
@@ -123,9 +138,10 @@ def compute_losses(student: nn.Module, teacher: BEATs | None, specaug: SpecAugme
     if terms.uses_mixture:  # Eq. 5-6 at align_layer; the teacher hears the components, no grad
         layer = cfg.align_layer
         clean, noise = obj.teacher_components(batch["clean"], batch["noise"], o.teacher_inputs)
-        with torch.no_grad(), autocast:
+        with torch.inference_mode(), autocast:  # no autograd bookkeeping at all for the frozen teacher
             target_layers, _ = teacher.extract_layers(torch.cat([clean, noise]), layers=layer)
-        teacher_clean, teacher_noise = target_layers[layer - 1].chunk(2)  # (B, N, D) each
+        # a normal tensor again (one copy of (2B, N, D)): the MSE's backward saves its target
+        teacher_clean, teacher_noise = target_layers[layer - 1].clone().chunk(2)  # (B, N, D) each
         lam = obj.resolve_lam(o.lam_mode, o.lam, batch["snr_db"])  # (B,)
         mixture_term = obj.mixture_loss(hidden[layer - 1], teacher_clean, teacher_noise, lam)
     return obj.combined_loss(tagging, mixture_term, o.alpha, o.beta, denoise=denoise)

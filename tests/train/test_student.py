@@ -135,3 +135,47 @@ def test_init_checkpoint_from_an_object_store_is_read_through_its_filesystem(ini
     with pytest.raises(FileNotFoundError, match="not in the object store"):
         with init_checkpoint_file(loop_config(init_checkpoint=str(tmp_path / "no.pt"), init_fs=pafs.LocalFileSystem())):
             pass
+
+
+def test_losses_with_the_batched_fbank_equal_the_per_clip_front_end(init_path, monkeypatch):
+    """Every loss of a step (SpecAugment on) with the batched fbank against torchaudio's per-clip loop, and the
+    gradients they give: equal to 1e-5 relative (the two fbanks agree to float rounding, tests/models/test_fbank.py)."""
+    from retain_asd.models import beats
+    from retain_asd.models.fbank import kaldi_fbank_per_clip
+
+    def step(student, teacher):
+        config = loop_config(specaugment=True, num_masks=1)
+        losses = compute_losses(student, teacher, SpecAugment(8, 20, 1), make_batch(4), config, *generators())
+        losses.total.backward()
+        return losses.as_floats(), torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
+
+    batched, batched_grad = step(*make_models(init_path))
+    monkeypatch.setattr(beats, "kaldi_fbank", kaldi_fbank_per_clip)
+    per_clip, per_clip_grad = step(*make_models(init_path))
+    assert batched.keys() == per_clip.keys() == {"loss", "loss_tagging", "loss_mixture"}
+    for name, value in batched.items():
+        assert value == pytest.approx(per_clip[name], rel=1e-5), name
+    torch.testing.assert_close(batched_grad, per_clip_grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_compiled_student_and_teacher_give_the_eager_losses(init_path, monkeypatch):
+    """`train.compile`: torch.compile of student and teacher (`compile_models`) on the CPU, tiny size: the losses
+    and gradients of a step equal eager ones to 1e-4 relative (the compiled kernels fuse and reorder float sums)."""
+    import torch._inductor.config
+
+    from retain_asd.train.student import compile_models
+
+    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # no compile worker pool on a shared machine
+    torch._dynamo.reset()
+
+    def step(student, teacher):
+        losses = compute_losses(student, teacher, SpecAugment(8, 20, 0), make_batch(2), loop_config(), *generators())
+        losses.total.backward()
+        return losses.as_floats(), torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
+
+    eager, eager_grad = step(*make_models(init_path))
+    compiled, compiled_grad = step(*compile_models(*make_models(init_path)))
+    for name, value in eager.items():
+        assert compiled[name] == pytest.approx(value, rel=1e-4), name
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-6)
