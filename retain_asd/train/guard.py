@@ -29,8 +29,12 @@ def grad_norm(parameters: Iterable[torch.nn.Parameter]) -> float:
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
-def grad_norm_tensor(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
-    """`grad_norm` as a 0-d tensor on the gradients' device (no host sync)."""
+def grad_norm_tensor(parameters: Iterable[torch.nn.Parameter], clip: float = 0.0) -> torch.Tensor:
+    """`grad_norm` as a 0-d tensor on the gradients' device (no host sync); with `clip` > 0 the gradients are
+    clipped to that norm as well (`clip_grad_norm_`, which returns the norm before clipping)."""
+    parameters = list(parameters)
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(parameters, clip)
     grads = [p.grad for p in parameters if p.grad is not None]
     return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
@@ -48,18 +52,27 @@ class DivergenceGuard:
         self.bad += [f"{name} = {value} (micro-batch {micro})" for name, value in losses.items()
                      if not math.isfinite(value)]
 
-    def fetch(self, micro_losses: list[Mapping[str, torch.Tensor]], norm: torch.Tensor
-              ) -> tuple[list[dict[str, float]], float]:
+    def fetch(self, micro_losses: list[Mapping[str, torch.Tensor]], norm: torch.Tensor, log_norm: bool = False
+              ) -> tuple[dict[str, float], float]:
         """The step's losses (one dict per micro-batch) and gradient norm as floats, observed, in ONE
-        device-to-host copy: the training step's only host sync outside logging and checkpoint steps."""
+        device-to-host copy: the training step's only host sync outside logging and checkpoint steps.
+
+        Returns each loss's mean over the micro-batches (a non-finite value counts 0, so a skipped step does
+        not poison the logging window), plus "grad_norm" when `log_norm`, and the norm itself.
+        """
         flat = [v.detach().float().reshape(()) for losses in micro_losses for v in losses.values()]
         floats = torch.stack([*flat, norm.detach().float().reshape(()).to(flat[0].device)]).tolist()
-        out, i = [], 0
+        means: dict[str, float] = {}
+        i = 0
         for micro, losses in enumerate(micro_losses):
-            out.append(dict(zip(losses, floats[i:i + len(losses)], strict=True)))
-            self.observe(out[-1], micro)
+            values = dict(zip(losses, floats[i:i + len(losses)], strict=True))
+            self.observe(values, micro)
+            for name, value in values.items():
+                means[name] = means.get(name, 0.0) + (value / len(micro_losses) if math.isfinite(value) else 0.0)
             i += len(losses)
-        return out, floats[-1]
+        if log_norm:
+            means["grad_norm"] = floats[-1]
+        return means, floats[-1]
 
     def check(self, step: int, norm: float | None) -> str:
         """OK, SKIP (zero the gradients, no update) or STOP (`message` says the step and the values).

@@ -9,14 +9,11 @@ setup, schedule, losses + step, log, checkpoint. `cfg` is a `LoopConfig` built b
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import nullcontext
-
-import torch
 
 from retain_asd.mixing import make_snr_sampler
 from retain_asd.stream import iter_train_batches
@@ -110,14 +107,10 @@ def train_fn_per_worker(cfg: LoopConfig) -> None:
                 (losses.total / t.grad_accum).backward()
             step_losses.append(losses.as_tensors())  # stays on the device
             clips += batch["mixture"].shape[0]
-        norm = (torch.nn.utils.clip_grad_norm_(student.parameters(), t.grad_clip) if t.grad_clip > 0
-                else guard_mod.grad_norm_tensor(student.parameters()))
+        norm = guard_mod.grad_norm_tensor(student.parameters(), clip=t.grad_clip)  # clips when grad_clip > 0
         # ---- divergence guard (train/guard.py): the step's one host sync; a non-finite step is never applied
-        values, norm = guard.fetch(step_losses, norm)
-        for name, value in (item for micro_values in values for item in micro_values.items()):
-            window[name] += value / t.grad_accum if math.isfinite(value) else 0.0  # a skipped step's NaN
-        if t.grad_clip > 0:
-            window["grad_norm"] += norm
+        means, norm = guard.fetch(step_losses, norm, log_norm=t.grad_clip > 0)  # a skipped step's NaN -> 0
+        window.update({name: window[name] + value for name, value in means.items()})
         decision = guard.check(step + 1, norm)
         if decision == guard_mod.STOP:  # every rank reports it and returns: no retry, no checkpoint
             ray.train.report({"diverged": guard.message})
