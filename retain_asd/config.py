@@ -124,7 +124,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_failures: int = 3  # Ray Train FailureConfig: worker-group restarts from the latest checkpoint
     skip_nonfinite_steps: int = 0  # divergence guard: skip up to N steps with a non-finite loss / grad norm
-    compile: bool = False  # torch.compile the student and the teacher (first steps compile; then faster on a GPU)
+    compile: bool = False  # opt-in torch.compile of student and teacher: the first steps compile, later ones are faster
     seed: int = 0
 
 

@@ -65,6 +65,7 @@ def test_unknown_key_names_key_and_allowed():
     ("objective.name=denoising", "objective.name"),
     ("train.batch_size=three", "train.batch_size"),
     ("train.class_weighted=1", "train.class_weighted"),
+    ("train.compile=fast", "train.compile"),
     ("eval.conditions=[factory_c]", "eval.conditions"),
 ])
 def test_bad_values_name_the_field(override, field):
