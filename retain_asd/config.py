@@ -134,7 +134,8 @@ class EvalConfig:
     noise_root: str = ""  # its noise (categories.yaml: stationary -> Factory A, else Factory B); "" = synthetic
     synthetic: bool = False  # true: the synthetic evaluation world on purpose (needed with a real data.machine_root)
     validation_fraction: float = 0.3  # share of each machine's clips (and of the noise segments) kept for validation
-    synth_machines: tuple[str, ...] = ("bearing", "blower", "slider")  # evaluation world types (when roots are "")
+    synth_machines: tuple[str, ...] = ("bearing", "blower", "slider", "spindle", "mixer",
+                                       "turbine")  # evaluation world types (when roots are ""), 6 as the paper's
     synth_noise: tuple[str, ...] = ("hvac", "transformer", "hammering", "passby")  # stationary: hvac, transformer
     conditions: tuple[str, ...] = ("factory_a", "factory_b", "mismatch")
     snrs_db: tuple[float, ...] = (-10.0, -5.0, 0.0, 5.0, 10.0, 20.0, 30.0)

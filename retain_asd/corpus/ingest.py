@@ -190,7 +190,7 @@ def decode_settings(data) -> shards.DecodeSettings:
 
 
 def _world_roots(world: str, machine_root: str, noise_root: str, work: Path, *, seed: int, machines, noise,
-                 data, field_prefix: str) -> CorpusRoots:
+                 data, field_prefix: str, sizes: dict | None = None) -> CorpusRoots:
     from retain_asd.config import ConfigError
     from retain_asd.corpus import synth
 
@@ -206,7 +206,7 @@ def _world_roots(world: str, machine_root: str, noise_root: str, work: Path, *, 
         if machines:
             made = synth.write_world(world, work / f"synth_{world}", seed=seed, machines=tuple(machines),
                                      noise_categories=tuple(noise), clip_s=data.clip_s,
-                                     sample_rate_hz=data.sample_rate_hz)
+                                     sample_rate_hz=data.sample_rate_hz, **(sizes or {}))
         else:  # generic sounds only: the world's noise without its machines
             synth.write_world(world, work / f"synth_{world}_noise", seed=seed,
                               machines=synth.WORLDS[world].machines[:1], noise_categories=tuple(noise),
@@ -229,11 +229,13 @@ def pretrain_roots(cfg) -> CorpusRoots:
 
 
 def eval_roots(cfg) -> CorpusRoots:
-    """The evaluation corpus's raw folders; writes the synthetic evaluation world when a root is empty.
+    """The evaluation corpus's raw folders; writes the synthetic evaluation world when a root is empty, at the size
+    the eval settings ask for plus the share `eval.validation_fraction` held out for the validation sets.
 
     A real pre-training corpus (data.machine_root) with an empty evaluation root is a ConfigError naming the
     empty roots: its scores would silently come from the synthetic world. eval.synthetic: true asks for that."""
     from retain_asd.config import ConfigError
+    from retain_asd.corpus import synth
 
     d, e = cfg.data, cfg.eval
     missing = [f"eval.{name}" for name, root in (("machine_root", e.machine_root), ("noise_root", e.noise_root))
@@ -243,8 +245,17 @@ def eval_roots(cfg) -> CorpusRoots:
                           f"pre-training corpus: the evaluation would use the synthetic evaluation world. Pass "
                           f"{' and '.join(m + '=PATH' for m in missing)} (the evaluation corpus), or "
                           "eval.synthetic=true to score on the synthetic evaluation world on purpose")
+    holdout = 0.0 if cfg.validation.machine_root else e.validation_fraction  # as the sets' own split (evalsets)
+    try:  # the synthetic world is written at the size the eval settings ask for (never fewer test clips)
+        sizes = synth.eval_world_sizes(source_refs=e.source_refs, target_refs=e.target_refs,
+                                       test_normal=e.test_normal, test_anomaly=e.test_anomaly,
+                                       machines=e.synth_machines, noise_categories=e.synth_noise, clip_s=d.clip_s,
+                                       validation_fraction=holdout)
+    except KeyError as err:
+        raise ConfigError(f"eval.synth_machines / eval.synth_noise: unknown {err}; choose from "
+                          f"{synth.EVAL_WORLD.machines} / {synth.EVAL_WORLD.noise_categories}") from None
     return _world_roots("eval", e.machine_root, e.noise_root, Path(d.work_dir).resolve(), seed=d.synth_seed,
-                        machines=e.synth_machines, noise=e.synth_noise, data=d, field_prefix="eval")
+                        machines=e.synth_machines, noise=e.synth_noise, data=d, field_prefix="eval", sizes=sizes)
 
 
 def check_protocol(cfg):

@@ -11,8 +11,8 @@ Machines are rotating sources. An attribute changes the sound the way it would o
 
 Two worlds follow the paper's protocol (Sec. 4.1, "two non-overlapping corpora (both machine and noise
 classes)"): `write_pretrain_world` (fan, pump, gearbox, compressor, conveyor; noise pink_hum, brown_fan,
-bursts, clatter) and `write_eval_world` (bearing, blower, slider; stationary hvac, transformer for
-Factory A, non-stationary hammering, passby for Factory B). They share the generative families, never a
+bursts, clatter) and `write_eval_world` (bearing, blower, slider, spindle, mixer, turbine; stationary hvac,
+transformer for Factory A, non-stationary hammering, passby for Factory B). They share the generative families, never a
 type, a noise category or a recording. `write_synthetic_corpus` writes any subset (default: the first
 three pre-training types and the pre-training noise).
 
@@ -43,6 +43,7 @@ import csv
 import io
 import itertools
 import json
+import math
 import os
 import shutil
 from collections import Counter
@@ -114,6 +115,17 @@ MACHINES: dict[str, MachineSpec] = {
         MachineSpec("slider", 4, (1.0, 0.2, 0.5, 0.1, 0.3, 0.1, 0.2), 0.25, 2.0,
                     ("30", "36", "42"), ("50",), ("1", "2"), shaft_sidebands=0.5, bearing_level=0.25,
                     bearing_ratio=2.9, bearing_resonance_hz=5500.0),
+        # Machine-tool spindle: few high harmonics of the tool-pass rate, loud bearing tones, light hiss.
+        MachineSpec("spindle", 2, (1.0, 0.4, 0.15), 0.2, 0.0,
+                    ("100", "120", "140"), ("170",), ("1", "2"), bearing_level=0.6, bearing_ratio=5.3,
+                    bearing_resonance_hz=4500.0),
+        # Agitator / mixer: slow paddle-pass harmonics with shaft sidebands over brown churning noise.
+        MachineSpec("mixer", 6, (1.0, 0.8, 0.5, 0.35, 0.25, 0.15, 0.1), 0.5, 2.0,
+                    ("8", "10", "12"), ("15",), ("1", "2"), shaft_sidebands=0.6),
+        # Small steam / gas turbine: many blades, a steep harmonic roll-off over pink flow noise.
+        MachineSpec("turbine", 31, (1.0, 0.3, 0.1), 0.5, 1.0,
+                    ("15", "17", "19"), ("23",), ("1", "2"), bearing_level=0.1, bearing_ratio=6.2,
+                    bearing_resonance_hz=3200.0),
     )
 }
 
@@ -157,7 +169,8 @@ class World:
 
 PRETRAIN_WORLD = World("pretrain", ("fan", "pump", "gearbox", "compressor", "conveyor"),
                        ("pink_hum", "brown_fan", "bursts", "clatter"))
-EVAL_WORLD = World("eval", ("bearing", "blower", "slider"), ("hvac", "transformer", "hammering", "passby"))
+EVAL_WORLD = World("eval", ("bearing", "blower", "slider", "spindle", "mixer", "turbine"),
+                   ("hvac", "transformer", "hammering", "passby"))
 WORLDS = {w.name: w for w in (PRETRAIN_WORLD, EVAL_WORLD)}
 
 
@@ -601,14 +614,71 @@ def write_synthetic_corpus(
 # --- the two worlds of the paper's protocol -------------------------------------------------------
 
 # Default sizes per world (all are knobs of `write_world`). Pre-training reads the train split (24 + 6
-# clips per type); the evaluation world has enough noise for one disjoint 10 s segment per clip of a
-# set: 3 types x (18 + 4 references + 24 tests) = 138 clips <= 2 categories x 6 recordings x 12 segments.
+# clips per type); the evaluation world's defaults serve direct calls: a configured run sizes it from its
+# `eval` settings (`eval_world_sizes`), so the sets hold what they ask for.
 WORLD_SIZES: dict[str, dict] = {
     "pretrain": dict(train_source_per_attr=4, train_target_per_attr=3, test_per_domain=4,
                      noise_clips_per_category=6, noise_clip_s=80.0),
     "eval": dict(train_source_per_attr=3, train_target_per_attr=2, test_per_domain=6,
                  noise_clips_per_category=6, noise_clip_s=120.0),
 }
+
+
+def _held_out(n: int, share: float) -> int:
+    """How many of n clips (or segments) a seeded share keeps for validation (as `evalsets.holdout_part`)."""
+    return int(math.floor(share * n + 0.5)) if share > 0 else 0
+
+
+def _with_holdout(n: int, share: float) -> int:
+    """The fewest items whose part left after holding out `share` (rounded as `evalsets.holdout_part`) is >= n."""
+    total = n if share <= 0 else math.ceil(n / (1.0 - share))
+    while total - _held_out(total, share) < n:
+        total += 1
+    return total
+
+
+def eval_world_sizes(*, source_refs: int, target_refs: int, test_normal: int, test_anomaly: int,
+                     machines: Sequence[str] = EVAL_WORLD.machines,
+                     noise_categories: Sequence[str] = EVAL_WORLD.noise_categories, clip_s: float = 10.0,
+                     noise_clip_s: float = WORLD_SIZES["eval"]["noise_clip_s"],
+                     validation_fraction: float = 0.0) -> dict:
+    """`write_world("eval", ...)` sizes that hold the evaluation sets the `eval` settings ask for, never fewer.
+
+    `validation_fraction` is the share of each (split, domain, label) group and of each factory's noise segments
+    the sets hold out for validation (`eval.validation_fraction`): every group is written large enough that the
+    test part left holds what is asked (ceil(n / (1 - share)), rounded as the split rounds), so the TEST sets get
+    exactly their sizes and the validation sets the held-out share. Per machine type: at least that many source
+    and target training clips (whole rounds of the domain's speed x load combinations, so attributes stay
+    balanced), as many normal and anomalous test clips per domain; enough noise recordings that every clip of
+    either split gets its own disjoint segment (`evalsets` assigns them without replacement), at least the
+    default 6 per category.
+    """
+    share = validation_fraction
+    per_attr = {}
+    for domain, refs in (("source", source_refs), ("target", target_refs)):
+        combos = min((len(getattr(MACHINES[m], f"{domain}_speeds")) * len(MACHINES[m].loads) for m in machines),
+                     default=1)
+        per_attr[domain] = -(-_with_holdout(refs, share) // combos)  # ceil: whole rounds
+    tests = _with_holdout(max(test_normal, test_anomaly), share)
+    # clips per set of each split, from the groups as written (the largest machine decides the references)
+    groups = [(max(per_attr["source"] * len(MACHINES[m].source_speeds) * len(MACHINES[m].loads) for m in machines)
+               if machines else 0, source_refs),
+              (max(per_attr["target"] * len(MACHINES[m].target_speeds) * len(MACHINES[m].loads) for m in machines)
+               if machines else 0, target_refs)]
+    groups += [(tests, test_normal), (tests, test_anomaly)] * 2
+    test_clips = len(machines) * sum(min(n - _held_out(n, share), asked) for n, asked in groups)
+    val_clips = len(machines) * sum(min(_held_out(n, share), asked) for n, asked in groups)
+    segments_per_recording = max(1, int(noise_clip_s // clip_s))
+    stationary = sum(NOISES[c].stationary for c in noise_categories)
+    per_factory = max(1, min(stationary, len(noise_categories) - stationary))  # the scarcer factory's categories
+    recordings = WORLD_SIZES["eval"]["noise_clips_per_category"]
+    while True:  # the scarcer factory's segments split as the sets split them: enough for both parts
+        segments = recordings * segments_per_recording * per_factory
+        if segments - _held_out(segments, share) >= test_clips and (share <= 0 or _held_out(segments, share) >= val_clips):
+            break
+        recordings += 1
+    return dict(train_source_per_attr=per_attr["source"], train_target_per_attr=per_attr["target"],
+                test_per_domain=tests, noise_clips_per_category=recordings, noise_clip_s=noise_clip_s)
 
 
 def write_world(world: str, root: str | os.PathLike, *, seed: int = 0, machines: Sequence[str] | None = None,

@@ -19,10 +19,12 @@ the assignment is the same at every SNR (only the gain changes). Each segment is
 10 log10(mean clean power / mean scaled-noise power) equals the target SNR for every machine and
 for the whole set, while single clips keep their natural loudness differences.
 
-Policy when data is short: fewer clips than asked -> use what there is and log a warning naming
-the counts. Fewer noise segments than clips in a set -> log a warning with both counts and cycle
-through the permutation, so each segment is used at most ceil(clips / segments) times (the manifest
-records ``max_segment_uses``); add noise recordings to get disjoint segments.
+Policy when data is short: fewer clips than asked -> use what there is, record a warning naming the
+counts in the manifest and print it (`evalsets_from_config`); the synthetic world is written at the size
+asked, so only a real corpus can be short. Fewer noise segments than clips in a set -> the same kind of
+warning with both counts, and the permutation is cycled, so each segment is used at most
+ceil(clips / segments) times (the manifest records ``max_segment_uses``); add noise recordings to get
+disjoint segments.
 
 On disk (``<work_dir>/evalsets/``, or ``<data.storage>/evalsets/`` in an object store): ``recipes.parquet``
 (one row per clip x condition x SNR) and ``manifest.json`` (parameters, corpus fingerprints, counts, warnings,
@@ -40,8 +42,9 @@ import logging
 import math
 import os
 import shutil
+import sys
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -154,7 +157,7 @@ def _pick(rows: list[dict], n: int, rng: np.random.Generator, what: str, warning
     """n rows drawn without replacement (all of them, with a warning, when fewer exist)."""
     if len(rows) < n:
         msg = f"{what}: asked for {n} clips, the corpus has {len(rows)}; using {len(rows)}"
-        log.warning(msg)
+        log.info(msg)  # recorded in the manifest; `evalsets_from_config` puts it on the console
         warnings.append(msg)
     order = rng.permutation(len(rows))[: min(n, len(rows))]
     return [rows[i] for i in sorted(order)]  # corpus (path) order inside a role
@@ -263,7 +266,7 @@ def _recipes(corpus_root: Path | str, params: EvalSetParams, warnings: list[str]
         if uses > 1:
             msg = (f"{factory}: {len(segments)} noise segments of {num_samples} samples for {len(clips)} clips "
                    f"per set; segments are reused up to {uses} times (add noise recordings to avoid reuse)")
-            log.warning(msg)
+            log.info(msg)
             warnings.append(msg)
         counts[f"{factory}_segments"] = len(segments)
         counts[f"{factory}_max_segment_uses"] = uses
@@ -402,7 +405,7 @@ def _sets_dir(cfg, name: str) -> Path | str:
     return storage.join(cfg.data.storage, name) if cfg.data.storage else Path(cfg.data.work_dir) / name
 
 
-def evalsets_from_config(cfg, force: bool = False) -> EvalSets:
+def evalsets_from_config(cfg, force: bool = False, say: Callable[[str], None] | None = None) -> EvalSets:
     """Builder: a Config -> the TEST sets of the EVALUATION corpus (`eval.machine_root` / `eval.noise_root`, or the
     synthetic evaluation world), ingested into `<work_dir>/corpus_eval` when needed, under `<work_dir>/evalsets`.
     With data.storage set both are in the object store: `<data.storage>/corpus_eval`, `<data.storage>/evalsets`.
@@ -411,11 +414,18 @@ def evalsets_from_config(cfg, force: bool = False) -> EvalSets:
     are never the pre-training corpus's. The leakage guard (`ingest.check_protocol`) is the entry point's job.
     A share `eval.validation_fraction` of each machine's clips and of the noise segments is never used here: the
     validation sets (`validation_sets_from_config`) are drawn from it, unless validation.machine_root is given.
+
+    The synthetic world is written at the size the settings ask for (plus the held-out share); a real corpus with
+    fewer clips (or too little noise) is used as it is, and each shortfall goes to `say` (default: stderr, so it
+    reaches the console) besides the manifest's ``warnings``.
     """
     from retain_asd.corpus.ingest import eval_corpus_from_config
 
     corpus = eval_corpus_from_config(cfg)
     sets = build_evalsets(corpus.root, _sets_dir(cfg, "evalsets"), _sets_params(cfg, "test"), force=force)
+    say = say or (lambda line: print(line, file=sys.stderr))
+    for warning in sets.manifest.get("warnings", []):
+        say(f"evaluation sets: {warning}")
     return replace(sets, corpus=corpus_label(cfg))
 
 

@@ -134,3 +134,49 @@ def test_validation_and_test_sets_share_no_clip_and_no_noise_segment(small_world
     text = str(err.value)
     assert str(tmp_path / "val" / "machines") in text and roots["eval.machine_root"] in text
     assert str(tmp_path / "val" / "noise") in text and "noise segment" in text
+
+
+def test_synthetic_world_gives_the_clips_the_settings_ask_for(ray_local, tmp_path):
+    """Asking the synthetic evaluation world for N clips gives the TEST sets exactly N (it is written at that size
+    plus the share eval.validation_fraction held out), the validation sets that share, every clip of both with
+    its own noise segment, and nothing is reported short."""
+    from retain_asd.config import load_config
+    from retain_asd.eval.evalsets import evalsets_from_config, validation_sets_from_config
+
+    said = []
+    cfg = load_config(overrides=[f"data.work_dir={tmp_path}", "data.clip_s=1.0", "eval.synth_machines=[spindle]",
+                                 "eval.synth_noise=[transformer, passby]", "eval.snrs_db=[0.0]",
+                                 "validation.snrs_db=[0.0]", "eval.validation_fraction=0.3",
+                                 "eval.source_refs=7", "eval.target_refs=3", "eval.test_normal=5",
+                                 "eval.test_anomaly=4"])
+    sets = evalsets_from_config(cfg, say=said.append)
+    counts = sets.manifest["per_machine"]["spindle"]
+    assert counts == {"ref_source/source/normal": 7, "ref_target/target/normal": 3, "test/source/normal": 5,
+                      "test/source/anomaly": 4, "test/target/normal": 5, "test/target/anomaly": 4}
+    assert said == [] and sets.manifest["warnings"] == []
+    assert sets.manifest["counts"]["factory_a_max_segment_uses"] == 1
+    assert sets.manifest["counts"]["factory_b_max_segment_uses"] == 1
+    # the world: 12 source refs (2 rounds of 6 combos for ceil(7 / 0.7) = 10), 6 target refs (3 rounds of 2 for
+    # ceil(3 / 0.7) = 5), 8 tests per domain and label (ceil(5 / 0.7)); the validation sets get round(0.3 n) of
+    # each group (4, 2, 2), capped by what they ask for
+    val = validation_sets_from_config(cfg, test_sets=sets)
+    assert val.manifest["per_machine"]["spindle"] == {
+        "ref_source/source/normal": 4, "ref_target/target/normal": 2, "test/source/normal": 2,
+        "test/source/anomaly": 2, "test/target/normal": 2, "test/target/anomaly": 2}
+    assert val.manifest["counts"]["factory_a_max_segment_uses"] == 1
+    assert val.manifest["counts"]["factory_b_max_segment_uses"] == 1
+
+
+def test_real_corpus_shortfall_is_said(small_corpus, tmp_path, capsys):
+    """A real corpus with fewer clips than asked is used as it is, and the shortfall reaches the console."""
+    from retain_asd.config import load_config
+    from retain_asd.eval.evalsets import evalsets_from_config
+
+    synth = small_corpus / "synth"
+    cfg = load_config(overrides=[f"data.work_dir={tmp_path}", "data.clip_s=2.0",
+                                 f"eval.machine_root={synth / 'machines'}", f"eval.noise_root={synth / 'noise'}",
+                                 "eval.snrs_db=[0.0]", "eval.source_refs=100", "eval.target_refs=2",
+                                 "eval.test_normal=2", "eval.test_anomaly=2"])
+    evalsets_from_config(cfg)
+    err = capsys.readouterr().err
+    assert "evaluation sets: fan ref_source source normal: asked for 100 clips, the corpus has 12; using 12" in err
