@@ -23,7 +23,7 @@ COMMANDS = {
     "evaluate": ("pipelines.evaluate", "score checkpoints on the evaluation sets, log to MLflow"),
     "score": ("pipelines.score", "save a reference bank and score new clips (a deployable detector)"),
     "dcase-score": ("pipelines.dcase_score", "score evaluator-format CSVs against ground truth"),
-    "table3": ("pipelines.table3", "Table 3: wave mixture vs. embedding-mixture oracle (Mismatch 0 dB, no DN)"),
+    "table3": ("pipelines.table3", "Table 3, the testbed check: wave mixture vs. embedding-mixture oracle, no DN"),
     "layers": ("pipelines.layers", "Fig. 2: every layer of each encoder scored from one forward pass"),
     "tracking": ("pipelines.tracking_cmd", "backfill: log what a pre-training run could not while MLflow was down"),
     "compare": ("pipelines.compare", "Table 2 across the runs of an MLflow experiment (mean and 95% CI over seeds)"),

@@ -31,10 +31,11 @@ OBJECTIVE_WEIGHTS = {
     "tagging_mixture": ("alpha", "beta"),
 }
 SNR_SAMPLERS = ("fixed", "uniform", "discrete")  # mixing.make_snr_sampler kinds
+LEVELS = ("unit_noise", "clean")  # mixing.level_gains: Eq. 3 as written, or both parts rescaled to the clean's power
 LAM_MODES = ("fixed", "snr")  # fixed: the paper (lam = 0.5); snr: lam = R / (1 + R)
 TEACHER_INPUTS = ("scaled", "unit_power")  # what the teacher hears in Eq. 5 (objectives.teacher_components)
 CONDITIONS = ("factory_a", "factory_b", "mismatch")  # the evaluation sets (eval/evalsets.py), in table order
 ENCODER_FAMILIES = tuple(FAMILIES)  # model.family: the families of retain_asd/models/registry.py
 
-__all__ = ["CONDITIONS", "ENCODER_FAMILIES", "LAM_MODES", "OBJECTIVES", "OBJECTIVE_WEIGHTS", "SNR_SAMPLERS",
-           "TEACHER_INPUTS"]
+__all__ = ["CONDITIONS", "ENCODER_FAMILIES", "LAM_MODES", "LEVELS", "OBJECTIVES", "OBJECTIVE_WEIGHTS",
+           "SNR_SAMPLERS", "TEACHER_INPUTS"]

@@ -25,6 +25,7 @@ from retain_asd.choices import (
     CONDITIONS,
     ENCODER_FAMILIES,
     LAM_MODES,
+    LEVELS,
     OBJECTIVE_WEIGHTS,
     OBJECTIVES,
     SNR_SAMPLERS,
@@ -75,6 +76,7 @@ class MixingConfig:
     snr_high_db: float = 5.0
     snr_db: float = 0.0  # used by "fixed" (0 dB fixed is the paper's best Table-4 row)
     snr_values_db: tuple[float, ...] = ()  # used by "discrete"
+    level: str = "unit_noise"  # Eq. 3 as written (noise at unit power) | "clean": the clean part keeps its power
     seed: int = 0  # pairing permutation and SNR draws
 
 
@@ -198,8 +200,11 @@ class FoundationConfig:
     patch_embed_dim: int = 64  # patch-embedding width (BEATs cfg `embed_dim`; iter3: 512)
     conv_pos: int = 16  # convolutional position-embedding kernel, in tokens (iter3: 128)
     conv_pos_groups: int = 4
-    objective: str = "tagging"  # tagging | masked | masked_tagging: tagging gave the best GenRep kNN (foundation.py)
+    objective: str = "tagging"  # tagging | masked | masked_tagging | ema | ema_tagging (foundation.py)
     mask_ratio: float = 0.75  # share of patch tokens masked (BEATs masks 75 %)
+    ema_decay: float = 0.99  # ema: the teacher's EMA decay at the start (data2vec / EAT), rising to ema_decay_end
+    ema_decay_end: float = 0.999
+    families: str = "basic"  # generic sound families: "basic" (6 machine-like) | "rich" (+ textures, impacts, ...)
     clip_s: float = 2.0  # generic training clips (fresh ones every step)
     steps: int = 200  # optimiser steps: 2 min measured on 2 shared cores (4-8 min when heavily overloaded)
     batch_size: int = 16  # fresh generic clips per step
@@ -244,6 +249,7 @@ _CHOICES = {
     "data.audio_dtype": ("float32", "int16"),
     "data.pad_mode": ("zero", "repeat"),
     "mixing.snr_sampler": SNR_SAMPLERS,
+    "mixing.level": LEVELS,
     "model.size": ("base", "tiny"),
     "model.family": ENCODER_FAMILIES,
     "model.init": ("foundation", "random"),
@@ -253,7 +259,8 @@ _CHOICES = {
     "eval.pooling": ("genrep", "mean", "spectral"),
     "eval.metric": ("euclidean", "cosine"),
     "eval.primary": ("dn", "raw"),
-    "foundation.objective": ("masked", "tagging", "masked_tagging"),
+    "foundation.objective": ("masked", "tagging", "masked_tagging", "ema", "ema_tagging"),
+    "foundation.families": ("basic", "rich"),
     "train.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "train.use_gpu": ("auto", "true", "false"),
     "tune.search": ("grid", "random", "optuna"),
@@ -344,6 +351,8 @@ def validate(cfg: Config) -> None:
     _check(fd.encoder_embed_dim % fd.conv_pos_groups == 0, "foundation.conv_pos_groups",
            f"a divisor of foundation.encoder_embed_dim ({fd.encoder_embed_dim})", fd.conv_pos_groups)
     _check(0.0 < fd.mask_ratio < 1.0, "foundation.mask_ratio", "in (0, 1)", fd.mask_ratio)
+    _check(0.0 <= fd.ema_decay <= fd.ema_decay_end < 1.0, "foundation.ema_decay/ema_decay_end",
+           "0 <= ema_decay <= ema_decay_end < 1", (fd.ema_decay, fd.ema_decay_end))
     _check(fd.clip_s >= 0.5, "foundation.clip_s", ">= 0.5 (BEATs needs 16 fbank frames)", fd.clip_s)
     _check(fd.lr > 0 and fd.weight_decay >= 0, "foundation.lr/weight_decay", "> 0 / >= 0", (fd.lr, fd.weight_decay))
     _check(0 <= fd.warmup_steps < fd.steps, "foundation.warmup_steps", "in [0, foundation.steps)", fd.warmup_steps)

@@ -9,6 +9,10 @@ batched float32 form `mix_batch_at_snr`; the stream computes the same gains from
 noise relative to the mean power of the machine's clean set (`mix_at_dataset_snr`), so the SNR holds on average over
 the set while single clips keep their natural loudness differences.
 
+Level (`mixing.level`, `LEVELS`): "unit_noise" is Eq. 3 as written (training mixtures near RMS 1 + 10^(SNR/20),
+far louder than a clip as recorded); "clean" multiplies both parts by one common gain, 1 / a1, so the clean
+part keeps its stored power and the noise follows at the same SNR (`level_gains`). The SNR is unchanged.
+
 Numerics: powers and gains are computed in float64; the returned arrays have the inputs' float
 dtype (float32 in, float32 out; float64 in, float64 out; integers give float64), and `mixture` is
 computed as `clean + noise` in that dtype, so `mixture == clean + noise` holds exactly. Rounding to
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retain_asd.choices import SNR_SAMPLERS
+from retain_asd.choices import LEVELS, SNR_SAMPLERS
 
 
 class MixingError(ValueError):
@@ -107,16 +111,30 @@ def snr_gains(clean_power, noise_power, snr_db):
     return (ratio / clean_power) ** 0.5, 1.0 / noise_power ** 0.5
 
 
-def mix_at_snr(clean: np.ndarray, noise: np.ndarray, snr_db: float) -> Mixture:
-    """Eq. 3: noise to unit power, clean scaled so that P(a1 x1) / P(a2 x2) = 10^(snr_db/10)."""
+def level_gains(a1, a2, level: str = "unit_noise", clean_scale: float = 1.0):
+    """Eq. 3's gains at a level (`LEVELS`): "unit_noise" returns them as they are; "clean" multiplies both by
+    one common gain, clean_scale / a1, so the clean part is clean_scale x1 (its stored power, with
+    clean_scale = 1 / 32768 for int16 samples) and the noise keeps the SNR. Elementwise like `snr_gains`."""
+    if level == "unit_noise":
+        return a1, a2
+    if level != "clean":
+        raise ValueError(f"mixing level {level!r}: expected one of {LEVELS}")
+    common = clean_scale / a1
+    return a1 * common, a2 * common
+
+
+def mix_at_snr(clean: np.ndarray, noise: np.ndarray, snr_db: float, level: str = "unit_noise") -> Mixture:
+    """Eq. 3: noise to unit power, clean scaled so that P(a1 x1) / P(a2 x2) = 10^(snr_db/10); at `level`
+    "clean" both parts are rescaled by one gain so the clean part keeps its power (`level_gains`)."""
     clean, noise = np.asarray(clean), np.asarray(noise)
     _check_pair(clean, noise)
     snr_db = _check_snr(snr_db)
-    a1, a2 = snr_gains(_checked_power(clean, "clean"), _checked_power(noise, "noise"), snr_db)
+    a1, a2 = level_gains(*snr_gains(_checked_power(clean, "clean"), _checked_power(noise, "noise"), snr_db), level)
     return _scale(clean, noise, a1, a2, snr_db)
 
 
-def mix_batch_at_snr(clean: np.ndarray, noise: np.ndarray, snr_db: np.ndarray) -> tuple[np.ndarray, ...]:
+def mix_batch_at_snr(clean: np.ndarray, noise: np.ndarray, snr_db: np.ndarray,
+                     level: str = "unit_noise") -> tuple[np.ndarray, ...]:
     """Eq. 3 on a batch: (B, S) clean, (B, S) noise, (B,) snr_db -> mixture, a1*clean, a2*noise (float32).
 
     Same gains as `mix_at_snr` (`snr_gains`), but powers and scaling stay in float32 (gains in float64):
@@ -127,7 +145,7 @@ def mix_batch_at_snr(clean: np.ndarray, noise: np.ndarray, snr_db: np.ndarray) -
     noise = np.asarray(noise, dtype=np.float32)
     if clean.shape != noise.shape or clean.ndim != 2:
         raise MixingError(f"mix_batch_at_snr: clean {clean.shape}, noise {noise.shape}: need equal (B, S)")
-    a1, a2 = _batch_gains(clean, noise, snr_db, "mix_batch_at_snr")
+    a1, a2 = _batch_gains(clean, noise, snr_db, "mix_batch_at_snr", level)
     with np.errstate(over="ignore", invalid="ignore"):  # reported below as MixingError
         clean_part = clean * a1[:, None]  # (B, S)
         noise_part = noise * a2[:, None]
@@ -156,9 +174,11 @@ def row_powers(rows) -> np.ndarray:
     return out
 
 
-def gains_at_snr(p_clean: np.ndarray, p_noise: np.ndarray, snr_db, caller: str) -> tuple[np.ndarray, np.ndarray]:
-    """Eq. 3 gains (`snr_gains`) from (B,) row powers: (B,) float32 a1, a2; `MixingError` naming bad rows
-    (a silent or non-finite clip or noise, an SNR or gain that is not finite)."""
+def gains_at_snr(p_clean: np.ndarray, p_noise: np.ndarray, snr_db, caller: str, level: str = "unit_noise",
+                 clean_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. 3 gains (`snr_gains`) from (B,) row powers at `level` (`level_gains`; `clean_scale`: what one stored
+    sample unit is, 1 / 32768 for int16): (B,) float32 a1, a2; `MixingError` naming bad rows (a silent or
+    non-finite clip or noise, an SNR or gain that is not finite)."""
     p_clean, p_noise = np.asarray(p_clean, dtype=np.float64), np.asarray(p_noise, dtype=np.float64)
     for name, p in (("clean", p_clean), ("noise", p_noise)):
         bad = ~(np.isfinite(p) & (p > 0))
@@ -169,7 +189,7 @@ def gains_at_snr(p_clean: np.ndarray, p_noise: np.ndarray, snr_db, caller: str) 
     if snr_db.shape not in ((), (len(p_clean),)):
         raise MixingError(f"{caller}: snr_db {snr_db.shape}: need one SNR per row ({len(p_clean)},)")
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # reported below as MixingError
-        a1, a2 = snr_gains(p_clean, p_noise, snr_db)  # (B,) float64 each
+        a1, a2 = level_gains(*snr_gains(p_clean, p_noise, snr_db), level, clean_scale)  # (B,) float64 each
         a1 = np.broadcast_to(a1, p_clean.shape).astype(np.float32)
         a2 = np.asarray(a2).astype(np.float32)
     bad = ~(np.isfinite(a1) & (a1 > 0) & np.isfinite(a2))
@@ -179,11 +199,12 @@ def gains_at_snr(p_clean: np.ndarray, p_noise: np.ndarray, snr_db, caller: str) 
     return a1, a2
 
 
-def _batch_gains(clean: np.ndarray, noise: np.ndarray, snr_db, caller: str) -> tuple[np.ndarray, np.ndarray]:
+def _batch_gains(clean: np.ndarray, noise: np.ndarray, snr_db, caller: str,
+                 level: str = "unit_noise") -> tuple[np.ndarray, np.ndarray]:
     """Eq. 3 gains of (B, S) float32 rows (`row_powers`, `gains_at_snr`)."""
     if clean.shape[1] == 0:
         raise MixingError(f"{caller}: empty rows (0 samples)")
-    return gains_at_snr(row_powers(clean), row_powers(noise), snr_db, caller)
+    return gains_at_snr(row_powers(clean), row_powers(noise), snr_db, caller, level)
 
 
 # --- dataset-level scaling (evaluation sets) -------------------------------------------------------

@@ -115,6 +115,7 @@ class StreamState:
     snr_sampler: mixing.SNRSampler
     seed: int
     class_weighted: bool
+    level: str = "unit_noise"  # mixing.level_gains: Eq. 3 as written, or the clean part at its stored power
 
 
 @dataclass(frozen=True)
@@ -247,16 +248,18 @@ def read_noise_bank(noise_dir: str | os.PathLike, vocab: LabelVocab) -> NoiseBan
 def build_stream_state(machine_dir: str | os.PathLike, noise_dir: str | os.PathLike,
                        labels_path: str | os.PathLike, *, snr_sampler: dict, seed: int,
                        class_weighted: bool = True, split: str = "train",
-                       clip_samples: int | None = None) -> StreamState:
+                       clip_samples: int | None = None, level: str = "unit_noise") -> StreamState:
     """Driver side of the stream (no Ray): metadata, noise bank, vocabulary checks."""
     if not storage.is_file(labels_path):
         raise FileNotFoundError(f"{labels_path}: label vocabulary not found; run `retain-asd ingest` first")
+    if level not in mixing.LEVELS:
+        raise ValueError(f"level = {level!r}: expected one of {mixing.LEVELS} (mixing.level)")
     vocab = LabelVocab.from_json(labels_path)
     clean = _read_clean_index(storage.as_location(machine_dir), vocab, split, clip_samples)
     bank = read_noise_bank(noise_dir, vocab)
     return StreamState(clean=clean, bank=bank, num_classes=vocab.num_classes,
                        snr_sampler=mixing.make_snr_sampler(**snr_sampler), seed=int(seed),
-                       class_weighted=bool(class_weighted))
+                       class_weighted=bool(class_weighted), level=level)
 
 
 # ------------------------------------------------------------------------------------------ task side
@@ -367,8 +370,9 @@ def mix_unit(state: StreamState, epoch: int, unit: int, rows_per_block: int = MI
         noise_rec, noise_offset = plan.noise[d], plan.noise_offset[d]
         stored = _stored_rows(matrices, file_pos, rows, clean.num_samples)
         segments = _noise_views(bank, noise_rec, noise_offset, clean.num_samples)
+        scale = 1.0 / 32768.0 if stored.dtype.kind == "i" else 1.0  # the clean's power as decoded (`level`)
         a1, a2 = mixing.gains_at_snr(mixing.row_powers(stored), mixing.row_powers(segments), plan.snr_db[d],
-                                     "mix_unit")
+                                     "mix_unit", state.level, scale)
         machine_idx = clean.machine_idx[ci]
         noise_idx = bank.noise_idx[noise_rec]
         label = np.zeros((len(d), state.num_classes), dtype=np.float32)  # (b, C+N) multi-hot (Eq. 4 target)
@@ -413,7 +417,7 @@ def build_train_stream(machine_dir: str | os.PathLike, noise_dir: str | os.PathL
                        labels_path: str | os.PathLike, *, snr_sampler: dict, seed: int, num_epochs: int,
                        class_weighted: bool = True, split: str = "train", clip_samples: int | None = None,
                        rows_per_block: int = MIX_ROWS_PER_BLOCK, files_per_unit: int | None = None,
-                       max_tasks: int | None = None) -> StreamPlan:
+                       max_tasks: int | None = None, level: str = "unit_noise") -> StreamPlan:
     """`build_train_dataset` returning the state too. Needs Ray initialised (`runtime.init_ray`).
 
     `files_per_unit`: shard files one work unit reads (None: `default_files_per_unit`); `max_tasks` caps the
@@ -426,7 +430,7 @@ def build_train_stream(machine_dir: str | os.PathLike, noise_dir: str | os.PathL
     if files_per_unit is not None and files_per_unit < 1:
         raise ValueError(f"files_per_unit = {files_per_unit}: must be >= 1")
     state = build_stream_state(machine_dir, noise_dir, labels_path, snr_sampler=snr_sampler, seed=seed,
-                               class_weighted=class_weighted, split=split, clip_samples=clip_samples)
+                               class_weighted=class_weighted, split=split, clip_samples=clip_samples, level=level)
     files_per_unit = files_per_unit or default_files_per_unit(state.clean)
     state_ref = ray.put(state)
     units_per_epoch = -(-len(state.clean.files) // files_per_unit)
@@ -457,7 +461,8 @@ def block_target_bytes(rows_per_block: int, num_samples: int, num_classes: int) 
 
 def build_train_dataset(machine_dir: str | os.PathLike, noise_dir: str | os.PathLike,
                         labels_path: str | os.PathLike, *, snr_sampler: dict, seed: int, num_epochs: int,
-                        class_weighted: bool = True, split: str = "train", clip_samples: int | None = None):
+                        class_weighted: bool = True, split: str = "train", clip_samples: int | None = None,
+                        level: str = "unit_noise"):
     """The training stream: `num_epochs` epochs of mixed, labelled rows as one lazy `ray.data.Dataset`.
 
     Columns (compact: the audio is formed on the consumer, `iter_train_batches` / `with_audio`):
@@ -465,11 +470,11 @@ def build_train_dataset(machine_dir: str | os.PathLike, noise_dir: str | os.Path
     and a2; noise_rec int64 (recording in the noise bank), noise_offset int64 (first sample of its segment);
     label float32 (C+N,) multi-hot; machine_idx, noise_idx int64 (vocabulary indices); clip_idx int64 (index
     of the clean clip in the stream's index); snr_db float32; clip_id, noise_id str; epoch int64.
-    `snr_sampler` holds the kwargs of `mixing.make_snr_sampler`.
+    `snr_sampler` holds the kwargs of `mixing.make_snr_sampler`; `level` is `mixing.level_gains`'s.
     """
     return build_train_stream(machine_dir, noise_dir, labels_path, snr_sampler=snr_sampler, seed=seed,
                               num_epochs=num_epochs, class_weighted=class_weighted, split=split,
-                              clip_samples=clip_samples).dataset
+                              clip_samples=clip_samples, level=level).dataset
 
 
 def noise_bank_of(source) -> NoiseBank:

@@ -219,3 +219,33 @@ def test_noise_segment_crop_is_a_view_and_a_short_noise_loops():
         noise_segment(x, 71, 30)
     with pytest.raises(MixingError, match="empty"):
         noise_segment(np.zeros(0), 0, 5)
+
+
+@pytest.mark.parametrize("snr_db", [-10.0, -5.0, 0.0, 3.3, 10.0])
+def test_clean_level_keeps_the_clean_power_and_the_snr(snr_db):
+    """mixing.level = "clean": one common gain on both parts, so the clean part is the clip itself (its power
+    kept) and the SNR is exact; "unit_noise" is Eq. 3 as written (noise at unit power)."""
+    from retain_asd.mixing import gains_at_snr, mix_batch_at_snr, row_powers
+
+    rng = np.random.default_rng(7)
+    clean = (0.08 * rng.standard_normal((4, 8000))).astype(np.float32)
+    noise = (0.3 * rng.standard_normal((4, 8000))).astype(np.float32)
+    for level in ("unit_noise", "clean"):
+        one = mix_at_snr(clean[0], noise[0], snr_db, level=level)
+        _, c, n = mix_batch_at_snr(clean, noise, np.full(4, snr_db), level=level)
+        for part_c, part_n in ((one.clean, one.noise), (c, n)):
+            ratio = np.mean(part_c.astype(np.float64) ** 2) / np.mean(part_n.astype(np.float64) ** 2)
+            assert abs(10 * math.log10(ratio) - snr_db) < 0.01
+        if level == "clean":
+            np.testing.assert_array_equal(one.clean, clean[0])  # a1 = 1 exactly
+            np.testing.assert_allclose(row_powers(c), row_powers(clean), rtol=1e-6)
+        else:
+            assert abs(power(one.noise) - 1.0) < 1e-5
+    # int16 samples: the clean part is the clip as decoded (x / 32768), the SNR unchanged
+    stored = np.round(clean * 32768).astype(np.int16)
+    a1, a2 = gains_at_snr(row_powers(stored), row_powers(noise), np.full(4, snr_db), "test", "clean", 1 / 32768)
+    np.testing.assert_allclose(a1, 1 / 32768, rtol=1e-7)
+    part_c, part_n = stored.astype(np.float64) * a1[:, None], noise.astype(np.float64) * a2[:, None]
+    np.testing.assert_allclose(10 * np.log10(np.mean(part_c**2, 1) / np.mean(part_n**2, 1)), snr_db, atol=0.01)
+    with pytest.raises(ValueError, match="mixing level"):
+        mix_at_snr(clean[0], noise[0], snr_db, level="loud")

@@ -427,3 +427,25 @@ def test_each_yield_leaves_the_task_as_its_own_block(three_machines):
     sizes = [b.num_rows for b in plan.dataset.iter_batches(batch_size=None, batch_format="pyarrow")]
     assert sum(sizes) == plan.num_rows and max(sizes) == 8
     assert sum(s < 8 for s in sizes) <= plan.num_epochs * -(-len(plan.state.clean.files) // 2)  # unit tails
+
+
+def test_clean_level_keeps_the_stored_clip_and_the_snr(three_machines):
+    """mixing.level = "clean" in the stream (int16 shards): the formed clean part is the decoded clip itself
+    (its stored power), and every row's SNR is the drawn one within 0.01 dB."""
+    from retain_asd.corpus import shards
+
+    corpus = three_machines[0]
+    state = stream.build_stream_state(corpus.root / "machine", corpus.root / "noise", corpus.labels_path,
+                                      snr_sampler=SNR, seed=0, level="clean")
+    block = next(stream.mix_unit(state, epoch=0, unit=0, rows_per_block=16, files_per_unit=2))
+    ci = block["clip_idx"]
+    decoded = np.stack([shards.audio_matrix(shards.pq.read_table(state.clean.files[int(f)]))[int(r)]
+                        for f, r in zip(state.clean.file_idx[ci], state.clean.row_in_file[ci], strict=True)])
+    clean, noise, _ = stream.form_audio(block, state.bank)
+    np.testing.assert_allclose(clean, decoded, rtol=2.5e-7, atol=0)
+    snr_db = 10 * np.log10(np.mean(clean.astype(np.float64) ** 2, 1) / np.mean(noise.astype(np.float64) ** 2, 1))
+    np.testing.assert_allclose(snr_db, block["snr_db"], atol=0.01)
+    assert np.sqrt(np.mean(clean.astype(np.float64) ** 2)) < 0.2  # near the clips' own RMS, not Eq. 3's ~1.4
+    with pytest.raises(ValueError, match="mixing.level"):
+        stream.build_stream_state(corpus.root / "machine", corpus.root / "noise", corpus.labels_path,
+                                  snr_sampler=SNR, seed=0, level="loud")

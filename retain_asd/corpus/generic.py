@@ -15,6 +15,13 @@ Families (the label of a clip is its family index in `FAMILIES`):
 * ``noise``     broadband or band-limited coloured noise;
 * ``sweep``     a harmonic tone whose pitch runs up or down (start-up, coast-down).
 
+The "rich" set (`RICH_FAMILIES`) adds four non-machine families:
+
+* ``texture``   coloured or band-limited noise gated or faded in and out (rain gusts, air bursts, crowds);
+* ``impacts``   clusters of blows on resonant bodies of 1-3 low or high modes, with pauses (knocks, tools);
+* ``hum``       a mains-like hum (a few low harmonics of 40-120 Hz) over a quiet coloured floor;
+* ``swell``     a tonal or noisy source approaching and receding (a slow Gaussian loudness swell).
+
 Deterministic: clip i of batch `step` draws from a generator seeded by (seed, step, i).
 """
 
@@ -32,6 +39,10 @@ from retain_asd.corpus.synth import (
 
 GENERIC_VERSION = 1  # bump when the generated audio changes (part of the foundation cache key)
 FAMILIES = ("harmonic", "modulated", "rattle", "bearing", "noise", "sweep")
+# "rich" (`foundation.families`): the six above plus sounds of everyday acoustic scenes that are not
+# machines: noise textures that change over time and impulsive events, as AudioSet is full of them.
+RICH_FAMILIES = FAMILIES + ("texture", "impacts", "hum", "swell")
+FAMILY_SETS = {"basic": FAMILIES, "rich": RICH_FAMILIES}
 _RMS_LEVEL = 0.08  # as the synthetic machines: well inside [-1, 1]
 
 
@@ -109,26 +120,64 @@ def generic_clip(family: str, rng: np.random.Generator, *, num_samples: int,
         f0_hz = start_hz * (end_hz / start_hz) ** (t_s / t_s[-1])  # exponential run-up / coast-down
         x = _harmonic_series(rng, f0_hz, num_samples, sample_rate_hz)
         x = x + _background(rng, num_samples, sample_rate_hz, _log_uniform(rng, 0.02, 0.5))
+    elif family == "texture":
+        if rng.random() < 0.5:
+            x = coloured_noise(rng, num_samples, rng.uniform(0.0, 2.0), sample_rate_hz)
+        else:
+            low_hz = _log_uniform(rng, 80.0, 3000.0)
+            x = band_noise(rng, num_samples, low_hz, min(low_hz * rng.uniform(1.5, 8.0), 0.95 * nyquist_hz),
+                           sample_rate_hz)
+        rate_hz = _log_uniform(rng, 0.2, 4.0)  # gates or slow fades
+        envelope = np.sin(2 * np.pi * rate_hz * t_s + rng.uniform(0, 2 * np.pi))
+        envelope = (envelope > rng.uniform(-0.5, 0.5)) if rng.random() < 0.5 else 0.5 * (1 + envelope)
+        x = x * (0.05 + envelope) + _background(rng, num_samples, sample_rate_hz, _log_uniform(rng, 0.01, 0.1))
+    elif family == "impacts":
+        onsets = impulse_train(rng, num_samples, _log_uniform(rng, 0.5, 6.0), sample_rate_hz,
+                               jitter=rng.uniform(0.1, 0.9))
+        hits = np.zeros(num_samples)
+        hits[onsets] = 10 ** rng.uniform(-1, 0, onsets.size)
+        body = np.zeros(int(0.4 * sample_rate_hz))
+        for _ in range(int(rng.integers(1, 4))):
+            mode = decaying_resonance(min(_log_uniform(rng, 100.0, 5000.0), 0.8 * nyquist_hz),
+                                      _log_uniform(rng, 0.005, 0.08), sample_rate_hz)[: body.size]
+            body[: mode.size] += rng.uniform(0.3, 1.0) * mode
+        x = convolve_fft(hits, body)
+        x = x / max(np.sqrt(np.mean(x**2)), 1e-12) + _background(rng, num_samples, sample_rate_hz,
+                                                                  _log_uniform(rng, 0.01, 0.2))
+    elif family == "hum":
+        mains_hz = rng.uniform(40.0, 120.0)
+        x = sum(rng.uniform(0.1, 1.0) * np.sin(2 * np.pi * h * mains_hz * t_s + rng.uniform(0, 2 * np.pi))
+                for h in range(1, int(rng.integers(2, 7))))
+        x = x / max(np.sqrt(np.mean(x**2)), 1e-12) + _background(rng, num_samples, sample_rate_hz,
+                                                                  _log_uniform(rng, 0.05, 0.6))
+    elif family == "swell":
+        if rng.random() < 0.5:
+            src = _harmonic_series(rng, _log_uniform(rng, 20.0, 300.0), num_samples, sample_rate_hz)
+        else:
+            src = coloured_noise(rng, num_samples, rng.uniform(0.5, 2.0), sample_rate_hz)
+        centre_s, width_s = rng.uniform(0, t_s[-1]), rng.uniform(0.2, 1.5) * max(t_s[-1], 0.5)
+        x = src * (0.03 + np.exp(-0.5 * ((t_s - centre_s) / (width_s / 2)) ** 2))
     else:
-        raise ValueError(f"generic sound family {family!r}: expected one of {FAMILIES}")
+        raise ValueError(f"generic sound family {family!r}: expected one of {RICH_FAMILIES}")
     x = x * (_RMS_LEVEL * rng.uniform(0.5, 2.0) / max(np.sqrt(np.mean(x**2)), 1e-12))
     peak = np.max(np.abs(x))
     return x * (0.99 / peak) if peak > 0.99 else x
 
 
-def generic_batch(seed: int, step: int, batch_size: int, *, num_samples: int,
-                  sample_rate_hz: int = 16000) -> tuple[np.ndarray, np.ndarray]:
-    """(B, S) float32 clips and (B,) family labels of training batch `step`; families drawn uniformly."""
+def generic_batch(seed: int, step: int, batch_size: int, *, num_samples: int, sample_rate_hz: int = 16000,
+                  families: tuple[str, ...] = FAMILIES) -> tuple[np.ndarray, np.ndarray]:
+    """(B, S) float32 clips and (B,) family labels (indices into `families`) of training batch `step`; families
+    drawn uniformly."""
     clips, labels = [], []
     for i in range(batch_size):
         rng = np.random.default_rng([seed, GENERIC_VERSION, step, i])
-        label = int(rng.integers(len(FAMILIES)))
-        clips.append(generic_clip(FAMILIES[label], rng, num_samples=num_samples, sample_rate_hz=sample_rate_hz))
+        label = int(rng.integers(len(families)))
+        clips.append(generic_clip(families[label], rng, num_samples=num_samples, sample_rate_hz=sample_rate_hz))
         labels.append(label)
     return np.stack(clips).astype(np.float32), np.asarray(labels, dtype=np.int64)
 
 
-__all__ = ["FAMILIES", "GENERIC_VERSION", "generic_batch", "generic_clip"]
+__all__ = ["FAMILIES", "FAMILY_SETS", "GENERIC_VERSION", "RICH_FAMILIES", "generic_batch", "generic_clip"]
 
 
 # ---------------------------------------------------------------------------------------------------- a corpus

@@ -226,28 +226,45 @@ def _prepare(cfg, checkpoints: Sequence[ResolvedCheckpoint], out_dir: Path):
 
 
 def table3_from_config(cfg, checkpoints: Sequence[ResolvedCheckpoint], out_dir: str | os.PathLike, *,
-                       layer: int | None = None):
-    """Builder of `retain-asd table3`: Table 3 (Mismatch 0 dB, per machine, no DN) for the checkpoints (the first,
-    e.g. "frozen", also gives the embedding-mixture oracle); table3.md, table3.png, one MLflow run."""
+                       layer: int | None = None, snrs_db: Sequence[float] | None = None, resamples: int = 200,
+                       track: bool = True, sets=None):
+    """Builder of `retain-asd table3`: the testbed check (Table 3 at every condition x `snrs_db`, default -5 0 5,
+    no DN, with paired-bootstrap intervals) of the first checkpoint (e.g. "frozen"), read at `layer` (default
+    eval.layer), plus the wave-mixture scores of any others; table3.md, table3.json, table3.png and (`track`)
+    one MLflow run. `sets`: evaluation sets already built (the study's). Returns (Table3, written paths)."""
     from retain_asd.config import to_dict
-    from retain_asd.eval.analyses import TABLE3_SNR_DB, table3, write_table3
+    from retain_asd.eval.analyses import TABLE3_CONDITIONS, TABLE3_SNRS_DB, table3, write_table3
     from retain_asd.tracking import log_artifacts, log_metrics, mlflow_run, resolve_tracking_uri
 
     out_dir = Path(out_dir)
-    resolved, _, sets = _prepare(cfg, checkpoints, out_dir)
-    if "mismatch" not in cfg.eval.conditions or TABLE3_SNR_DB not in sets.snrs_db:
-        raise ValueError(f"Table 3 needs the Mismatch set at {TABLE3_SNR_DB:g} dB: eval.conditions = "
-                         f"{list(cfg.eval.conditions)}, eval.snrs_db = {sets.snrs_db}; add 'mismatch' / 0.0")
+    if sets is None:
+        resolved, _, sets = _prepare(cfg, checkpoints, out_dir)
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        resolved = _resolved(checkpoints)
     e = cfg.eval
-    use = layer or (e.ssl_layer if resolved[0][2] else e.layer)
+    snrs_db = [float(s) for s in (TABLE3_SNRS_DB if snrs_db is None else snrs_db)]
+    missing = [s for s in snrs_db if s not in sets.snrs_db]
+    if missing:
+        raise ValueError(f"Table 3 needs the evaluation sets at {missing} dB: eval.snrs_db = {sets.snrs_db}; add "
+                         "them to eval.snrs_db or choose --snrs among those")
+    conditions = [c for c in TABLE3_CONDITIONS if c in e.conditions]
+    if "mismatch" not in conditions:
+        raise ValueError(f"Table 3 needs the Mismatch condition: eval.conditions = {list(e.conditions)}; add "
+                         "'mismatch'")
+    use = layer or e.layer
     result = table3(sets, [(name, path) for name, path, _ in resolved], use, lam=cfg.objective.lam, k=e.k,
-                    metric=e.metric, pooling=e.pooling, batch_size=e.batch_size)
+                    metric=e.metric, pooling=e.pooling, batch_size=e.batch_size, conditions=conditions,
+                    snrs_db=snrs_db, resamples=resamples, seed=e.seed, cache_dir=embedding_cache_dir(cfg))
     paths = write_table3(result, out_dir)
-    uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
-    params = {"config": to_dict(cfg), "checkpoints": [p for _, p, _ in resolved], "layer": use}
-    with mlflow_run(uri, cfg.tracking.experiment, "table3", params, {"kind": "table3"}, storage=cfg.data.storage):
-        log_metrics(result.metrics())
-        log_artifacts(out_dir, artifact_path="table3")
+    if track:
+        uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
+        params = {"config": to_dict(cfg), "checkpoints": [p for _, p, _ in resolved], "layer": result.layer,
+                  "snrs_db": snrs_db, "resamples": resamples}
+        with mlflow_run(uri, cfg.tracking.experiment, "table3", params, {"kind": "table3"},
+                        storage=cfg.data.storage):
+            log_metrics(result.metrics())
+            log_artifacts(out_dir, artifact_path="table3")
     return result, paths
 
 

@@ -21,6 +21,13 @@ Objective (`FoundationConfig.objective`), all on one forward (of the masked inpu
                masked tokens only. BEATs predicts tokenizer labels instead: that needs a tokenizer, which a few
                CPU minutes cannot afford.
 * ``masked_tagging``  the sum of both (the family head sees the masked input).
+* ``ema``      data2vec / EAT style: the student sees the masked input and regresses, at the masked tokens,
+               the average of the instance-normalised block outputs of an EMA teacher (the student's own
+               weights averaged over steps, decay `ema_decay` rising to `ema_decay_end`) on the unmasked input.
+* ``ema_tagging``  ``ema`` + the family cross-entropy on the student's (masked) last block.
+
+`families`: "basic" (the six machine-like families of `corpus/generic.py`) or "rich" (those plus noise textures,
+impacts, hum and swells: the non-machine sounds a general-audio encoder also hears).
 
 The mask embedding and both heads are training-only and not saved (the official layout has no such keys).
 
@@ -47,7 +54,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from retain_asd.config import FoundationConfig
-from retain_asd.corpus.generic import FAMILIES, GENERIC_VERSION, generic_batch
+from retain_asd.corpus.generic import FAMILY_SETS, GENERIC_VERSION, generic_batch
 from retain_asd.models.beats import BEATs, BEATsConfig, fbank_features, save_beats
 from retain_asd.train.schedule import cosine_schedule
 
@@ -67,10 +74,15 @@ def foundation_beats_config(settings: FoundationConfig) -> BEATsConfig:
     )
 
 
+# Settings added after encoders were cached: left out of the hash at their default, so those stay valid.
+_LATER_SETTINGS = {"ema_decay": 0.99, "ema_decay_end": 0.999, "families": "basic"}
+
+
 def settings_hash(settings: FoundationConfig) -> str:
     """12 hex digits over the settings and the code versions (training loop, generic sound generator)."""
-    identity = {"foundation_version": FOUNDATION_VERSION, "generic_version": GENERIC_VERSION,
-                "settings": dataclasses.asdict(settings)}
+    values = {k: v for k, v in dataclasses.asdict(settings).items()
+              if not (k in _LATER_SETTINGS and v == _LATER_SETTINGS[k])}
+    identity = {"foundation_version": FOUNDATION_VERSION, "generic_version": GENERIC_VERSION, "settings": values}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -103,22 +115,47 @@ class _Heads(nn.Module):
         self.mask_emb = nn.Parameter(torch.zeros(dim).normal_(0.0, 0.02))
         self.patch = nn.Linear(dim, patch_size * patch_size)
         self.family = nn.Linear(dim, num_classes)
+        self.regress = nn.Linear(dim, dim)  # ema: the teacher's (normalised) features
+
+
+@torch.no_grad()
+def ema_targets(teacher: BEATs, fbank: Tensor) -> Tensor:
+    """data2vec's targets: the teacher's block outputs on the unmasked input, each instance-normalised over the
+    tokens (per channel), averaged over the blocks. (B, N, D)"""
+    tokens, _ = teacher.patch_tokens(fbank)
+    blocks = teacher.encoder(tokens, None, teacher.num_layers, layerdrop=0.0, grad_decay_ratio=1.0)
+    normed = [F.instance_norm(h.transpose(1, 2)).transpose(1, 2) for h in blocks]  # (B, N, D) each
+    return torch.stack(normed).mean(0)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """teacher <- decay * teacher + (1 - decay) * student, parameter by parameter."""
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
 
 
 def foundation_losses(model: BEATs, heads: _Heads, waveforms: Tensor, labels: Tensor, objective: str,
-                      mask_ratio: float, generator: torch.Generator) -> dict[str, Tensor]:
-    """One forward; {"masked": MSE on masked patches, "tagging": family CE} as the objective asks."""
+                      mask_ratio: float, generator: torch.Generator,
+                      teacher: BEATs | None = None) -> dict[str, Tensor]:
+    """One forward; {"masked": MSE on masked patches, "ema": MSE to the EMA teacher's targets on masked tokens,
+    "tagging": family CE} as the objective asks."""
     fbank = fbank_features(waveforms, model.cfg.fbank_mean, model.cfg.fbank_std)  # (B, T_frames, 128)
     tokens, grid = model.patch_tokens(fbank)  # (B, N, D)
-    masked = "masked" in objective
+    masked = "masked" in objective or "ema" in objective
     if masked:
         mask = random_token_mask(tokens.shape[0], tokens.shape[1], mask_ratio, generator)  # (B, N)
         tokens = torch.where(mask.unsqueeze(-1), heads.mask_emb.to(tokens.dtype), tokens)
     last = model.encoder(tokens, None, model.num_layers, layerdrop=0.0, grad_decay_ratio=1.0)[-1]  # (B, N, D)
     losses = {}
-    if masked:
+    if "masked" in objective:
         target = patch_targets(fbank, grid, model.cfg.input_patch_size)  # (B, N, p*p)
         losses["masked"] = F.mse_loss(heads.patch(last)[mask], target[mask])
+    if "ema" in objective:
+        if teacher is None:
+            raise ValueError(f"objective {objective!r} needs the EMA teacher")
+        target = ema_targets(teacher, fbank)  # (B, N, D)
+        losses["ema"] = F.mse_loss(heads.regress(last)[mask], target[mask])
     if "tagging" in objective:
         losses["tagging"] = F.cross_entropy(heads.family(last.mean(dim=1)), labels)
     return losses
@@ -134,10 +171,17 @@ def train_foundation(settings: FoundationConfig, *, progress: bool | None = None
     s = settings
     num_samples = int(round(s.clip_s * SAMPLE_RATE_HZ))
     lr = cosine_schedule(s.lr, s.steps, s.warmup_steps)
+    families = FAMILY_SETS[s.families]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(s.seed)
         model = BEATs(foundation_beats_config(s))
-        heads = _Heads(s.encoder_embed_dim, model.cfg.input_patch_size, len(FAMILIES))
+        heads = _Heads(s.encoder_embed_dim, model.cfg.input_patch_size, len(families))
+    teacher = None
+    if "ema" in s.objective:
+        teacher = BEATs(foundation_beats_config(s)).eval()
+        teacher.load_state_dict(model.state_dict())
+        teacher.requires_grad_(False)
+    decay = np.linspace(s.ema_decay, s.ema_decay_end, s.steps)  # data2vec: linear from start to end
     generator = torch.Generator().manual_seed(s.seed + 1)
     params = list(model.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
@@ -151,15 +195,17 @@ def train_foundation(settings: FoundationConfig, *, progress: bool | None = None
         for group in optimizer.param_groups:
             group["lr"] = float(lr[step])
         # losses
-        clips, labels = generic_batch(s.seed, step, s.batch_size, num_samples=num_samples)
+        clips, labels = generic_batch(s.seed, step, s.batch_size, num_samples=num_samples, families=families)
         losses = foundation_losses(model, heads, torch.from_numpy(clips), torch.from_numpy(labels), s.objective,
-                                   s.mask_ratio, generator)
+                                   s.mask_ratio, generator, teacher)
         loss = sum(losses.values())
         # step
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        if teacher is not None:
+            ema_update(teacher, model, float(decay[step]))
         # log
         curve["loss"].append(loss.item())
         for name, value in losses.items():
@@ -167,7 +213,7 @@ def train_foundation(settings: FoundationConfig, *, progress: bool | None = None
         bar.set_postfix(loss=f"{curve['loss'][-1]:.3f}", refresh=False)
     bar.close()
     record = {"settings": dataclasses.asdict(s), "hash": settings_hash(s), "foundation_version": FOUNDATION_VERSION,
-              "generic_version": GENERIC_VERSION, "families": list(FAMILIES), "train_s": time.perf_counter() - start,
+              "generic_version": GENERIC_VERSION, "families": list(families), "train_s": time.perf_counter() - start,
               "curve": curve}
     return model.eval(), record
 
@@ -207,5 +253,6 @@ def foundation_encoder(settings: FoundationConfig, cache_dir: str | os.PathLike,
     return path
 
 
-__all__ = ["FOUNDATION_VERSION", "foundation_beats_config", "foundation_encoder", "foundation_losses",
+__all__ = ["FOUNDATION_VERSION", "ema_targets", "ema_update", "foundation_beats_config", "foundation_encoder",
+           "foundation_losses",
            "foundation_path", "patch_targets", "random_token_mask", "settings_hash", "train_foundation"]

@@ -197,7 +197,7 @@ def train_stream_from(cfg: Config, corpus, num_clips: int | None = None) -> Any:
         num_epochs = stream.epochs_for_steps(num_clips, 1, 1, num_train)
     return stream.build_train_stream(corpus.machine.root, corpus.noise.root, corpus.labels_path,
                                      snr_sampler=snr_sampler_args(cfg.mixing), seed=cfg.mixing.seed,
-                                     num_epochs=num_epochs, class_weighted=t.class_weighted)
+                                     num_epochs=num_epochs, class_weighted=t.class_weighted, level=cfg.mixing.level)
 
 
 # ---------------------------------------------------------------------------------------- trainer

@@ -3,6 +3,8 @@ on the tiny smoke setup: markdown, PNG and MLflow metrics."""
 
 from __future__ import annotations
 
+import json
+
 import mlflow
 import pytest
 
@@ -27,24 +29,44 @@ def _overrides(work, pretrain_root, db):
             "eval.test_anomaly=2", "eval.batch_size=8", "eval.snrs_db=[0.0]"]
 
 
-def test_table3_writes_markdown_png_and_mlflow_metrics(work, tmp_path, small_pretrain_root):
+def test_table3_writes_markdown_json_png_and_mlflow_metrics(work, tmp_path, small_pretrain_root):
     from pipelines.table3 import main
 
     db = tmp_path / "mlflow.db"
     argv = ["--checkpoint", str(work / "teacher.pt"), "--checkpoint", str(work / "student.pt"), "--out",
-            str(tmp_path / "t3"), "--layer", "2", *_overrides(work, small_pretrain_root, db)]
+            str(tmp_path / "t3"), "--layer", "2", "--snrs", "-10", "0", "--resamples", "30",
+            *_overrides(work, small_pretrain_root, db)]
+    argv[-1] = "eval.snrs_db=[-10.0, 0.0]"
     assert main(argv) == 0
     md = (tmp_path / "t3" / "table3.md").read_text()
-    assert "Mismatch at 0 dB, layer 2, no domain normalisation" in md
-    for row in ("teacher (wave mixture)", "teacher (embedding mixture, oracle)", "student (wave mixture)"):
-        assert f"| {row} |" in md
-    assert "| method | fan | pump | official |" in md
+    assert "Table 3: teacher, layer 2, no domain normalisation; official score over 2 machines (fan, pump)" in md
+    assert "paired draws of the test clips" in md  # what the interval counts
+    table = json.loads((tmp_path / "t3" / "table3.json").read_text())
+    assert table["layer"] == 2 and table["domain_normalisation"] is False and table["resamples"] == 30
+    assert [(c["condition"], c["snr_db"]) for c in table["cells"]] == [
+        (c, s) for c in ("factory_a", "factory_b", "mismatch") for s in (-10.0, 0.0)]
+    # The JSON holds exactly the markdown's figures, cell for cell.
+    names = {"Factory A": "factory_a", "Factory B": "factory_b", "Mismatch": "mismatch"}
+    md_rows = [[x.strip() for x in line.strip("|").split("|")] for line in md.splitlines()
+               if line.startswith("| ") and line.split("|")[1].strip() in names]
+    assert len(md_rows) == len(table["cells"]) == 6
+    for row, cell in zip(md_rows, table["cells"], strict=True):
+        lo, hi = cell["ci95"]["diff"]
+        assert row == [{v: k for k, v in names.items()}[cell["condition"]], f"{cell['snr_db']:g}",
+                       f"{cell['wave']:.2f}", f"{cell['oracle']:.2f}", f"{cell['diff']:.2f}", f"[{lo:.2f}, {hi:.2f}]",
+                       f"{cell['students']['student']:.2f}"]
+        assert abs(cell["oracle"] - cell["wave"] - cell["diff"]) <= 0.011
+        for kind in ("wave", "oracle", "diff"):
+            low, high = cell["ci95"][kind]
+            assert low <= high and (kind == "diff" or 0.0 <= low <= high <= 100.0)
     assert (tmp_path / "t3" / "table3.png").stat().st_size > 1000
     mlflow.set_tracking_uri(f"sqlite:///{db}")
     (run,) = mlflow.search_runs(experiment_names=["retain-asd"], output_format="list")
     m = run.data.metrics
-    for key in ("table3/teacher/wave/official_raw", "table3/teacher/oracle/fan_raw", "table3/student/wave/pump_raw"):
+    for key in ("table3/mismatch_0db/wave_raw", "table3/factory_b_m10db/oracle_raw",
+                "table3/mismatch_0db/oracle/fan_raw", "table3/factory_a_0db/student/student_raw"):
         assert 0.0 <= m[key] <= 1.0
+    assert m["table3/mismatch_0db/diff_ci95_low"] <= m["table3/mismatch_0db/diff_ci95_high"]
 
 
 def test_layers_scores_every_layer_from_one_forward_pass(work, tmp_path, small_pretrain_root):
