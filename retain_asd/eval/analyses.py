@@ -165,7 +165,7 @@ def _machine_figures(m: _Machine, k: int, tests: np.ndarray, src_counts: np.ndar
                      tgt_counts: np.ndarray) -> metrics.MachineScore:
     scores = np.minimum(_knn_with_counts(m.source[0][tests], m.source[1][tests], src_counts, k),
                         _knn_with_counts(m.target[0][tests], m.target[1][tests], tgt_counts, k))
-    return metrics.machine_scores(scores, m.is_anomaly[tests], m.is_target[tests])
+    return metrics.replicate_machine_scores(scores, m.is_anomaly[tests], m.is_target[tests])
 
 
 def _prepare_machine(rows: Sequence[dict], emb: np.ndarray, machine: str, metric: str) -> _Machine:

@@ -124,6 +124,36 @@ def machine_scores(scores, is_anomaly, is_target, max_fpr: float = MAX_FPR) -> M
     return MachineScore(a_s, a_t, p, _clipped_hmean([a_s, p] if source_only else [a_s, a_t, p]))
 
 
+def _roc_area(scores: np.ndarray, is_anomaly: np.ndarray, max_fpr: float | None) -> float:
+    """sklearn's `roc_auc_score` (and its McClish-standardised partial AUC) in plain numpy, without its input
+    checks: the ROC of every distinct threshold, trapezoids, the last segment interpolated at max_fpr."""
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], is_anomaly[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]  # the last clip of each distinct score
+    tps = np.cumsum(y)[last].astype(np.float64)
+    fps = (last + 1) - tps
+    tpr, fpr = np.r_[0.0, tps / tps[-1]], np.r_[0.0, fps / fps[-1]]
+    if max_fpr is None:
+        return float(np.trapezoid(tpr, fpr))
+    stop = np.searchsorted(fpr, max_fpr, "right")
+    tpr = np.append(tpr[:stop], np.interp(max_fpr, fpr[stop - 1: stop + 1], tpr[stop - 1: stop + 1]))
+    fpr = np.append(fpr[:stop], max_fpr)
+    area, min_area = float(np.trapezoid(tpr, fpr)), 0.5 * max_fpr**2
+    return 0.5 * (1 + (area - min_area) / (max_fpr - min_area))
+
+
+def replicate_machine_scores(scores, is_anomaly, is_target, max_fpr: float = MAX_FPR) -> MachineScore:
+    """`machine_scores` without the input checks, for the many redraws of a bootstrap (about 20x faster than
+    sklearn's validation): the same figures (equal to 1e-12, tests/eval/test_metrics.py). Both domains and both
+    labels must be present."""
+    scores = np.asarray(scores, dtype=np.float64)
+    is_anomaly, is_target = np.asarray(is_anomaly, bool), np.asarray(is_target, bool)
+    a_s = _roc_area(scores[~is_target | is_anomaly], is_anomaly[~is_target | is_anomaly], None)
+    a_t = _roc_area(scores[is_target | is_anomaly], is_anomaly[is_target | is_anomaly], None)
+    p = _roc_area(scores, is_anomaly, max_fpr)
+    return MachineScore(a_s, a_t, p, _clipped_hmean([a_s, a_t, p]))
+
+
 def _clipped_hmean(values) -> float:
     # The evaluator: scipy.stats.hmean(numpy.maximum(values, sys.float_info.epsilon)).
     return hmean(np.maximum(np.asarray(values, dtype=np.float64), EVALUATOR_EPS))
