@@ -115,17 +115,17 @@ MACHINES: dict[str, MachineSpec] = {
         MachineSpec("slider", 4, (1.0, 0.2, 0.5, 0.1, 0.3, 0.1, 0.2), 0.25, 2.0,
                     ("30", "36", "42"), ("50",), ("1", "2"), shaft_sidebands=0.5, bearing_level=0.25,
                     bearing_ratio=2.9, bearing_resonance_hz=5500.0),
-        # Machine-tool spindle: few high harmonics of the tool-pass rate, loud bearing tones, light hiss.
-        MachineSpec("spindle", 2, (1.0, 0.4, 0.15), 0.2, 0.0,
-                    ("100", "120", "140"), ("170",), ("1", "2"), bearing_level=0.6, bearing_ratio=5.3,
-                    bearing_resonance_hz=4500.0),
+        # Machine-tool spindle: few high harmonics of the tool-pass rate, bearing tones, light pink hiss.
+        MachineSpec("spindle", 2, (1.0, 0.4, 0.15), 0.15, 1.0,
+                    ("100", "120", "140"), ("170",), ("1", "2"), bearing_level=0.3, bearing_ratio=5.3,
+                    bearing_resonance_hz=6000.0),
         # Agitator / mixer: slow paddle-pass harmonics with shaft sidebands over brown churning noise.
-        MachineSpec("mixer", 6, (1.0, 0.8, 0.5, 0.35, 0.25, 0.15, 0.1), 0.5, 2.0,
-                    ("8", "10", "12"), ("15",), ("1", "2"), shaft_sidebands=0.6),
-        # Small steam / gas turbine: many blades, a steep harmonic roll-off over pink flow noise.
-        MachineSpec("turbine", 31, (1.0, 0.3, 0.1), 0.5, 1.0,
+        MachineSpec("mixer", 10, (1.0, 0.8, 0.5, 0.35, 0.25, 0.15, 0.1), 0.35, 2.0,
+                    ("8", "10", "12"), ("15",), ("1", "2"), shaft_sidebands=0.4),
+        # Small steam / gas turbine: many blades, a steep harmonic roll-off over brown flow rumble.
+        MachineSpec("turbine", 31, (1.0, 0.3, 0.1), 0.3, 2.0,
                     ("15", "17", "19"), ("23",), ("1", "2"), bearing_level=0.1, bearing_ratio=6.2,
-                    bearing_resonance_hz=3200.0),
+                    bearing_resonance_hz=5500.0),
     )
 }
 
