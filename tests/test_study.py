@@ -16,7 +16,12 @@ def test_rows_take_objective_and_mixing_from_their_preset(tmp_path):
     cfg = load_config("synthetic_table2", overrides=[f"data.work_dir={tmp_path}"])
     assert [r.label for r in parse_rows(cfg.study.rows)][:4] == ["frozen", "denoise", "denoise_linear_mixup",
                                                                   "denoise_snr_mixup"]
-    assert len(cfg.study.rows) == 10 and cfg.study.seeds == (0, 1, 2)
+    assert len(cfg.study.rows) == 12 and cfg.study.seeds == (0, 1, 2)
+    # the two level rows: denoise and tagging_mixture_pm5 with the training mixtures at the clean clip's level
+    for label, base in (("denoise_clean", "denoise"), ("tagging_mixture_pm5_clean", "tagging_mixture_pm5")):
+        clean, unit = (row_config(cfg, parse_rows([x])[0], 0) for x in (label, base))
+        assert (clean.mixing.level, unit.mixing.level) == ("clean", "unit_noise")
+        assert clean.objective == unit.objective and clean.mixing.snr_low_db == unit.mixing.snr_low_db
     (row,) = parse_rows(["tagging_mixture:tagging_0db"])
     rc = row_config(cfg, row, seed=2)
     assert (rc.objective.name, rc.objective.beta, rc.mixing.snr_sampler) == ("tagging", 0.0, "fixed")

@@ -260,13 +260,14 @@ def run_study(cfg: Config, out_dir: str | os.PathLike, *, evaluation_sets=None, 
     if evaluation_sets is None:
         from retain_asd.eval.evalsets import evalsets_from_config
 
-        evaluation_sets = evalsets_from_config(cfg)  # from the evaluation corpus only
+        evaluation_sets = evalsets_from_config(cfg, say=say)  # from the evaluation corpus only
     from retain_asd.eval.evalsets import scored_on_line
 
     say(f"evaluation sets: {scored_on_line(evaluation_sets.scored_on())}")
     say(f"  {evaluation_sets.root} ({len(evaluation_sets.machines)} machines "
         f"{', '.join(evaluation_sets.machines)}; {len(cfg.eval.conditions)} conditions x "
         f"{len(evaluation_sets.snrs_db)} SNRs, {time.perf_counter() - t0:.0f} s)")
+    say(testbed_check(cfg, evaluation_sets, out_dir / "testbed"))
 
     cells: list[CellResult] = []
     for i, (row, seed) in enumerate(plan, 1):
@@ -295,6 +296,26 @@ def run_study(cfg: Config, out_dir: str | os.PathLike, *, evaluation_sets=None, 
     run_id = _log_summary(uri, experiment, cfg, comparison, summary)
     table = compact_table(comparison, order)
     return StudyResult(out_dir, cells, comparison, table, uri, experiment, run_id, summary / "comparison.md")
+
+
+def testbed_check(cfg: Config, evaluation_sets, out_dir: Path) -> str:
+    """The Table-3 check of the initial encoder before any row (the premise the rows test: its oracle embedding
+    mixture beats its wave mixture at Mismatch 0 dB), at 0 dB only (`retain-asd table3` gives every SNR);
+    <out>/testbed/table3.{md,json}. One console line."""
+    from retain_asd.eval.analyses import TESTBED_CELL
+    from retain_asd.eval.builder import table3_from_config
+    from retain_asd.experiments.checkpoints import resolve_checkpoint
+
+    condition, snr_db = TESTBED_CELL
+    if not (cfg.model.checkpoint or uses_foundation(cfg)):
+        return "testbed: skipped (model.init = random: no initial encoder to check)"
+    if condition not in cfg.eval.conditions or snr_db not in evaluation_sets.snrs_db:
+        return f"testbed: skipped (the evaluation sets have no {condition} set at {snr_db:g} dB)"
+    t0 = time.perf_counter()
+    frozen = resolve_checkpoint("frozen", cfg, out_dir)
+    table, _ = table3_from_config(cfg, [frozen], out_dir, snrs_db=[snr_db], resamples=200, track=False,
+                                  sets=evaluation_sets)
+    return f"{table.testbed_line()} [{time.perf_counter() - t0:.0f} s; {out_dir / 'table3.md'}]"
 
 
 def study_point(cfg: Config, row: Row, seed: int, where: Path, *, corpus, evaluation_sets, uri: str,
@@ -340,4 +361,4 @@ def _log_summary(uri: str, experiment: str, cfg: Config, comparison, summary: Pa
 
 
 __all__ = ["CellResult", "Row", "StudyResult", "TABLE2_ROWS", "check_study", "compact_table", "parse_rows",
-           "read_cell", "row_config", "run_study", "study_point", "study_metric", "study_plan"]
+           "read_cell", "row_config", "run_study", "study_metric", "study_plan", "study_point", "testbed_check"]
