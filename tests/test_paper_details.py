@@ -153,7 +153,8 @@ def test_table5_presets_other_data_then_machine_data_then_eval_references(tmp_pa
     assert evalref.add_eval_references and evalref.synth_generic_per_family == other.synth_generic_per_family
     # the "other data" corpus is generic sounds only (no machine type), with the pre-training world's noise
     small = [f"data.work_dir={tmp_path}", "data.clip_s=1.0", "data.synth_generic_per_family=2",
-             "data.synth_noise=[pink_hum]", "eval.synth_machines=[bearing]", "eval.synth_noise=[hvac, hammering]"]
+             "data.synth_noise=[pink_hum]", "eval.synth_machines=[bearing]", "eval.synth_noise=[hvac, hammering]",
+             "eval.source_refs=6", "eval.target_refs=2", "eval.test_normal=2", "eval.test_anomaly=2"]
     cfg = load_config("table5_other", overrides=small)
     roots = pretrain_roots(cfg)
     from pathlib import Path

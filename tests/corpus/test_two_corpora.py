@@ -34,7 +34,8 @@ def test_config_defaults_name_two_corpora_and_zero_padding():
 def test_empty_roots_write_the_two_synthetic_worlds(tmp_path):
     cfg = load_config(overrides=[f"data.work_dir={tmp_path}", "data.synth_machines=[pump]",
                                  "data.synth_noise=[brown_fan]", "eval.synth_machines=[slider]",
-                                 "eval.synth_noise=[transformer, passby]", "data.clip_s=2.0"])
+                                 "eval.synth_noise=[transformer, passby]", "data.clip_s=2.0", "eval.source_refs=6",
+                                 "eval.target_refs=2", "eval.test_normal=2", "eval.test_anomaly=2"])
     pre, ev = ingest_mod.pretrain_roots(cfg), ingest_mod.eval_roots(cfg)
     assert pre.synthetic and ev.synthetic and pre.machine_root != ev.machine_root
     assert sorted(p.name for p in Path(pre.machine_root, "dev_data/raw").iterdir()) == ["pump"]
