@@ -674,7 +674,8 @@ def eval_world_sizes(*, source_refs: int, target_refs: int, test_normal: int, te
     recordings = WORLD_SIZES["eval"]["noise_clips_per_category"]
     while True:  # the scarcer factory's segments split as the sets split them: enough for both parts
         segments = recordings * segments_per_recording * per_factory
-        if segments - _held_out(segments, share) >= test_clips and (share <= 0 or _held_out(segments, share) >= val_clips):
+        held = _held_out(segments, share)
+        if segments - held >= test_clips and held >= val_clips:
             break
         recordings += 1
     return dict(train_source_per_attr=per_attr["source"], train_target_per_attr=per_attr["target"],

@@ -179,4 +179,5 @@ def test_real_corpus_shortfall_is_said(small_corpus, tmp_path, capsys):
                                  "eval.test_normal=2", "eval.test_anomaly=2"])
     evalsets_from_config(cfg)
     err = capsys.readouterr().err
-    assert "evaluation sets: fan ref_source source normal: asked for 100 clips, the corpus has 12; using 12" in err
+    # 12 source references, round(0.3 x 12) = 4 held out for validation: the test sets' part has 8
+    assert "evaluation sets: fan ref_source source normal: asked for 100 clips, the corpus has 8; using 8" in err
