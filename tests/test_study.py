@@ -72,6 +72,8 @@ def test_rerun_skips_finished_rows(small_worlds, ray_local, tmp_path):
     skipped = [c for c in second.cells if c.skipped]
     assert [(c.row, c.seed) for c in skipped] == [("frozen", 0), ("again", 0), ("frozen", 1)]
     assert sum("skipped" in line for line in lines) == 3
+    assert [line for line in lines if line.startswith("testbed:")] == [
+        "testbed: not run (model.init = random: no initial encoder to check)"]  # said before any row
     assert [c.hmean_all for c in second.cells] == pytest.approx([c.hmean_all for c in first.cells])
     names = sorted(r["run_name"] for r in compare_runs(uri, "study-test", ["hmean_all"]))
     assert names == expected  # the interrupted point's run continued, its evaluation replaced

@@ -308,9 +308,9 @@ def testbed_check(cfg: Config, evaluation_sets, out_dir: Path) -> str:
 
     condition, snr_db = TESTBED_CELL
     if not (cfg.model.checkpoint or uses_foundation(cfg)):
-        return "testbed: skipped (model.init = random: no initial encoder to check)"
+        return "testbed: not run (model.init = random: no initial encoder to check)"
     if condition not in cfg.eval.conditions or snr_db not in evaluation_sets.snrs_db:
-        return f"testbed: skipped (the evaluation sets have no {condition} set at {snr_db:g} dB)"
+        return f"testbed: not run (the evaluation sets have no {condition} set at {snr_db:g} dB)"
     t0 = time.perf_counter()
     frozen = resolve_checkpoint("frozen", cfg, out_dir)
     table, _ = table3_from_config(cfg, [frozen], out_dir, snrs_db=[snr_db], resamples=200, track=False,
