@@ -127,6 +127,7 @@ class TrainConfig:
     max_failures: int = 3  # Ray Train FailureConfig: worker-group restarts from the latest checkpoint
     skip_nonfinite_steps: int = 0  # divergence guard: skip up to N steps with a non-finite loss / grad norm
     compile: bool = False  # opt-in torch.compile of student and teacher: the first steps compile, later ones are faster
+    validate_every: int = 0  # steps between scores of the student on the validation sets (val/hmean_low); 0 = off
     seed: int = 0
 
 
@@ -313,6 +314,7 @@ def validate(cfg: Config) -> None:
     _check(t.log_every > 0 and t.checkpoint_every > 0, "train.log_every/checkpoint_every", "> 0",
            (t.log_every, t.checkpoint_every))
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", t.keep_checkpoints)
+    _check(t.validate_every >= 0, "train.validate_every", ">= 0 (0 = off)", t.validate_every)
     _check(0.0 <= o.lam <= 1.0, "objective.lam", "in [0, 1]", o.lam)
     _check(o.alpha >= 0 and o.beta >= 0, "objective.alpha/beta", ">= 0", (o.alpha, o.beta))
     validate_weights(o.name, o.alpha, o.beta)

@@ -496,6 +496,18 @@ def _local_run_dir(cfg: Config, out_dir: Path) -> str | None:
     return None if storage.is_uri(root) else str(Path(root) / cfg.name)
 
 
+def _validation(cfg: Config) -> dict:
+    """With train.validate_every, the validation sets (built here, on the driver, and checked disjoint from the
+    test sets) and how the workers score them; {} otherwise."""
+    if not cfg.train.validate_every:
+        return {}
+    from retain_asd.eval.evalsets import validation_sets_from_config
+    from retain_asd.train.validate import validation_args
+
+    sets = validation_sets_from_config(cfg)
+    return {"validation": validation_args(cfg, sets.root)}
+
+
 def _train(cfg: Config, out_dir: Path, corpus, init_checkpoint: Path, checkpoint: Path | str | None,
            stop_at_step: int | None, run: tuple[str, str] | None) -> Path | str:
     """Fit up to stop_at_step / total_steps from `checkpoint` (or the start); the newest checkpoint (a URI when
@@ -509,7 +521,8 @@ def _train(cfg: Config, out_dir: Path, corpus, init_checkpoint: Path, checkpoint
     plan = train_stream_from(cfg, corpus)
     loop_config = dataclasses.replace(loop_config_from(cfg, corpus.labels_path, init_checkpoint, stop_at_step),
                                       **resume, **_init_in_storage(cfg, out_dir, init_checkpoint),
-                                      noise_bank=plan.state_ref, checkpoint_dir=_local_run_dir(cfg, out_dir))
+                                      **_validation(cfg), noise_bank=plan.state_ref,
+                                      checkpoint_dir=_local_run_dir(cfg, out_dir))
     trainer = build_trainer(cfg, loop_config, plan.dataset, out_dir, mlflow_run=run)
     since = recovery.fit_started(out_dir)
     try:

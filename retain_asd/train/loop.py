@@ -32,6 +32,7 @@ from retain_asd.train.loop_config import LoopConfig, snr_sampler_args
 from retain_asd.train.schedule import cosine_schedule
 from retain_asd.train.specaug import SpecAugment
 from retain_asd.train.student import build_models, compile_models, compute_losses, make_optimizer
+from retain_asd.train.validate import score_student
 
 BATCH_COLUMNS = ("mixture", "clean", "noise", "label", "snr_db", "clip_idx")  # clip_idx: mixup partners
 
@@ -122,7 +123,8 @@ def train_fn_per_worker(cfg: LoopConfig) -> None:
 
         # ---- log: window means on rank 0's data; clips/s over all workers
         save = done % t.checkpoint_every == 0 or done == cfg.stop
-        if not (save or done % t.log_every == 0):
+        validate = t.validate_every > 0 and done % t.validate_every == 0
+        if not (save or validate or done % t.log_every == 0):
             continue
         steps_in_window = clips / (t.grad_accum * cfg.batch_size_per_worker)
         metrics = {"step": done, "lr": float(lr[step]),
@@ -130,6 +132,8 @@ def train_fn_per_worker(cfg: LoopConfig) -> None:
                    **{k: v / steps_in_window for k, v in window.items()}, **resumed,
                    **({"skipped_steps": guard.skipped} if guard.skipped else {})}
         window, clips, t0, resumed = defaultdict(float), 0, time.perf_counter(), {}
+        if validate and rank == 0:  # the validation sets (never the test sets); the other ranks wait in report
+            metrics |= score_student(model.encoder, cfg.validation)
         if not save:
             ray.train.report(metrics)
             continue

@@ -34,6 +34,7 @@ class LoopConfig:
     resume_from: str | None = None  # a new fit starts from this checkpoint folder (the newest complete one)
     resume_fs: object = None  # pyarrow filesystem of resume_from when it is in an object store (None: local)
     init_fs: object = None  # pyarrow filesystem of init_checkpoint when it is in an object store (None: local)
+    validation: dict | None = None  # `train.validate.validation_args`: the validation sets and the scoring
     noise_bank: object = None  # the stream's StreamPlan.state_ref: the bank each row's noise is formed from
 
     def __post_init__(self):

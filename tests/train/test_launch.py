@@ -102,7 +102,8 @@ def test_cli_frozen_and_missing_checkpoint(ray_local, tmp_path, capsys):
 
 
 def test_pretrain_smoke_stops_after_a_checkpoint_and_resumes(ray_local, tmp_path):
-    cfg = _cfg(tmp_path)
+    small_sets = ["eval.source_refs=6", "eval.target_refs=2", "eval.test_normal=2", "eval.test_anomaly=2"]
+    cfg = _cfg(tmp_path, "smoke", "train.validate_every=2", *small_sets)  # rank 0 scores the validation sets
     out = tmp_path / "run"
     with pytest.warns(UserWarning, match="RANDOM"):
         first = pretrain(cfg, out, stop_at_step=3)
@@ -151,6 +152,10 @@ def test_pretrain_smoke_stops_after_a_checkpoint_and_resumes(ray_local, tmp_path
     at = {m.step: m.timestamp for m in losses}
     assert at[2] < at[3] <= exported_first * 1000 < at[4] < at[6]
     assert {"lr", "clips_per_s"} <= set(run.data.metrics)
+    # the validation curve beside the loss: one point per validation step (2, 4, 6), on the validation sets
+    validation = client.get_metric_history(run.info.run_id, "val/hmean_low")
+    assert sorted(m.step for m in validation) == [2, 4, 6] and all(0 <= m.value <= 1 for m in validation)
+    assert [m["step"] for m in history if "val/hmean_low" in m] == [2, 4, 6]
     artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "summary.json", "student_beats.pt"} <= artifacts
 
