@@ -1,13 +1,10 @@
 """The per-worker training loop (Ray Train + DDP): a student BEATs learns to *retain* the noise.
 
-One optimiser step = `grad_accum` micro-batches of (mixture, clean, noise, label, snr_db) rows from the
-Ray Data stream (`retain_asd/stream.py`). The student hears the SpecAugmented mixture; the frozen
-teacher (the initial checkpoint, eval mode, never wrapped in DDP) hears the two scaled components and
-gives the Eq. 5 target. What a micro-batch costs is `student.compute_losses`; this file is the algorithm:
-setup, schedule, losses + step, log, checkpoint. `cfg` is a `LoopConfig` built by `launch.loop_config_from`.
+One optimiser step = `grad_accum` micro-batches of (mixture, clean, noise, label, snr_db) rows from the Ray Data
+stream (`retain_asd/stream.py`); the student hears the SpecAugmented mixture, the frozen teacher (eval mode, no DDP)
+the two scaled components (the Eq. 5 target). A micro-batch's cost is `student.compute_losses`; this file is the
+algorithm: setup, schedule, losses + step, log and validation, checkpoint. `cfg`: `launch.loop_config_from`.
 """
-
-from __future__ import annotations
 
 import tempfile
 import time
@@ -121,7 +118,7 @@ def train_fn_per_worker(cfg: LoopConfig) -> None:
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
 
-        # ---- log: window means on rank 0's data; clips/s over all workers
+        # ---- log: window means on rank 0's data; clips/s over all workers; val/hmean_low from rank 0
         save = done % t.checkpoint_every == 0 or done == cfg.stop
         validate = t.validate_every > 0 and done % t.validate_every == 0
         if not (save or validate or done % t.log_every == 0):
@@ -130,10 +127,9 @@ def train_fn_per_worker(cfg: LoopConfig) -> None:
         metrics = {"step": done, "lr": float(lr[step]),
                    "clips_per_s": clips * world / (time.perf_counter() - t0),
                    **{k: v / steps_in_window for k, v in window.items()}, **resumed,
-                   **({"skipped_steps": guard.skipped} if guard.skipped else {})}
+                   **({"skipped_steps": guard.skipped} if guard.skipped else {}),
+                   **(score_student(model.encoder, cfg.validation) if validate and rank == 0 else {})}
         window, clips, t0, resumed = defaultdict(float), 0, time.perf_counter(), {}
-        if validate and rank == 0:  # the validation sets (never the test sets); the other ranks wait in report
-            metrics |= score_student(model.encoder, cfg.validation)
         if not save:
             ray.train.report(metrics)
             continue
