@@ -3,7 +3,7 @@ validation sets (`eval.evalsets.validation_sets_from_config`: never the test set
 scoring (layer `eval.layer`, kNN, domain normalisation as `eval.primary`), on `validation.conditions` x
 `validation.snrs_db` (default Mismatch and Factory B at -5 and 0 dB). The loop reports the result as
 ``val/hmean_low`` (the official-score harmonic mean over those low-SNR sets) through `ray.train.report`, so the
-run's MLflow history and a sweep's early stopping both see it.
+pre-training run's MLflow history shows it beside the loss.
 """
 
 from __future__ import annotations
