@@ -161,7 +161,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    """Validation sets, disjoint from the test sets: what sweeps select on and stop trials by (never the test
+    """Validation sets, disjoint from the test sets: scored by `train.validate_every` (never the test
     sets). Built like the evaluation sets from the held-out share eval.validation_fraction of the evaluation
     corpus, or from a validation corpus of its own (e.g. a DCASE development set, with the evaluation set for
     testing)."""

@@ -96,7 +96,7 @@ class EvalSets:
 
     @property
     def split(self) -> str:
-        """"test" (the evaluation sets) or "validation" (the disjoint sets sweeps select on)."""
+        """"test" (the evaluation sets) or "validation" (the disjoint held-out sets scored during pre-training)."""
         return str(self.manifest.get("split", "test"))
 
     def scored_on(self) -> dict[str, str]:
