@@ -20,10 +20,12 @@ SMALL = ["study.rows=[frozen, denoise]", "study.seeds=[0]", "data.clip_s=1.0", "
 
 
 def help_example_paths() -> dict[str, str]:
-    """{path: where} of every file under runs/demo/ that a command's --help or docs/your-own-data.md names."""
+    """{path: where} of every file under runs/demo/ that a command's --help, docs/your-own-data.md or a command
+    example of README.md (its ```bash blocks) names."""
     texts = {f"retain-asd {name} --help": importlib.import_module(module).build_parser().format_help()
              for name, (module, _) in COMMANDS.items()}
     texts["docs/your-own-data.md"] = (REPO / "docs/your-own-data.md").read_text()
+    texts["README.md"] = "\n".join(re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S))
     found = {}
     for where, text in texts.items():
         for path in re.findall(r"runs/demo/[^\s'\"`),:]+", text.replace("\\\n", " ")):
@@ -47,7 +49,7 @@ def test_demo_console_is_short_and_quiet(tmp_path, capfd, ray_local, small_world
     assert "mlflow ui --backend-store-uri sqlite:///" in joined and "experiment 'demo-test'" in joined
     assert "retain-asd compare --experiment demo-test --metric hmean_low_dn" in joined
 
-    # every file path a help text or the own-data guide gives under runs/demo/ is one the demo writes
+    # every file path a help text, the own-data guide or a README example gives under runs/demo/ is one the demo writes
     demo_rows = [r.split(":")[0] for r in load_config("demo").study.rows]
     examples = help_example_paths()
     assert "runs/demo/rows/tagging_mixture/seed0/pretrain/student_beats.pt" in examples
