@@ -51,12 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     from retain_asd.config import ConfigError, load_config
+    from retain_asd.corpus.ingest import check_evaluation_corpus
     from retain_asd.eval.builder import evaluate_from_config
     from retain_asd.eval.evalsets import scored_on_line
     from retain_asd.experiments import resolve_checkpoints
 
     try:
         cfg = load_config(args.preset, args.config, args.overrides)
+        if not args.dcase_root:  # before any work: scores on the synthetic world only on purpose
+            check_evaluation_corpus(cfg)
     except ConfigError as err:
         return fail("retain-asd evaluate", err)
     if args.ray and not args.dcase_root and not protocol_guard(cfg, "retain-asd evaluate"):  # before Ray starts

@@ -3,8 +3,10 @@
 Both corpora of the paper's protocol (Sec. 4.1), each into its own folder under the work folder: the
 pre-training corpus (--machine-root/--noise-root, data.*) into `corpus_pretrain/` and the evaluation corpus
 (--eval-machine-root/--eval-noise-root, eval.*) into `corpus_eval/`. An empty root means the synthetic
-pre-training / evaluation world (the embedded default). What the two share is reported (pretrain, evaluate,
-evalsets and sweep refuse it). Re-running on unchanged input is a no-op; a changed file rebuilds the shards.
+pre-training / evaluation world (the embedded default); a real pre-training corpus without an evaluation corpus
+is ingested alone (evaluate then needs eval.machine_root/eval.noise_root, or eval.synthetic=true). What the
+two share is reported (pretrain, evaluate, evalsets and sweep refuse it). Re-running on unchanged input is a
+no-op; a changed file rebuilds the shards.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     from retain_asd.config import ConfigError
-    from retain_asd.corpus.ingest import eval_corpus_from_config, pretrain_corpus_from_config
+    from retain_asd.corpus.ingest import eval_corpus_from_config, missing_evaluation_corpus, pretrain_corpus_from_config
     from retain_asd.corpus.layouts import check_machine_root
     from retain_asd.corpus.names import LayoutError
     from retain_asd.corpus.protocol import find_overlaps
@@ -63,8 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with quiet_run(Path(data.work_dir) / "ingest.log", args.verbose, address=args.address) as console:
             pre = pretrain_corpus_from_config(cfg, force=args.force)
-            evc = eval_corpus_from_config(cfg, force=args.force)
             console.say("pre-training corpus:\n" + pre.summary())
+            skipped = missing_evaluation_corpus(cfg)
+            if skipped:  # a real corpus alone: no synthetic evaluation world is written behind the user's back
+                console.say(f"evaluation corpus: not ingested. {skipped}")
+                return 0
+            evc = eval_corpus_from_config(cfg, force=args.force)
             console.say("evaluation corpus:\n" + evc.summary())
             console.say(f"protocol: {find_overlaps(pre, evc).describe()}")
     except (LayoutError, FileExistsError, ConfigError) as err:

@@ -123,6 +123,9 @@ def test_ingest_job_submitted_to_head(ray_head, shared_data, tmp_path):
     assert re.search(r"machine\s+4 inputs\s+4 written\s+0 rejected", logs), logs
     pretrain_corpus = out / "corpus_pretrain"  # the pre-training corpus; the evaluation corpus beside it
     assert (pretrain_corpus / "machine" / "manifest.json").is_file() and (pretrain_corpus / "labels.json").is_file()
+    # a real corpus without an evaluation corpus: no synthetic evaluation world is written in its place
+    assert "evaluation corpus: not ingested. eval.machine_root / eval.noise_root empty" in logs, logs
+    assert not (out / "corpus_eval").exists()
 
 
 def test_runs_logged_to_mlflow_server_compare_side_by_side(mlflow_server):

@@ -230,21 +230,11 @@ def pretrain_roots(cfg) -> CorpusRoots:
 
 def eval_roots(cfg) -> CorpusRoots:
     """The evaluation corpus's raw folders; writes the synthetic evaluation world when a root is empty, at the size
-    the eval settings ask for plus the share `eval.validation_fraction` held out for the validation sets.
-
-    A real pre-training corpus (data.machine_root) with an empty evaluation root is a ConfigError naming the
-    empty roots: its scores would silently come from the synthetic world. eval.synthetic: true asks for that."""
+    the eval settings ask for plus the share `eval.validation_fraction` held out for the validation sets."""
     from retain_asd.config import ConfigError
     from retain_asd.corpus import synth
 
     d, e = cfg.data, cfg.eval
-    missing = [f"eval.{name}" for name, root in (("machine_root", e.machine_root), ("noise_root", e.noise_root))
-               if not root]
-    if d.machine_root and missing and not e.synthetic:
-        raise ConfigError(f"{' / '.join(missing)} empty while data.machine_root = {d.machine_root!r} is a real "
-                          f"pre-training corpus: the evaluation would use the synthetic evaluation world. Pass "
-                          f"{' and '.join(m + '=PATH' for m in missing)} (the evaluation corpus), or "
-                          "eval.synthetic=true to score on the synthetic evaluation world on purpose")
     holdout = 0.0 if cfg.validation.machine_root else e.validation_fraction  # as the sets' own split (evalsets)
     try:  # the synthetic world is written at the size the eval settings ask for (never fewer test clips)
         sizes = synth.eval_world_sizes(source_refs=e.source_refs, target_refs=e.target_refs,
@@ -256,6 +246,31 @@ def eval_roots(cfg) -> CorpusRoots:
                           f"{synth.EVAL_WORLD.machines} / {synth.EVAL_WORLD.noise_categories}") from None
     return _world_roots("eval", e.machine_root, e.noise_root, Path(d.work_dir).resolve(), seed=d.synth_seed,
                         machines=e.synth_machines, noise=e.synth_noise, data=d, field_prefix="eval", sizes=sizes)
+
+
+def missing_evaluation_corpus(cfg) -> str | None:
+    """Why scores would silently come from the synthetic evaluation world, or None: a real pre-training corpus
+    (data.machine_root) with an empty evaluation root and eval.synthetic false. The text names the empty roots
+    and the fix."""
+    d, e = cfg.data, cfg.eval
+    missing = [f"eval.{name}" for name, root in (("machine_root", e.machine_root), ("noise_root", e.noise_root))
+               if not root]
+    if not (d.machine_root and missing and not e.synthetic):
+        return None
+    return (f"{' / '.join(missing)} empty while data.machine_root = {d.machine_root!r} is a real pre-training "
+            f"corpus: the evaluation would use the synthetic evaluation world. Pass "
+            f"{' and '.join(m + '=PATH' for m in missing)} (the evaluation corpus), or eval.synthetic=true to score "
+            "on the synthetic evaluation world on purpose")
+
+
+def check_evaluation_corpus(cfg) -> None:
+    """Before anything is scored: `missing_evaluation_corpus` as a ConfigError. Ingesting alone scores nothing and
+    ingests only the pre-training corpus in that case."""
+    from retain_asd.config import ConfigError
+
+    reason = missing_evaluation_corpus(cfg)
+    if reason:
+        raise ConfigError(reason)
 
 
 def check_protocol(cfg):
