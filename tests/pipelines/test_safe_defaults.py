@@ -53,7 +53,7 @@ def test_a_real_corpus_is_never_replaced_by_the_synthetic_one(small_worlds, tmp_
     real_machines, real_noise = Path(roots["data.machine_root"]), Path(roots["data.noise_root"])
     evals = [o for o in small_worlds if o.startswith("eval.")]
     work = tmp_path / "work"
-    assert main(["ingest", "--machine-root", str(real_machines), "--noise-root", str(real_noise),
+    assert main(["ingest", "--preset", "smoke", "--machine-root", str(real_machines), "--noise-root", str(real_noise),
                  "--out", str(work), *evals]) == 0
     said = capfd.readouterr()  # the people's console: the summaries; Ray (Data)'s own lines in the log
     assert "pre-training corpus:" in said.out and "protocol:" in said.out, said
