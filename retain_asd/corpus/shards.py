@@ -233,11 +233,14 @@ def fingerprint(records: Sequence[ClipRecord], scan_rejects: Sequence[tuple[str,
     return h.hexdigest()
 
 
-def read_manifest(root: str | os.PathLike) -> dict | None:
+def read_manifest(root: str | os.PathLike,
+                  fix: str = "re-run `retain-asd ingest --force` to rebuild the shards") -> dict | None:
+    """``<root>/manifest.json`` of a built folder (shards, evaluation sets), or None when there is none; an
+    unreadable one is an error naming the file and `fix`."""
     path = child(root, MANIFEST)
     if not storage.is_file(path):
         return None
-    return storage.read_json(path, fix="re-run `retain-asd ingest --force` to rebuild the shards")
+    return storage.read_json(path, fix=fix)
 
 
 def read_rejects(root: str | os.PathLike) -> list[tuple[str, str]]:

@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 RECIPES = "recipes.parquet"
-MANIFEST = "manifest.json"
+MANIFEST = shards.MANIFEST  # one name and one reader (shards.read_manifest) for every built folder
 FACTORY_STATIONARY = {"factory_a": True, "factory_b": False}
 ROLES = ("ref_source", "ref_target", "test")
 RECIPE_COLUMNS = ("condition", "snr_db", "machine", "section", "role", "domain", "label", "clip_id", "wav_name",
@@ -359,10 +359,7 @@ def build_evalsets(corpus_root: str | os.PathLike, out_dir: str | os.PathLike, p
 
 
 def read_manifest(root: str | os.PathLike) -> dict | None:
-    path = storage.as_location(storage.join(root, MANIFEST))
-    if not storage.is_file(path):
-        return None
-    return storage.read_json(path, fix="rebuild with `retain-asd evalsets --force`")
+    return shards.read_manifest(root, fix="rebuild with `retain-asd evalsets --force`")
 
 
 def load_evalsets(root: str | os.PathLike) -> EvalSets:
