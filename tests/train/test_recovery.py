@@ -48,13 +48,21 @@ def _overrides(work: Path, *more: str) -> list[str]:
             f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}", *more]
 
 
+def _ten_second_clips(work: Path) -> list[str]:
+    """10 s clips, in their own work folder: steps slow enough that a test acting between two checkpoints of a
+    child driver gets there before the run ends (the smoke preset's 1 s clips can finish first)."""
+    return ["data.clip_s=10.0", f"data.work_dir={work / 'data10s'}"]
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, ray_local) -> Path:
-    """A work dir whose corpus is ingested once (the runs below and the child driver reuse it)."""
+    """A work dir whose corpora (1 s and 10 s clips) are ingested once (the runs below and the child driver
+    reuse them)."""
     from retain_asd.corpus.ingest import corpus_from_config
 
     work = tmp_path_factory.mktemp("recovery")
     corpus_from_config(load_config("smoke", overrides=_overrides(work)).data)
+    corpus_from_config(load_config("smoke", overrides=_overrides(work, *_ten_second_clips(work))).data)
     return work
 
 
@@ -157,7 +165,7 @@ def test_rerun_after_a_driver_kill_resumes_from_the_newest_complete_checkpoint(w
                                                                                reliability_figures):
     from retain_asd.train.launch import pretrain
 
-    overrides = _overrides(work, "train.total_steps=8", "train.checkpoint_every=2")
+    overrides = _overrides(work, "train.total_steps=8", "train.checkpoint_every=2", *_ten_second_clips(work))
     cfg = load_config("smoke", overrides=overrides)
     out = tmp_path / "run"
     run_dir = out / "ray" / cfg.name
@@ -250,9 +258,10 @@ def small_disk(tmp_path):
 @pytest.mark.slow
 @pytest.mark.reliability("disk-full")
 def test_disk_full_at_a_checkpoint_stops_cleanly_and_the_rerun_resumes(work, small_disk, reliability_figures):
-    """The out folder on a small file system filled (a ballast file) once the step-2 checkpoint is complete: the
-    run stops before the step-4 checkpoint naming the folder and its free space; the step-2 checkpoint stays the
-    newest complete one; with the ballast gone the same run resumes from step 2 and finishes."""
+    """The out folder on a small file system, filled (a ballast file) while the step-2 checkpoint is the newest
+    complete one: the run stops before the step-4 checkpoint naming the folder and its free space; the step-2
+    checkpoint stays the newest complete one; with the ballast gone the same run resumes from step 2 and
+    finishes. (The run is stopped at step 2 to fill the disk: a ballast written while it runs races its steps.)"""
     from retain_asd.train.checkpoint import DiskFullError
     from retain_asd.train.launch import pretrain
 
@@ -260,24 +269,13 @@ def test_disk_full_at_a_checkpoint_stops_cleanly_and_the_rerun_resumes(work, sma
     out = small_disk / "run"
     run_dir = out / "ray" / cfg.name
     ballast = small_disk / "ballast"
-    filled = threading.Event()
-
-    def fill_after_step_2():
-        try:
-            _wait_for(lambda: 2 in _markers(run_dir), 600, "step-2 checkpoint")
-        except AssertionError:
-            return
-        free = shutil.disk_usage(small_disk).free
-        with open(ballast, "wb") as f:
-            os.posix_fallocate(f.fileno(), 0, free - 256 * 1024)  # 256 KiB left: less than a checkpoint
-        filled.set()
-
-    filler = threading.Thread(target=fill_after_step_2, daemon=True)
-    filler.start()
+    with pytest.warns(UserWarning, match="RANDOM"):
+        assert pretrain(cfg, out, track=False, stop_at_step=2).step == 2
+    free = shutil.disk_usage(small_disk).free
+    with open(ballast, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, free - 256 * 1024)  # 256 KiB left: less than a checkpoint
     with pytest.raises(DiskFullError) as err:
         pretrain(cfg, out, track=False)
-    filler.join(timeout=5)
-    assert filled.is_set()
     message = str(err.value)
     assert message.startswith(f"{run_dir}: disk full: 0.2 MiB free, the step-4 checkpoint needs "), message
     assert "\n" not in message
@@ -343,7 +341,7 @@ def test_mlflow_server_down_from_mid_run_until_after_the_end(work, tmp_path, cap
     root, out, uri = tmp_path / "mlflow", tmp_path / "run", f"http://127.0.0.1:{port}"
     server = _mlflow_server(root, port)
     overrides = [f"data.work_dir={work / 'data'}", "data.synth_machines=[fan]", f"tracking.tracking_uri={uri}",
-                 "tracking.experiment=outage", "train.total_steps=6", "train.log_every=1", "train.checkpoint_every=3"]
+                 "tracking.experiment=outage", "train.total_steps=12", "train.log_every=1", "train.checkpoint_every=3"]
     killed: dict = {}
 
     def kill_after_the_first_logged_step():
@@ -371,9 +369,9 @@ def test_mlflow_server_down_from_mid_run_until_after_the_end(work, tmp_path, cap
         killer.join(timeout=5)
         console = capsys.readouterr().out
         assert code == 0, console
-        assert killed and killed["rows"] < 6, killed  # the outage began before the last step
+        assert killed and killed["rows"] < 12, killed  # the outage began before the last step
         steps = [row["step"] for row in read_metrics(out / "metrics.jsonl")]
-        assert steps == [1, 2, 3, 4, 5, 6]  # no step held up or lost
+        assert steps == list(range(1, 13))  # no step held up or lost
         assert f"MLflow was unreachable at the end; once it is back: retain-asd tracking backfill --out {out}" \
             in console
         outage = [e for e in read_events(out) if e["event"].startswith("mlflow_")]
