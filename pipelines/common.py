@@ -165,10 +165,9 @@ def protocol_guard(cfg: Config, prog: str) -> bool:
     Compares the raw pre-training corpus (data.*) with the evaluation corpus (eval.*) by content hash. False
     after printing the error (the overlapping files and the fix; the caller returns exit code 2).
     """
-    from retain_asd.corpus.ingest import check_evaluation_corpus, check_protocol
+    from retain_asd.corpus.ingest import check_protocol
     from retain_asd.corpus.protocol import CorpusOverlapError
 
-    check_evaluation_corpus(cfg)  # a ConfigError: one line, exit code 2, like any bad setting
     try:
         report = check_protocol(cfg)
     except CorpusOverlapError as err:

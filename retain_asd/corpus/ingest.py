@@ -230,10 +230,12 @@ def pretrain_roots(cfg) -> CorpusRoots:
 
 def eval_roots(cfg) -> CorpusRoots:
     """The evaluation corpus's raw folders; writes the synthetic evaluation world when a root is empty, at the size
-    the eval settings ask for plus the share `eval.validation_fraction` held out for the validation sets."""
+    the eval settings ask for plus the share `eval.validation_fraction` held out for the validation sets.
+    `check_evaluation_corpus` first: every scoring path reaches the evaluation corpus through here."""
     from retain_asd.config import ConfigError
     from retain_asd.corpus import synth
 
+    check_evaluation_corpus(cfg)
     d, e = cfg.data, cfg.eval
     holdout = 0.0 if cfg.validation.machine_root else e.validation_fraction  # as the sets' own split (evalsets)
     try:  # the synthetic world is written at the size the eval settings ask for (never fewer test clips)
@@ -264,8 +266,8 @@ def missing_evaluation_corpus(cfg) -> str | None:
 
 
 def check_evaluation_corpus(cfg) -> None:
-    """Before anything is scored: `missing_evaluation_corpus` as a ConfigError. Ingesting alone scores nothing and
-    ingests only the pre-training corpus in that case."""
+    """`missing_evaluation_corpus` as a ConfigError (in `eval_roots`, so before anything is scored). `ingest`
+    asks `missing_evaluation_corpus` first and then ingests only the pre-training corpus."""
     from retain_asd.config import ConfigError
 
     reason = missing_evaluation_corpus(cfg)

@@ -416,9 +416,8 @@ def evalsets_from_config(cfg, force: bool = False, say: Callable[[str], None] | 
     fewer clips (or too little noise) is used as it is, and each shortfall goes to `say` (default: stderr, so it
     reaches the console) besides the manifest's ``warnings``.
     """
-    from retain_asd.corpus.ingest import check_evaluation_corpus, eval_corpus_from_config
+    from retain_asd.corpus.ingest import eval_corpus_from_config
 
-    check_evaluation_corpus(cfg)
     corpus = eval_corpus_from_config(cfg)
     sets = build_evalsets(corpus.root, _sets_dir(cfg, "evalsets"), _sets_params(cfg, "test"), force=force)
     say = say or (lambda line: print(line, file=sys.stderr))
@@ -435,11 +434,9 @@ def validation_sets_from_config(cfg, force: bool = False, test_sets: EvalSets | 
 
     Checked against the test sets (`test_sets`, default: built here) by content hash: a clip or a noise segment in
     both is a `SplitOverlapError` naming the files."""
-    from retain_asd.corpus.ingest import check_evaluation_corpus, eval_corpus_from_config, validation_corpus_from_config
+    from retain_asd.corpus.ingest import eval_corpus_from_config, validation_corpus_from_config
 
     v = cfg.validation
-    if not v.machine_root:  # the held-out share of the evaluation corpus
-        check_evaluation_corpus(cfg)
     corpus = validation_corpus_from_config(cfg) if v.machine_root else eval_corpus_from_config(cfg)
     sets = build_evalsets(corpus.root, _sets_dir(cfg, "valsets"), _sets_params(cfg, "validation"), force=force)
     label = f"{v.machine_root} (noise: {v.noise_root})" if v.machine_root else corpus_label(cfg)
