@@ -177,14 +177,34 @@ def test_experiments_sit_above_training_and_evaluation():
     assert _arrows(graph, "retain_asd.experiments", "retain_asd.train") != []  # the walker sees the package
 
 
+def test_the_stream_plan_sits_under_its_tasks_and_consumer():
+    """retain_asd.stream sits where stream.py sat: above mixing, storage and the corpus, below training. Inside,
+    the Ray Data tasks and the training worker's consumer import the epoch plan (and the buffer pool), never the
+    reverse and not each other; the package's __init__ only re-exports them."""
+    graph, _ = _graph()
+    package = {m for m in graph if m == "retain_asd.stream" or m.startswith("retain_asd.stream.")}
+    assert package == {f"retain_asd.stream{m}" for m in ("", ".plan", ".tasks", ".consumer", ".buffers")}
+    inside = {m: graph[m] & package for m in package}
+    assert inside["retain_asd.stream.plan"] == inside["retain_asd.stream.buffers"] == set()
+    assert inside["retain_asd.stream.tasks"] == {"retain_asd.stream.plan", "retain_asd.stream.buffers"}
+    assert inside["retain_asd.stream.consumer"] == {"retain_asd.stream.plan", "retain_asd.stream.buffers"}
+    assert inside["retain_asd.stream"] == package - {"retain_asd.stream"}
+    above = ("retain_asd.train", "retain_asd.eval", "retain_asd.experiments", "retain_asd.models",
+             "retain_asd.tracking")
+    assert [a for floor in above for a in _arrows(graph, "retain_asd.stream", floor)] == []
+    below = ("retain_asd.mixing", "retain_asd.storage", "retain_asd.corpus", "retain_asd.choices")
+    assert [a for floor in below for a in _arrows(graph, floor, "retain_asd.stream")] == []
+    assert "retain_asd.stream" in graph["retain_asd.train.loop"]  # the walker sees the package's users
+
+
 def test_the_walker_sees_cycles_and_private_imports(tmp_path):
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
     source = tmp_path / "m.py"
-    source.write_text("from retain_asd.mixing import _scale\nfrom retain_asd import stream\n"
-                      "def f():\n    return stream._cached_plan\n")
+    source.write_text("from retain_asd.mixing import _scale\nfrom retain_asd.stream import tasks\n"
+                      "def f():\n    return tasks._cached_plan\n")
     found = _imports(source, "retain_asd.m", _modules())
-    assert ("retain_asd.mixing", ["_scale"], 1) in found and ("retain_asd.stream", ["_cached_plan"], 4) in found
+    assert ("retain_asd.mixing", ["_scale"], 1) in found and ("retain_asd.stream.tasks", ["_cached_plan"], 4) in found
 
 
 def test_mlflow_is_imported_by_tracking_only():

@@ -1,7 +1,7 @@
 """The per-worker training loop (Ray Train + DDP): a student BEATs learns to *retain* the noise.
 
 One optimiser step = `grad_accum` micro-batches of (mixture, clean, noise, label, snr_db) rows from the Ray Data
-stream (`retain_asd/stream.py`); the student hears the SpecAugmented mixture, the frozen teacher (eval mode, no DDP)
+stream (`retain_asd/stream/`); the student hears the SpecAugmented mixture, the frozen teacher (eval mode, no DDP)
 the two scaled components (the Eq. 5 target). A micro-batch's cost is `student.compute_losses`; this file is the
 algorithm: setup, schedule, losses + step, log and validation, checkpoint. `cfg`: `launch.loop_config_from`.
 """
