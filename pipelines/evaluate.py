@@ -5,6 +5,11 @@ one MLflow run with every figure (per condition x SNR, raw and with domain norma
 hmeans), and `--out DIR/<name>/` gets Table 2 (markdown, CSV), plots and evaluator-format score files.
 With --dcase-root the checkpoints are scored GenRep-style on a DCASE 2020-2026 folder instead (docs/dcase.md),
 on the channel data.channel of stereo files (DCASE 2026: 0 near mic, 1 far mic), or on several with --channels.
+
+A registered student is a --checkpoint too: models:/NAME/VERSION or models:/NAME@ALIAS (a sweep registers its
+best trial's as models:/retain-asd-<tracking.experiment>/<N>, alias @best), read from the registry of
+tracking.tracking_uri (default: <data.work_dir>/mlflow.db); its row is NAME-v<N> and its run's `checkpoint` tag
+the version's URI.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--checkpoint", action="append", required=True,
                    help="encoder checkpoint .pt (BEATs, or EAT / SSLAM in the fairseq layout; or a folder with one), "
-                        "a URI of either in data.storage (s3://...), or 'frozen' (model.checkpoint); repeatable")
+                        "a URI of either in data.storage (s3://...), a registered student (models:/NAME/VERSION, "
+                        "models:/NAME@ALIAS), or 'frozen' (model.checkpoint); NAME=... names the row; repeatable")
     p.add_argument("--out", required=True, help="output folder for tables, plots and score files")
     p.add_argument("--layers", type=parse_layers, help="also evaluate these layers, e.g. 1-12 (Fig. 2)")
     p.add_argument("--dcase-root", help="evaluate on a DCASE 2020-2026 folder instead of the eval sets")

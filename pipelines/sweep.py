@@ -7,7 +7,8 @@ pretrain + evaluate.
 tune.search=grid (default) runs every (SNR range, alpha, beta) once; random / optuna draw tune.num_samples
 points; tune.max_concurrent trials run at once. Every trial is an MLflow run in `<experiment>-sweep` with
 its pre-training and evaluation runs nested under it; the best trial (by tune.metric) is written as a
-preset file, <out>/best.yaml (use it with --config).
+preset file, <out>/best.yaml (use it with --config), and its student is registered in the MLflow Model Registry
+as a version of retain-asd-<tracking.experiment> with the alias @best (evaluate and score take models:/ URIs).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
 
+    from retain_asd.experiments.registry import best_trial, register_best_student
     from tune.space import check_trials
     from tune.sweep import run_sweep, summarize_sweep, sweep_experiment, write_best_config
 
@@ -50,9 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         grid = run_sweep(cfg, args.out)
         text, code = summarize_sweep(grid, cfg.tune.metric)
         best = write_best_config(grid, cfg, Path(args.out) / "best.yaml")
+        student = register_best_student(cfg, best_trial(grid, cfg.tune.metric), args.out)  # models:/...@best
     console.say(text)
     if best:
         console.say(f"best trial's config: {best} (retain-asd pretrain --config {best} --out DIR)")
+    if student:
+        console.say(f"best trial's student: {student.uri} (alias @best; retain-asd evaluate --config {best} "
+                    f"--checkpoint {student.uri} --out DIR)")
     console.say(f"compare the trials: retain-asd compare --experiment {sweep_experiment(cfg)} "
                 f"data.work_dir={cfg.data.work_dir}")
     return code

@@ -18,11 +18,12 @@ import collections
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from retain_asd import fsio
 from retain_asd.runtime import apply_env_defaults
@@ -322,6 +323,13 @@ def live_run_id(uri: str, run_id: str | None) -> str | None:
     return run_id if run.info.lifecycle_stage == "active" else None
 
 
+def run_metrics(uri: str, run_id: str) -> dict[str, float]:
+    """The latest value of each metric of a run."""
+    import mlflow
+
+    return dict(mlflow.MlflowClient(uri).get_run(run_id).data.metrics)
+
+
 def child_runs(uri: str, experiment: str, parent_run_id: str, kind: str | None = None) -> list[dict[str, Any]]:
     """The runs of `experiment` nested under `parent_run_id` (``kind``: only those tagged so), as `experiment_runs`."""
     where = f"tags.mlflow.parentRunId = '{parent_run_id}'" + (f" and tags.kind = '{kind}'" if kind else "")
@@ -334,6 +342,186 @@ def delete_run(uri: str, run_id: str) -> None:
     mlflow.MlflowClient(uri).delete_run(run_id)
 
 
+
+# ---------------------------------------------------------------------------------------------------- model registry
+REGISTRY_PREFIX = "retain-asd-"  # registered models are named retain-asd-<tracking.experiment>
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))/?$")
+MODEL_URI_FORMS = "models:/NAME/VERSION or models:/NAME@ALIAS"
+CHECKPOINT_SHA = "checkpoint_sha256"  # a version's tag: the registered file's bytes, checked after each download
+
+
+class RegisteredStudent(NamedTuple):
+    """One version of a registered model: ``uri`` (``models:/<name>/<version>``) is what evaluate and score take."""
+
+    name: str
+    version: int
+    source: str  # the student checkpoint among its run's artifacts
+    run_id: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def registered_model_name(experiment: str) -> str:
+    """The registered model of an experiment's students: ``retain-asd-<experiment>``."""
+    return f"{REGISTRY_PREFIX}{experiment}"
+
+
+def is_model_uri(spec: str | os.PathLike) -> bool:
+    """True for a registry address (``models:/...``), whatever its form (`resolve_model_uri` checks it)."""
+    return str(spec).startswith("models:/")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def register_student(uri: str, experiment: str, run_id: str, student: str | os.PathLike, *,
+                     tags: Mapping[str, Any] | None = None, alias: str | None = None) -> RegisteredStudent:
+    """A new version of the registered model ``retain-asd-<experiment>`` (created when missing) whose source is
+    the student checkpoint among the artifacts of run `run_id` (pre-training logs it there as student_beats.pt;
+    uploaded now when the run lacks it, e.g. the store was down at the end of the run). `tags` (values become
+    strings; a sweep's: ``preset``, ``choices``, ``val/hmean_low``, ``trial_id``) go on the version, with
+    `CHECKPOINT_SHA`; `alias` (e.g. ``best``) then points at it.
+
+    MLflow 3 registers any artifact URI as a version's source (no MLmodel needed); its own ``models:/`` download
+    finds no files under a single-file source, so `resolve_model_uri` downloads the source itself.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    apply_env_defaults()
+    student = Path(student)
+    if not student.is_file():
+        raise FileNotFoundError(f"{student}: student checkpoint not found; register the student_beats.pt of a "
+                                "finished `retain-asd pretrain`")
+    client = mlflow.MlflowClient(uri)
+    source = _logged_student(client, run_id, student)
+    name = registered_model_name(experiment)
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description=f"students of the MLflow experiment {experiment!r}")
+    version_tags = {k: str(v) for k, v in (tags or {}).items()} | {CHECKPOINT_SHA: file_sha256(student)}
+    version = client.create_model_version(name, source, run_id=run_id, tags=version_tags)
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return RegisteredStudent(name, int(version.version), source, run_id)
+
+
+def _logged_student(client, run_id: str, student: Path) -> str:
+    """The artifact URI of `student` among run `run_id`'s top-level artifacts, uploaded first when it is not
+    there (a file of the same name and size counts as logged: pre-training logs the student it exports)."""
+    logged = {a.path: a.file_size for a in client.list_artifacts(run_id)}
+    if logged.get(student.name) != student.stat().st_size:
+        client.log_artifact(run_id, str(student))
+    return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{student.name}"
+
+
+def resolve_model_uri(model_uri: str, uri: str, cache_dir: str | os.PathLike) -> Path:
+    """The local student checkpoint of a registered version, ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``,
+    in store `uri` (tracking.tracking_uri; its registry).
+
+    Downloaded into ``<cache_dir>/<NAME>/<VERSION>/`` with the config.yaml its run logged beside it and the run as
+    its `RUN_POINTER` (so the evaluation names the trial and links its pre-training run); a cached copy whose bytes
+    match the version's `CHECKPOINT_SHA` is reused. A malformed URI, a store that does not exist, an unknown
+    model, version or alias are ValueErrors naming what exists; a source gone from the artifact store is a
+    FileNotFoundError.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    apply_env_defaults()
+    parsed = MODEL_URI.match(model_uri)
+    if not parsed or (parsed["version"] and not parsed["version"].isdigit()):
+        raise ValueError(f"{model_uri}: not a registered model version; give {MODEL_URI_FORMS}, e.g. "
+                         f"models:/{REGISTRY_PREFIX}<experiment>/1 or models:/{REGISTRY_PREFIX}<experiment>@best")
+    _require_registry(model_uri, uri)
+    client = mlflow.MlflowClient(uri)
+    name = parsed["name"]
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        names = sorted(m.name for m in client.search_registered_models())
+        raise ValueError(f"{model_uri}: no registered model {name!r} in {uri}; it has: "
+                         f"{', '.join(names) or 'none (a sweep registers its best student)'}") from None
+    version = _model_version(client, model_uri, name, parsed["version"], parsed["alias"])
+    source = client.get_model_version_download_uri(name, version.version)
+    folder = Path(cache_dir).resolve() / name / str(version.version)
+    target = folder / source.rstrip("/").rpartition("/")[2]
+    wanted = version.tags.get(CHECKPOINT_SHA)
+    if not (wanted and target.is_file() and file_sha256(target) == wanted):
+        _download_version(model_uri, uri, version, source, folder)
+    if wanted and file_sha256(target) != wanted:
+        raise ValueError(f"{model_uri}: {source} has changed since it was registered (sha256 {wanted[:12]}...); "
+                         "register the student again for a version of the current file")
+    return target
+
+
+def _require_registry(model_uri: str, uri: str) -> None:
+    """A registry address needs a store that exists: an SQLite file that is missing is named with the settings
+    that choose it (MLflow would create an empty one)."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise ValueError(f"{model_uri}: no MLflow store at {uri[len('sqlite:///'):]}; the model registry is the "
+                         "tracking store: set tracking.tracking_uri=PATH/mlflow.db (or data.work_dir=DIR, the one of "
+                         "the sweep that registered the model: its store is DIR/mlflow.db)")
+
+
+def _model_version(client, model_uri: str, name: str, version: str | None, alias: str | None):
+    """The ModelVersion a URI names; an unknown version or alias is a ValueError listing the existing ones."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        model = client.get_registered_model(name)
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        aliases = ", ".join(f"@{a}" for a in sorted(model.aliases)) or "none"
+        what = f"version {version}" if version else f"alias @{alias}"
+        raise ValueError(f"{model_uri}: registered model {name!r} has no {what}; its versions: "
+                         f"{', '.join(map(str, versions)) or 'none'}; its aliases: {aliases}") from None
+
+
+def _download_version(model_uri: str, uri: str, version, source: str, folder: Path) -> None:
+    """The version's checkpoint (+ its run's config.yaml, when logged) and the run pointer, into `folder`
+    (a temp folder made visible by a rename: a reader never sees half a checkpoint)."""
+    import mlflow
+
+    tmp = fsio.temp_path(folder)
+    tmp.mkdir(parents=True)
+    try:
+        with environ(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
+            try:
+                got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp),
+                                                               tracking_uri=uri))
+            except Exception as err:  # the store's own "not found" (a local one returns the empty folder instead)
+                got, why = tmp, f" ({short_error(err)})"
+            else:
+                why = ""
+            if not got.is_file():
+                raise FileNotFoundError(f"{model_uri}: its checkpoint {source} is not in the artifact store{why} (run "
+                                        f"{version.run_id}); register the student again from its pre-training "
+                                        "out folder")
+            config = f"{source.rstrip('/').rpartition('/')[0]}/config.yaml"
+            with contextlib.suppress(Exception):  # a student logged without its config: named after the model
+                mlflow.artifacts.download_artifacts(artifact_uri=config, dst_path=str(tmp), tracking_uri=uri)
+        fsio.write_json(tmp / RUN_POINTER, {"run_id": version.run_id or "", "tracking_uri": uri,
+                                            "model_uri": f"models:/{version.name}/{version.version}"})
+        fsio.commit_folder(tmp, folder)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 # ------------------------------------------------------------------------------------ a store that goes away
 QUICK_FAILURE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
@@ -343,8 +531,15 @@ def quick_failures() -> Iterator[None]:
     """MLflow's HTTP client without its own retries inside the block (by default 7 with doubling backoff: minutes
     per call while a server is down), so a call to a store that is away fails at once and the caller decides
     (`MetricsBuffer` retries later, the end of a run warns). Process-wide while the block lasts."""
-    saved = {key: os.environ.get(key) for key in QUICK_FAILURE_ENV}
-    os.environ.update(QUICK_FAILURE_ENV)
+    with environ(**QUICK_FAILURE_ENV):
+        yield
+
+
+@contextlib.contextmanager
+def environ(**values: str) -> Iterator[None]:
+    """These environment variables set inside the block and restored after it."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
     try:
         yield
     finally:

@@ -172,14 +172,15 @@ def normal_clips(sources) -> NormalSelection:
 # ---------------------------------------------------------------------------------------------------- bank
 def build_reference_bank(checkpoint: str | os.PathLike, normal, *, layer: int, pooling: str = "genrep",
                          k: int = 1, metric: str = "euclidean", policy: ReadPolicy = ReadPolicy(),
-                         percentile: float = 90.0, batch_size: int = 16,
-                         embedder: Embedder | None = None) -> tuple[knn.MemoryBank, NormalSelection, list[ClipRead]]:
+                         percentile: float = 90.0, batch_size: int = 16, embedder: Embedder | None = None,
+                         model_uri: str = "") -> tuple[knn.MemoryBank, NormalSelection, list[ClipRead]]:
     """A deployable detector: embeddings of normal clips (`normal_clips` of `normal`, or that selection itself)
     + a decision threshold.
 
     Threshold = `metrics.gamma_threshold` at `percentile` (0-100, e.g. 90) of the references' own leave-one-out
     kNN scores. Returns the bank, the selection (what was read and left out) and the files that could not be
-    read (a silent normal clip is one of them: it is no reference).
+    read (a silent normal clip is one of them: it is no reference). `model_uri`: the registered version
+    (``models:/NAME/VERSION``) `checkpoint` is the local copy of, kept in the bank's meta.
     """
     if not 0.0 < percentile < 100.0:
         raise ValueError(f"--percentile {percentile}: a percentile in (0, 100), e.g. 90")
@@ -200,7 +201,8 @@ def build_reference_bank(checkpoint: str | os.PathLike, normal, *, layer: int, p
     meta = {"files": [r.name for r in good], "read": [w for w, _ in selection.read], "layer": layer,
             "pooling": pooling, "k": k, "metric": metric, "clip_s": policy.clip_s, "policy": vars(policy).copy(),
             "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_hash": embedder.checkpoint_hash,
-            "percentile": percentile, "threshold": metrics.gamma_threshold(ref_scores, percentile / 100.0)}
+            "percentile": percentile, "threshold": metrics.gamma_threshold(ref_scores, percentile / 100.0),
+            **({"model_uri": model_uri} if model_uri else {})}
     name = Path(selection.read[0][0]).name if selection.read else "bank"
     return knn.MemoryBank(name, emb, emb, meta), selection, bad
 

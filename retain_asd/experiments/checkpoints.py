@@ -1,8 +1,9 @@
 """Checkpoint resolution: what a --checkpoint value (or an experiment point's student) means as a file to score.
 
 "frozen" is the config's initial encoder (model.checkpoint, or the stand-in foundation encoder, trained once and
-cached, or a seeded random one); a .pt, a pre-training out folder or an object-store URI is a local file. This
-happens here, above training and evaluation, so scoring a checkpoint (`retain_asd.eval`) never trains one.
+cached, or a seeded random one); a .pt, a pre-training out folder, an object-store URI or a registered model
+version (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``) is a local file. This happens here, above training and
+evaluation, so scoring a checkpoint (`retain_asd.eval`) never trains one.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from retain_asd import fsio, storage
+from retain_asd import fsio, storage, tracking
 from retain_asd.config import Config
 from retain_asd.eval.builder import SOURCE_URI, ResolvedCheckpoint, provenance
 from retain_asd.train.launch import initial_encoder
@@ -28,8 +29,10 @@ def resolve_checkpoints(cfg: Config, specs: Sequence[str], out_dir: str | os.Pat
 def resolve_checkpoint(spec: str, cfg: Config, out_dir: Path) -> ResolvedCheckpoint:
     """(row name, path, is_frozen) of a --checkpoint value: "frozen"; a .pt file; a pre-training out folder
     (its student_beats.pt) or another folder holding exactly one .pt; a URI of a .pt or of a pre-training run
-    folder in data.storage (``s3://bucket/runs/<out>/<name>``, `fetch_checkpoint`); any of these as NAME=PATH to
-    name the row. Without NAME a pre-trained student is named after its preset (config.yaml beside it), else the file.
+    folder in data.storage (``s3://bucket/runs/<out>/<name>``, `fetch_checkpoint`); a registered model version
+    (``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``, `fetch_registered`); any of these as NAME=PATH to name
+    the row. Without NAME a registered student is named ``NAME-v<VERSION>``, another pre-trained student after its
+    preset (config.yaml beside it), else the file.
     "frozen" is model.checkpoint, else (model.init = "foundation") the cached stand-in foundation encoder, the
     one every student of the config starts from (`train.launch.initial_encoder`; trained once and cached), else a
     random encoder."""
@@ -56,7 +59,10 @@ def resolve_checkpoint(spec: str, cfg: Config, out_dir: Path) -> ResolvedCheckpo
             write_random_checkpoint(path, beats_tiny() if cfg.model.size == "tiny" else beats_base(), cfg.train.seed)
         return ResolvedCheckpoint("frozen", str(path), True)
     name, path = _split_name(spec)
-    if isinstance(path, str):  # a URI: a local copy, with the config.yaml / mlflow_run.json beside it
+    if isinstance(path, str) and tracking.is_model_uri(path):  # a registered student: named after its version
+        path = fetch_registered(path, cfg)
+        name = name or registered_uri(path).removeprefix("models:/").replace("/", "-v")
+    elif isinstance(path, str):  # a URI: a local copy, with the config.yaml / mlflow_run.json beside it
         path = fetch_checkpoint(path, Path(cfg.data.work_dir) / "checkpoints")
     if path.is_dir():
         student = path / "student_beats.pt"  # a pre-training out folder: its exported student
@@ -82,11 +88,41 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 def _split_name(spec: str) -> tuple[str | None, Path | str]:
     """'NAME=PATH' -> (NAME, PATH) (NAME names the row); a plain path -> (None, path); a URI stays a string."""
     name, sep, rest = spec.partition("=")
-    if not sep or storage.is_uri(name) or Path(spec).exists():
-        return None, storage.as_location(spec)
+    if not sep or storage.is_uri(name) or tracking.is_model_uri(name) or Path(spec).exists():
+        return None, _location(spec)
     if not _NAME.match(name):
         raise ValueError(f"--checkpoint {spec!r}: NAME in NAME=PATH must be letters, digits, '_', '.', '+', '-'")
-    return name, storage.as_location(rest)
+    return name, _location(rest)
+
+
+def _location(spec: str) -> Path | str:
+    return spec if tracking.is_model_uri(spec) else storage.as_location(spec)
+
+
+def fetch_registered(model_uri: str, cfg: Config) -> Path:
+    """The local copy of a registered student (`tracking.resolve_model_uri`) from the registry of
+    tracking.tracking_uri (default: ``<data.work_dir>/mlflow.db``), cached under ``<data.work_dir>/checkpoints/
+    models/``; beside it its version's URI (`SOURCE_URI`: the evaluation runs' ``checkpoint`` tag), the trial's
+    config.yaml and run pointer (`provenance`)."""
+    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir, create=False)
+    path = tracking.resolve_model_uri(model_uri, uri, Path(cfg.data.work_dir) / "checkpoints" / "models")
+    fsio.write_json(path.parent / SOURCE_URI, {"uri": registered_uri(path)})
+    return path
+
+
+def registered_uri(path: Path) -> str:
+    """``models:/NAME/VERSION`` of a copy `fetch_registered` made (its folder is ``.../NAME/VERSION/``): the
+    version an alias pointed at when it was fetched."""
+    return f"models:/{path.parent.parent.name}/{path.parent.name}"
+
+
+def checkpoint_file(spec: str | os.PathLike, cfg: Config) -> tuple[str, str]:
+    """(local file, registered version URI or "") of a checkpoint argument of a command that takes one file
+    (`retain-asd score`): a registered model version is fetched (`fetch_registered`); anything else is as given."""
+    if not tracking.is_model_uri(spec):
+        return str(spec), ""
+    path = fetch_registered(str(spec), cfg)
+    return str(path), registered_uri(path)
 
 
 def fetch_checkpoint(uri: str, cache_dir: str | os.PathLike) -> Path:

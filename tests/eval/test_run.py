@@ -117,6 +117,42 @@ def test_evaluate_cli_smoke_preset_writes_tables_and_mlflow_run(work, sets, tmp_
         ("test", f"{work / 'synth' / 'machines'} (noise: {work / 'synth' / 'noise'})")}
 
 
+def test_evaluate_checkpoint_models_uri_scores_the_registered_student(work, sets, tmp_path, small_pretrain_root,
+                                                                      capsys):
+    """Acceptance: `evaluate --checkpoint models:/retain-asd-<experiment>/1` gives the figures of the registered
+    file (same weights: its embeddings come from the cache the .pt filled), in a run that names the version."""
+    import mlflow
+
+    from pipelines.evaluate import main
+    from retain_asd import tracking
+    from retain_asd.config import dump_yaml, load_config
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    with tracking.mlflow_run(uri, "sweep-x", "pretrain-x-seed0") as run:  # as pre-training logs: its config too
+        tracking.log_artifact(dump_yaml(load_config("smoke", overrides=["name=x"]), tmp_path / "config.yaml"))
+    registered = tracking.register_student(uri, "sweep-x", run.info.run_id, work / "ckpt.pt", alias="best")
+    assert registered.uri == "models:/retain-asd-sweep-x/1"
+    overrides = [*_protocol(work, small_pretrain_root), f"data.work_dir={work}", f"tracking.tracking_uri={uri}",
+                 "eval.source_refs=8", "eval.target_refs=2", "eval.test_normal=2", "eval.test_anomaly=2",
+                 "eval.batch_size=8", "eval.snrs_db=[-5.0, 5.0]", "eval.conditions=[factory_a]"]
+    out = tmp_path / "out"
+    assert main(["--preset", "smoke", "--checkpoint", str(work / "ckpt.pt"), "--checkpoint", registered.uri,
+                 "--out", str(out), *overrides]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "hmean_all=" in line]
+    figures = {line.split(":")[0]: line.split(":", 1)[1] for line in lines}
+    assert sorted(figures) == ["ckpt", "retain-asd-sweep-x-v1-seed0"]  # the seed: from the config.yaml its run logged
+    assert figures["retain-asd-sweep-x-v1-seed0"] == figures["ckpt"]
+    assert (out / "retain-asd-sweep-x-v1-seed0" / "table2.md").is_file()
+    cached = work / "checkpoints" / "models" / "retain-asd-sweep-x" / "1" / "ckpt.pt"
+    assert cached.read_bytes() == (work / "ckpt.pt").read_bytes()
+    runs = {r.info.run_name: r for r in mlflow.MlflowClient(uri).search_runs(
+        [mlflow.MlflowClient(uri).get_experiment_by_name("retain-asd").experiment_id])}
+    mine = runs["evaluate-retain-asd-sweep-x-v1-seed0"].data
+    assert (mine.tags["checkpoint"], mine.tags["pretrain_run_id"]) == (registered.uri, run.info.run_id)
+    assert mine.metrics == runs["evaluate-ckpt-seed0"].data.metrics
+
+
 def test_a_real_pretraining_corpus_needs_an_evaluation_corpus_or_the_synthetic_world_on_purpose(
         tmp_path, capsys, small_pretrain_root):
     import mlflow

@@ -48,10 +48,12 @@ def test_demo_study_and_sweep_log_one_point_alike(small_worlds, ray_local, tmp_p
                  "tracking.experiment=layout-demo"]) == 0
     study = run_study(load_config("smoke", overrides=[*shared, *rows, "tracking.experiment=layout-study"]),
                       tmp_path / "study", say=lambda line: None)
-    grid = run_sweep(load_config("smoke", overrides=[
+    sweep_cfg = load_config("smoke", overrides=[
         *shared, "tracking.experiment=layout", "objective.name=frozen", "objective.alpha=0.0", "objective.beta=0.0",
-        "tune.snr_ranges_db=[[0.0, 0.0]]", "tune.alphas=[0.0]", "tune.betas=[0.0]"]), tmp_path / "sweep")
+        "tune.snr_ranges_db=[[0.0, 0.0]]", "tune.alphas=[0.0]", "tune.betas=[0.0]"])
+    grid = run_sweep(sweep_cfg, tmp_path / "sweep")
     assert len(grid) == 1 and not grid.errors
+    registered_trial_student(sweep_cfg, grid, tmp_path / "sweep", uri)
 
     demo, in_demo = layout(uri, "layout-demo")
     assert [(name, kind, parent) for name, kind, parent, _ in demo] == [
@@ -64,3 +66,28 @@ def test_demo_study_and_sweep_log_one_point_alike(small_worlds, ray_local, tmp_p
     # the figures of the point: the same encoder (seeded random init) on the same sets
     (cell,) = study.cells
     assert grid[0].metrics["hmean_all_dn"] == pytest.approx(cell.hmean_all)
+
+
+def registered_trial_student(cfg, grid, sweep_dir, uri: str) -> None:
+    """The sweep's end (pipelines/sweep.py): its best trial's student becomes version 1 of retain-asd-<experiment>,
+    alias best, the very file its pre-training run logged (not uploaded again), with the trial's tags."""
+    import mlflow
+
+    from retain_asd.experiments.registry import best_trial, register_best_student
+
+    trial = best_trial(grid, cfg.tune.metric)
+    registered = register_best_student(cfg, trial, sweep_dir)
+    trial_id = trial.metrics["trial_id"]
+    pretrain = sweep_dir.resolve() / "trials" / trial_id / "pretrain"
+    run_id = tracking.read_run_pointer(pretrain)["run_id"]
+    assert (registered.uri, registered.run_id) == ("models:/retain-asd-layout/1", run_id)
+    client = mlflow.MlflowClient(uri)
+    assert [a.path for a in client.list_artifacts(run_id) if a.path.endswith(".pt")] == ["student_beats.pt"]
+    version = client.get_model_version("retain-asd-layout", "1")
+    assert client.get_registered_model("retain-asd-layout").aliases == {"best": 1}
+    assert {k: version.tags[k] for k in ("preset", "trial_id", "choices", "hmean_all")} == {
+        "preset": POINT, "trial_id": trial_id, "choices": '{"snr_range_db": [0.0, 0.0], "alpha": 0.0, "beta": 0.0}',
+        "hmean_all": str(trial.metrics["hmean_all"])}
+    assert "val/hmean_low" not in version.tags  # train.validate_every = 0: no validation score to tag
+    copy = tracking.resolve_model_uri("models:/retain-asd-layout@best", uri, sweep_dir / "models")
+    assert copy.read_bytes() == (pretrain / "student_beats.pt").read_bytes()

@@ -212,3 +212,38 @@ def test_clips_that_score_nothing_exit_2_with_the_reasons(machine_bank, tmp_path
     err = capsys.readouterr().err
     assert f"0 clips scored in {broken}: 2 file(s) skipped (empty 1, unreadable 1)" in err
     assert not (tmp_path / "e.csv").exists()
+
+
+def test_a_bank_of_a_registered_student_is_the_bank_of_its_file(machine, machine_bank, tmp_path, capsys):
+    """`score bank --checkpoint models:/NAME@ALIAS` embeds with the registered file; `score clips` fetches it again
+    when its cached copy is gone."""
+    import shutil
+
+    from retain_asd import tracking
+
+    root, ckpt, names = machine
+    work = tmp_path / "work"
+    uri = tracking.resolve_tracking_uri("", work)
+    with tracking.mlflow_run(uri, "x-sweep", "pretrain-x-seed0") as run:
+        pass
+    registered = tracking.register_student(uri, "x", run.info.run_id, ckpt, alias="best")
+    config = [f"data.work_dir={work}"]  # the registry: <data.work_dir>/mlflow.db
+    bank_path = tmp_path / "bank.pt"
+    assert main(["bank", "--checkpoint", "models:/retain-asd-x@best", "--normal", str(root / "id_00"),
+                 "--out", str(bank_path), "--layer", "3", *config]) == 0
+    assert "8 references embedded by models:/retain-asd-x/1, layer 3" in capsys.readouterr().out
+    bank, by_file = MemoryBank.load(bank_path), MemoryBank.load(machine_bank)
+    assert torch.equal(bank.source, by_file.source)
+    assert (bank.meta["checkpoint_hash"], bank.meta["threshold"]) == (by_file.meta["checkpoint_hash"],
+                                                                      by_file.meta["threshold"])
+    assert bank.meta["model_uri"] == registered.uri
+    assert bank.meta["checkpoint"] == str(work / "checkpoints" / "models" / "retain-asd-x" / "1" / "ckpt.pt")
+    shutil.rmtree(work / "checkpoints")
+    clip = root / "id_00" / "test" / names[8]
+    assert main(["clips", "--bank", str(bank_path), "--clips", str(clip), *config]) == 0
+    assert main(["clips", "--bank", str(machine_bank), "--clips", str(clip)]) == 0
+    scored = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"{names[8]},")]
+    assert len(scored) == 2 and scored[0] == scored[1]
+    assert main(["bank", "--checkpoint", "models:/retain-asd-x/2", "--normal", str(root / "id_00"),
+                 "--out", str(tmp_path / "b2.pt"), *config]) == 2
+    assert "has no version 2; its versions: 1; its aliases: @best" in capsys.readouterr().err
