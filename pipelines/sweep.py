@@ -6,9 +6,12 @@ pretrain + evaluate.
 
 tune.search=grid (default) runs every (SNR range, alpha, beta) once; random / optuna draw tune.num_samples
 points; tune.max_concurrent trials run at once. Every trial is an MLflow run in `<experiment>-sweep` with
-its pre-training and evaluation runs nested under it; the best trial (by tune.metric) is written as a
-preset file, <out>/best.yaml (use it with --config), and its student is registered in the MLflow Model Registry
-as a version of retain-asd-<tracking.experiment> with the alias @best (evaluate and score take models:/ URIs).
+its pre-training and evaluation runs nested under it. Trials validate during pre-training (train.validate_every;
+when 0, a sweep validates every total_steps / 10 steps); tune.scheduler=asha stops weak trials early on
+val/hmean_low. The best finished trial by val/hmean_low is written as a preset file, <out>/best.yaml (use it with
+--config), and its student is registered in the MLflow Model Registry as a version of
+retain-asd-<tracking.experiment> with the alias @best (evaluate and score take models:/ URIs); the summary shows
+each trial's validation figure and its test figure (tune.metric) side by side.
 """
 
 from __future__ import annotations
@@ -40,19 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
 
-    from retain_asd.experiments.registry import best_trial, register_best_student
+    from retain_asd.experiments.registry import register_best_student
     from tune.space import check_trials
-    from tune.sweep import run_sweep, summarize_sweep, sweep_experiment, write_best_config
+    from tune.sweep import best_trial, run_sweep, summarize_sweep, sweep_experiment, sweep_plan, write_best_config
 
     check_trials(cfg)  # a bad sweep value fails here, before Ray starts
     if not protocol_guard(cfg, "retain-asd sweep"):  # so does an overlap of the two corpora
         return 2
     with quiet_run(Path(args.out) / "sweep.log", args.verbose, address=args.address) as console:
-        console.say(f"sweep {cfg.name}: {cfg.tune.num_samples} trials, each a pretrain + evaluate")
+        console.say(sweep_plan(cfg))
         grid = run_sweep(cfg, args.out)
         text, code = summarize_sweep(grid, cfg.tune.metric)
         best = write_best_config(grid, cfg, Path(args.out) / "best.yaml")
-        student = register_best_student(cfg, best_trial(grid, cfg.tune.metric), args.out)  # models:/...@best
+        student = register_best_student(cfg, best_trial(grid), args.out)  # models:/...@best
     console.say(text)
     if best:
         console.say(f"best trial's config: {best} (retain-asd pretrain --config {best} --out DIR)")

@@ -178,9 +178,12 @@ class TuneConfig:
     snr_ranges_db: tuple[tuple[float, float], ...] = ((-5.0, 5.0), (0.0, 0.0), (-10.0, 10.0), (-5.0, 15.0))
     alphas: tuple[float, ...] = (0.5, 1.0, 2.0)
     betas: tuple[float, ...] = (0.5, 1.0, 2.0)
-    metric: str = "hmean_all"
+    metric: str = "hmean_all"  # the TEST figure reported per finished trial (selection is on val/hmean_low)
     max_concurrent: int = 1  # trials at once (Ray Tune's max_concurrent_trials)
     search: str = "grid"  # grid: every (SNR range, alpha, beta) once; random: num_samples draws; optuna: TPE
+    scheduler: str = "fifo"  # fifo: every trial runs to the end; asha: Ray Tune's ASHA stops weak ones early
+    grace_period: int = 1  # asha: validation points (train.validate_every steps each) before a trial may stop
+    reduction_factor: float = 3.0  # asha: 1 / share of trials kept at each rung (Hyperband's eta)
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,7 @@ _CHOICES = {
     "train.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "train.use_gpu": ("auto", "true", "false"),
     "tune.search": ("grid", "random", "optuna"),
+    "tune.scheduler": ("fifo", "asha"),
 }
 
 
@@ -425,7 +429,12 @@ def validate_numbers(cfg: Config) -> None:
            "a non-empty list of weights >= 0", tu.betas)
     _check(len(tu.snr_ranges_db) > 0, "tune.snr_ranges_db", "non-empty", tu.snr_ranges_db)
     _check(tu.max_concurrent >= 1, "tune.max_concurrent", ">= 1", tu.max_concurrent)
-    _check(tu.metric in SWEEP_METRICS, "tune.metric", f"one of {list(SWEEP_METRICS)}", tu.metric)
+    _check(tu.metric in SWEEP_METRICS, "tune.metric", f"one of {list(SWEEP_METRICS)} (the test figure reported; "
+           "trials are selected on val/hmean_low)", tu.metric)
+    _check(tu.grace_period >= 1, "tune.grace_period", ">= 1 (validation points before ASHA may stop a trial)",
+           tu.grace_period)
+    _check(tu.reduction_factor > 1, "tune.reduction_factor", "> 1 (ASHA keeps 1 / reduction_factor of the trials "
+           "at each rung)", tu.reduction_factor)
 
 
 def check_layer(layer: int, depth: int, name: str, source: str | os.PathLike) -> None:

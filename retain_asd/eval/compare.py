@@ -3,7 +3,9 @@
 Runs come from ``mlflow.search_runs`` (through `retain_asd.tracking.experiment_runs`); grouping, intervals,
 tables and plots are `report.comparison_*`. The evaluation runs are the ones tagged ``kind=evaluate`` (one per
 scored checkpoint, see `builder.evaluate_from_config`); an experiment point (``kind=point``: a study cell or a
-sweep trial, `retain_asd.experiments.point`) with no evaluation run under it shows as a failed row.
+sweep trial, `retain_asd.experiments.point`) with no evaluation run under it shows as a failed row, or, when a
+sweep's scheduler stopped it before its evaluation (tags ``status=stopped_early``, ``stopped_at_step``, written by
+`tune.sweep.record_outcomes`), as a row "stopped early at step n": not failed, no figures.
 """
 
 from __future__ import annotations
@@ -35,10 +37,13 @@ def _records(runs: list[dict]) -> list[report.RunRecord]:
     scored_points = {r["tags"].get("mlflow.parentRunId") for r in evaluations}
     scored_groups = {report.group_name(report.RunRecord(**r)) for r in evaluations}
     out = [report.RunRecord(**r) for r in evaluations]
-    for r in runs:  # a point that never got to its evaluation: a failed row of its own
+    for r in runs:  # a point that never got to its evaluation: a failed (or stopped) row of its own
         if r["tags"].get("kind") in POINT_KINDS and r["run_id"] not in scored_points:
-            rec = report.RunRecord(**(r | {"status": "FAILED" if r["status"] == "FINISHED" else r["status"],
-                                            "metrics": {}}))
+            if r["tags"].get("status") == "stopped_early":
+                status = report.STOPPED
+            else:
+                status = "FAILED" if r["status"] == "FINISHED" else r["status"]
+            rec = report.RunRecord(**(r | {"status": status, "metrics": {}}))
             if report.group_name(rec) not in scored_groups:
                 out.append(rec)
     return out
@@ -70,7 +75,8 @@ def compare_experiment(experiment: str, *, tracking_uri: str, out_dir: str | os.
     experiment (never itself compared).
 
     Rows: runs grouped by their ``preset`` tag (a sweep trial has its own preset name), mean and 95%
-    t-interval over the ``seed`` tag; a FAILED run, or one without figures, counts as failed.
+    t-interval over the ``seed`` tag; a FAILED run, or one without figures, counts as failed; a sweep trial
+    stopped early by its scheduler counts as stopped (status "stopped early at step n"), not failed.
     Raises ValueError when the experiment is missing or holds no evaluation run.
     """
     from retain_asd import tracking

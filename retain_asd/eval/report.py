@@ -150,13 +150,16 @@ CHANCE = 0.5  # official score (hmean of AUCs and McClish pAUC) of a random dete
 _CELL = re.compile(r"^(?P<condition>[A-Za-z0-9_.-]+)/snr_(?P<snr>-?\d+)/official$")
 
 
+STOPPED = "STOPPED_EARLY"  # a sweep trial its scheduler stopped before the evaluation (`compare._records`)
+
+
 @dataclass(frozen=True)
 class RunRecord:
     """One MLflow run as plain data (what `tracking.experiment_runs` returns)."""
 
     run_id: str
     run_name: str
-    status: str  # MLflow: FINISHED, FAILED, KILLED, RUNNING, SCHEDULED
+    status: str  # MLflow: FINISHED, FAILED, KILLED, RUNNING, SCHEDULED; or STOPPED_EARLY (`STOPPED`)
     tags: Mapping[str, str]
     params: Mapping[str, str]
     metrics: Mapping[str, float]
@@ -174,14 +177,23 @@ class ComparisonRow:
     name: str  # the preset (or sweep trial) the runs belong to
     seeds: tuple[str, ...]  # of the runs that produced figures
     runs: int  # runs in the group (failed included)
-    failed: int  # runs that failed or logged no figures
+    failed: int  # runs that failed or logged no figures (stopped ones not included)
     estimates: Mapping[str, Estimate]  # metric key -> mean / interval over the group's finished runs
+    stopped_at: tuple[int, ...] = ()  # the step of each run a sweep's scheduler stopped early
 
     @property
     def status(self) -> str:
-        if self.failed == 0:
+        if self.failed == 0 and not self.stopped_at:
             return "ok"
-        return "FAILED" if self.failed == self.runs else f"{self.failed} of {self.runs} failed"
+        parts = []
+        if self.stopped_at:
+            steps = ", ".join(str(s) for s in self.stopped_at)
+            at = f"at step{'s' if len(self.stopped_at) > 1 else ''} {steps}"
+            n = len(self.stopped_at)
+            parts.append(f"stopped early {at}" if n == self.runs else f"{n} of {self.runs} stopped early {at}")
+        if self.failed:
+            parts.append("FAILED" if self.failed == self.runs else f"{self.failed} of {self.runs} failed")
+        return "; ".join(parts)
 
 
 def mean_interval(values, confidence: float = 0.95) -> Estimate:
@@ -227,7 +239,8 @@ def metric_keys(columns, variant: str) -> list[str]:
 
 
 def comparison_rows(records, metric: str = "hmean_low") -> list[ComparisonRow]:
-    """Group run records into rows; a run counts as failed when MLflow says so or it logged no figures.
+    """Group run records into rows; a run counts as failed when MLflow says so or it logged no figures, unless a
+    sweep's scheduler stopped it early (status STOPPED: counted in ``stopped_at``, not failed).
 
     Rows are sorted by ``metric`` (best first); rows without it (failed) come last.
     """
@@ -238,9 +251,11 @@ def comparison_rows(records, metric: str = "hmean_low") -> list[ComparisonRow]:
     rows = []
     for name, runs in groups.items():
         ok = [r for r in runs if r.status == "FINISHED" and r.metrics]
+        stopped = tuple(sorted(int(r.tags.get("stopped_at_step", 0)) for r in runs if r.status == STOPPED))
         estimates = {k: mean_interval([r.metrics.get(k, math.nan) for r in ok]) for k in sorted(keys)}
         rows.append(ComparisonRow(name, tuple(sorted((run_seed(r) for r in ok), key=_seed_order)), len(runs),
-                                  len(runs) - len(ok), {k: e for k, e in estimates.items() if e.n}))
+                                  len(runs) - len(ok) - len(stopped), {k: e for k, e in estimates.items() if e.n},
+                                  stopped))
     key = lambda row: (-row.estimates[metric].mean if metric in row.estimates else math.inf, row.name)  # noqa: E731
     return sorted(rows, key=key)
 

@@ -57,14 +57,15 @@ class PointResult:
 def run_point(cfg: Config, out_dir: str | os.PathLike, *, tracking_uri: str | None = None,
               experiment: str | None = None, parent_run_id: str | None = None, label: str | None = None,
               tags: Mapping[str, str] | None = None, corpus=None, protocol=None, evaluation_sets=None,
-              layers: Sequence[int] = ()) -> PointResult:
+              layers: Sequence[int] = (), callbacks: Sequence = ()) -> PointResult:
     """Pre-train `cfg` (resumes; `frozen` trains nothing), score the student on the eval sets, log the point.
 
     `tracking_uri` / `experiment`: the MLflow store and experiment (default: the config's tracking section);
     `parent_run_id`: nest the point's run under that run. `label`: the point's name in runs and tables (default
     cfg.name); `tags`: on every run of the point. `corpus` (+ its leakage-guard `protocol` report) and
     `evaluation_sets`: built ones to reuse (default: from the config). `layers`: scored besides eval.layer.
-    Ray must be initialised.
+    `callbacks`: Ray Train callbacks for the pre-training (a sweep trial forwards its validation reports to Ray
+    Tune with one, so a scheduler can stop it before the evaluation). Ray must be initialised.
     """
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +90,8 @@ def run_point(cfg: Config, out_dir: str | os.PathLike, *, tracking_uri: str | No
             tracking.delete_run(uri, earlier["run_id"])  # an interrupted point's: one evaluation per point
 
         t0 = time.perf_counter()
-        trained = pretrain(cfg, out_dir / "pretrain", corpus=corpus, protocol=protocol, tags=tags)
+        trained = pretrain(cfg, out_dir / "pretrain", corpus=corpus, protocol=protocol, tags=tags,
+                           callbacks=callbacks)
         train_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()

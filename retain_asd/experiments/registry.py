@@ -3,9 +3,9 @@
 A trial is an experiment point in ``<sweep out>/trials/<trial id>/`` (`tune.sweep.run_trial`): its student is
 ``pretrain/student_beats.pt``, logged as an artifact of its pre-training run (``pretrain/mlflow_run.json``), the
 child of the trial's point run. `register_trial_student` registers that file (`tracking.register_student`) with the
-trial's choices, config name, trial id and validation score as tags; `best_trial` picks the trial the way
-`tune.sweep.write_best_config` does. The trial is a Ray Tune ``Result`` (``metrics`` with ``trial_id``, ``config``
-with the choices); nothing here imports Ray.
+trial's choices, config name, trial id and validation score as tags. The trial is the sweep's outcome of it
+(`tune.sweep.TrialOutcome`: ``trial_id``, ``choices``, ``validation``, ``test``), the one `tune.sweep.best_trial`
+selects on validation; nothing here imports Ray or Tune.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any
 
 from retain_asd import tracking
 from retain_asd.config import Config, load_config
@@ -26,25 +25,17 @@ CHOICES = ("snr_range_db", "alpha", "beta")  # what a trial chose (tune.space)
 VALIDATION = "val/hmean_low"  # the validation score pre-training logs (train.validate_every)
 
 
-def best_trial(grid, metric: str) -> Any | None:
-    """The finished trial of `grid` with the highest `metric` (as `tune.sweep.write_best_config` ranks them);
-    None when no trial reported it."""
-    ranked = [r for r in grid if r.error is None and isinstance((r.metrics or {}).get(metric), int | float)]
-    return max(ranked, key=lambda r: r.metrics[metric]) if ranked else None
-
-
 def register_trial_student(cfg: Config, trial, sweep_dir: str | os.PathLike,
                            alias: str | None = "best") -> tracking.RegisteredStudent:
-    """Register the student of `trial` (a Tune Result of the sweep in `sweep_dir`) in the registry of `cfg`'s
-    tracking store, as a new version of ``retain-asd-<cfg.tracking.experiment>`` that `alias` then points at.
+    """Register the student of `trial` (the sweep's outcome of a finished trial in `sweep_dir`) in the registry of
+    `cfg`'s tracking store, as a new version of ``retain-asd-<cfg.tracking.experiment>`` that `alias` then points at.
 
     Tags: ``preset`` (the trial's config name), ``choices`` (JSON), ``trial_id``, the sweep's ``tune.metric`` with
-    the trial's value, and ``val/hmean_low`` (reported to Tune, else the last value its pre-training run logged;
-    absent when train.validate_every = 0). The version's source is the student among its pre-training run's
+    the trial's test value, and ``val/hmean_low`` (the selection figure; else the last value its pre-training run
+    logged; absent when nothing validated). The version's source is the student among its pre-training run's
     artifacts (uploaded when missing).
     """
-    metrics = trial.metrics or {}
-    trial_id = str(metrics.get("trial_id") or "")
+    trial_id = str(trial.trial_id or "")
     point_dir = Path(sweep_dir).resolve() / "trials" / trial_id
     pretrain_dir = point_dir / "pretrain"
     student = pretrain_dir / "student_beats.pt"
@@ -54,10 +45,11 @@ def register_trial_student(cfg: Config, trial, sweep_dir: str | os.PathLike,
                                 f"run ({tracking.RUN_POINTER} beside it); nothing to register")
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
     tags = {"preset": load_config(path=pretrain_dir / "config.yaml").name, "trial_id": trial_id,
-            "choices": json.dumps({k: trial.config[k] for k in CHOICES if k in (trial.config or {})})}
-    if isinstance(metrics.get(cfg.tune.metric), int | float):
-        tags[cfg.tune.metric] = metrics[cfg.tune.metric]
-    score = metrics.get(VALIDATION)
+            "choices": json.dumps({k: trial.choices[k] for k in CHOICES if k in (trial.choices or {})})}
+    test = trial.test or {}
+    if isinstance(test.get(cfg.tune.metric), int | float):
+        tags[cfg.tune.metric] = test[cfg.tune.metric]
+    score = trial.validation
     score = score if isinstance(score, int | float) else tracking.run_metrics(uri, run_id).get(VALIDATION)
     if score is not None:
         tags[VALIDATION] = score

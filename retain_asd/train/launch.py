@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -261,13 +262,14 @@ def resolve_use_gpu(setting: str) -> bool:
 
 
 def build_trainer(cfg: Config, loop_config: LoopConfig, train_dataset, out_dir: str | os.PathLike,
-                  mlflow_run: tuple[str, str] | None = None):
+                  mlflow_run: tuple[str, str] | None = None, callbacks: Sequence[Any] = ()):
     """TorchTrainer: fractional-CPU workers (Ray Data read tasks need CPUs too), keep-N checkpoints.
 
     `train.placement_strategy` places the workers (STRICT_SPREAD: one per node). The stream is split
     between the workers in dataset order (`preserve_order`), not by which block finished first or where it
     lives, so each rank sees the same rows on one node or several and a run is reproducible for its seed.
-    `mlflow_run`: (tracking URI, run id) that rank 0's metrics are logged to live.
+    `mlflow_run`: (tracking URI, run id) that rank 0's metrics are logged to live. `callbacks`: more Ray Train
+    callbacks (a sweep trial's forwarding of the validation reports to Ray Tune, `tune.sweep`).
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -290,7 +292,7 @@ def build_trainer(cfg: Config, loop_config: LoopConfig, train_dataset, out_dir: 
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              callbacks=[_metrics_log_callback(out_dir / "metrics.jsonl", *(mlflow_run or ())),
-                                        recovery.run_monitor(out_dir / recovery.EVENTS)]),
+                                        recovery.run_monitor(out_dir / recovery.EVENTS), *callbacks]),
         datasets={"train": train_dataset},
     )
 
@@ -415,24 +417,26 @@ def _log_outputs(out_dir: Path, student_path: Path, student_uri: str | None = No
 
 # ---------------------------------------------------------------------------------------- pretrain
 def pretrain(cfg: Config, out_dir: str | os.PathLike, *, corpus=None, stop_at_step: int | None = None,
-             track: bool = True, protocol=None, tags: dict | None = None) -> PretrainResult:
+             track: bool = True, protocol=None, tags: dict | None = None,
+             callbacks: Sequence[Any] = ()) -> PretrainResult:
     """Pre-train (or resume) the student of `cfg` into `out_dir`; export it; log the run to MLflow.
 
     `corpus`: the ingested PRE-TRAINING corpus (default: `ingest.corpora_from_config(cfg)`, which runs the
     leakage guard against the evaluation corpus first); `protocol`: the guard's ``OverlapReport`` when the
     caller passes `corpus` (logged as MLflow params); `tags`: MLflow tags over the run's own (an experiment
-    point's label as ``preset``, its study or trial). `stop_at_step`: stop after
+    point's label as ``preset``, its study or trial); `callbacks`: Ray Train callbacks added to the trainer's
+    (e.g. Ray Tune's report forwarding in a sweep trial). `stop_at_step`: stop after
     that optimiser step (a checkpoint is written there; a later call resumes), e.g. for time-limited jobs.
     A re-run resumes from the newest COMPLETE checkpoint on disk (`recovery.prepare_resume`); the run ends
     with <out>/summary.json; a divergence raises `DivergenceError` and exports nothing. The run owns `out_dir`
     while it runs (`fsio.run_lock`): a second run on it raises `fsio.RunLockedError` naming the first.
     """
     with fsio.run_lock(out_dir, "pretrain"):
-        return _pretrain(cfg, Path(out_dir).resolve(), corpus, stop_at_step, track, protocol, tags)
+        return _pretrain(cfg, Path(out_dir).resolve(), corpus, stop_at_step, track, protocol, tags, callbacks)
 
 
 def _pretrain(cfg: Config, out_dir: Path, corpus, stop_at_step: int | None, track: bool,
-              protocol, tags: dict | None) -> PretrainResult:
+              protocol, tags: dict | None, callbacks: Sequence[Any]) -> PretrainResult:
     fsio.remove_stale_temps(out_dir)  # temp files of a run that was killed (config.yaml, student, MLflow pointer)
     config_path = out_dir / "config.yaml"
     init_checkpoint = resolve_init_checkpoint(cfg, out_dir)
@@ -461,7 +465,7 @@ def _pretrain(cfg: Config, out_dir: Path, corpus, stop_at_step: int | None, trac
         corpus, _, protocol = corpora_from_config(cfg)  # before the MLflow run: a corpus error is no failed run
     with _tracked_run(cfg, out_dir, track, protocol, tags) as run:
         checkpoint = checkpoint if done else _train(cfg, out_dir, corpus, init_checkpoint, checkpoint,
-                                                    stop_at_step, run)
+                                                    stop_at_step, run, callbacks)
         state = read_train_state(checkpoint)
         step = int(state["step"])
         export_student(checkpoint, init_checkpoint, student_path)
@@ -509,7 +513,7 @@ def _validation(cfg: Config) -> dict:
 
 
 def _train(cfg: Config, out_dir: Path, corpus, init_checkpoint: Path, checkpoint: Path | str | None,
-           stop_at_step: int | None, run: tuple[str, str] | None) -> Path | str:
+           stop_at_step: int | None, run: tuple[str, str] | None, callbacks: Sequence[Any] = ()) -> Path | str:
     """Fit up to stop_at_step / total_steps from `checkpoint` (or the start); the newest checkpoint (a URI when
     the checkpoints are in data.storage).
 
@@ -523,7 +527,7 @@ def _train(cfg: Config, out_dir: Path, corpus, init_checkpoint: Path, checkpoint
                                       **resume, **_init_in_storage(cfg, out_dir, init_checkpoint),
                                       **_validation(cfg), noise_bank=plan.state_ref,
                                       checkpoint_dir=_local_run_dir(cfg, out_dir))
-    trainer = build_trainer(cfg, loop_config, plan.dataset, out_dir, mlflow_run=run)
+    trainer = build_trainer(cfg, loop_config, plan.dataset, out_dir, mlflow_run=run, callbacks=callbacks)
     since = recovery.fit_started(out_dir)
     try:
         result = trainer.fit()

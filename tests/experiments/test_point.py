@@ -73,11 +73,12 @@ def registered_trial_student(cfg, grid, sweep_dir, uri: str) -> None:
     alias best, the very file its pre-training run logged (not uploaded again), with the trial's tags."""
     import mlflow
 
-    from retain_asd.experiments.registry import best_trial, register_best_student
+    from retain_asd.experiments.registry import register_best_student
+    from tune.sweep import best_trial
 
-    trial = best_trial(grid, cfg.tune.metric)
+    trial = best_trial(grid)  # on validation
     registered = register_best_student(cfg, trial, sweep_dir)
-    trial_id = trial.metrics["trial_id"]
+    trial_id = trial.trial_id
     pretrain = sweep_dir.resolve() / "trials" / trial_id / "pretrain"
     run_id = tracking.read_run_pointer(pretrain)["run_id"]
     assert (registered.uri, registered.run_id) == ("models:/retain-asd-layout/1", run_id)
@@ -87,7 +88,7 @@ def registered_trial_student(cfg, grid, sweep_dir, uri: str) -> None:
     assert client.get_registered_model("retain-asd-layout").aliases == {"best": 1}
     assert {k: version.tags[k] for k in ("preset", "trial_id", "choices", "hmean_all")} == {
         "preset": POINT, "trial_id": trial_id, "choices": '{"snr_range_db": [0.0, 0.0], "alpha": 0.0, "beta": 0.0}',
-        "hmean_all": str(trial.metrics["hmean_all"])}
-    assert "val/hmean_low" not in version.tags  # train.validate_every = 0: no validation score to tag
+        "hmean_all": str(trial.test["hmean_all"])}
+    assert version.tags["val/hmean_low"] == str(trial.validation)  # the figure it was selected on
     copy = tracking.resolve_model_uri("models:/retain-asd-layout@best", uri, sweep_dir / "models")
     assert copy.read_bytes() == (pretrain / "student_beats.pt").read_bytes()
