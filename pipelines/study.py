@@ -2,7 +2,9 @@
 
 Every row (config section `study.rows`) continues the same initial encoder (model.checkpoint, or the cached
 stand-in foundation encoder) at every seed of `study.seeds`, and is scored on the evaluation world at the
-config's SNRs and conditions. Prints the Table-2 layout with the mean and 95% interval over seeds per cell.
+config's SNRs and conditions. Prints hmean{-10,-5,0} and All per row, raw and DN, with the mean and a 95%
+interval over the training seeds and a bootstrap of the test clips, and each row against `denoise` (better /
+worse only when the difference's interval excludes 0); <out>/summary/comparison.md has every condition x SNR.
 A re-run skips the finished row x seed pairs. Ray's and MLflow's logs go to <out>/study.log (--verbose:
 on the console).
 """
@@ -59,8 +61,9 @@ def run_and_print(cfg, out: Path, *, address: str | None, verbose: bool, log_nam
                 initial_encoder(cfg, progress=None if verbose else isatty(console.stream))
         result = run_study(cfg, out, say=console.say, progress=False)
     console.say("")
-    console.say(f"Table 2 over seeds ({result.comparison.primary} primary; official score x100, mean ± 95% interval; "
-                "hmean{-10,-5,0} and All over " + ", ".join(cfg.eval.conditions) + "):")
+    console.say(f"Table 2 ({result.comparison.primary} primary; official score x100, mean ± "
+                f"{result.headline.header()}; hmean{{-10,-5,0}} and All over {', '.join(cfg.eval.conditions)}):")
+    console.say(f"resolution: {result.headline.resolution(study_metric(cfg))}")
     for line in result.comparison.scored_on:  # what every score of the table was computed on
         console.say(line)
     console.say(result.table)

@@ -270,9 +270,15 @@ def plus_minus(e: Estimate | None) -> str:
     return f"{100 * e.mean:.2f}" + ("" if math.isnan(e.half_width) else f" ± {100 * e.half_width:.2f}")
 
 
-def comparison_markdown(rows, columns, primary: str = "raw", title: str = "") -> str:
-    """Both variants as markdown tables (x100, mean ± 95% half width over seeds), the primary one first and
-    labelled; ``hmean{-10,-5,0}`` is `hmean_low`, ``All`` is `hmean_all`."""
+SEEDS_NOTE = ("Official DCASE score x100: mean ± 95% t-interval half width over seeds (no interval with one seed); "
+              "hmean{-10,-5,0} = harmonic mean over every condition at -10, -5 and 0 dB, All = over every SNR. "
+              "Chance = 50.")
+
+
+def comparison_markdown(rows, columns, primary: str = "raw", title: str = "", note: str = SEEDS_NOTE) -> str:
+    """Both variants as markdown tables (x100, mean ± 95% half width), the primary one first and labelled;
+    ``hmean{-10,-5,0}`` is `hmean_low`, ``All`` is `hmean_all`. `note`, under the tables, says what the intervals
+    count (default: the seeds; the study's replaces the headline figures' with intervals over seeds and clips)."""
     header = (["run", "seeds", "status"] + [f"{c} {s} dB" for c, s in columns] + ["hmean{-10,-5,0}", "All"])
     out = [f"## {title}".rstrip()] if title else []
     for variant in sorted(VARIANTS, key=lambda v: v != primary):
@@ -282,17 +288,17 @@ def comparison_markdown(rows, columns, primary: str = "raw", title: str = "") ->
         for row in rows:
             cells = [plus_minus(row.estimates.get(k)) for k in metric_keys(columns, variant)]
             out.append("| " + " | ".join([row.name, str(len(row.seeds)), row.status, *cells]) + " |")
-    out += ["", "Official DCASE score x100: mean ± 95% t-interval half width over seeds (no interval with one "
-            "seed); hmean{-10,-5,0} = harmonic mean over every condition at -10, -5 and 0 dB, All = over every "
-            "SNR. Chance = 50."]
+    out += ["", note]
     return "\n".join(out) + "\n"
 
 
-def write_comparison_csv(rows, columns, path) -> Path:
+def write_comparison_csv(rows, columns, path, extra: Mapping[str, Mapping[str, str]] | None = None) -> Path:
     """One line per row: name, status, runs, failed, seeds, then for raw and DN every metric key (the mean, in
-    MLflow's units) and ``<key>_ci95`` (the half width); a key is exactly the evaluation's MLflow metric key."""
+    MLflow's units) and ``<key>_ci95`` (the half width); a key is exactly the evaluation's MLflow metric key.
+    `extra`: row name -> {column: value} appended after them (a row without a value gets an empty cell)."""
     keys = metric_keys(columns, "raw") + metric_keys(columns, "dn")
-    header = ["run", "status", "runs", "failed", "seeds"] + [x for k in keys for x in (k, f"{k}_ci95")]
+    more = list(dict.fromkeys(c for values in (extra or {}).values() for c in values))
+    header = ["run", "status", "runs", "failed", "seeds"] + [x for k in keys for x in (k, f"{k}_ci95")] + more
 
     def num(x: float) -> str:
         return "" if math.isnan(x) else repr(float(x))
@@ -303,7 +309,9 @@ def write_comparison_csv(rows, columns, path) -> Path:
         for k in keys:
             e = row.estimates.get(k)
             values += ["", ""] if e is None else [num(e.mean), num(e.half_width)]
-        lines.append([row.name, row.status, row.runs, row.failed, " ".join(row.seeds), *values])
+        mine = (extra or {}).get(row.name, {})
+        lines.append([row.name, row.status, row.runs, row.failed, " ".join(row.seeds), *values,
+                      *(mine.get(c, "") for c in more)])
     with fsio.atomic_write(path, newline="") as f:
         csv.writer(f, lineterminator="\n").writerows(lines)
     return Path(path)

@@ -30,8 +30,15 @@ import scipy.stats
 
 from retain_asd.eval import metrics
 
-INTERVAL_TEXT = ("95% interval over training seeds (t) and test clips (paired bootstrap within domain x label, "
-                 "{resamples} draws), combined in quadrature")
+INTERVAL_TEXT = ("95% interval over {seeds} training seed{s} (t) and {resamples} bootstrap draws of the test clips "
+                 "(paired across rows, within each machine's domain x label groups), combined in quadrature")
+
+
+def interval_text(seeds: int, resamples: int) -> str:
+    """What an interval of this module counts, for a table header (INTERVAL_TEXT filled in; with one seed the seed
+    term cannot be estimated, and the text says so)."""
+    text = INTERVAL_TEXT.format(seeds=seeds, s="s" * (seeds != 1), resamples=resamples)
+    return text if seeds > 1 else text.replace("1 training seed (t)", "1 training seed (no seed term)")
 
 
 @dataclass(frozen=True)
@@ -58,8 +65,7 @@ def clip_draws(labels: Mapping[str, Labels], resamples: int, seed: int = 0) -> d
 
 
 def figure_replicates(scores: Mapping[tuple[str, float, str], np.ndarray], labels: Mapping[str, Labels],
-                      draws: Mapping[str, np.ndarray], low_snrs_db: Sequence[float] = metrics.LOW_SNRS_DB,
-                      ) -> dict[str, np.ndarray]:
+                      draws: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Bootstrap replicates of one run's Table-2 figures from its per-clip scores.
 
     `scores`: (condition, snr_db, machine) -> (Q,) anomaly scores of that machine's test clips (in `labels`'
@@ -69,7 +75,6 @@ def figure_replicates(scores: Mapping[tuple[str, float, str], np.ndarray], label
     cells = sorted({(c, float(s)) for c, s, _ in scores})
     machines = sorted({m for _, _, m in scores})
     num = len(next(iter(draws.values())))
-    low = {float(s) for s in low_snrs_db}
     out = {"hmean_low": np.empty(num), "hmean_all": np.empty(num)}
     for b in range(num):
         official = {}
@@ -80,10 +85,25 @@ def figure_replicates(scores: Mapping[tuple[str, float, str], np.ndarray], label
                 figures.append(metrics.replicate_machine_scores(np.asarray(scores[(c, s, m)])[idx],
                                                                 labels[m].is_anomaly[idx], labels[m].is_target[idx]))
             official[(c, s)] = metrics.official_score(figures)
-        values = list(official.values())
-        lows = [v for (_, s), v in official.items() if s in low]
-        out["hmean_all"][b] = metrics.hmean(values)
-        out["hmean_low"][b] = metrics.hmean(lows) if lows else math.nan
+        overall = metrics.table2(official)[-1]  # hmean_low is NaN unless every condition has -10, -5 and 0 dB
+        out["hmean_all"][b] = overall.hmean_all
+        out["hmean_low"][b] = overall.hmean_low
+    return out
+
+
+def whole_set(labels: Mapping[str, Labels]) -> dict[str, np.ndarray]:
+    """machine -> (1, Q): the one "draw" that is the test set itself (`figure_replicates` of it = the figures)."""
+    return {m: np.arange(np.asarray(lab.is_anomaly).size)[None] for m, lab in labels.items()}
+
+
+def auc_steps(labels: Mapping[str, Labels]) -> dict[tuple[str, str], int]:
+    """(machine, "source" | "target") -> normal x anomalous clip pairs of its AUC (the evaluator's masks: the
+    domain's normals against every anomaly): one pair moves that AUC by 1 / pairs, its resolution."""
+    out = {}
+    for m, lab in sorted(labels.items()):
+        is_anomaly, is_target = np.asarray(lab.is_anomaly, bool), np.asarray(lab.is_target, bool)
+        for domain, in_domain in (("source", ~is_target), ("target", is_target)):
+            out[(m, domain)] = int(np.sum(in_domain & ~is_anomaly)) * int(np.sum(is_anomaly))
     return out
 
 
@@ -105,6 +125,14 @@ class Interval:
     @property
     def excludes_zero(self) -> bool:
         return bool(self.low > 0 or self.high < 0)
+
+    @property
+    def call(self) -> str:
+        """A difference's reading (higher scores are better): "better" / "worse" only when its interval excludes
+        0, else "no difference"."""
+        if not self.excludes_zero:
+            return "no difference"
+        return "better" if self.mean > 0 else "worse"
 
 
 def combined_interval(points: Sequence[float], replicates: np.ndarray, confidence: float = 0.95) -> Interval:
@@ -132,5 +160,5 @@ def difference_interval(points: Sequence[float], replicates: np.ndarray, base_po
                              np.asarray(replicates) - np.asarray(base_replicates), confidence)
 
 
-__all__ = ["INTERVAL_TEXT", "Interval", "Labels", "clip_draws", "combined_interval", "difference_interval",
-           "figure_replicates"]
+__all__ = ["INTERVAL_TEXT", "Interval", "Labels", "auc_steps", "clip_draws", "combined_interval",
+           "difference_interval", "figure_replicates", "interval_text", "whole_set"]

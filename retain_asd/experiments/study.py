@@ -8,16 +8,19 @@
            evaluate on the 7 SNRs x 3 conditions (kNN)          evaluate/
            MLflow run `point-<row>-seed<k>` with its pretrain and evaluate runs nested, all tagged study=<name>
            result.json (written last: a finished cell of the study; a re-run skips it)
-      -> summary: `compare_experiment` over the study's MLflow runs (what `retain-asd compare` prints): mean and
-         95% interval over seeds per cell, hmean{-10,-5,0} and All, raw and DN; <out>/summary/comparison.{md,csv},
-         plots, one MLflow run `summary`
+      -> summary: `compare_experiment` over the study's MLflow runs (what `retain-asd compare` prints: the mean and
+         95% t-interval over seeds per condition x SNR), then the headline figures (hmean{-10,-5,0} and All, raw
+         and DN) with intervals over the training seeds *and* the test clips (`eval/uncertainty.py`: a paired
+         bootstrap over the per-clip scores each evaluation wrote, CLIP_RESAMPLES draws seeded by eval.seed) and
+         every row against `denoise` (better / worse only when the difference's interval excludes 0, else "no
+         difference"); <out>/summary/comparison.{md,csv}, plots, one MLflow run `summary`
 
 Rows are presets (`retain_asd/presets/<preset>.yaml`) whose `objective` and `mixing` sections are merged
 over the study config; a row is named by its preset, or `label:preset` (e.g. the demo's
 `tagging_mixture:tagging_mixture_pm5`). A seed sets `train.seed` and `mixing.seed` (student init of the
 heads, batch order, pairings, SNR draws); the initial encoder and the evaluation sets are the same for every
 row and seed (paper Sec. 4: every method continues from the same BEATs iter3). `frozen` is deterministic,
-so its interval is zero.
+so its interval counts the test clips only.
 
 A plain loop over configs (the rows run one after another, each a Ray Train run using every worker): on
 one machine, Tune's trial scheduling would add nothing; `tune/` sweeps around it.
@@ -25,6 +28,7 @@ one machine, Tune's trial scheduling would add nothing; `tune/` sweeps around it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -33,6 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -48,12 +53,22 @@ from retain_asd.config import (
     uses_foundation,
 )
 
+if TYPE_CHECKING:
+    from retain_asd.eval.uncertainty import Interval, Labels
+
 log = logging.getLogger(__name__)
 
+BASE_ROW = "denoise"  # every other row is compared with it (the baseline the paper's rows must beat)
+# Bootstrap draws of the test clips behind the headline intervals (stated in the header). The interval uses the
+# draws' standard deviation, not their percentiles: 100 give it to about 7% (1 / sqrt(2 (B - 1))), at half the
+# cost of 200 (each draw rescores every set of every row x seed; measured below in docs/study.md).
+CLIP_RESAMPLES = 100
+HEADLINE_KEYS = ("hmean_low", "hmean_all", "hmean_low_dn", "hmean_all_dn")  # Table 2's figures, raw and DN
 TABLE2_ROWS = ("frozen", "denoise", "denoise_linear_mixup", "denoise_snr_mixup", "tagging_pm5", "mixture_pm5",
                "tagging_mixture_pm5", "tagging_0db", "mixture_0db", "tagging_mixture_0db")
 ROW_SECTIONS = ("objective", "mixing")  # what a row preset may change; the rest is the study's
 RESULT = "result.json"
+REPLICATES = "clip_replicates.npz"  # beside it: the cell's headline figures and their test-clip replicates
 STUDY_VERSION = 1
 
 
@@ -131,15 +146,254 @@ def read_cell(path: Path) -> CellResult | None:
         return None
 
 
+# ---------------------------------------------------------------------------------------------------- intervals
+ScoreMap = dict[tuple[str, float, str], np.ndarray]  # (condition, snr_db, machine) -> (Q,) per-clip scores
+
+
+def clip_labels(evaluation_sets, condition: str, snr_db: float
+                ) -> tuple[dict[str, Labels], dict[str, list[tuple[str, str]]]]:
+    """Every machine's test clips in one fixed order (by section, then file name) -> ({machine: Labels},
+    {machine: [(section, wav_name), ...]}). Every condition and SNR holds the same clean clips (`evalsets`)."""
+    from retain_asd.eval.uncertainty import Labels
+
+    by_machine: dict[str, list[dict]] = {}
+    for r in evaluation_sets.rows(condition, snr_db):
+        if r["role"] == "test":
+            by_machine.setdefault(r["machine"], []).append(r)
+    labels, clips = {}, {}
+    for machine, tests in sorted(by_machine.items()):
+        tests = sorted(tests, key=lambda r: (str(r["section"]), str(r["wav_name"])))
+        clips[machine] = [(str(r["section"]), str(r["wav_name"])) for r in tests]
+        labels[machine] = Labels(np.array([r["label"] == "anomaly" for r in tests]),
+                                 np.array([r["domain"] == "target" for r in tests]))
+    return labels, clips
+
+
+def read_clip_scores(where: Path, clips: dict[str, list[tuple[str, str]]], conditions: Sequence[str],
+                     snrs_db: Sequence[float]) -> dict[str, ScoreMap]:
+    """One study cell's per-clip scores, {"raw" | "dn": ScoreMap} in `clips`' order, read back from the score files
+    its evaluation wrote (`run.write_score_files`: <where>/evaluate/<run>/scores/<condition>/snr_<dB>/<raw|dn>/,
+    the primary layer); nothing is embedded again, and a resumed study reads the same files."""
+    from retain_asd.eval.dcase_files import anomaly_score_path, read_score_file
+
+    found = sorted(p for p in (where / "evaluate").glob("*/scores") if p.is_dir())
+    if len(found) != 1:
+        raise FileNotFoundError(f"{where / 'evaluate'}: expected the score files of one evaluation, found "
+                                f"{[str(p) for p in found] or 'none'}; delete {where / RESULT} to run the cell again")
+    out: dict[str, ScoreMap] = {"raw": {}, "dn": {}}
+    for variant in out:
+        for condition in conditions:
+            for snr_db in snrs_db:
+                folder = found[0] / condition / f"snr_{int(snr_db)}" / variant
+                for machine, order in clips.items():
+                    named = {}
+                    for section in sorted({sec for sec, _ in order}):
+                        named |= {(section, n): v for n, v in
+                                  read_score_file(anomaly_score_path(folder, machine, section)).items()}
+                    missing = [n for n in order if n not in named]
+                    if missing:
+                        raise ValueError(f"{folder}: {machine} has no score for {len(missing)} test clips of the "
+                                         f"evaluation sets, e.g. {missing[:2]}; the cell was scored on other sets")
+                    out[variant][(condition, float(snr_db), machine)] = np.array([named[n] for n in order])
+    return out
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The study table's headline figures (HEADLINE_KEYS) with intervals over training seeds and test clips
+    (`eval/uncertainty.py`), per row, and every other row against `base` (row - base, paired by seed and draw)."""
+
+    seeds: int  # training seeds per row (the most any row has)
+    resamples: int  # bootstrap draws of the test clips
+    intervals: dict[str, dict[str, Interval]]  # row -> key -> its interval
+    differences: dict[str, dict[str, Interval]]  # row -> key -> interval of row - base (rows other than base)
+    base: str | None  # None: no `denoise` row, nothing is called
+    auc_pairs: dict[tuple[str, str], int]  # (machine, domain) -> normal x anomalous pairs of its AUC
+
+    def header(self) -> str:
+        """What every headline interval counts."""
+        from retain_asd.eval.uncertainty import interval_text
+
+        return interval_text(self.seeds, self.resamples)
+
+    def resolution(self, key: str) -> str:
+        """The smallest differences the sets can resolve: one AUC step, and the difference intervals' half widths
+        of figure `key` (its All counterpart when the sets have no hmean{-10,-5,0})."""
+        steps = sorted({100 / n for n in self.auc_pairs.values() if n})
+        text = f"one AUC step (1 / normal x anomalous clips per domain) is {_span(steps, '.3g')} points here"
+        if self.base is None:
+            return text + f"; no {BASE_ROW} row: no difference is called"
+        if not any(key in d for d in self.differences.values()):
+            key = key.replace("hmean_low", "hmean_all")
+        halves = sorted(100 * d[key].half_width for d in self.differences.values()
+                        if key in d and not math.isnan(d[key].half_width))
+        if halves:
+            text += (f"; the differences against {self.base} ({_figure_name(key)}) have 95% half widths of "
+                     f"{_span(halves, '.2f')} points: a smaller difference is not called")
+        return text
+
+
+def _span(values: Sequence[float], fmt: str) -> str:
+    lo, hi = format(min(values), fmt), format(max(values), fmt)
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def _figure_name(key: str) -> str:
+    variant = "dn" if key.endswith("_dn") else "raw"
+    return f"{variant} {'hmean{-10,-5,0}' if key.startswith('hmean_low') else 'All'}"
+
+
+def cell_figures(scores: dict[str, ScoreMap], labels: dict[str, Labels], draws: dict[str, np.ndarray]
+                 ) -> dict[str, tuple[float, np.ndarray]]:
+    """One row x seed: figure key -> (its value on the whole test set, its (B,) replicates over `draws`), from
+    {"raw" | "dn": ScoreMap}; a figure the sets cannot give (hmean_low without -10, -5 and 0 dB) is left out."""
+    from retain_asd.eval.uncertainty import figure_replicates, whole_set
+
+    out = {}
+    for variant, suffix in (("raw", ""), ("dn", "_dn")):
+        point = figure_replicates(scores[variant], labels, whole_set(labels))
+        replicates = figure_replicates(scores[variant], labels, draws)
+        for figure in ("hmean_low", "hmean_all"):
+            if not math.isnan(point[figure][0]):
+                out[figure + suffix] = (float(point[figure][0]), replicates[figure])
+    return out
+
+
+def cached_cell_figures(where: Path, stamp: str, clips: dict, labels: dict[str, Labels], draws: dict[str, np.ndarray],
+                        conditions: Sequence[str], snrs_db: Sequence[float]) -> dict[str, tuple[float, np.ndarray]]:
+    """`cell_figures` of the cell in `where` (its score files, `read_clip_scores`), kept in <where>/clip_replicates.npz
+    under `stamp` (`draws_stamp`): a resumed study reprints its table without redrawing; `study_point` deletes the
+    file when the cell runs again."""
+    import io
+
+    path = where / REPLICATES
+    try:
+        with np.load(path) as data:
+            if str(data["stamp"]) == stamp:
+                return {k: (float(data[k][0]), data[k][1:]) for k in data.files if k != "stamp"}
+    except (OSError, ValueError, KeyError):
+        pass  # none yet, torn or of other draws: computed again
+    figures = cell_figures(read_clip_scores(where, clips, conditions, snrs_db), labels, draws)
+    buffer = io.BytesIO()
+    np.savez(buffer, stamp=np.array(stamp), **{k: np.r_[point, reps] for k, (point, reps) in figures.items()})
+    fsio.write_bytes(path, buffer.getvalue())
+    return figures
+
+
+def draws_stamp(labels: dict[str, Labels], clips: dict, resamples: int, seed: int, conditions: Sequence[str],
+                snrs_db: Sequence[float]) -> str:
+    """What a cell's replicates depend on besides its scores: the draws (clips, labels, B, seed) and the sets."""
+    import hashlib
+
+    text = json.dumps([resamples, seed, list(conditions), [float(x) for x in snrs_db], sorted(clips.items()),
+                       {m: [lab.is_anomaly.tolist(), lab.is_target.tolist()] for m, lab in sorted(labels.items())}])
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def headline_intervals(figures: dict[str, dict[int, dict[str, tuple[float, np.ndarray]]]], resamples: int,
+                       auc_pairs: dict[tuple[str, str], int], base: str = BASE_ROW) -> Headline:
+    """`figures`: row -> training seed -> `cell_figures` (every cell from the same draws, so rows are paired) ->
+    each row's `combined_interval` and, for every row but `base`, `difference_interval` against it over the seeds
+    both have. Pure numpy."""
+    from retain_asd.eval.uncertainty import combined_interval, difference_interval
+
+    stacked: dict[str, dict[str, tuple[list[int], np.ndarray, np.ndarray]]] = {}  # row -> key -> seeds, (S,), (S, B)
+    for row, by_seed in figures.items():
+        seeds = sorted(by_seed)
+        for key in set.intersection(*(set(by_seed[s]) for s in seeds)) if seeds else ():
+            stacked.setdefault(row, {})[key] = (seeds, np.array([by_seed[s][key][0] for s in seeds]),
+                                                np.stack([by_seed[s][key][1] for s in seeds]))
+    intervals = {row: {k: combined_interval(p, r) for k, (_, p, r) in keys.items()} for row, keys in stacked.items()}
+    differences: dict[str, dict[str, Interval]] = {}
+    for row, keys in stacked.items():
+        for key, (seeds, p, r) in keys.items():
+            if row == base or key not in stacked.get(base, {}):
+                continue
+            base_seeds, bp, br = stacked[base][key]
+            both = [s for s in seeds if s in base_seeds]  # paired by seed
+            if both:
+                i, j = [seeds.index(s) for s in both], [base_seeds.index(s) for s in both]
+                differences.setdefault(row, {})[key] = difference_interval(p[i], r[i], bp[j], br[j])
+    num_seeds = max((len(v) for v in figures.values()), default=0)
+    return Headline(num_seeds, resamples, intervals, differences, base if base in stacked else None, auc_pairs)
+
+
+def with_headline(comparison, headline: Headline):
+    """`comparison` with the headline figures' intervals replaced by the Headline's (the condition x SNR cells keep
+    their intervals over seeds) and its markdown rebuilt: the headline table first, its header saying what the
+    intervals count."""
+    from retain_asd.eval import report
+
+    rows = []
+    for row in comparison.rows:
+        mine, estimates = headline.intervals.get(row.name, {}), dict(row.estimates)
+        for key, e in row.estimates.items():
+            figure = key.replace("_primary_dn", "_dn").replace("_primary_raw", "")  # the labelled primary copies
+            if figure in mine:
+                estimates[key] = report.Estimate(mine[figure].mean, mine[figure].half_width, e.n)
+        rows.append(dataclasses.replace(row, estimates=estimates))
+    title = comparison.markdown.split("\n", 1)[0]
+    seeds_only = [r.name for r in rows if r.name not in headline.intervals]
+    note = ("Condition x SNR cells: official score x100, mean ± 95% t-interval half width over seeds only (no "
+            "interval with one seed); hmean{-10,-5,0} and All: the headline intervals above"
+            + (f" (rows {', '.join(seeds_only)}: over seeds only, no per-clip scores in this study)"
+               if seeds_only else "") + ". Chance = 50.")
+    markdown = (f"{title}\n\n{headline_markdown(rows, headline, comparison.primary)}"
+                + report.comparison_markdown(rows, comparison.columns, comparison.primary, note=note))
+    return dataclasses.replace(comparison, rows=rows, markdown=markdown)
+
+
+def difference_cell(d: Interval) -> str:
+    """`+1.23 ± 0.80 better` (x100; the call only when the interval excludes 0)."""
+    return f"{100 * d.mean:+.2f} ± {100 * d.half_width:.2f} {d.call}"
+
+
+def headline_markdown(rows, headline: Headline, primary: str) -> str:
+    """The headline table: per row hmean{-10,-5,0} and All, primary variant first, each with its difference
+    against the base row; the header states what the intervals count and the smallest resolvable difference."""
+    from retain_asd.eval.report import plus_minus
+
+    variants = sorted(("raw", "dn"), key=lambda v: v != primary)
+    keys = [f"{f}{'_dn' if v == 'dn' else ''}" for v in variants for f in ("hmean_low", "hmean_all")]
+    base = headline.base or BASE_ROW
+    header = ["row", "seeds"] + [x for k in keys for x in (_figure_name(k), f"vs {base}")]
+    lines = [f"### Table 2 over training seeds and test clips ({primary} primary)", "",
+             f"Official score x100, mean ± {headline.header()}. vs {base}: row - {base}, paired by seed and by "
+             "draw; \"better\" / \"worse\" only when its interval excludes 0, else \"no difference\". The per-clip "
+             "scores are kept as scored (references and DN statistics are not redrawn).", "",
+             f"Resolution: {headline.resolution(keys[0])}.", "",
+             "| " + " | ".join(header) + " |", "|---|---:|" + "---:|---|" * len(keys)]
+    for row in rows:
+        cells = []
+        for k in keys:
+            d = headline.differences.get(row.name, {}).get(k)
+            vs = "(base)" if row.name == headline.base else (difference_cell(d) if d else "–")
+            cells += [plus_minus(row.estimates.get(k)), vs]
+        lines.append("| " + " | ".join([row.name, str(len(row.seeds)), *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def difference_columns(headline: Headline) -> dict[str, dict[str, str]]:
+    """comparison.csv's extra columns: per row `<key>_vs_<base>`, its `_ci95` half width and `_call`."""
+    out: dict[str, dict[str, str]] = {}
+    for row, diffs in headline.differences.items():
+        for key in HEADLINE_KEYS:
+            d, name = diffs.get(key), f"{key}_vs_{headline.base}"
+            values = ("", "", "") if d is None else (repr(d.mean), repr(d.half_width), d.call)
+            out.setdefault(row, {}).update(zip((name, f"{name}_ci95", f"{name}_call"), values))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- summary
 def study_metric(cfg: Config) -> str:
     """The ranking figure of `compare_experiment` that makes eval.primary's table the primary one."""
     return "hmean_low_dn" if cfg.eval.primary == "dn" else "hmean_low"
 
 
-def compact_table(comparison, order: Sequence[str] | None = None) -> str:
-    """The console form of a `compare_experiment` result: one line per row, Table-2 order, with hmean{-10,-5,0}
-    and All of the primary variant, then of the other (the same numbers `retain-asd compare` prints)."""
+def compact_table(comparison, order: Sequence[str] | None = None, headline: Headline | None = None) -> str:
+    """The console form of the study table: one line per row, Table-2 order, with hmean{-10,-5,0} and All of the
+    primary variant, then of the other (`comparison`'s estimates: `with_headline`'s intervals in a study); with a
+    `headline`, each primary figure is followed by the row's difference against its base row and the call."""
     from retain_asd.eval.report import plus_minus
 
     primary = comparison.primary
@@ -148,14 +402,24 @@ def compact_table(comparison, order: Sequence[str] | None = None) -> str:
     rows = {r.name: r for r in comparison.rows}
     names = [n for n in (order or []) if n in rows] + [n for n in rows if n not in (order or [])]
     width = max([len("row")] + [len(n) for n in names])
-    head = (f"{'row':<{width}}  seeds  {primary + ' hmean{-10,-5,0}':>19}  {primary + ' All':>15}  "
-            f"{other + ' hmean{-10,-5,0}':>19}  {other + ' All':>15}")
-    lines = [head]
+    base = headline.base if headline else None
+    vs = f"vs {base}" if base else ""
+
+    def vs_cell(name: str, key: str) -> str:
+        d = headline.differences.get(name, {}).get(key) if headline else None
+        return "(base)" if name == base else (difference_cell(d) if d else "–")
+
+    head = (f"{'row':<{width}}  seeds  {primary + ' hmean{-10,-5,0}':>19}  " + (f"{vs:<27}  " if base else "")
+            + f"{primary + ' All':>15}  " + (f"{vs:<27}  " if base else "")
+            + f"{other + ' hmean{-10,-5,0}':>19}  {other + ' All':>15}")
+    lines = [head.rstrip()]
     for n in names:
         r = rows[n]
-        cells = [plus_minus(r.estimates.get(f"hmean_{k}{suffix[v]}")) for v in (primary, other) for k in ("low", "all")]
-        lines.append(f"{n:<{width}}  {len(r.seeds):>5}  {cells[0]:>19}  {cells[1]:>15}  {cells[2]:>19}  "
-                     f"{cells[3]:>15}" + ("" if r.status == "ok" else f"  ({r.status})"))
+        keys = [f"hmean_{k}{suffix[v]}" for v in (primary, other) for k in ("low", "all")]
+        cells = [plus_minus(r.estimates.get(k)) for k in keys]
+        diffs = [f"{vs_cell(n, k):<27}  " if base else "" for k in keys[:2]]
+        lines.append(f"{n:<{width}}  {len(r.seeds):>5}  {cells[0]:>19}  {diffs[0]}{cells[1]:>15}  {diffs[1]}"
+                     f"{cells[2]:>19}  {cells[3]:>15}" + ("" if r.status == "ok" else f"  ({r.status})"))
     return "\n".join(lines)
 
 
@@ -204,6 +468,7 @@ class StudyResult:
     experiment: str
     summary_run_id: str | None
     table_path: Path
+    headline: Headline  # the headline figures' intervals over seeds and test clips, and the calls against denoise
 
 
 def study_plan(cfg: Config) -> list[tuple[Row, int]]:
@@ -224,11 +489,12 @@ def check_study(cfg: Config) -> None:
 
 
 def run_study(cfg: Config, out_dir: str | os.PathLike, *, evaluation_sets=None, corpus=None,
-              say: Say = print, progress: bool | None = None) -> StudyResult:
+              say: Say = print, progress: bool | None = None, resamples: int = CLIP_RESAMPLES) -> StudyResult:
     """Run (or resume) the study of `cfg` into `out_dir` and write its summary. Ray must be initialised.
 
     `evaluation_sets`: built `EvalSets` of the evaluation world (default: built from the config).
     `corpus`: the ingested pre-training corpus (default: from the config). `say`: one line per stage.
+    `resamples`: bootstrap draws of the test clips behind the headline intervals (stated in the table header).
     """
     from retain_asd import tracking
     from retain_asd.config import dump_yaml
@@ -284,18 +550,48 @@ def run_study(cfg: Config, out_dir: str | os.PathLike, *, evaluation_sets=None, 
         say(f"[{i}/{len(plan)}] {row.label} seed {seed}: hmean_low {100 * cell.hmean_low:.2f}, hmean_all "
             f"{100 * cell.hmean_all:.2f} (train {cell.train_s:.0f} s, eval {cell.eval_s:.0f} s)")
 
-    # The table comes from the MLflow runs, by the function `retain-asd compare` uses: the same numbers.
+    # The cells come from the MLflow runs, by the function `retain-asd compare` uses: the same numbers.
     from retain_asd.eval.compare import compare_experiment
+    from retain_asd.eval.report import write_comparison_csv
 
     summary = out_dir / "summary"
     order = [r.label for r in parse_rows(cfg.study.rows)]
     comparison = compare_experiment(experiment, tracking_uri=uri, out_dir=summary, runs=f"tags.study = '{cfg.name}'",
                                     metric=study_metric(cfg), log_run=False)
+    headline = study_headline(cfg, cells, out_dir, evaluation_sets, resamples, say)
+    comparison = with_headline(comparison, headline)
+    fsio.write_text(summary / "comparison.md", comparison.markdown)  # over compare's: the same cells, these intervals
+    write_comparison_csv(comparison.rows, comparison.columns, summary / "comparison.csv",
+                         extra=difference_columns(headline))
     plot_hmeans(comparison, order, summary / "hmeans.png")
     fsio.write_json(summary / "cells.json", [c.to_json() for c in cells], indent=1)
-    run_id = _log_summary(uri, experiment, cfg, comparison, summary)
-    table = compact_table(comparison, order)
-    return StudyResult(out_dir, cells, comparison, table, uri, experiment, run_id, summary / "comparison.md")
+    run_id = _log_summary(uri, experiment, cfg, comparison, headline, summary)
+    table = compact_table(comparison, order, headline)
+    return StudyResult(out_dir, cells, comparison, table, uri, experiment, run_id, summary / "comparison.md",
+                       headline)
+
+
+def study_headline(cfg: Config, cells: Sequence[CellResult], out_dir: Path, evaluation_sets, resamples: int,
+                   say: Say) -> Headline:
+    """The headline intervals of the study's cells: one set of test-clip draws (seeded by eval.seed) applied to the
+    per-clip scores each cell's evaluation wrote (kept per cell, `cached_cell_figures`)."""
+    from retain_asd.eval.uncertainty import auc_steps, clip_draws
+
+    if resamples < 2:
+        raise ValueError(f"resamples={resamples}: the test clips' interval needs at least 2 bootstrap draws")
+    t0 = time.perf_counter()
+    conditions, snrs_db = cfg.eval.conditions, evaluation_sets.snrs_db
+    labels, clips = clip_labels(evaluation_sets, conditions[0], snrs_db[0])
+    draws = clip_draws(labels, resamples, cfg.eval.seed)
+    stamp = draws_stamp(labels, clips, resamples, cfg.eval.seed, conditions, snrs_db)
+    figures: dict[str, dict[int, dict]] = {}
+    for c in cells:
+        where = out_dir / "rows" / c.row / f"seed{c.seed}"
+        figures.setdefault(c.row, {})[c.seed] = cached_cell_figures(where, stamp, clips, labels, draws, conditions,
+                                                                    snrs_db)
+    headline = headline_intervals(figures, resamples, auc_steps(labels))
+    say(f"intervals: {headline.header()} ({time.perf_counter() - t0:.0f} s)")
+    return headline
 
 
 def testbed_check(cfg: Config, evaluation_sets, out_dir: Path) -> str:
@@ -328,6 +624,7 @@ def study_point(cfg: Config, row: Row, seed: int, where: Path, *, corpus, evalua
     tags = {"study": cfg.name, "preset": row.label, "seed": str(seed)}  # the runs `retain-asd compare` groups
     if not tracking.read_run_pointer(where):  # the same cell of an earlier study in this store, another folder
         tracking.delete_runs(uri, experiment, tags)
+    (where / REPLICATES).unlink(missing_ok=True)  # of an earlier evaluation of this cell
     point = run_point(rc, where, tracking_uri=uri, experiment=experiment, label=row.label,
                       tags=tags | {"row_preset": row.preset}, corpus=corpus, evaluation_sets=evaluation_sets,
                       layers=cfg.study.extra_layers)
@@ -340,9 +637,10 @@ def study_point(cfg: Config, row: Row, seed: int, where: Path, *, corpus, evalua
     return cell
 
 
-def _log_summary(uri: str, experiment: str, cfg: Config, comparison, summary: Path) -> str:
+def _log_summary(uri: str, experiment: str, cfg: Config, comparison, headline: Headline, summary: Path) -> str:
     """The summary run (replaced at each call, so a resumed study keeps one): per-row means and half widths of
-    the hmeans, the comparison's markdown, CSV and plots."""
+    the hmeans (`<row>/<key>`, `<row>/<key>_ci95`: seeds and test clips), each row's difference against the base
+    row (`<row>/<key>_vs_denoise` and its `_ci95`), the comparison's markdown, CSV and plots."""
     from retain_asd import tracking
 
     tracking.delete_runs(uri, experiment, {"kind": "study_summary", "study": cfg.name})
@@ -353,12 +651,22 @@ def _log_summary(uri: str, experiment: str, cfg: Config, comparison, summary: Pa
                 metrics[f"{row.name}/{key}"] = e.mean
                 if not math.isnan(e.half_width):
                     metrics[f"{row.name}/{key}_ci95"] = e.half_width
-    with tracking.mlflow_run(uri, experiment, "summary", params={"study": to_dict(cfg.study)},
+    for row, diffs in headline.differences.items():
+        for key, d in diffs.items():
+            metrics[f"{row}/{key}_vs_{headline.base}"] = d.mean
+            if not math.isnan(d.half_width):
+                metrics[f"{row}/{key}_vs_{headline.base}_ci95"] = d.half_width
+    intervals = {"text": headline.header(), "clip_resamples": headline.resamples, "clip_draw_seed": cfg.eval.seed,
+                 "base_row": headline.base or "none"}
+    params = {"study": to_dict(cfg.study), "intervals": intervals}
+    with tracking.mlflow_run(uri, experiment, "summary", params=params,
                              tags={"kind": "study_summary", "study": cfg.name}, storage=cfg.data.storage) as run:
         tracking.log_metrics(metrics)
         tracking.log_artifacts(summary, artifact_path="summary")
         return run.info.run_id
 
 
-__all__ = ["CellResult", "Row", "StudyResult", "TABLE2_ROWS", "check_study", "compact_table", "parse_rows",
-           "read_cell", "row_config", "run_study", "study_metric", "study_plan", "study_point", "testbed_check"]
+__all__ = ["BASE_ROW", "CLIP_RESAMPLES", "CellResult", "HEADLINE_KEYS", "Headline", "Row", "StudyResult",
+           "TABLE2_ROWS", "cell_figures", "check_study", "clip_labels", "compact_table", "headline_intervals",
+           "headline_markdown", "parse_rows", "read_cell", "read_clip_scores", "row_config", "run_study",
+           "study_metric", "study_plan", "study_point", "testbed_check", "with_headline"]

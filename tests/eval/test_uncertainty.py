@@ -4,8 +4,16 @@ called, a large one is; the seed-only interval would have called the small one."
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from retain_asd.eval.uncertainty import Labels, clip_draws, combined_interval, difference_interval, figure_replicates
+from retain_asd.eval.uncertainty import (
+    Labels,
+    clip_draws,
+    combined_interval,
+    difference_interval,
+    figure_replicates,
+    interval_text,
+)
 
 PER_GROUP = 40  # test clips per domain x label group: 160 clips, one machine
 SEEDS = 3
@@ -61,3 +69,26 @@ def test_one_seed_counts_the_clips_only():
         assert np.isin(draws["m"][:, members], members).all()
     one = combined_interval([0.7], np.full((1, 50), 0.7) + np.linspace(-0.01, 0.01, 50))
     assert np.isnan(one.seed_half) and one.half_width == one.clip_half > 0
+    assert interval_text(1, 50).startswith("95% interval over 1 training seed (no seed term) and 50 bootstrap draws")
+
+
+def test_the_whole_set_gives_the_evaluations_figures_and_the_calls_read_the_interval():
+    from retain_asd.eval import metrics
+    from retain_asd.eval.uncertainty import Interval, auc_steps, whole_set
+
+    rng = np.random.default_rng(2)
+    lab = _labels()
+    cells = [(c, s) for c in ("factory_a", "mismatch") for s in (-10.0, -5.0, 0.0, 5.0)]
+    scores = {(c, s, "m"): rng.standard_normal(4 * PER_GROUP) + lab.is_anomaly for c, s in cells}
+    official = {(c, int(s)): metrics.official_score([metrics.machine_scores(scores[(c, s, "m")], lab.is_anomaly,
+                                                                            lab.is_target)]) for c, s in cells}
+    (overall,) = metrics.table2(official)[-1:]  # the figures the evaluation logs (sklearn's AUCs)
+    got = figure_replicates(scores, {"m": lab}, whole_set({"m": lab}))
+    assert got["hmean_all"][0] == pytest.approx(overall.hmean_all, abs=1e-12)
+    assert got["hmean_low"][0] == pytest.approx(overall.hmean_low, abs=1e-12)
+    partial = {k: v for k, v in scores.items() if not (k[0] == "mismatch" and k[1] == -10.0)}
+    assert np.isnan(figure_replicates(partial, {"m": lab}, whole_set({"m": lab}))["hmean_low"][0])  # as table2
+    # one AUC step: the domain's 40 normals x all 80 anomalies
+    assert auc_steps({"m": lab}) == {("m", "source"): 3200, ("m", "target"): 3200}
+    calls = [Interval(m, h, 0.0, h).call for m, h in ((0.02, 0.01), (-0.02, 0.01), (0.02, 0.03), (0.0, 0.0))]
+    assert calls == ["better", "worse", "no difference", "no difference"]

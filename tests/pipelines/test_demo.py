@@ -44,8 +44,13 @@ def test_demo_console_is_short_and_quiet(tmp_path, capfd, ray_local, small_world
     assert "Traceback" not in joined and "INFO" not in joined and "(RayTrainWorker" not in joined
     assert f"logs of Ray and MLflow: {out / 'demo.log'}" in joined
     assert (out / "demo.log").stat().st_size > 0  # what did not reach the console is there
-    rows = {line.split()[0]: line.split() for line in console if line.startswith(("frozen ", "denoise "))}
-    assert set(rows) == {"frozen", "denoise"} and all(len(r) == 6 for r in rows.values())  # seeds, 2 x 2 hmeans
+    rows = {line.split()[0]: line for line in console if line.startswith(("frozen ", "denoise "))}
+    assert set(rows) == {"frozen", "denoise"} and all(r.split()[1] == "1" for r in rows.values())  # seeds
+    # one seed: both All figures with their test-clip intervals, and frozen's difference against denoise (a call
+    # only when its interval excludes 0)
+    assert (rows["denoise"].count(" ± "), rows["frozen"].count(" ± ")) == (2, 3) and "(base)" in rows["denoise"]
+    assert re.search(r" [+-]\d+\.\d\d ± \d+\.\d\d (better|worse|no difference) ", rows["frozen"])
+    assert "95% interval over 1 training seed (no seed term) and 100 bootstrap draws of the test clips" in joined
     assert "mlflow ui --backend-store-uri sqlite:///" in joined and "experiment 'demo-test'" in joined
     assert "retain-asd compare --experiment demo-test --metric hmean_low_dn" in joined
 
