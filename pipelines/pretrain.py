@@ -5,9 +5,11 @@
 
 Writes <out>/config.yaml (resolved config), <out>/student_beats.pt (official BEATs layout), Ray Train
 checkpoints under <out>/ray/, the metric history <out>/metrics.jsonl, the run summary <out>/summary.json
-(steps, worker-group restarts, resumes, final loss) and an MLflow run. A lost worker restarts the group from
-the latest checkpoint (train.max_failures, default 3). Running the same command again resumes from the
-newest complete checkpoint. A non-finite loss or gradient norm stops the run (exit code 1, nothing exported;
+(steps, worker-group restarts, steps done again, resumes, final loss) and an MLflow run. A lost worker or node
+restarts the group from the latest checkpoint (train.max_failures, default 3) once it can be placed again; after
+train.resource_wait_s (default 600 s) without the resources the run stops (exit code 1). Running the same
+command again resumes from the newest complete checkpoint. A non-finite loss or gradient norm stops the run (exit
+code 1, nothing exported;
 train.skip_nonfinite_steps=N skips up to N such steps). The pre-training corpus (data.*) is ingested first when
 needed; the leakage guard refuses a pre-training corpus that shares a machine type, clip or noise recording with
 the evaluation corpus (eval.*), unless data.add_eval_references: true (Table 5, recorded in MLflow and config.yaml).
@@ -79,7 +81,7 @@ def _run(args: argparse.Namespace, cfg) -> int:
     from retain_asd.train.checkpoint import DiskFullError
     from retain_asd.train.guard import DivergenceError
     from retain_asd.train.launch import pretrain
-    from retain_asd.train.recovery import summary_line
+    from retain_asd.train.recovery import ResourceWaitError, summary_line
 
     try:
         check_init_checkpoint(cfg)  # a missing, torn or foreign model.checkpoint fails before Ray starts
@@ -96,7 +98,7 @@ def _run(args: argparse.Namespace, cfg) -> int:
         return fail("retain-asd pretrain", err)
     except DivergenceError as err:
         return fail(f"retain-asd pretrain: {cfg.name}", err, code=1)
-    except DiskFullError as err:
+    except (DiskFullError, ResourceWaitError) as err:
         return fail("retain-asd pretrain", err, code=1)
     if cfg.objective.name == "frozen":
         state = "objective 'frozen' trains nothing; exported the initial encoder"

@@ -125,6 +125,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints
     keep_checkpoints: int = 2
     max_failures: int = 3  # Ray Train FailureConfig: worker-group restarts from the latest checkpoint
+    resource_wait_s: float = 600.0  # how long a worker group may wait to be placed (start, or a lost node); then stop
     skip_nonfinite_steps: int = 0  # divergence guard: skip up to N steps with a non-finite loss / grad norm
     compile: bool = False  # opt-in torch.compile of student and teacher: the first steps compile, later ones are faster
     validate_every: int = 0  # steps between scores of the student on the validation sets (val/hmean_low); 0 = off
@@ -415,6 +416,8 @@ def validate_numbers(cfg: Config) -> None:
     t, o, e, tu = cfg.train, cfg.objective, cfg.eval, cfg.tune
     _check(t.num_workers >= 1, "train.num_workers", ">= 1", t.num_workers)
     _check(t.max_failures >= 0, "train.max_failures", ">= 0 (worker-group restarts)", t.max_failures)
+    _check(t.resource_wait_s > 0, "train.resource_wait_s", "> 0 (seconds a worker group may wait for its resources)",
+           t.resource_wait_s)
     _check(t.skip_nonfinite_steps >= 0, "train.skip_nonfinite_steps", ">= 0 (steps the divergence guard may skip)",
            t.skip_nonfinite_steps)
     _check(e.batch_size > 0, "eval.batch_size", "> 0", e.batch_size)

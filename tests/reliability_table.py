@@ -29,6 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 CASES = [
     ("worker-sigkill", "SIGKILL one Ray Train worker after the first checkpoint (default settings)",
      "the worker group restarts from the latest checkpoint and finishes; summary.json counts the restart"),
+    ("node-lost", "a node holding a Ray Train worker lost after the first checkpoint of a 2-node STRICT_SPREAD run (a "
+     "spot worker reclaimed: `cluster.remove_node`, every process of it killed); a replacement node joins",
+     "the worker group restarts from the newest complete checkpoint on the nodes there are and finishes every step; "
+     "summary.json counts the restart and the steps done again; the student equals an uninterrupted run's bit for "
+     "bit; a group that cannot be placed within `train.resource_wait_s` (default 600 s) stops the run naming it"),
     ("resume-newest-complete", "driver killed right after a checkpoint is complete, then re-run",
      "resumes from that checkpoint; incomplete or orphaned checkpoint folders are removed"),
     ("divergence", "`train.lr=1e30`: loss NaN",

@@ -67,6 +67,8 @@ def test_unknown_key_names_key_and_allowed():
     ("train.class_weighted=1", "train.class_weighted"),
     ("train.compile=fast", "train.compile"),
     ("eval.conditions=[factory_c]", "eval.conditions"),
+    ("train.resource_wait_s=0", "train.resource_wait_s"),
+    ("train.resource_wait_s=.inf", "train.resource_wait_s"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -3,9 +3,11 @@ stores on this machine, one DDP worker per node (STRICT_SPREAD).
 
 The cluster runs in a child process (``python tests/test_multinode.py WORK``): the session's embedded Ray
 (`ray_local`) stays untouched, and the child's nodes are torn down with it. On the cluster: ingest, the
-stream's state shipped to the other node, a smoke pre-training stopped after a checkpoint and resumed, an
-evaluation and a 1-trial sweep. The child writes what it saw to WORK/result.json; the test compares it with
-a single-node run of the same config in the session's Ray.
+stream's state shipped to the other node, a smoke pre-training during which node_b is lost once the first
+checkpoint is complete (its processes killed, a spot worker reclaimed) and a replacement node_c joins (the
+autoscaler's part), a pre-training whose group can never be placed (train.resource_wait_s), an evaluation and a
+1-trial sweep. The child writes what it saw to WORK/result.json; the test compares it with an uninterrupted
+single-node run of the same config in the session's Ray. (Stop-and-resume: tests/train/test_launch.py.)
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +35,11 @@ NODE_CPUS = 2
 # evaluation on one condition (factory_a mixes noise) at one SNR. Same settings on 2 nodes and on 1.
 SMALL = ["data.clip_s=1.0", "data.synth_machines=[fan]", "eval.synth_machines=[bearing]",
          "eval.synth_noise=[hvac, hammering]", "eval.conditions=[factory_a]", "eval.snrs_db=[0.0]"]
+
+
+# The node-loss run: a checkpoint every 2 steps (the first is where the node is lost), every step reported (the
+# wall time the loss added is timed between two reports of the same step).
+NODE_LOSS = ["train.checkpoint_every=2", "train.log_every=1"]
 
 
 def smoke_config(work: Path, *more: str):
@@ -69,7 +77,88 @@ def start_two_nodes():
     return cluster, ids
 
 
+def node_id(label: str) -> str:
+    import ray
+
+    return next(n["NodeID"] for n in ray.nodes() if n["Alive"] and label in n["Resources"])
+
+
 # ------------------------------------------------------------------------------------------ child process
+class Background(threading.Thread):
+    """`fn()` off the main thread (its result or error kept): Ray starts a node only from the main thread."""
+
+    def __init__(self, fn):
+        super().__init__(daemon=True)
+        self.fn, self.result, self.error = fn, None, None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as err:
+            self.error = err
+
+
+def lose_node_b_while(cluster, run: Background, out: Path, run_dir: Path) -> dict:
+    """The fault, beside a running pre-training: once its first checkpoint is complete, node_b is lost (every
+    process of it SIGKILLed) and a replacement node_c joins. Records the first checkpoint's digests and, for the
+    wall time the loss added, when each report arrived (metrics.jsonl, every step)."""
+    from retain_asd.train.checkpoint import complete_checkpoints, read_digests
+
+    seen: dict = {"reports": []}  # [(step, seconds since start, after the loss?, resumed_from_step)]
+    t0, lines, lost = time.perf_counter(), 0, False
+    while run.is_alive():
+        path = out / "metrics.jsonl"
+        rows = path.read_text().splitlines() if path.is_file() else []
+        for row in rows[lines:]:  # whole lines only: a torn last one is read again next time
+            if not row.endswith("}"):
+                break
+            row, lines = json.loads(row), lines + 1
+            seen["reports"].append((row["step"], time.perf_counter() - t0, lost, row.get("resumed_from_step")))
+        complete = [] if lost else complete_checkpoints(run_dir)[0]
+        if complete:
+            step, folder = complete[0]
+            seen["first"] = {"step": step, "digests": read_digests(folder)}
+            (node_b,) = cluster.worker_nodes
+            cluster.remove_node(node_b, allow_graceful=False)
+            lost = True
+            cluster.add_node(**node_args("node_c"))  # the autoscaler's part
+            seen["node_c"] = node_id("node_c")
+        time.sleep(0.05)
+    return seen
+
+
+def lose_a_node_mid_run(cluster, cfg, out: Path, corpus) -> dict:
+    """Pre-train on node_a + node_b, lose node_b after the first checkpoint, finish on node_a + node_c."""
+    from retain_asd.train.checkpoint import COMPLETE, complete_step, read_digests
+    from retain_asd.train.launch import pretrain
+
+    run = Background(lambda: pretrain(cfg, out, corpus=corpus))
+    run.start()
+    seen = lose_node_b_while(cluster, run, out, out / "ray" / cfg.name)
+    run.join()
+    if run.error is not None:
+        raise run.error
+    result = run.result
+    markers = sorted((out / "ray" / cfg.name).glob(f"checkpoint_*/{COMPLETE}"))
+    return {**seen, "step": result.step, "summary": result.summary,
+            "digests": read_digests(result.checkpoint_path), "student_path": str(result.student_path),
+            "markers_verified": [complete_step(m.parent) is not None for m in markers]}
+
+
+def never_placed(work: Path, corpus) -> dict:
+    """A worker group that no node can hold (3 CPUs a worker, 2 a node): the run stops after train.resource_wait_s."""
+    from retain_asd.train.launch import pretrain
+    from retain_asd.train.recovery import ResourceWaitError, read_events
+
+    cfg = smoke_config(work, "train.cpus_per_worker=3", "train.resource_wait_s=2")
+    try:
+        pretrain(cfg, work / "unplaceable", corpus=corpus, track=False)
+    except ResourceWaitError as err:
+        return {"error": str(err), "events": [e["event"] for e in read_events(work / "unplaceable")],
+                "checkpoints": sorted(p.name for p in (work / "unplaceable").glob("ray/*/checkpoint_*"))}
+    return {"error": None}
+
+
 def noise_bank_on_other_node(corpus, node_b: str) -> dict:
     """Build the stream on the driver (node_a), hide the noise shards from the disk, mix on node_b."""
     import ray
@@ -104,7 +193,7 @@ def run_on_cluster(work: Path) -> dict:
     from retain_asd.experiments import resolve_checkpoints
     from retain_asd.runtime import set_data_progress
     from retain_asd.train.checkpoint import read_digests
-    from retain_asd.train.launch import latest_checkpoint, pretrain
+    from retain_asd.train.launch import latest_checkpoint
     from tune.sweep import run_sweep
 
     t0 = time.perf_counter()
@@ -118,18 +207,17 @@ def run_on_cluster(work: Path) -> dict:
 
     lap("cluster_start")
     try:
-        cfg = smoke_config(work, "train.placement_strategy=STRICT_SPREAD")
+        cfg = smoke_config(work, "train.placement_strategy=STRICT_SPREAD", *NODE_LOSS)
         corpus = corpus_from_config(cfg.data)  # ingest
         lap("ingest")
         out["stream"] = noise_bank_on_other_node(corpus, nodes["node_b"])
         lap("stream")
-        first = pretrain(cfg, work / "run", corpus=corpus, stop_at_step=3)
-        out["first"] = {"step": first.step, "digests": read_digests(first.checkpoint_path)}
-        second = pretrain(cfg, work / "run", corpus=corpus)  # resumes from the step-3 checkpoint
-        out["second"] = {"step": second.step, "digests": read_digests(second.checkpoint_path),
-                         "resumed_from": [m.get("resumed_from_step") for m in second.metrics if m["step"] > 3]}
-        lap("pretrain_stop_and_resume")
-        (scores,) = evaluate_from_config(cfg, resolve_checkpoints(cfg, [str(second.student_path)], work / "evaluate"),
+        out["node_loss"] = lose_a_node_mid_run(cluster, cfg, work / "run", corpus)
+        lap("pretrain_node_lost")
+        out["never_placed"] = never_placed(work, corpus)
+        lap("never_placed")
+        student = out["node_loss"]["student_path"]
+        (scores,) = evaluate_from_config(cfg, resolve_checkpoints(cfg, [student], work / "evaluate"),
                                          work / "evaluate")
         out["eval"] = scores.metrics()
         lap("evaluate")
@@ -153,7 +241,20 @@ def run_on_cluster(work: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ the test
-def test_two_nodes_spread_workers_ship_the_noise_bank_and_match_one_node(ray_local, tmp_path):
+def wall_time_added(reports: list) -> float:
+    """How much later the run got where it was when node_b was lost: from the newest report before the loss to
+    the first report of the restarted group at or past that step, less the ordinary steps in between (the median
+    gap between the restarted group's reports)."""
+    restart = next(i for i, (_, _, lost, resumed) in enumerate(reports) if lost and resumed is not None)
+    reached, before_s = max((step, t) for step, t, _, _ in reports[:restart])
+    step, again_s = next((step, t) for step, t, _, _ in reports[restart:] if step >= reached)
+    gaps = sorted(b[1] - a[1] for a, b in zip(reports[restart:], reports[restart + 1:]))
+    return again_s - before_s - (step - reached) * gaps[len(gaps) // 2]
+
+
+@pytest.mark.reliability("node-lost")
+def test_two_nodes_spread_workers_ship_the_noise_bank_survive_a_lost_node_and_match_one_node(
+        ray_local, tmp_path, reliability_figures):
     from retain_asd.eval.builder import evaluate_from_config
     from retain_asd.experiments import resolve_checkpoints
     from retain_asd.train.checkpoint import read_digests
@@ -177,33 +278,55 @@ def test_two_nodes_spread_workers_ship_the_noise_bank_and_match_one_node(ray_loc
     assert s["dataset_rows"] == s["planned_rows"] > 0
     assert s["state_locations"] == sorted([node_a, node_b]) and s["state_bytes"] > 0
 
-    # one DDP rank per node, the same student on both ranks at every checkpoint
-    for run in (seen["first"], seen["second"], *({"digests": d} for d in seen["sweep"]["trial_digests"])):
-        ranks = {int(r): d for r, d in run["digests"].items()}
+    # node_b lost once the first checkpoint was complete (step 2), node_c joined: the group restarted from the
+    # newest complete checkpoint on node_a + node_c and finished every step; one DDP rank per node, the same
+    # student on both ranks at every checkpoint (before the loss, at the end, in the sweep)
+    lost = seen["node_loss"]
+    assert "node_c" in lost, "the run ended before its first checkpoint was seen complete"
+    node_c = lost["node_c"]
+    assert node_c not in (node_a, node_b)
+    for digests, nodes in ((lost["first"]["digests"], {node_a, node_b}), (lost["digests"], {node_a, node_c}),
+                           *((d, {node_a, node_c}) for d in seen["sweep"]["trial_digests"])):
+        ranks = {int(r): d for r, d in digests.items()}
         assert sorted(ranks) == [0, 1]
-        assert {ranks[0]["node_id"], ranks[1]["node_id"]} == {node_a, node_b}
+        assert {ranks[0]["node_id"], ranks[1]["node_id"]} == nodes
         assert ranks[0]["student"] == ranks[1]["student"]
-    assert (seen["first"]["step"], seen["second"]["step"]) == (3, 6)
-    assert seen["second"]["resumed_from"][0] == 3
+    summary = lost["summary"]
+    assert (lost["first"]["step"], lost["step"], summary["status"], summary["steps"]) == (2, 6, "completed", 6)
+    assert summary["restarts"] == summary["worker_failures"] >= 1  # every failure survived
+    assert summary["resumed_from_step"] and min(summary["resumed_from_step"]) >= 2  # from a checkpoint, not step 0
+    restart = next(i for i, (_, _, after_loss, resumed) in enumerate(lost["reports"]) if after_loss and resumed)
+    reached = max(step for step, _, _, _ in lost["reports"][:restart])  # reported before the restarted group's
+    assert summary["steps_lost"] == reached - summary["resumed_from_step"][0] >= 0  # reported, then done again
+    added_s = wall_time_added(lost["reports"])
+    assert all(lost["markers_verified"]) and lost["markers_verified"]  # every complete checkpoint intact
+    # a group no node can hold (3 CPUs a worker): stopped after train.resource_wait_s, naming it; nothing written
+    never = seen["never_placed"]
+    assert never["error"] and "train.resource_wait_s = 2" in never["error"]
+    assert never["events"] == ["resource_wait_exceeded", "fit_failed"] and never["checkpoints"] == []
     assert not seen["sweep"]["errors"] and len(seen["sweep"]["trial_digests"]) == 1
     assert len(seen["sweep"]["hmean_all"]) == 1 and all(0.0 <= h <= 1.0 for h in seen["sweep"]["hmean_all"])
 
-    # the same config and corpus on one node (the session's Ray), without the stop: same weights, same
-    # scores. Same corpus files: a re-ingest may order the rows of a shard differently, and the stream's
-    # draws index rows. The embedding cache is cleared so the scores are recomputed.
+    # the same config and corpus on one node (the session's Ray), without the loss: same weights (bit for bit:
+    # the restart resumes weights, optimiser, RNGs and the stream position), same scores. Same corpus files: a
+    # re-ingest may order the rows of a shard differently, and the stream's draws index rows. The embedding
+    # cache is cleared so the scores are recomputed.
     single = tmp_path / "single"
-    cfg = smoke_config(work)
+    cfg = smoke_config(work, *NODE_LOSS)
     with pytest.warns(UserWarning, match="RANDOM"):
         result = pretrain(cfg, single / "run")
     ranks = read_digests(result.checkpoint_path)
-    assert ranks[0]["node_id"] == ranks[1]["node_id"] not in (node_a, node_b)
-    assert ranks[0]["student"] == ranks[1]["student"] == seen["second"]["digests"]["0"]["student"]
+    assert ranks[0]["node_id"] == ranks[1]["node_id"] not in (node_a, node_b, node_c)
+    assert ranks[0]["student"] == ranks[1]["student"] == lost["digests"]["0"]["student"]
     shutil.rmtree(work / "data" / "embeddings")
     (scores,) = evaluate_from_config(cfg, resolve_checkpoints(cfg, [str(result.student_path)], single / "evaluate"),
                                      single / "evaluate")
     one_node = scores.metrics()
     assert sorted(one_node) == sorted(seen["eval"])
     assert one_node == pytest.approx(seen["eval"], abs=1e-9)
+    # nothing lost: every complete checkpoint verified, the student equal to the uninterrupted run's
+    reliability_figures(steps_lost=summary["steps_lost"], retries=summary["restarts"], wall_added_s=added_s,
+                        bytes_lost=0)
 
 
 if __name__ == "__main__":  # the child: python tests/test_multinode.py WORK

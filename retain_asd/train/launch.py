@@ -15,7 +15,9 @@ With data.storage = s3://bucket/prefix the Ray Train checkpoints go to the bucke
 any machine), and the exported student, config.yaml, summary.json and mlflow_run.json are copied there too;
 <out> then holds only scratch (logs, metrics.jsonl, events.jsonl, the local copies).
 
-A lost worker restarts the worker group from the latest checkpoint (`train.max_failures`, default 3).
+A lost worker (or node) restarts the worker group from the latest checkpoint (`train.max_failures`, default 3),
+on the nodes that remain or that the autoscaler brings, waiting at most `train.resource_wait_s` (default 600 s)
+for them; summary.json counts the restarts and the steps done again.
 Re-running `pretrain` with the same config and out dir resumes from the newest *complete* checkpoint on disk
 (`train/recovery.py`: marker written last; incomplete and orphaned folders are removed). A non-finite loss or
 gradient norm stops the run before the optimiser applies it (`train/guard.py`): `DivergenceError`, nothing
@@ -265,9 +267,11 @@ def build_trainer(cfg: Config, loop_config: LoopConfig, train_dataset, out_dir: 
                   mlflow_run: tuple[str, str] | None = None, callbacks: Sequence[Any] = ()):
     """TorchTrainer: fractional-CPU workers (Ray Data read tasks need CPUs too), keep-N checkpoints.
 
-    `train.placement_strategy` places the workers (STRICT_SPREAD: one per node). The stream is split
-    between the workers in dataset order (`preserve_order`), not by which block finished first or where it
-    lives, so each rank sees the same rows on one node or several and a run is reproducible for its seed.
+    `train.placement_strategy` places the workers (STRICT_SPREAD: one per node); a group that cannot be placed
+    within `train.resource_wait_s` (at the start, or after a lost node) stops the run (`recovery.resource_wait`).
+    The stream is split between the workers in dataset order (`preserve_order`), not by which block finished
+    first or where it lives, so each rank sees the same rows on one node or several and a run is reproducible
+    for its seed.
     `mlflow_run`: (tracking URI, run id) that rank 0's metrics are logged to live. `callbacks`: more Ray Train
     callbacks (a sweep trial's forwarding of the validation reports to Ray Tune, `tune.sweep`).
     """
@@ -292,7 +296,9 @@ def build_trainer(cfg: Config, loop_config: LoopConfig, train_dataset, out_dir: 
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              callbacks=[_metrics_log_callback(out_dir / "metrics.jsonl", *(mlflow_run or ())),
-                                        recovery.run_monitor(out_dir / recovery.EVENTS), *callbacks]),
+                                        recovery.run_monitor(out_dir / recovery.EVENTS),
+                                        recovery.resource_wait(t.resource_wait_s, out_dir / recovery.EVENTS),
+                                        *callbacks]),
         datasets={"train": train_dataset},
     )
 
@@ -517,7 +523,8 @@ def _train(cfg: Config, out_dir: Path, corpus, init_checkpoint: Path, checkpoint
     """Fit up to stop_at_step / total_steps from `checkpoint` (or the start); the newest checkpoint (a URI when
     the checkpoints are in data.storage).
 
-    Worker losses are survived by Ray Train (train.max_failures); a divergence stops the run here."""
+    Worker losses are survived by Ray Train (train.max_failures); a divergence stops the run here, and so does a
+    worker group that waited train.resource_wait_s for its resources (`recovery.ResourceWaitError`)."""
     resume = {"resume_from": str(checkpoint) if checkpoint else None}
     if checkpoint is not None and storage.is_uri(checkpoint):  # the workers read it through the filesystem
         filesystem, path = storage.resolve(checkpoint)
@@ -531,8 +538,11 @@ def _train(cfg: Config, out_dir: Path, corpus, init_checkpoint: Path, checkpoint
     since = recovery.fit_started(out_dir)
     try:
         result = trainer.fit()
-    except Exception:
+    except Exception as err:
         recovery.fit_failed(out_dir)
+        waited = recovery.find_resource_wait_error(err)
+        if waited is not None:  # one line naming the setting, not Ray's wrapped controller error
+            raise recovery.ResourceWaitError(str(waited)) from None
         raise
     try:
         recovery.raise_if_diverged(out_dir, since)

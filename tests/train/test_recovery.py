@@ -113,6 +113,28 @@ def test_completeness_marker_lists_every_file_and_catches_a_changed_one(tmp_path
     assert complete_step(folder) is None and complete_step(folder, verify=False) == 4
 
 
+def test_restarts_and_steps_lost_from_the_run_events():
+    from retain_asd.train.recovery import restarts_and_steps_lost as count
+
+    failure, failed = {"event": "worker_failure", "reached_step": 5}, {"event": "fit_failed"}
+
+    def resumed(step: int) -> dict:
+        return {"event": "resumed", "step": step}
+
+    assert count([]) == (0, 0)
+    assert count([resumed(2), failure, resumed(4)]) == (1, 1)  # lost at step 5, resumed from step 4
+    assert count([failure, {**failure, "reached_step": 3}, resumed(2)]) == (2, 3)  # failed again before a report
+    assert count([failure, resumed(4), failure, failed]) == (1, 1)  # the last failure not survived (max_failures)
+    assert count([failure, {"event": "resource_wait_exceeded"}, failed]) == (0, 0)  # never placed again
+    assert count([{"event": "resource_wait_exceeded"}, failed]) == (0, 0)  # never placed at all
+
+
+def test_placement_attempts_end_at_the_resource_wait():
+    from retain_asd.train.recovery import placement_attempt_s
+
+    assert [placement_attempt_s(s) for s in (2, 60, 90, 600, 601)] == [2, 60, 45, 60, 601 / 11]
+
+
 # ------------------------------------------------------------------------------------------------ Ray
 @pytest.mark.ray
 @pytest.mark.slow
