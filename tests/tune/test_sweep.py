@@ -7,6 +7,7 @@ import dataclasses
 import re
 
 import mlflow
+import numpy as np
 import pytest
 
 from retain_asd.config import load_config
@@ -83,10 +84,19 @@ def test_asha_grid_sweep_stops_trials_early_selects_on_validation_and_tests_only
     outcomes = {o.trial_id: o for o in trial_outcomes(grid)}
     stopped = {t for t, o in outcomes.items() if o.status == "stopped_early"}
     finished = {t for t, o in outcomes.items() if o.status == "finished"}
-    assert stopped and finished and stopped | finished == set(outcomes)
+    assert finished and stopped | finished == set(outcomes)
     history = {t: read_metrics(tmp_path / "sweep" / "trials" / t / "pretrain" / "metrics.jsonl") for t in outcomes}
     steps_run = {t: max(m["step"] for m in rows) for t, rows in history.items()}
-    assert sum(steps_run.values()) < 4 * 3  # fewer steps than four full trials
+    # ASHA's rule at its rungs (steps 1 and 2), trials in the order they ran: a trial stops when its figure is
+    # below the median of the earlier trials' at that rung. On these tiny validation sets the figures can tie
+    # for every trial (seen on one machine, with other paths), and then nothing is to stop.
+    order = sorted(outcomes, key=lambda t: t.rsplit("_", 1)[-1])
+    rungs = {step: [m["val/hmean_low"] for t in order for m in history[t] if m["step"] == step
+                    and "val/hmean_low" in m] for step in (1, 2)}
+    below = any(v < np.percentile(vs[:i], 50) for vs in rungs.values() for i, v in enumerate(vs) if i)
+    assert bool(stopped) == below, rungs
+    if stopped:
+        assert sum(steps_run.values()) < 4 * 3  # fewer steps than four full trials
     assert all(steps_run[t] == outcomes[t].step == 3 for t in finished)
     assert all(1 <= outcomes[t].step < 3 and steps_run[t] < 3 for t in stopped)  # killed before the last step
     for t in finished:  # the figure selected on: the final student's validation, apart from the test figures
