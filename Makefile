@@ -24,10 +24,8 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/retain-asd demo --out runs/demo
 
-# Two pytest workers (pytest-xdist), a file per worker at a time, the longest files first (tests/conftest.py).
-TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q
 
 # JSON in benchmarks/results/ (not in git). The encoder's official-code column needs BEATS_OFFICIAL_DIR
 # (a folder with unilm's beats/BEATs.py, backbone.py, modules.py); without it that column is skipped.

@@ -128,20 +128,8 @@ def small_pretrain_root(tmp_path_factory) -> list[str]:
     return [f"data.machine_root={s.machine_root}", f"data.noise_root={s.noise_root}"]
 
 
-# The costliest files (seconds each on 2 idle cores, from `--durations`), started first: `make test` runs the
-# suite on two workers with `--dist loadfile`, which keeps each file (and its module fixtures) on one worker in
-# this order, so the long files run side by side and the short ones fill the gaps (longest first).
-LONGEST_FIRST = ("train/test_recovery.py", "test_multinode.py", "test_storage_e2e.py", "tune/test_sweep.py",
-                 "train/test_launch.py", "test_cluster.py", "corpus/test_two_corpora.py", "train/test_loop.py",
-                 "pipelines/test_demo.py", "train/test_student.py", "test_security.py")
-
-
 def pytest_collection_modifyitems(items):
-    """The longest files first (LONGEST_FIRST; the others keep their order). A test marked
-    ``reliability("case")`` records its case in the JUnit XML (tests/reliability_table.py)."""
-    tests = Path(__file__).resolve().parent
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.relative_to(tests).as_posix(), len(rank)))
+    """A test marked ``reliability("case")`` records its case in the JUnit XML (tests/reliability_table.py)."""
     for item in items:
         for marker in item.iter_markers("reliability"):
             item.user_properties.append(("reliability_case", marker.args[0]))
