@@ -24,12 +24,12 @@ from typing import Any
 
 from retain_asd.config import Config, from_dict, to_dict
 from retain_asd.tracking import ensure_experiment, resolve_tracking_uri
+from retain_asd.train.validate import METRIC as VALIDATION
 from tune.space import check_trials, grace_steps, search_space, sweep_base, trial_config, trial_name
 
 log = logging.getLogger(__name__)
 
 REPORTED = ("hmean_all", "hmean_low", "hmean_all_dn", "hmean_low_dn")  # test figures, finished trials only
-VALIDATION = "val/hmean_low"  # what a sweep selects on and ASHA stops on (retain_asd.train.validate)
 
 
 def validation_to_tune(total_steps: int):

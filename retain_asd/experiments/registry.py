@@ -18,11 +18,11 @@ from pathlib import Path
 
 from retain_asd import tracking
 from retain_asd.config import Config, load_config
+from retain_asd.train.validate import METRIC as VALIDATION
 
 log = logging.getLogger(__name__)
 
 CHOICES = ("snr_range_db", "alpha", "beta")  # what a trial chose (tune.space)
-VALIDATION = "val/hmean_low"  # the validation score pre-training logs (train.validate_every)
 
 
 def register_trial_student(cfg: Config, trial, sweep_dir: str | os.PathLike,

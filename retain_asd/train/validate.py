@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+METRIC = "val/hmean_low"  # what validation reports; a sweep selects on it and ASHA stops on it
+
 
 def validation_args(cfg, sets_root: str | os.PathLike) -> dict:
     """The flat arguments a worker needs (it never reads a Config)."""
@@ -34,4 +36,4 @@ def score_student(encoder, args: dict) -> dict[str, float]:
     finally:
         encoder.train(training)
     overall = result.table2(domain_norm=args["primary"] == "dn")[-1]  # every validation set: the low SNRs
-    return {"val/hmean_low": overall.hmean_all}
+    return {METRIC: overall.hmean_all}
