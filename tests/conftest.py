@@ -222,7 +222,8 @@ class FlakyProxy:
     """A fault-injecting HTTP proxy on 127.0.0.1 in front of `upstream` (the S3 server): while a fault window is
     open (`faults(seconds, rate)`) it answers a share `rate` of the requests, drawn at random, with 503 SlowDown
     (S3's throttling error) or by resetting the connection (TCP RST after reading the request), half each;
-    every other request goes through unchanged. `injected` counts the faults, `requests` everything."""
+    every other request goes through unchanged. A window is counted in requests (`faults(requests=n)`: the next n
+    requests) or in seconds. `injected` counts the faults, `requests` everything."""
 
     SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code><Message>Please reduce your '
                 b"request rate.</Message></Error>")
@@ -236,7 +237,7 @@ class FlakyProxy:
 
         self.upstream = urlparse(upstream)
         self.random, self.lock = random.Random(seed), threading.Lock()
-        self.until, self.rate = 0.0, 0.0
+        self.until, self.rate, self.left = 0.0, 0.0, 0
         self.injected, self.requests = Counter(), 0
         proxy = self
 
@@ -306,15 +307,17 @@ class FlakyProxy:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def faults(self, seconds: float, rate: float = 0.3) -> None:
-        """Open a fault window of `seconds` from now."""
+    def faults(self, seconds: float = 0.0, rate: float = 0.3, requests: int = 0) -> None:
+        """Open a fault window: the next `requests` requests, or `seconds` from now."""
         with self.lock:
-            self.until, self.rate = time.monotonic() + seconds, rate
+            self.until, self.rate, self.left = time.monotonic() + seconds, rate, requests
 
     def _draw(self) -> str | None:
         with self.lock:
             self.requests += 1
-            if time.monotonic() >= self.until or self.random.random() >= self.rate:
+            counted = self.left > 0
+            self.left -= counted
+            if not (counted or time.monotonic() < self.until) or self.random.random() >= self.rate:
                 return None
             fault = self.random.choice(("slowdown", "reset"))
             self.injected[fault] += 1

@@ -90,11 +90,11 @@ CASES = [
      "step); the run exits 0 naming `retain-asd tracking backfill --out RUN_DIR`, which, once the server is back, "
      "logs every step's metrics from metrics.jsonl, the artifacts and the run's end (a server back before the end: "
      "the run back-fills itself)"),
-    ("bucket-errors", "the bucket (`data.storage`, a real S3 server behind a fault-injecting proxy) answers 30% of the "
-     "requests with 503 SlowDown or a connection reset for 20 s, during ingest, the resumed pre-training's "
-     "checkpoints and the evaluation", "every stage finishes (each S3 request retried up to AWS_MAX_ATTEMPTS=10 "
-     "times with backoff, in Ray's workers too); no checkpoint complete.json or corpus manifest lists a file the "
-     "bucket lacks"),
+    ("bucket-errors", "the bucket (`data.storage`, a real S3 server behind a fault-injecting proxy) answers 30% of "
+     "60 requests in a row with 503 SlowDown or a connection reset, at the start of ingest, of the resumed "
+     "pre-training's checkpoints and of the evaluation",
+     "every stage finishes (each S3 request retried up to AWS_MAX_ATTEMPTS=10 times with backoff, in Ray's workers "
+     "too); no checkpoint complete.json or corpus manifest lists a file the bucket lacks"),
     ("property", "random bytes to the audio reader, random arrays to the mixer",
      "nothing raised but AudioError / MixingError"),
 ]

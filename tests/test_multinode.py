@@ -330,9 +330,10 @@ def test_two_nodes_spread_workers_ship_the_noise_bank_survive_a_lost_node_and_ma
 
 
 if __name__ == "__main__":  # the child: python tests/test_multinode.py WORK
-    from retain_asd.runtime import apply_env_defaults
+    from retain_asd.runtime import apply_env_defaults, apply_local_ray_train_env
 
     apply_env_defaults()
+    apply_local_ray_train_env()  # the simulated cluster is one machine: the embedded Ray's Ray Train settings
     os.environ.setdefault("TQDM_DISABLE", "1")
     work_dir = Path(sys.argv[1])
     work_dir.mkdir(parents=True, exist_ok=True)

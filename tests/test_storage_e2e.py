@@ -8,12 +8,12 @@ lists the shards, manifests, checkpoints, student, evaluation sets, embedding ca
 objects in the bucket, and the local work dir holds no corpus, no checkpoint, no evaluation set, no cached
 embedding and no artifact.
 
-The bucket sits behind a fault-injecting proxy (`FlakyProxy`, tests/conftest.py) that answers 30% of the requests
-with 503 SlowDown or a connection reset for 20 s at three points: the start of ingest, the resumed pre-training's
-first report (its checkpoints, the student's upload, the MLflow artifacts), and the start of evaluation. Every
-stage finishes through the retries of `storage.RetryingS3FileSystem` (pyarrow, also in Ray's workers) and of
-boto3 (MLflow's artifacts), and no object listed as complete (a checkpoint's complete.json, a corpus manifest)
-lacks a file.
+The bucket sits behind a fault-injecting proxy (`FlakyProxy`, tests/conftest.py) that answers 30% of the
+requests with 503 SlowDown or a connection reset, 60 requests in a row at three points: the start of ingest, the
+resumed pre-training's first report (its checkpoints, the student's upload, the MLflow artifacts), and the start
+of evaluation. Every stage finishes through the retries of `storage.RetryingS3FileSystem` (pyarrow, also in Ray's
+workers) and of boto3 (MLflow's artifacts), and no object listed as complete (a checkpoint's complete.json, a
+corpus manifest) lacks a file.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from retain_asd.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "retain-asd-test"  # created by the `s3_server` fixture (tests/conftest.py)
+FAULTY_REQUESTS = 60  # each fault window: the next 60 requests to the bucket, 30% of them answered with a fault
 SMALL = ["data.clip_s=1.0", "train.total_steps=6", "train.checkpoint_every=2", "eval.snrs_db=[0.0]",
          "eval.conditions=[factory_a]", "eval.source_refs=2", "eval.target_refs=2", "eval.test_normal=2",
          "eval.test_anomaly=2", "tracking.experiment=storage-e2e"]
@@ -117,8 +118,8 @@ def test_ingest_pretrain_kill_resume_evaluate_in_the_bucket(ray_local, flaky_s3_
     cfg = load_config("smoke", overrides=overrides)
 
     proxy = flaky_s3_env
-    # 1. ingest: shards, manifests, rejects and labels are objects in the bucket (30% errors for its first 20 s)
-    proxy.faults(20, rate=0.3)
+    # 1. ingest: shards, manifests, rejects and labels are objects in the bucket (30% errors in its first 60 requests)
+    proxy.faults(requests=FAULTY_REQUESTS, rate=0.3)
     pre, ev, _ = corpora_from_config(cfg)
     assert (pre.root, ev.root) == (f"s3://{BUCKET}/e2e/corpus_pretrain", f"s3://{BUCKET}/e2e/corpus_eval")
     for corpus in ("corpus_pretrain", "corpus_eval"):
@@ -155,14 +156,14 @@ def test_ingest_pretrain_kill_resume_evaluate_in_the_bucket(ray_local, flaky_s3_
     assert saved["step"] == newest
     assert not (out / "ray").exists() and not (out / "student_beats.pt").exists()
 
-    # 3. the re-run resumes from the bucket's newest complete checkpoint and finishes (30% errors for 20 s from
+    # 3. the re-run resumes from the bucket's newest complete checkpoint and finishes (30% errors in 60 requests from
     # its first report: its checkpoints, the student's upload and the MLflow artifacts go through them)
     def faults_at_the_first_report():
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and not any("resumed_from_step" in m
                                                       for m in read_metrics(out / "metrics.jsonl")):
             time.sleep(0.1)
-        proxy.faults(20, rate=0.3)
+        proxy.faults(requests=FAULTY_REQUESTS, rate=0.3)
 
     opener = threading.Thread(target=faults_at_the_first_report, daemon=True)
     opener.start()
@@ -181,8 +182,8 @@ def test_ingest_pretrain_kill_resume_evaluate_in_the_bucket(ray_local, flaky_s3_
     assert all(int(s["step"]) == cfg.train.total_steps for s in final["optimizer"]["state"].values())
     assert state_digest(load_beats(result.student_path).state_dict()) == state_digest(final["student"])
 
-    # 4. evaluate the student by its URI (copied to a local cache, loaded weights_only; 30% errors for 20 s)
-    proxy.faults(20, rate=0.3)
+    # 4. evaluate the student by its URI (copied to a local cache, loaded weights_only; 30% errors in 60 requests)
+    proxy.faults(requests=FAULTY_REQUESTS, rate=0.3)
     (scores,) = evaluate_from_config(cfg, resolve_checkpoints(cfg, [result.student_uri], tmp_path / "eval"),
                                      tmp_path / "eval")
     assert scores.name == f"{cfg.name}-seed{cfg.train.seed}" and scores.cells

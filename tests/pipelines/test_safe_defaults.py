@@ -25,6 +25,21 @@ def test_use_gpu_is_auto_by_default_and_accepts_yaml_booleans():
 
 
 @pytest.mark.ray
+def test_the_embedded_ray_polls_its_train_workers_every_0_2_s(ray_local):
+    """The embedded Ray (the session's, started by init_ray) gets the local Ray Train settings; a value the user
+    set wins."""
+    import os
+
+    from retain_asd.runtime import LOCAL_RAY_TRAIN_ENV, apply_local_ray_train_env
+
+    assert {k: os.environ[k] for k in LOCAL_RAY_TRAIN_ENV} == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+                                                               "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    mine = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "5"}
+    apply_local_ray_train_env(mine)
+    assert mine == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+@pytest.mark.ray
 def test_auto_uses_the_gpus_a_cluster_has(ray_local):
     from retain_asd.train.launch import resolve_use_gpu
 

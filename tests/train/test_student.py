@@ -166,7 +166,7 @@ def test_compiled_student_and_teacher_give_the_eager_losses(init_path, monkeypat
 
     from retain_asd.train.student import compile_models
 
-    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # no compile worker pool on a shared machine
+    monkeypatch.setattr(torch._inductor.config, "compile_threads", 2)  # a pool of 2: 60 s here against 79 s for 1
     torch._dynamo.reset()
 
     def step(student, teacher):
