@@ -263,6 +263,28 @@ def resolve_use_gpu(setting: str) -> bool:
     return gpus > 0
 
 
+def trainer_class():
+    """Ray Train's TorchTrainer; on a cluster without a Ray dashboard (the embedded Ray, a test cluster) without
+    its placement-group cleaner. That actor asks the State API, which needs the dashboard, every second whether
+    the run's controller still lives, so there it never learns anything, and a fit's end could wait up to 12 s
+    for it (its stop timeout, with a 10 s State API call in flight; seen in Ray's logs). A local cluster ends
+    with its driver anyway, and a sweep frees a stopped trial's group itself
+    (`tune.sweep.release_stopped_trainers`). Ray internals (the default callback list), pinned with Ray."""
+    import ray
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized() or ray._private.worker.get_dashboard_url():
+        return TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class TorchTrainerWithoutDashboard(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return TorchTrainerWithoutDashboard
+
+
 def build_trainer(cfg: Config, loop_config: LoopConfig, train_dataset, out_dir: str | os.PathLike,
                   mlflow_run: tuple[str, str] | None = None, callbacks: Sequence[Any] = ()):
     """TorchTrainer: fractional-CPU workers (Ray Data read tasks need CPUs too), keep-N checkpoints.
@@ -276,7 +298,6 @@ def build_trainer(cfg: Config, loop_config: LoopConfig, train_dataset, out_dir: 
     callbacks (a sweep trial's forwarding of the validation reports to Ray Tune, `tune.sweep`).
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from retain_asd.train.loop import train_fn_per_worker
 
@@ -286,7 +307,7 @@ def build_trainer(cfg: Config, loop_config: LoopConfig, train_dataset, out_dir: 
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # deterministic split: OutputSplitter then ignores locality and arrival order
-    return TorchTrainer(
+    return trainer_class()(
         train_fn_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker=resources,

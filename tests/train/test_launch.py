@@ -101,6 +101,30 @@ def test_cli_frozen_and_missing_checkpoint(ray_local, tmp_path, capsys):
     assert main(["--preset", "smoke", "--out", str(tmp_path / "x"), "train.lr=-1"]) == 2
 
 
+def test_without_a_dashboard_the_trainer_runs_no_placement_group_cleaner(ray_local, tmp_path, monkeypatch):
+    """The session's embedded Ray has no dashboard, so no State API: Ray Train's placement-group cleaner could
+    never see the controller die, and each fit waited 12 s for it to stop. There the trainer leaves it out;
+    with a dashboard it is Ray's TorchTrainer, cleaner included."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from retain_asd.train.launch import trainer_class
+
+    def default_callbacks(cls) -> list[type]:
+        trainer = cls(lambda: None, scaling_config=ScalingConfig(num_workers=1),
+                      run_config=RunConfig(name="t", storage_path=str(tmp_path)))
+        return [type(c) for c in trainer._create_default_callbacks()]
+
+    local = trainer_class()
+    assert issubclass(local, TorchTrainer) and local is not TorchTrainer
+    with_cleaner = default_callbacks(TorchTrainer)
+    assert PlacementGroupCleanerCallback in with_cleaner
+    assert default_callbacks(local) == [c for c in with_cleaner if c is not PlacementGroupCleanerCallback]
+    monkeypatch.setenv("RAY_OVERRIDE_DASHBOARD_URL", "127.0.0.1:8265")  # a cluster with its dashboard
+    assert trainer_class() is TorchTrainer
+
+
 def test_pretrain_smoke_stops_after_a_checkpoint_and_resumes(ray_local, tmp_path):
     small_sets = ["eval.source_refs=6", "eval.target_refs=2", "eval.test_normal=2", "eval.test_anomaly=2"]
     cfg = _cfg(tmp_path, "smoke", "train.validate_every=2", *small_sets)  # rank 0 scores the validation sets
