@@ -219,11 +219,10 @@ def bucket_keys(s3_server):
 
 
 class FlakyProxy:
-    """A fault-injecting HTTP proxy on 127.0.0.1 in front of `upstream` (the S3 server): while a fault window is
-    open (`faults(seconds, rate)`) it answers a share `rate` of the requests, drawn at random, with 503 SlowDown
-    (S3's throttling error) or by resetting the connection (TCP RST after reading the request), half each;
-    every other request goes through unchanged. A window is counted in requests (`faults(requests=n)`: the next n
-    requests) or in seconds. `injected` counts the faults, `requests` everything."""
+    """A fault-injecting HTTP proxy on 127.0.0.1 in front of `upstream` (the S3 server): in a fault window (the
+    next n requests, `faults(n, rate)`) it answers a share `rate` of them, drawn from a seeded generator, with 503
+    SlowDown (S3's throttling error) or by resetting the connection (TCP RST after reading the request), half
+    each; every other request goes through unchanged. `injected` counts the faults, `requests` everything."""
 
     SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code><Message>Please reduce your '
                 b"request rate.</Message></Error>")
@@ -237,7 +236,7 @@ class FlakyProxy:
 
         self.upstream = urlparse(upstream)
         self.random, self.lock = random.Random(seed), threading.Lock()
-        self.until, self.rate, self.left = 0.0, 0.0, 0
+        self.rate, self.left = 0.0, 0
         self.injected, self.requests = Counter(), 0
         proxy = self
 
@@ -307,17 +306,18 @@ class FlakyProxy:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def faults(self, seconds: float = 0.0, rate: float = 0.3, requests: int = 0) -> None:
-        """Open a fault window: the next `requests` requests, or `seconds` from now."""
+    def faults(self, requests: int, rate: float = 0.3) -> None:
+        """Open a fault window over the next `requests` requests."""
         with self.lock:
-            self.until, self.rate, self.left = time.monotonic() + seconds, rate, requests
+            self.rate, self.left = rate, requests
 
     def _draw(self) -> str | None:
         with self.lock:
             self.requests += 1
-            counted = self.left > 0
-            self.left -= counted
-            if not (counted or time.monotonic() < self.until) or self.random.random() >= self.rate:
+            if self.left <= 0:
+                return None
+            self.left -= 1
+            if self.random.random() >= self.rate:
                 return None
             fault = self.random.choice(("slowdown", "reset"))
             self.injected[fault] += 1

@@ -119,7 +119,7 @@ def test_ingest_pretrain_kill_resume_evaluate_in_the_bucket(ray_local, flaky_s3_
 
     proxy = flaky_s3_env
     # 1. ingest: shards, manifests, rejects and labels are objects in the bucket (30% errors in its first 60 requests)
-    proxy.faults(requests=FAULTY_REQUESTS, rate=0.3)
+    proxy.faults(FAULTY_REQUESTS, rate=0.3)
     pre, ev, _ = corpora_from_config(cfg)
     assert (pre.root, ev.root) == (f"s3://{BUCKET}/e2e/corpus_pretrain", f"s3://{BUCKET}/e2e/corpus_eval")
     for corpus in ("corpus_pretrain", "corpus_eval"):
@@ -163,7 +163,7 @@ def test_ingest_pretrain_kill_resume_evaluate_in_the_bucket(ray_local, flaky_s3_
         while time.monotonic() < deadline and not any("resumed_from_step" in m
                                                       for m in read_metrics(out / "metrics.jsonl")):
             time.sleep(0.1)
-        proxy.faults(requests=FAULTY_REQUESTS, rate=0.3)
+        proxy.faults(FAULTY_REQUESTS, rate=0.3)
 
     opener = threading.Thread(target=faults_at_the_first_report, daemon=True)
     opener.start()
@@ -183,7 +183,7 @@ def test_ingest_pretrain_kill_resume_evaluate_in_the_bucket(ray_local, flaky_s3_
     assert state_digest(load_beats(result.student_path).state_dict()) == state_digest(final["student"])
 
     # 4. evaluate the student by its URI (copied to a local cache, loaded weights_only; 30% errors in 60 requests)
-    proxy.faults(requests=FAULTY_REQUESTS, rate=0.3)
+    proxy.faults(FAULTY_REQUESTS, rate=0.3)
     (scores,) = evaluate_from_config(cfg, resolve_checkpoints(cfg, [result.student_uri], tmp_path / "eval"),
                                      tmp_path / "eval")
     assert scores.name == f"{cfg.name}-seed{cfg.train.seed}" and scores.cells
