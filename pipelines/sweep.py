@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with quiet_run(Path(args.out) / "sweep.log", args.verbose, address=args.address) as console:
         console.say(sweep_plan(cfg))
-        grid = run_sweep(cfg, args.out)
+        grid = run_sweep(cfg, args.out, say=console.say)
         text, code = summarize_sweep(grid, cfg.tune.metric)
         best = write_best_config(grid, cfg, Path(args.out) / "best.yaml")
         student = register_best_student(cfg, best_trial(grid), args.out)  # models:/...@best

@@ -18,6 +18,7 @@ written as best.yaml, is the finished trial with the best ``val/hmean_low`` (`be
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,12 +209,15 @@ def _scheduler(cfg: Config):
                          reduction_factor=cfg.tune.reduction_factor)
 
 
-def run_sweep(cfg: Config, out_dir: str | Path, *, trial_resources: dict | None = None):
+def run_sweep(cfg: Config, out_dir: str | Path, *, trial_resources: dict | None = None,
+              say: Callable[[str], None] | None = None):
     """Run the sweep of ``cfg.tune`` and return the ResultGrid, its stopped trials recorded (`record_outcomes`).
 
     Trials validate every `tune.space.sweep_validate_every` steps (``train.validate_every``, or when that is 0
     a tenth of ``train.total_steps``); Tune's metric is ``val/hmean_low`` (mode max), for ASHA and for the
-    selection (`best_trial`); ``tune.metric`` names the test figure reported beside it."""
+    selection (`best_trial`); ``tune.metric`` names the test figure reported beside it. Validation sets too
+    small to rank the trials (`EvalSets.coarse_warning`) are said through `say` (default: a logged warning)
+    before any trial starts: ASHA's stops and best.yaml would then follow single clips."""
     from ray import tune
 
     from retain_asd.corpus.ingest import check_protocol, corpora_from_config
@@ -224,7 +228,10 @@ def run_sweep(cfg: Config, out_dir: str | Path, *, trial_resources: dict | None 
     check_protocol(cfg)  # the leakage guard on the raw folders, before any Ray work
     out_dir = Path(out_dir).resolve()
     corpus, _, _ = corpora_from_config(cfg)  # once, on the driver: trials only read the pre-training corpus
-    validation_sets_from_config(cfg, test_sets=evalsets_from_config(cfg))  # both built once and cached
+    validation = validation_sets_from_config(cfg, test_sets=evalsets_from_config(cfg))  # both built once, cached
+    coarse = validation.coarse_warning()
+    if coarse:
+        (say or log.warning)(f"warning: {coarse}")
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.data.work_dir)
     experiment = sweep_experiment(cfg)
     ensure_experiment(uri, experiment, cfg.data.storage)  # trials need it to exist

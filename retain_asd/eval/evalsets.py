@@ -63,6 +63,7 @@ RECIPES = "recipes.parquet"
 MANIFEST = shards.MANIFEST  # one name and one reader (shards.read_manifest) for every built folder
 FACTORY_STATIONARY = {"factory_a": True, "factory_b": False}
 ROLES = ("ref_source", "ref_target", "test")
+MIN_TEST_CLIPS = 5  # per machine, domain and label: below it the sets' figures cannot rank encoders
 RECIPE_COLUMNS = ("condition", "snr_db", "machine", "section", "role", "domain", "label", "clip_id", "wav_name",
                   "noise_id", "noise_category", "noise_offset", "noise_gain", "clean_power", "reference_power")
 
@@ -115,6 +116,27 @@ class EvalSets:
                  f"references (source + target), {count('test', '/normal')} + {count('test', '/anomaly')} test "
                  "clips (normal + anomalous)")
         return {"eval.corpus": self.corpus or str(self.corpus_root), "eval.split": self.split, "eval.sizes": sizes}
+
+    def smallest_test_counts(self) -> tuple[int, int]:
+        """(normal, anomalous) test clips of the smallest machine and domain: what one AUC is computed from."""
+        cells = [(counts.get(f"test/{d}/normal", 0), counts.get(f"test/{d}/anomaly", 0))
+                 for counts in self.manifest.get("per_machine", {}).values() for d in ("source", "target")]
+        return (min(n for n, _ in cells), min(a for _, a in cells)) if cells else (0, 0)
+
+    def coarse_warning(self) -> str | None:
+        """A line for the console when the sets are too small for their figures to rank encoders: fewer than
+        `MIN_TEST_CLIPS` normal or anomalous test clips in a machine's domain (its AUC moves in steps of
+        1 / (normal x anomalous); with one of each it is 0 or 1, and the harmonic mean drops to ~0 on a coin
+        flip). None when the sets are large enough."""
+        normal, anomalous = self.smallest_test_counts()
+        if min(normal, anomalous) >= MIN_TEST_CLIPS:
+            return None
+        fix = ("a larger eval.validation_fraction, or validation.machine_root / validation.noise_root"
+               if self.split == "validation" else "eval.machine_root with more clips")
+        return (f"{self.split} sets: {normal} normal + {anomalous} anomalous test clips in the smallest machine "
+                f"domain: each AUC moves in steps of 1/{max(normal * anomalous, 1)}, so the figures tie or jump on "
+                f"single clips and cannot rank encoders; ask for at least {MIN_TEST_CLIPS} of each "
+                f"(eval.test_normal, eval.test_anomaly; the corpus may hold fewer: {fix})")
 
     @property
     def corpus_root(self) -> Path | str:

@@ -55,6 +55,27 @@ def test_counts_and_mismatch_reuses_recipes(sets):
         assert {r["noise_category"] for r in b} <= {"bursts", "clatter"}
 
 
+def test_sets_too_small_to_rank_encoders_say_so(sets):
+    """2 + 2 test clips per domain: AUC steps of 1/4, a warning naming the counts and the settings; the smallest
+    machine and domain decides; 5 + 5 is enough."""
+    from dataclasses import replace
+
+    assert sets.smallest_test_counts() == (2, 2)
+    line = sets.coarse_warning()
+    assert line.startswith("test sets: 2 normal + 2 anomalous test clips in the smallest machine domain: each AUC "
+                           "moves in steps of 1/4")
+    assert "eval.test_normal, eval.test_anomaly" in line
+    counts = {f"test/{d}/{label}": 5 for d in ("source", "target") for label in ("normal", "anomaly")}
+    five = replace(sets, manifest={**sets.manifest, "per_machine": {"fan": counts}})
+    assert five.smallest_test_counts() == (5, 5) and five.coarse_warning() is None
+    one_short = {**counts, "test/target/anomaly": 4}
+    held = replace(sets, manifest={**sets.manifest, "split": "validation", "per_machine": {"fan": counts,
+                                                                                           "pump": one_short}})
+    assert held.smallest_test_counts() == (5, 4)
+    assert held.coarse_warning().startswith("validation sets: 5 normal + 4 anomalous")
+    assert "eval.validation_fraction" in held.coarse_warning()
+
+
 @pytest.mark.parametrize("condition", ["factory_a", "factory_b", "mismatch"])
 def test_set_snr_matches_target_and_no_segment_reuse(sets, condition):
     source = MixtureSource(sets.corpus_root)
