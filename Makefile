@@ -24,8 +24,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/retain-asd demo --out runs/demo
 
+# Two pytest-xdist workers, a test module each at a time (module fixtures stay shared): the Ray tests wait on
+# process starts and polls, and the other worker uses that time. TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # JSON in benchmarks/results/ (not in git). The encoder's official-code column needs BEATS_OFFICIAL_DIR
 # (a folder with unilm's beats/BEATs.py, backbone.py, modules.py); without it that column is skipped.
