@@ -30,6 +30,19 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def python_temp_files_in_the_session_folder(tmp_path_factory):
+    """Python's temporary files of this process (MLflow's sqlite init locks, torch.compile's cache, the folders of
+    multiprocessing) go under the session's temp folder, not /tmp: tests write only there, and each session
+    compiles from nothing. Ray keeps its own folder (/tmp/ray; a session removes its session folder)."""
+    import tempfile
+
+    before = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("tmp"))
+    yield Path(tempfile.tempdir)
+    tempfile.tempdir = before
+
+
+@pytest.fixture(scope="session", autouse=True)
 def migrated_mlflow_schema(tmp_path_factory):
     """A new sqlite MLflow store runs MLflow's whole chain of schema migrations (seconds each time, and the tests
     make dozens of stores). Here the chain runs once, into an empty template database, and each new empty sqlite
