@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from retain_asd.config import Config, ConfigError, list_presets, load_config
 
@@ -185,9 +186,13 @@ def protocol_guard(cfg: Config, prog: str) -> bool:
 def run_analysis(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None, build) -> int:
     """The main() of an analysis command (`table3`, `layers`): the config, its --checkpoint values resolved
     (`retain_asd.experiments.resolve_checkpoints`), then `build(cfg, checkpoints, args) -> (table text, paths)`;
-    prints the table and the files written. A bad checkpoint, layer or tree is one line (exit code 2)."""
+    prints the table and the files written. A bad checkpoint, layer or tree is one line (exit code 2). Ray's and
+    MLflow's own logs go to <out>/<command>.log (--verbose: on the console), as for the long commands."""
     import logging
 
+    name = prog.split()[-1]
+    parser.add_argument("--verbose", action="store_true", help="Ray's and MLflow's own logs and warnings on the "
+                        f"console (default: in <out>/{name}.log)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     cfg = config_from_args(args, prog)
@@ -196,7 +201,8 @@ def run_analysis(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str]
     from retain_asd.experiments import resolve_checkpoints
 
     try:
-        text, paths = build(cfg, resolve_checkpoints(cfg, args.checkpoint, args.out), args)
+        with quiet_run(Path(args.out) / f"{name}.log", args.verbose, start_ray=False):
+            text, paths = build(cfg, resolve_checkpoints(cfg, args.checkpoint, args.out), args)
     except Exception as err:  # one line (--debug for the traceback)
         return report_user_error(prog, err)
     print(text)

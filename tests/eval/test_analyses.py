@@ -29,7 +29,7 @@ def _overrides(work, pretrain_root, db):
             "eval.test_anomaly=2", "eval.batch_size=8", "eval.snrs_db=[0.0]"]
 
 
-def test_table3_writes_markdown_json_png_and_mlflow_metrics(work, tmp_path, small_pretrain_root):
+def test_table3_writes_markdown_json_png_and_mlflow_metrics(work, tmp_path, small_pretrain_root, capsys):
     from pipelines.table3 import main
 
     db = tmp_path / "mlflow.db"
@@ -37,6 +37,9 @@ def test_table3_writes_markdown_json_png_and_mlflow_metrics(work, tmp_path, smal
             str(tmp_path / "t3"), "--layer", "2", "--snrs", "0", "--resamples", "20",
             *_overrides(work, small_pretrain_root, db), "eval.source_refs=4"]  # the cheapest sets that score
     assert main(argv) == 0
+    console = capsys.readouterr().out.splitlines()  # people's lines only; Ray's and MLflow's logs in table3.log
+    assert (tmp_path / "t3" / "table3.log").is_file()
+    assert console[-1].startswith("written: ") and not [line for line in console if " INFO " in line]
     md = (tmp_path / "t3" / "table3.md").read_text()
     assert "Table 3: teacher, layer 2, no domain normalisation; official score over 2 machines (fan, pump)" in md
     assert "paired draws of the test clips" in md  # what the interval counts
