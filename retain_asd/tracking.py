@@ -658,17 +658,27 @@ _BUFFERS: dict[tuple[str, str], MetricsBuffer] = {}
 
 def metrics_buffer(uri: str, run_id: str, on_event=None) -> MetricsBuffer:
     """This process's `MetricsBuffer` for a run (one per run, made at the first call), sending with
-    `quick_failures`: MLflow's own retries would hold the buffer for minutes per call."""
+    `quick_failures`: MLflow's own retries would hold the buffer for minutes per call. A batch sent again after a
+    failure leaves out the values the store already has (by name and step): the failed call may have been
+    stored before the connection broke, and a metric's history would show a step twice."""
     key = (uri, run_id)
     if key not in _BUFFERS:
         import mlflow
 
         apply_env_defaults()
         client = mlflow.MlflowClient(uri)
+        last = {"failed": False}
 
         def send(batch: list) -> None:
             with quick_failures():
-                client.log_batch(run_id, metrics=batch, synchronous=True)
+                if last["failed"]:  # the failed call may have reached the store first: send only what it lacks
+                    have = {(key, m.step) for key in {m.key for m in batch}
+                            for m in client.get_metric_history(run_id, key)}
+                    batch = [m for m in batch if (m.key, m.step) not in have]
+                last["failed"] = True
+                if batch:
+                    client.log_batch(run_id, metrics=batch, synchronous=True)
+                last["failed"] = False
 
         _BUFFERS[key] = MetricsBuffer(send, on_event=on_event)
     return _BUFFERS[key]
