@@ -672,9 +672,7 @@ def metrics_buffer(uri: str, run_id: str, on_event=None) -> MetricsBuffer:
         def send(batch: list) -> None:
             with quick_failures():
                 if last["failed"]:  # the failed call may have reached the store first: send only what it lacks
-                    have = {(key, m.step) for key in {m.key for m in batch}
-                            for m in client.get_metric_history(run_id, key)}
-                    batch = [m for m in batch if (m.key, m.step) not in have]
+                    batch = missing_metrics(client, run_id, batch)
                 last["failed"] = True
                 if batch:
                     client.log_batch(run_id, metrics=batch, synchronous=True)
@@ -682,6 +680,13 @@ def metrics_buffer(uri: str, run_id: str, on_event=None) -> MetricsBuffer:
 
         _BUFFERS[key] = MetricsBuffer(send, on_event=on_event)
     return _BUFFERS[key]
+
+
+def missing_metrics(client, run_id: str, metrics: list) -> list:
+    """The `metrics` (``mlflow.entities.Metric``) whose name and step the run does not have yet, in order."""
+    have = {(key, m.step) for key in dict.fromkeys(m.key for m in metrics)
+            for m in client.get_metric_history(run_id, key)}
+    return [m for m in metrics if (m.key, m.step) not in have]
 
 
 def backfill(uri: str, run_id: str, rows: list[Mapping[str, Any]]) -> int:
@@ -697,10 +702,8 @@ def backfill(uri: str, run_id: str, rows: list[Mapping[str, Any]]) -> int:
             for key, value in step_metrics(row).items():
                 wanted.setdefault(key, {})[int(row["step"])] = value
     now = int(time.time() * 1000)
-    missing = []
-    for key, by_step in wanted.items():
-        have = {m.step for m in client.get_metric_history(run_id, key)}
-        missing += [Metric(key, value, now, step) for step, value in sorted(by_step.items()) if step not in have]
+    missing = missing_metrics(client, run_id, [Metric(key, value, now, step) for key, by_step in wanted.items()
+                                               for step, value in sorted(by_step.items())])
     for i in range(0, len(missing), BATCH):
         client.log_batch(run_id, metrics=missing[i:i + BATCH], synchronous=True)
     return len(missing)
