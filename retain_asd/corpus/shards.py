@@ -195,8 +195,12 @@ def write_shard_batch(batch: pa.Table, settings: DecodeSettings, out_dir: str, f
     The audio never leaves the task: only the small metadata columns go back to the driver. (Decoded audio
     through the object store, then a second pass to write it, cost more than the decoding on 2 cores.)
     """
+    # Named by the position of its first row in the written order, so the shards sort into that order
+    # wherever the corpus lives (the stream reads them in manifest order); the hash keeps names unique.
+    first = min(batch.column("order").to_pylist())
+    batch = batch.drop_columns(["order"])
     name = hashlib.sha1("\0".join(batch.column("path").to_pylist()).encode()).hexdigest()[:16]
-    path = f"{out_dir}/part-{name}.parquet"
+    path = f"{out_dir}/part-{first:07d}-{name}.parquet"
     writer, meta = None, []
     try:
         for start in range(0, batch.num_rows, DECODE_ROWS):
@@ -267,8 +271,10 @@ def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
 
     Records are written in a seeded random order (``shuffle_seed``; None keeps the scan's path order), so
     every shard holds a sample of all machine types and sections: the training stream reads a few shards
-    per work unit, and a batch is then well mixed instead of one machine type. Readers never depend on
-    the row order (``read_table`` sorts by path).
+    per work unit, and a batch is then well mixed instead of one machine type. The shards' names sort in
+    that order, whatever folder the corpus is in, and the stream reads them in manifest (name) order: the
+    same files ingested anywhere give the same training draws for the same seed. ``read_table`` sorts by
+    path.
 
     Each Ray task decodes one batch of files and writes its own shard (``write_shard_batch``); shards hold
     at most ``rows_per_shard`` rows (fewer where files were rejected, or to give every CPU work).
@@ -312,6 +318,8 @@ def write_shards(records: Sequence[ClipRecord], out_dir: str | os.PathLike, *,
             items = [_record_row(r) for r in records]
             if shuffle_seed is not None:  # seeded: the same input gives the same shards
                 items = [items[i] for i in np.random.default_rng(shuffle_seed).permutation(len(items))]
+            for k, item in enumerate(items):
+                item["order"] = k  # names the shards (write_shard_batch): their sorted order is this order
             # One task per shard; shards of at most rows_per_shard rows, and at least two tasks per CPU
             # when the corpus is large enough, so every core decodes.
             cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))

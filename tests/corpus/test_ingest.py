@@ -226,3 +226,19 @@ def test_rerun_is_noop_and_change_rebuilds(raw_tree, corpus, tmp_path):
     old_sha = {s["path"]: s["sha1"] for s in first.machine.manifest["sources"]}[str(target)]
     assert new_sha != old_sha
     assert not list(out2.glob(".*tmp-*")) and not list(out2.glob(".*old-*"))
+
+
+def test_a_copy_ingested_elsewhere_gives_the_same_shards_in_the_same_order(raw_tree, corpus, tmp_path):
+    """The training stream reads the shards in manifest order: the same files ingested from another folder
+    into another folder hold the same clips in the same order, shard by shard and row by row."""
+    root, _ = raw_tree
+    copy = tmp_path / "another" / "place"
+    shutil.copytree(root, copy)
+    other = ingest(copy / "dev_data" / "raw", copy / "noise", tmp_path / "elsewhere", rows_per_shard=4)
+
+    def in_order(shard_set):
+        return [pq.read_table(f, columns=["clip_id"]).column(0).to_pylist() for f in shard_set.files]
+
+    assert len(in_order(corpus.machine)) > 1 and in_order(other.machine) == in_order(corpus.machine)  # row by row
+    assert [f.name.split("-")[1] for f in other.machine.files] == [f.name.split("-")[1] for f in corpus.machine.files]
+    assert in_order(other.noise) == in_order(corpus.noise)
