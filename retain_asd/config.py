@@ -205,7 +205,7 @@ class FoundationConfig:
     patch_embed_dim: int = 64  # patch-embedding width (BEATs cfg `embed_dim`; iter3: 512)
     conv_pos: int = 16  # convolutional position-embedding kernel, in tokens (iter3: 128)
     conv_pos_groups: int = 4
-    objective: str = "tagging"  # tagging | masked | masked_tagging | ema | ema_tagging (foundation.py)
+    objective: str = "tagging"  # tagging | masked | masked_tagging | ema | ema_tagging | bestrq | bestrq_tagging
     mask_ratio: float = 0.75  # share of patch tokens masked (BEATs masks 75 %)
     ema_decay: float = 0.99  # ema: the teacher's EMA decay at the start (data2vec / EAT), rising to ema_decay_end
     ema_decay_end: float = 0.999
@@ -264,7 +264,7 @@ _CHOICES = {
     "eval.pooling": ("genrep", "mean", "spectral"),
     "eval.metric": ("euclidean", "cosine"),
     "eval.primary": ("dn", "raw"),
-    "foundation.objective": ("masked", "tagging", "masked_tagging", "ema", "ema_tagging"),
+    "foundation.objective": ("masked", "tagging", "masked_tagging", "ema", "ema_tagging", "bestrq", "bestrq_tagging"),
     "foundation.families": ("basic", "rich"),
     "train.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "train.use_gpu": ("auto", "true", "false"),

@@ -25,6 +25,12 @@ Objective (`FoundationConfig.objective`), all on one forward (of the masked inpu
                the average of the instance-normalised block outputs of an EMA teacher (the student's own
                weights averaged over steps, decay `ema_decay` rising to `ema_decay_end`) on the unmasked input.
 * ``ema_tagging``  ``ema`` + the family cross-entropy on the student's (masked) last block.
+* ``bestrq``   BEST-RQ style, as BEATs' first iteration uses a random-projection tokenizer: each (normalised)
+               16 x 16 fbank patch is projected by a fixed random matrix to 16 dimensions and labelled with the
+               nearest of 512 fixed random unit code vectors (cosine); the student sees the masked input and
+               predicts, at the masked tokens, the label (cross-entropy). Projection and codebook are seeded by
+               `seed`, never trained.
+* ``bestrq_tagging``  ``bestrq`` + the family cross-entropy on the student's (masked) last block.
 
 `families`: "basic" (the six machine-like families of `corpus/generic.py`) or "rich" (those plus noise textures,
 impacts, hum and swells: the non-machine sounds a general-audio encoder also hears).
@@ -107,8 +113,12 @@ def random_token_mask(batch: int, num_tokens: int, ratio: float, generator: torc
     return order < num_masked  # the ranks of a random permutation: a uniform subset per row
 
 
+CODEBOOK_SIZE, CODE_DIM = 512, 16  # bestrq's random-projection quantiser (BEST-RQ: 8192 x 16 on far more data)
+
+
 class _Heads(nn.Module):
-    """Training-only parts: the mask embedding and the two prediction heads (not saved)."""
+    """Training-only parts: the mask embedding, the prediction heads and bestrq's fixed random quantiser (none
+    saved)."""
 
     def __init__(self, dim: int, patch_size: int, num_classes: int):
         super().__init__()
@@ -116,6 +126,17 @@ class _Heads(nn.Module):
         self.patch = nn.Linear(dim, patch_size * patch_size)
         self.family = nn.Linear(dim, num_classes)
         self.regress = nn.Linear(dim, dim)  # ema: the teacher's (normalised) features
+        self.code = nn.Linear(dim, CODEBOOK_SIZE)  # bestrq: the label of each masked patch
+        self.register_buffer("projection", torch.randn(patch_size * patch_size, CODE_DIM) / patch_size)
+        self.register_buffer("codebook", F.normalize(torch.randn(CODEBOOK_SIZE, CODE_DIM), dim=-1))
+
+
+@torch.no_grad()
+def random_projection_labels(patches: Tensor, projection: Tensor, codebook: Tensor) -> Tensor:
+    """BEST-RQ's labels: (B, N, p*p) normalised patches -> (B, N) index of the nearest unit code vector (cosine)
+    to each patch's random projection."""
+    codes = F.normalize(patches @ projection, dim=-1)  # (B, N, d)
+    return (codes @ codebook.T).argmax(dim=-1)
 
 
 @torch.no_grad()
@@ -139,10 +160,10 @@ def foundation_losses(model: BEATs, heads: _Heads, waveforms: Tensor, labels: Te
                       mask_ratio: float, generator: torch.Generator,
                       teacher: BEATs | None = None) -> dict[str, Tensor]:
     """One forward; {"masked": MSE on masked patches, "ema": MSE to the EMA teacher's targets on masked tokens,
-    "tagging": family CE} as the objective asks."""
+    "bestrq": CE on the masked patches' random-projection labels, "tagging": family CE} as the objective asks."""
     fbank = fbank_features(waveforms, model.cfg.fbank_mean, model.cfg.fbank_std)  # (B, T_frames, 128)
     tokens, grid = model.patch_tokens(fbank)  # (B, N, D)
-    masked = "masked" in objective or "ema" in objective
+    masked = any(name in objective for name in ("masked", "ema", "bestrq"))
     if masked:
         mask = random_token_mask(tokens.shape[0], tokens.shape[1], mask_ratio, generator)  # (B, N)
         tokens = torch.where(mask.unsqueeze(-1), heads.mask_emb.to(tokens.dtype), tokens)
@@ -156,6 +177,10 @@ def foundation_losses(model: BEATs, heads: _Heads, waveforms: Tensor, labels: Te
             raise ValueError(f"objective {objective!r} needs the EMA teacher")
         target = ema_targets(teacher, fbank)  # (B, N, D)
         losses["ema"] = F.mse_loss(heads.regress(last)[mask], target[mask])
+    if "bestrq" in objective:
+        labels_rq = random_projection_labels(patch_targets(fbank, grid, model.cfg.input_patch_size),
+                                             heads.projection, heads.codebook)  # (B, N)
+        losses["bestrq"] = F.cross_entropy(heads.code(last)[mask], labels_rq[mask])
     if "tagging" in objective:
         losses["tagging"] = F.cross_entropy(heads.family(last.mean(dim=1)), labels)
     return losses

@@ -17,6 +17,7 @@ from retain_asd.train.foundation import (
     foundation_encoder,
     foundation_path,
     patch_targets,
+    random_projection_labels,
     random_token_mask,
     train_foundation,
 )
@@ -103,11 +104,32 @@ def test_short_training_reduces_the_loss():
     assert last["loss"] < 0.92 * first["loss"]
 
 
-@pytest.mark.parametrize("objective", ["masked", "tagging"])
+@pytest.mark.parametrize("objective", ["masked", "tagging", "bestrq"])
 def test_each_objective_trains_its_own_head(objective):
     _, record = train_foundation(dataclasses.replace(TINY, objective=objective, steps=2))
     assert sorted(record["curve"]) == sorted(["loss", objective])
     assert record["curve"]["loss"] == record["curve"][objective]
+
+
+def test_bestrq_labels_are_the_nearest_code_of_the_random_projection():
+    """BEST-RQ's tokenizer: the label of a patch is the code vector nearest (Euclidean, both unit length) to its
+    normalised random projection; a patch scaled up keeps its label; the quantiser is fixed by the seed."""
+    g = torch.Generator().manual_seed(0)
+    patches, projection = torch.randn(3, 20, 256, generator=g), torch.randn(256, 16, generator=g) / 16
+    codebook = torch.nn.functional.normalize(torch.randn(512, 16, generator=g), dim=-1)
+    labels = random_projection_labels(patches, projection, codebook)
+    unit = torch.nn.functional.normalize(patches @ projection, dim=-1)
+    nearest = ((unit.unsqueeze(-2) - codebook) ** 2).sum(-1).argmin(-1)  # (3, 20)
+    assert labels.shape == (3, 20) and torch.equal(labels, nearest) and len(labels.unique()) > 20
+    assert torch.equal(random_projection_labels(7.5 * patches, projection, codebook), labels)
+    a, b = (foundation._Heads(32, 16, 6) for _ in range(2))
+    assert not torch.equal(a.codebook, b.codebook)  # drawn from the RNG (train_foundation seeds it)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        c = foundation._Heads(32, 16, 6)
+        torch.manual_seed(0)
+        d = foundation._Heads(32, 16, 6)
+    assert torch.equal(c.codebook, d.codebook) and torch.equal(c.projection, d.projection)
 
 
 def test_seed_makes_training_deterministic():
