@@ -308,9 +308,9 @@ def test_two_nodes_spread_workers_ship_the_noise_bank_survive_a_lost_node_and_ma
     assert len(seen["sweep"]["hmean_all"]) == 1 and all(0.0 <= h <= 1.0 for h in seen["sweep"]["hmean_all"])
 
     # the same config and corpus on one node (the session's Ray), without the loss: same weights (bit for bit:
-    # the restart resumes weights, optimiser, RNGs and the stream position), same scores. Same corpus files: a
-    # re-ingest may order the rows of a shard differently, and the stream's draws index rows. The embedding
-    # cache is cleared so the scores are recomputed.
+    # the restart resumes weights, optimiser, RNGs and the stream position), same scores. The same corpus files
+    # (not ingested again: that costs time and gives the same shards). The embedding cache is cleared so the
+    # scores are recomputed.
     single = tmp_path / "single"
     cfg = smoke_config(work, *NODE_LOSS)
     with pytest.warns(UserWarning, match="RANDOM"):
