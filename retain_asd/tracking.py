@@ -524,15 +524,35 @@ def _download_version(model_uri: str, uri: str, version, source: str, folder: Pa
 
 # ------------------------------------------------------------------------------------ a store that goes away
 QUICK_FAILURE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+CALL_IN_FLIGHT_S = 30.0  # how long `MetricsBuffer.close` waits for a call in flight (HTTP timeout 10 s, + margin)
+
+
+_QUICK = {"lock": threading.Lock(), "depth": 0, "saved": {}}
 
 
 @contextlib.contextmanager
 def quick_failures() -> Iterator[None]:
     """MLflow's HTTP client without its own retries inside the block (by default 7 with doubling backoff: minutes
     per call while a server is down), so a call to a store that is away fails at once and the caller decides
-    (`MetricsBuffer` retries later, the end of a run warns). Process-wide while the block lasts."""
-    with environ(**QUICK_FAILURE_ENV):
+    (`MetricsBuffer` retries later, the end of a run warns). Process-wide while any thread is inside a block: the
+    settings are restored when the last one leaves (a thread leaving first would otherwise give another thread's
+    call in flight MLflow's minutes of retries)."""
+    with _QUICK["lock"]:
+        if _QUICK["depth"] == 0:
+            _QUICK["saved"] = {key: os.environ.get(key) for key in QUICK_FAILURE_ENV}
+            os.environ.update(QUICK_FAILURE_ENV)
+        _QUICK["depth"] += 1
+    try:
         yield
+    finally:
+        with _QUICK["lock"]:
+            _QUICK["depth"] -= 1
+            if _QUICK["depth"] == 0:
+                for key, value in _QUICK["saved"].items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
 
 
 @contextlib.contextmanager
@@ -577,8 +597,8 @@ class MetricsBuffer:
     """
 
     def __init__(self, send, *, backoff_s: float = 0.5, max_backoff_s: float = 15.0, max_pending: int = 100_000,
-                 on_event=None):
-        self._send, self._on_event = send, on_event or (lambda name, **fields: None)
+                 on_event=None, name: str = "mlflow-metrics"):
+        self._send, self._on_event, self.name = send, on_event or (lambda name, **fields: None), name
         self.backoff_s, self.max_backoff_s, self.max_pending = backoff_s, max_backoff_s, max_pending
         self._pending: collections.deque = collections.deque()
         self._cond = threading.Condition()
@@ -596,7 +616,7 @@ class MetricsBuffer:
                 self._pending.popleft()
                 self.dropped += 1
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
             self._cond.notify()
 
@@ -606,13 +626,18 @@ class MetricsBuffer:
             return len(self._pending)
 
     def close(self, timeout_s: float) -> int:
-        """Send what is waiting, retrying for at most `timeout_s`; the number of values left unsent."""
+        """Send what is waiting, retrying for at most `timeout_s`; the number of values left unsent. Once it
+        returns the buffer sends nothing more: it waits for a call in flight (bounded by the HTTP timeout of
+        `quick_failures`), so a back-fill that follows cannot race a late batch and log a step twice."""
         with self._cond:
             self._deadline = time.monotonic() + timeout_s
             self._cond.notify()
             thread = self._thread
         if thread is not None:
-            thread.join(timeout_s + 1.0)
+            thread.join(timeout_s + CALL_IN_FLIGHT_S)
+            if thread.is_alive():
+                log.warning("MLflow: a metrics call still in flight %.0f s after the end of the run's logging",
+                            timeout_s + CALL_IN_FLIGHT_S)
         return self.pending
 
     def _run(self) -> None:
@@ -623,6 +648,8 @@ class MetricsBuffer:
                     self._cond.wait()
                 if not self._pending:
                     return  # closed, all sent
+                if self._deadline is not None and time.monotonic() >= self._deadline:
+                    return  # closed and out of time: nothing more goes out (the caller back-fills what is left)
                 batch = [self._pending[i] for i in range(min(BATCH, len(self._pending)))]
             try:
                 self._send(batch)
@@ -678,8 +705,15 @@ def metrics_buffer(uri: str, run_id: str, on_event=None) -> MetricsBuffer:
                     client.log_batch(run_id, metrics=batch, synchronous=True)
                 last["failed"] = False
 
-        _BUFFERS[key] = MetricsBuffer(send, on_event=on_event)
+        _BUFFERS[key] = MetricsBuffer(send, on_event=on_event, name=f"mlflow-metrics-{run_id}")
     return _BUFFERS[key]
+
+
+def close_metrics_buffer(uri: str, run_id: str, timeout_s: float = 5.0) -> int:
+    """The end of a run's live logging: its buffer (if this process made one) sends what is waiting for at most
+    `timeout_s` and stops; the number of values it left (metrics.jsonl holds them: `backfill`)."""
+    buffer = _BUFFERS.pop((uri, run_id), None)
+    return 0 if buffer is None else buffer.close(timeout_s)
 
 
 def missing_metrics(client, run_id: str, metrics: list) -> list:

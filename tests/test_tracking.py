@@ -79,6 +79,48 @@ def test_metrics_buffer_gives_up_at_close_after_its_time_and_counts_what_is_left
     assert buffer.close(timeout_s=0.3) == 5 and buffer.retries >= 1
 
 
+def test_a_closed_metrics_buffer_sends_nothing_more_when_the_store_comes_back():
+    """After `close` the back-fill takes over: a store back a moment later must get nothing from the buffer (its
+    batch and the back-fill's would log each step twice), and `quick_failures` holds its settings until the last
+    thread inside leaves."""
+    import os
+    import threading
+    import time
+
+    up, delivered = threading.Event(), []
+
+    def send(batch):
+        if not up.is_set():
+            raise ConnectionError("connection refused")
+        delivered.extend(batch)
+
+    buffer = tracking.MetricsBuffer(send, backoff_s=0.05, max_backoff_s=0.05, name="mlflow-metrics-test")
+    buffer.add({"loss": 1.0}, step=1)
+    assert buffer.close(timeout_s=0.2) == 1
+    assert "mlflow-metrics-test" not in {t.name for t in threading.enumerate()}
+    up.set()
+    time.sleep(0.3)
+    assert delivered == [] and buffer.pending == 1
+
+    inside, leave = threading.Event(), threading.Event()
+
+    def other_thread():
+        with tracking.quick_failures():
+            inside.set()
+            leave.wait(10)
+
+    before = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    inside.wait(10)
+    with tracking.quick_failures():
+        pass  # this block ends first: the other thread's calls keep failing fast
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+    leave.set()
+    worker.join(10)
+    assert os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") == before
+
+
 def test_backfill_logs_only_the_missing_steps_once(tmp_path):
     import mlflow
 

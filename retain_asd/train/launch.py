@@ -204,8 +204,8 @@ def train_stream_from(cfg: Config, corpus, num_clips: int | None = None) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- trainer
-def _metrics_log_callback(path: Path, uri: str | None = None, run_id: str | None = None):
-    """A Ray Train callback for rank 0's metrics of every report, as it arrives: appended to a JSONL file and,
+def _metrics_log_callbacks(path: Path, uri: str | None = None, run_id: str | None = None) -> list:
+    """Ray Train callbacks for rank 0's metrics of every report, as it arrives: appended to a JSONL file and,
     with ``run_id``, handed to that MLflow run's `tracking.MetricsBuffer` (step, losses, lr, clips/s; stamped
     with the report's time), which sends them from a background thread: the store being down never holds up a
     step; the values wait and go when it is back (the outage and the return are events in events.jsonl), and
@@ -213,8 +213,14 @@ def _metrics_log_callback(path: Path, uri: str | None = None, run_id: str | None
 
     Ray Train V2 keeps only the metrics attached to checkpoints in `Result.metrics_dataframe`; this keeps
     the full history (runs in the controller, so `path` must be on a file system it can reach).
+
+    When the fit ends, in the controller, the buffer sends what waits for at most 5 s and stops (event
+    `mlflow_live_logging_end` with the values it left): a sender still retrying in a controller process that
+    outlives the fit would deliver its batch when the server is back, beside the back-fill's, and the steps
+    would show twice in the run's histories.
     """
     from ray.train import UserCallback
+    from ray.train.v2._internal.execution.callback import ControllerCallback
 
     events = path.parent / recovery.EVENTS
 
@@ -238,7 +244,19 @@ def _metrics_log_callback(path: Path, uri: str | None = None, run_id: str | None
 
             tracking.metrics_buffer(uri, run_id, on_event).add(tracking.step_metrics(row), int(row["step"]))
 
-    return MetricsLog()
+    class LiveLoggingEnd(ControllerCallback):
+        def after_controller_finish(self, result):
+            if run_id is None:
+                return
+            from retain_asd import tracking
+
+            unsent = tracking.close_metrics_buffer(uri, run_id, timeout_s=5.0)
+            try:
+                fsio.append_line(events, json.dumps({"event": "mlflow_live_logging_end", "unsent": unsent}))
+            except OSError:
+                pass
+
+    return [MetricsLog(), LiveLoggingEnd()]
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -316,7 +334,7 @@ def build_trainer(cfg: Config, loop_config: LoopConfig, train_dataset, out_dir: 
         run_config=RunConfig(name=cfg.name, **storage.ray_storage(checkpoint_root(cfg, out_dir)),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=t.max_failures),
-                             callbacks=[_metrics_log_callback(out_dir / "metrics.jsonl", *(mlflow_run or ())),
+                             callbacks=[*_metrics_log_callbacks(out_dir / "metrics.jsonl", *(mlflow_run or ())),
                                         recovery.run_monitor(out_dir / recovery.EVENTS),
                                         recovery.resource_wait(t.resource_wait_s, out_dir / recovery.EVENTS),
                                         *callbacks]),
@@ -382,7 +400,10 @@ def _tracked_run(cfg: Config, out_dir: Path, track: bool, protocol=None, tags: d
                              nested=tracking.active_run_id() is not None, storage=cfg.data.storage) as run:
         fsio.write_json(out_dir / RUN_POINTER, {"run_id": run.info.run_id, "tracking_uri": uri,
                                                 "experiment": cfg.tracking.experiment, "params": extra})
-        yield uri, run.info.run_id
+        try:
+            yield uri, run.info.run_id
+        finally:  # a run that failed stops its live logging too (no sender left retrying in the process)
+            tracking.close_metrics_buffer(uri, run.info.run_id)
 
 
 def _publish(out_dir: Path, run: tuple[str, str], student_path: Path, student_uri: str | None = None) -> bool:
@@ -392,6 +413,7 @@ def _publish(out_dir: Path, run: tuple[str, str], student_path: Path, student_ur
     from retain_asd import tracking
 
     uri, run_id = run
+    tracking.close_metrics_buffer(uri, run_id)  # live logging over: what it could not send, the back-fill sends
     try:
         with tracking.quick_failures():
             added = tracking.backfill(uri, run_id, read_metrics(out_dir / "metrics.jsonl"))

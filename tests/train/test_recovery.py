@@ -400,6 +400,12 @@ def test_mlflow_server_down_from_mid_run_until_after_the_end(work, tmp_path, cap
         assert outage and outage[0]["event"] == "mlflow_unreachable"  # the live logging kept trying
         retries = max([1] + [e.get("retries", 0) for e in outage])
 
+        # the live logging stopped with the fit, values left for the back-fill: no sender left retrying in the
+        # controller's process, to deliver its batch once the server is back beside the back-fill's (each step
+        # twice in a history)
+        (end,) = [e for e in outage if e["event"] == "mlflow_live_logging_end"]
+        assert end["unsent"] > 0
+
         server = _mlflow_server(root, port)  # back, after the run
         started = time.monotonic()
         assert main(["tracking", "backfill", "--out", str(out)]) == 0
