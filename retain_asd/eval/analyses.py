@@ -320,10 +320,13 @@ def write_table3(table: Table3, out_dir: str | os.PathLike) -> list[Path]:
     x = np.arange(len(labels))
     for j, kind in enumerate(("wave", "oracle")):
         values = np.asarray([100 * getattr(c, kind) for c in table.cells])
-        err = np.asarray([[100 * (getattr(c, kind) - c.ci95[kind][0]), 100 * (c.ci95[kind][1] - getattr(c, kind))]
-                          for c in table.cells]).T
-        ax.bar(x + (j - 0.5) * 0.4, values, 0.4, yerr=err if np.isfinite(err).all() else None, capsize=2,
+        low, high = (np.asarray([100 * c.ci95[kind][k] for c in table.cells]) for k in (0, 1))
+        ax.bar(x + (j - 0.5) * 0.4, values, 0.4,
                label=f"{table.encoder} ({'wave mixture' if kind == 'wave' else 'embedding mixture, oracle'})")
+        # the interval as it is: a percentile bootstrap of a harmonic mean of AUCs need not contain the estimate
+        shown = np.isfinite(low) & np.isfinite(high)
+        ax.errorbar((x + (j - 0.5) * 0.4)[shown], (low[shown] + high[shown]) / 2, yerr=(high - low)[shown] / 2,
+                    fmt="none", ecolor="black", elinewidth=1, capsize=2)
     ax.set_xticks(x, labels, fontsize="x-small")
     ax.set_ylabel("official score (x100, no DN)")
     ax.set_title(f"Table 3, layer {table.layer}")
