@@ -87,9 +87,10 @@ CASES = [
      "resumes from it once space is freed"),
     ("mlflow-down", "the `mlflow server` a run logs to killed once the first step is in it, started again only after "
      "the run ended", "the steps go on (metric logging is buffered and retried in the background, never in the "
-     "step); the run exits 0 naming `retain-asd tracking backfill --out RUN_DIR`, which, once the server is back, "
-     "logs every step's metrics from metrics.jsonl, the artifacts and the run's end (a server back before the end: "
-     "the run back-fills itself)"),
+     "step; the buffer stops with the fit, so no late batch logs a step twice); the run exits 0 naming `retain-asd "
+     "tracking backfill --out RUN_DIR`, which, once the server is back, logs every step's metrics from "
+     "metrics.jsonl once, the artifacts and the run's end (a server back before the end: the run back-fills "
+     "itself)"),
     ("bucket-errors", "the bucket (`data.storage`, a real S3 server behind a fault-injecting proxy) answers 30% of "
      "60 requests in a row with 503 SlowDown or a connection reset, at the start of ingest, of the resumed "
      "pre-training's checkpoints and of the evaluation",
