@@ -250,7 +250,7 @@ def _metrics_log_callbacks(path: Path, uri: str | None = None, run_id: str | Non
                 return
             from retain_asd import tracking
 
-            unsent = tracking.close_metrics_buffer(uri, run_id, timeout_s=5.0)
+            unsent = tracking.close_metrics_buffer(uri, run_id)
             try:
                 fsio.append_line(events, json.dumps({"event": "mlflow_live_logging_end", "unsent": unsent}))
             except OSError:
@@ -400,10 +400,7 @@ def _tracked_run(cfg: Config, out_dir: Path, track: bool, protocol=None, tags: d
                              nested=tracking.active_run_id() is not None, storage=cfg.data.storage) as run:
         fsio.write_json(out_dir / RUN_POINTER, {"run_id": run.info.run_id, "tracking_uri": uri,
                                                 "experiment": cfg.tracking.experiment, "params": extra})
-        try:
-            yield uri, run.info.run_id
-        finally:  # a run that failed stops its live logging too (no sender left retrying in the process)
-            tracking.close_metrics_buffer(uri, run.info.run_id)
+        yield uri, run.info.run_id
 
 
 def _publish(out_dir: Path, run: tuple[str, str], student_path: Path, student_uri: str | None = None) -> bool:
@@ -413,7 +410,6 @@ def _publish(out_dir: Path, run: tuple[str, str], student_path: Path, student_ur
     from retain_asd import tracking
 
     uri, run_id = run
-    tracking.close_metrics_buffer(uri, run_id)  # live logging over: what it could not send, the back-fill sends
     try:
         with tracking.quick_failures():
             added = tracking.backfill(uri, run_id, read_metrics(out_dir / "metrics.jsonl"))
