@@ -539,8 +539,7 @@ def quick_failures() -> Iterator[None]:
     call in flight MLflow's minutes of retries)."""
     with _QUICK["lock"]:
         if _QUICK["depth"] == 0:
-            _QUICK["saved"] = {key: os.environ.get(key) for key in QUICK_FAILURE_ENV}
-            os.environ.update(QUICK_FAILURE_ENV)
+            _QUICK["saved"] = _set_environ(QUICK_FAILURE_ENV)
         _QUICK["depth"] += 1
     try:
         yield
@@ -548,26 +547,28 @@ def quick_failures() -> Iterator[None]:
         with _QUICK["lock"]:
             _QUICK["depth"] -= 1
             if _QUICK["depth"] == 0:
-                for key, value in _QUICK["saved"].items():
-                    if value is None:
-                        os.environ.pop(key, None)
-                    else:
-                        os.environ[key] = value
+                _set_environ(_QUICK["saved"])
 
 
 @contextlib.contextmanager
 def environ(**values: str) -> Iterator[None]:
     """These environment variables set inside the block and restored after it."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
+    saved = _set_environ(values)
     try:
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _set_environ(saved)
+
+
+def _set_environ(values: Mapping[str, str | None]) -> dict[str, str | None]:
+    """Set (None: unset) these environment variables; returns their previous values, in the same form."""
+    saved = {key: os.environ.get(key) for key in values}
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    return saved
 
 
 def short_error(err: BaseException) -> str:
