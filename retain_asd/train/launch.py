@@ -246,8 +246,6 @@ def _metrics_log_callbacks(path: Path, uri: str | None = None, run_id: str | Non
 
     class LiveLoggingEnd(ControllerCallback):
         def after_controller_finish(self, result):
-            if run_id is None:
-                return
             from retain_asd import tracking
 
             unsent = tracking.close_metrics_buffer(uri, run_id)
@@ -256,7 +254,7 @@ def _metrics_log_callbacks(path: Path, uri: str | None = None, run_id: str | Non
             except OSError:
                 pass
 
-    return [MetricsLog(), LiveLoggingEnd()]
+    return [MetricsLog(), *([LiveLoggingEnd()] if run_id is not None else [])]  # no MLflow run: no buffer to end
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

@@ -49,9 +49,12 @@ REPO = Path(__file__).resolve().parents[2]
 SMALL_EVAL = ["eval.synth_machines=[bearing]", "eval.synth_noise=[hvac, hammering]"]
 
 
-def _overrides(work: Path, *more: str) -> list[str]:
+def _overrides(work: Path, *more: str, tracking_uri: str | None = None) -> list[str]:
+    """The module's runs: the shared work folder, the fan pre-training world, `SMALL_EVAL`; MLflow in a SQLite file
+    of the work folder unless `tracking_uri` names a server."""
+    tracking_uri = tracking_uri or f"sqlite:///{work / 'mlflow.db'}"
     return [f"data.work_dir={work / 'data'}", "data.synth_machines=[fan]", *SMALL_EVAL,
-            f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}", *more]
+            f"tracking.tracking_uri={tracking_uri}", *more]
 
 
 def _ten_second_clips(work: Path) -> list[str]:
@@ -368,9 +371,8 @@ def test_mlflow_server_down_from_mid_run_until_after_the_end(work, tmp_path, cap
         port = s.getsockname()[1]
     root, out, uri = tmp_path / "mlflow", tmp_path / "run", f"http://127.0.0.1:{port}"
     server = _mlflow_server(root, port)
-    overrides = [f"data.work_dir={work / 'data'}", "data.synth_machines=[fan]", *SMALL_EVAL,
-                 f"tracking.tracking_uri={uri}", "tracking.experiment=outage", "train.total_steps=12",
-                 "train.log_every=1", "train.checkpoint_every=3"]
+    overrides = _overrides(work, "tracking.experiment=outage", "train.total_steps=12", "train.log_every=1",
+                           "train.checkpoint_every=3", tracking_uri=uri)
     killed: dict = {}
 
     def kill_after_the_first_logged_step():
