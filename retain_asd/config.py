@@ -141,6 +141,7 @@ class EvalConfig:
     synth_machines: tuple[str, ...] = ("bearing", "blower", "slider", "spindle", "mixer",
                                        "turbine")  # evaluation world types (when roots are ""), 6 as the paper's
     synth_noise: tuple[str, ...] = ("hvac", "transformer", "hammering", "passby")  # stationary: hvac, transformer
+    synth_noise_spread: float = 1.0  # > 1: each noise category's recordings vary that much more (synth.spread_draw)
     conditions: tuple[str, ...] = ("factory_a", "factory_b", "mismatch")
     snrs_db: tuple[float, ...] = (-10.0, -5.0, 0.0, 5.0, 10.0, 20.0, 30.0)
     source_refs: int = 990  # normal source references per machine
@@ -329,6 +330,8 @@ def validate(cfg: Config) -> None:
            f"a non-empty subset of {list(CONDITIONS)}", e.conditions)
     _check(len(e.snrs_db) > 0, "eval.snrs_db", "non-empty", e.snrs_db)
     _check(0.0 <= e.validation_fraction < 1.0, "eval.validation_fraction", "in [0, 1)", e.validation_fraction)
+    _check(math.isfinite(e.synth_noise_spread) and e.synth_noise_spread > 0, "eval.synth_noise_spread",
+           "a number > 0 (1 = the generators' own ranges)", e.synth_noise_spread)
     v = cfg.validation
     _check(all(c in CONDITIONS for c in v.conditions) and len(v.conditions) > 0, "validation.conditions",
            f"a non-empty subset of {list(CONDITIONS)}", v.conditions)

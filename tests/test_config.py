@@ -69,6 +69,8 @@ def test_unknown_key_names_key_and_allowed():
     ("eval.conditions=[factory_c]", "eval.conditions"),
     ("train.resource_wait_s=0", "train.resource_wait_s"),
     ("train.resource_wait_s=.inf", "train.resource_wait_s"),
+    ("eval.synth_noise_spread=0", "eval.synth_noise_spread"),
+    ("eval.synth_noise_spread=.nan", "eval.synth_noise_spread"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

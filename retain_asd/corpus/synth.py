@@ -47,7 +47,7 @@ import math
 import os
 import shutil
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -411,18 +411,36 @@ def _write_machine(clips: Sequence[SynthClip], *, seed: int, clip_s: float, samp
 # --- noises ---------------------------------------------------------------------------------------
 
 
+def spread_draw(rng: np.random.Generator, spread: float = 1.0) -> Callable[[float, float], float]:
+    """`draw(lo, hi)`: one of a recording's parameters, uniform on [lo, hi] widened `spread` times about its middle
+    (the lower end kept above lo / spread, so frequencies, rates and durations stay positive). At spread 1 it is
+    `rng.uniform(lo, hi)` itself: the same numbers, so the default worlds do not change."""
+    if spread <= 0 or not math.isfinite(spread):
+        raise ValueError(f"spread={spread!r}: must be a finite number > 0 (1 = the generators' own ranges)")
+    if spread == 1.0:
+        return rng.uniform
+
+    def draw(lo: float, hi: float) -> float:
+        middle, half = 0.5 * (lo + hi), 0.5 * (hi - lo) * spread
+        return rng.uniform(max(middle - half, lo / spread), middle + half)
+
+    return draw
+
+
 def noise_clip(category: str, rng: np.random.Generator, *, num_samples: int,
-               sample_rate_hz: int) -> np.ndarray:
-    """One noise clip of `category` (see NOISES)."""
+               sample_rate_hz: int, spread: float = 1.0) -> np.ndarray:
+    """One noise clip of `category` (see NOISES). `spread`: how far the recordings of one category vary (its
+    parameters' ranges, `spread_draw`; phases, start offsets and the recording's level keep theirs)."""
+    draw = spread_draw(rng, spread)
     t_s = np.arange(num_samples) / sample_rate_hz
     top_hz = 0.45 * sample_rate_hz
     if category == "pink_hum":
         mains_hz = rng.choice([50.0, 60.0])
         hum = sum(a * np.sin(2 * np.pi * h * mains_hz * t_s + rng.uniform(0, 2 * np.pi))
                   for h, a in ((1, 1.0), (2, 0.5), (3, 0.7), (5, 0.3)))
-        x = coloured_noise(rng, num_samples, 1.0, sample_rate_hz) + rng.uniform(0.3, 0.8) * hum
+        x = coloured_noise(rng, num_samples, 1.0, sample_rate_hz) + draw(0.3, 0.8) * hum
     elif category == "brown_fan":
-        blade_hz = rng.uniform(80, 160)
+        blade_hz = draw(80, 160)
         tone = np.sin(2 * np.pi * blade_hz * t_s) + 0.4 * np.sin(4 * np.pi * blade_hz * t_s + 1.0)
         x = (coloured_noise(rng, num_samples, 2.0, sample_rate_hz, low_hz=60.0) + 0.3 * tone
              + 0.1 * band_noise(rng, num_samples, 2000.0, top_hz, sample_rate_hz))
@@ -431,60 +449,60 @@ def noise_clip(category: str, rng: np.random.Generator, *, num_samples: int,
         x = np.zeros(num_samples)
         ramp = np.sin(np.linspace(0, np.pi / 2, int(0.01 * sample_rate_hz))) ** 2
         for _ in range(2):
-            low_hz = rng.uniform(100, 2000)
-            high_hz = min(low_hz * rng.uniform(1.5, 4), top_hz)
+            low_hz = draw(100, 2000)
+            high_hz = min(low_hz * draw(1.5, 4), top_hz)
             carrier = band_noise(rng, num_samples, low_hz, high_hz, sample_rate_hz)
             gate = np.zeros(num_samples)
             pos = int(rng.uniform(0, 1.0) * sample_rate_hz)
             while pos < num_samples:
-                length = int(rng.uniform(0.1, 1.5) * sample_rate_hz)
-                seg = np.full(min(length, num_samples - pos), rng.uniform(0.3, 1.0))
+                length = int(draw(0.1, 1.5) * sample_rate_hz)
+                seg = np.full(min(length, num_samples - pos), draw(0.3, 1.0))
                 n_ramp = min(ramp.size, seg.size // 2)
                 seg[:n_ramp] *= ramp[:n_ramp]
                 seg[seg.size - n_ramp:] *= ramp[:n_ramp][::-1]
                 gate[pos : pos + seg.size] = seg
-                pos += length + int(rng.uniform(0.3, 2.0) * sample_rate_hz)
+                pos += length + int(draw(0.3, 2.0) * sample_rate_hz)
             x += gate * carrier
         x += 0.01 * rng.standard_normal(num_samples)  # never exactly silent between bursts
     elif category == "clatter":
         # Impacts (about 3 per second, in clusters) on four resonant objects of 2-3 modes each.
         x = 0.01 * rng.standard_normal(num_samples)
         for _ in range(4):
-            onsets = impulse_train(rng, num_samples, rng.uniform(0.3, 1.2), sample_rate_hz, jitter=0.9)
+            onsets = impulse_train(rng, num_samples, draw(0.3, 1.2), sample_rate_hz, jitter=0.9)
             hits = np.zeros(num_samples)
             hits[onsets] = 10 ** rng.uniform(-1, 0, onsets.size)  # 20 dB of loudness spread
             body = np.zeros(int(0.3 * sample_rate_hz))
             for _ in range(3):  # modes; decays <= 60 ms, so 0.3 s holds the whole ring
-                mode = decaying_resonance(min(rng.uniform(800, 6000), top_hz), rng.uniform(0.01, 0.06),
+                mode = decaying_resonance(min(draw(800, 6000), top_hz), draw(0.01, 0.06),
                                           sample_rate_hz)[: body.size]
-                body[: mode.size] += rng.uniform(0.3, 1.0) * mode
+                body[: mode.size] += draw(0.3, 1.0) * mode
             x += convolve_fft(hits, body)
     elif category == "hvac":
         # Airflow (exponent 0.7, between white and pink) + 3 unrelated steady duct tones at 150-700 Hz.
-        tones = sum(rng.uniform(0.3, 1.0) * np.sin(2 * np.pi * rng.uniform(150, 700) * t_s + rng.uniform(0, 6.3))
+        tones = sum(draw(0.3, 1.0) * np.sin(2 * np.pi * draw(150, 700) * t_s + rng.uniform(0, 6.3))
                     for _ in range(3))
-        x = coloured_noise(rng, num_samples, 0.7, sample_rate_hz, low_hz=40.0) + rng.uniform(0.2, 0.5) * tones
+        x = coloured_noise(rng, num_samples, 0.7, sample_rate_hz, low_hz=40.0) + draw(0.2, 0.5) * tones
     elif category == "transformer":
         # Magnetostriction: hum at 2 x mains and its even harmonics, over a quiet pink floor.
         mains_hz = rng.choice([50.0, 60.0])
         hum = sum(a * np.sin(2 * np.pi * h * mains_hz * t_s + rng.uniform(0, 2 * np.pi))
                   for h, a in ((2, 1.0), (4, 0.6), (6, 0.35), (8, 0.2), (10, 0.1)))
-        x = hum + rng.uniform(0.2, 0.4) * coloured_noise(rng, num_samples, 1.0, sample_rate_hz)
+        x = hum + draw(0.2, 0.4) * coloured_noise(rng, num_samples, 1.0, sample_rate_hz)
     elif category == "hammering":
         # Sessions of 2-6 s of blows at 1.5-3 per second, 1-4 s pauses; each blow rings 2 low modes.
         x = 0.005 * rng.standard_normal(num_samples)
         hits = np.zeros(num_samples)
         pos = int(rng.uniform(0, 1.0) * sample_rate_hz)
         while pos < num_samples:
-            length = int(rng.uniform(2.0, 6.0) * sample_rate_hz)
-            onsets = impulse_train(rng, min(length, num_samples - pos), rng.uniform(1.5, 3.0), sample_rate_hz,
+            length = int(draw(2.0, 6.0) * sample_rate_hz)
+            onsets = impulse_train(rng, min(length, num_samples - pos), draw(1.5, 3.0), sample_rate_hz,
                                    jitter=0.15)
             hits[pos + onsets] = rng.uniform(0.5, 1.0, onsets.size)
-            pos += length + int(rng.uniform(1.0, 4.0) * sample_rate_hz)
+            pos += length + int(draw(1.0, 4.0) * sample_rate_hz)
         body = np.zeros(int(0.6 * sample_rate_hz))  # decays <= 0.12 s: 5 constants fit in 0.6 s
         for _ in range(2):
-            mode = decaying_resonance(rng.uniform(150, 1200), rng.uniform(0.05, 0.12), sample_rate_hz)[: body.size]
-            body[: mode.size] += rng.uniform(0.5, 1.0) * mode
+            mode = decaying_resonance(draw(150, 1200), draw(0.05, 0.12), sample_rate_hz)[: body.size]
+            body[: mode.size] += draw(0.5, 1.0) * mode
         x += convolve_fft(hits, body)
     elif category == "passby":
         # Vehicles every 3-8 s: a 1-3 s Gaussian swell of engine harmonics (20-40 Hz firing rate,
@@ -493,16 +511,16 @@ def noise_clip(category: str, rng: np.random.Generator, *, num_samples: int,
         road = band_noise(rng, num_samples, 200.0, min(3000.0, top_hz), sample_rate_hz)
         centre_s = rng.uniform(0, 3.0)
         while centre_s < num_samples / sample_rate_hz + 3.0:
-            width_s = rng.uniform(1.0, 3.0)
+            width_s = draw(1.0, 3.0)
             span = slice(max(0, int((centre_s - 2 * width_s) * sample_rate_hz)),
                          max(0, int((centre_s + 2 * width_s) * sample_rate_hz)))  # the swell is ~0 outside
             t_rel_s = t_s[span] - centre_s
             swell = np.exp(-0.5 * (t_rel_s / (width_s / 2)) ** 2)
-            firing_hz = rng.uniform(20, 40) * (1 + 0.03 * np.tanh(-t_rel_s / width_s))  # Doppler
+            firing_hz = draw(20, 40) * (1 + 0.03 * np.tanh(-t_rel_s / width_s))  # Doppler
             phase = 2 * np.pi * np.cumsum(firing_hz) / sample_rate_hz
             engine = sum(a * np.sin(h * phase) for h, a in ((1, 1.0), (2, 0.7), (3, 0.5), (4, 0.3)))
-            x[span] += rng.uniform(0.5, 1.0) * swell * (engine + 0.8 * road[span])
-            centre_s += rng.uniform(3.0, 8.0)
+            x[span] += draw(0.5, 1.0) * swell * (engine + 0.8 * road[span])
+            centre_s += draw(3.0, 8.0)
     else:
         raise ValueError(f"noise category {category!r}: expected one of {tuple(NOISES)}")
     return _normalise(x, _RMS_LEVEL * rng.uniform(0.8, 1.25))
@@ -529,6 +547,7 @@ def write_synthetic_corpus(
     noise_categories: Sequence[str] = PRETRAIN_WORLD.noise_categories,
     noise_clips_per_category: int = 6,
     noise_clip_s: float = 80.0,  # 8 disjoint 10 s segments per recording: eval sets need one per clip
+    noise_spread: float = 1.0,  # how far one category's recordings vary (`spread_draw`); 1 = the generators' own
     force: bool = False,
 ) -> SynthCorpus:
     """Write the synthetic corpus under `root` and describe it.
@@ -556,6 +575,7 @@ def write_synthetic_corpus(
             raise ValueError(f"{name}={value!r}: must be an integer >= 0")
     if clip_s < 1.0 or noise_clip_s < clip_s:
         raise ValueError(f"clip_s={clip_s}, noise_clip_s={noise_clip_s}: need 1 <= clip_s <= noise_clip_s")
+    spread_draw(np.random.default_rng(0), noise_spread)  # a bad spread fails here, before anything is written
 
     root = Path(root)
     machine_root, noise_root, stamp_path = root / "machines", root / "noise", root / "synth.json"
@@ -564,6 +584,8 @@ def write_synthetic_corpus(
                   test_per_domain=test_per_domain, clip_s=clip_s, sample_rate_hz=sample_rate_hz,
                   noise_categories=list(noise_categories), noise_clips_per_category=noise_clips_per_category,
                   noise_clip_s=noise_clip_s)
+    if noise_spread != 1.0:  # recorded only when set, so the trees written before the setting stay valid
+        params["noise_spread"] = noise_spread
     stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() else None
     ours = stamp is not None
     if not ours and any(p.exists() and any(p.iterdir()) for p in (machine_root, noise_root)):
@@ -598,7 +620,8 @@ def write_synthetic_corpus(
             (noise_root / category).mkdir(exist_ok=True)
             for index in range(noise_clips_per_category):
                 rng = np.random.default_rng([seed, 2, list(NOISES).index(category), index])
-                x = noise_clip(category, rng, num_samples=num_noise_samples, sample_rate_hz=sample_rate_hz)
+                x = noise_clip(category, rng, num_samples=num_noise_samples, sample_rate_hz=sample_rate_hz,
+                               spread=noise_spread)
                 write_audio(noise_root / category / f"{category}_{index:04d}.wav", x.astype(np.float32),
                             sample_rate_hz)
         categories = {c: {"stationary": NOISES[c].stationary} for c in noise_categories}
@@ -687,7 +710,7 @@ def write_world(world: str, root: str | os.PathLike, *, seed: int = 0, machines:
     """Write one world ("pretrain" or "eval", see `World`) under `root` (machines/ + noise/, as
     `write_synthetic_corpus`). `machines` / `noise_categories` pick a subset of the world's own; `sizes`
     override `WORLD_SIZES[world]` (train_source_per_attr, train_target_per_attr, test_per_domain,
-    noise_clips_per_category, noise_clip_s, clip_s, sample_rate_hz, sections, force).
+    noise_clips_per_category, noise_clip_s, noise_spread, clip_s, sample_rate_hz, sections, force).
 
     Types and noise categories of the other world are refused, so the two worlds stay disjoint; the
     evaluation world needs a stationary (Factory A) and a non-stationary (Factory B) category.

@@ -21,6 +21,8 @@ from retain_asd.corpus.synth import (
     NOISES,
     PRETRAIN_WORLD,
     machine_clip,
+    noise_clip,
+    spread_draw,
     write_eval_world,
     write_pretrain_world,
     write_synthetic_corpus,
@@ -280,6 +282,48 @@ def test_bad_arguments(tmp_path):
         write_synthetic_corpus(tmp_path, train_source_per_attr=-1)
     with pytest.raises(ValueError, match="noise_clip_s"):
         write_synthetic_corpus(tmp_path, noise_clip_s=5.0)
+
+
+def test_noise_spread_widens_each_parameter_range_and_keeps_the_default_draws():
+    # Spread 1 is rng.uniform itself: the same numbers as before the setting (default worlds unchanged).
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    assert [spread_draw(a)(150, 700) for _ in range(5)] == [b.uniform(150, 700) for _ in range(5)]
+    # Spread 2 on (150, 700): middle 425, half width 550, floored at 150 / 2 = 75 -> uniform on [75, 975].
+    draw = spread_draw(np.random.default_rng(4), 2.0)
+    xs = np.array([draw(150, 700) for _ in range(4000)])
+    assert 75 <= xs.min() < 80 and 970 < xs.max() <= 975
+    assert abs(np.mean(xs < 150) - 75 / 900) < 0.02 and abs(np.mean(xs > 700) - 275 / 900) < 0.03
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="spread="):
+            spread_draw(np.random.default_rng(0), bad)
+
+
+@pytest.mark.parametrize("category", ["hvac", "transformer", "passby"])
+def test_noise_spread_makes_a_categorys_recordings_differ_more(category):
+    # Mean pairwise spectral-shape distance (dB) of 6 recordings of 4 s: 0.21 / 0.62 / 0.44 at spread 1,
+    # 0.29 / 0.83 / 0.72 at spread 2 (measured); at least 20% more at spread 2.
+    def variation(spread):
+        xs = [noise_clip(category, np.random.default_rng([0, 2, 9, i]), num_samples=64000, sample_rate_hz=16000,
+                         spread=spread) for i in range(6)]
+        return np.mean([_distance(x, y) for i, x in enumerate(xs) for y in xs[i + 1:]])
+
+    assert variation(2.0) > 1.2 * variation(1.0)
+
+
+def test_noise_spread_rewrites_the_noise_only(tmp_path):
+    small = dict(machines=("fan",), train_source_per_attr=1, train_target_per_attr=1, test_per_domain=1,
+                 noise_categories=("bursts", "clatter"), noise_clips_per_category=1, noise_clip_s=10.0)
+    plain = write_synthetic_corpus(tmp_path / "plain", **small)
+    wide = write_synthetic_corpus(tmp_path / "wide", noise_spread=2.0, **small)
+    stamps = [yaml.safe_load((tmp_path / d / "synth.json").read_text())["params"] for d in ("plain", "wide")]
+    assert "noise_spread" not in stamps[0] and stamps[1]["noise_spread"] == 2.0
+    for clip, other in zip(plain.clips, wide.clips, strict=True):
+        assert Path(clip.path).read_bytes() == Path(other.path).read_bytes()
+    for (_, p), (_, q) in zip(plain.noise_files, wide.noise_files, strict=True):
+        assert Path(p).read_bytes() != Path(q).read_bytes()
+    with pytest.raises(ValueError, match="spread=0"):
+        write_synthetic_corpus(tmp_path / "bad", noise_spread=0, **small)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_layouts_read_the_tree(corpus):
