@@ -3,10 +3,10 @@
 Every row (config section `study.rows`) continues the same initial encoder (model.checkpoint, or the cached
 stand-in foundation encoder) at every seed of `study.seeds`, and is scored on the evaluation world at the
 config's SNRs and conditions. Prints hmean{-10,-5,0} and All per row, raw and DN, with the mean and a 95%
-interval over the training seeds and a bootstrap of the test clips, and each row against `denoise` (better /
-worse only when the difference's interval excludes 0); <out>/summary/comparison.md has every condition x SNR.
-A re-run skips the finished row x seed pairs. Ray's and MLflow's logs go to <out>/study.log (--verbose:
-on the console).
+interval over the training seeds and a bootstrap of the test clips, and each row against `study.base` (default
+`denoise`; better / worse only when the difference's interval excludes 0); <out>/summary/comparison.md has
+every condition x SNR. A re-run skips the finished row x seed pairs (`study.base=frozen`: the same cells against
+`frozen`). Ray's and MLflow's logs go to <out>/study.log (--verbose: on the console).
 """
 
 from __future__ import annotations

@@ -229,6 +229,7 @@ class StudyConfig:
                              "tagging_mixture_0db")  # presets, or label:preset (their objective + mixing)
     seeds: tuple[int, ...] = (0, 1, 2)  # train.seed and mixing.seed of each run
     extra_layers: tuple[int, ...] = ()  # layers scored besides the primary one (logged, not in the table)
+    base: str = "denoise"  # the row every other row is compared with (paired by seed and draw); "" = none
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ on the small synthetic worlds (frozen rows: no training)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -115,6 +116,16 @@ def test_rerun_skips_finished_rows(small_worlds, ray_local, tmp_path):
     again_kept = {k: (tmp_path / "out" / "rows" / k[0] / f"seed{k[1]}" / REPLICATES).stat().st_mtime_ns for k in kept}
     assert [k for k in kept if again_kept[k] != kept[k]] == [("denoise", 1)]  # the skipped cells' replicates kept
     assert json.loads((tmp_path / "out" / "rows" / "denoise" / "seed1" / RESULT).read_text())["row"] == "denoise"
+
+    # study.base: the same finished cells against another row, nothing run again; the summary run is replaced
+    third = run_study(dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, base="frozen")), tmp_path / "out",
+                      say=lines.append, resamples=20)
+    assert all(c.skipped for c in third.cells) and third.headline.base == "frozen"
+    assert "vs frozen" in third.table.splitlines()[0] and "(base)" in third.table.splitlines()[1]
+    (summary,) = experiment_runs(uri, "study-test", "tags.kind = 'study_summary'")
+    assert summary["metrics"]["denoise/hmean_all_dn_vs_frozen"] == 0.0  # denoise:frozen, the same encoder
+    assert not any(k.endswith("_vs_denoise") for k in summary["metrics"])
+    assert summary["params"]["intervals.base_row"] == "frozen"
 
 
 # ---------------------------------------------------------------------------------------------------- intervals
@@ -262,3 +273,12 @@ def test_the_header_states_seeds_draws_and_resolution(planted):
     alone = headline_intervals({"small": figures["small"]}, DRAWS, auc_steps(_labels()))
     assert alone.base is None and not alone.differences
     assert alone.resolution("hmean_all_dn").endswith("no denoise row: no difference is called")
+    # another base row (study.base): every other row against it, paired the same way
+    other = headline_intervals(figures, DRAWS, auc_steps(_labels()), base="small")
+    assert other.base == "small" and "small" not in other.differences
+    d, e = other.differences["denoise"]["hmean_all_dn"], headline.differences["small"]["hmean_all_dn"]
+    assert d.mean == pytest.approx(-e.mean, abs=1e-12) and d.half_width == pytest.approx(e.half_width, abs=1e-12)
+    assert headline_intervals(figures, DRAWS, auc_steps(_labels()), base="frozen").resolution(
+        "hmean_all_dn").endswith("no frozen row: no difference is called")
+    assert headline_intervals(figures, DRAWS, auc_steps(_labels()), base="").resolution(
+        "hmean_all_dn").endswith("no base row (study.base is empty): no difference is called")

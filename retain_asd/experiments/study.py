@@ -12,8 +12,8 @@
          95% t-interval over seeds per condition x SNR), then the headline figures (hmean{-10,-5,0} and All, raw
          and DN) with intervals over the training seeds *and* the test clips (`eval/uncertainty.py`: a paired
          bootstrap over the per-clip scores each evaluation wrote, CLIP_RESAMPLES draws seeded by eval.seed) and
-         every row against `denoise` (better / worse only when the difference's interval excludes 0, else "no
-         difference"); <out>/summary/comparison.{md,csv}, plots, one MLflow run `summary`
+         every row against `study.base` (`denoise`; better / worse only when the difference's interval excludes
+         0, else "no difference"); <out>/summary/comparison.{md,csv}, plots, one MLflow run `summary`
 
 Rows are presets (`retain_asd/presets/<preset>.yaml`) whose `objective` and `mixing` sections are merged
 over the study config; a row is named by its preset, or `label:preset` (e.g. the demo's
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BASE_ROW = "denoise"  # every other row is compared with it (the baseline the paper's rows must beat)
+BASE_ROW = "denoise"  # study.base's default: every other row is compared with it (the paper's baseline)
 # Bootstrap draws of the test clips behind the headline intervals (stated in the header). The interval uses the
 # draws' standard deviation, not their percentiles: 100 give it to about 7% (1 / sqrt(2 (B - 1))), at half the
 # cost of 200 (each draw rescores every set of every row x seed; measured below in docs/study.md).
@@ -207,8 +207,9 @@ class Headline:
     resamples: int  # bootstrap draws of the test clips
     intervals: dict[str, dict[str, Interval]]  # row -> key -> its interval
     differences: dict[str, dict[str, Interval]]  # row -> key -> interval of row - base (rows other than base)
-    base: str | None  # None: no `denoise` row, nothing is called
+    base: str | None  # None: the base row is not in the study, nothing is called
     auc_pairs: dict[tuple[str, str], int]  # (machine, domain) -> normal x anomalous pairs of its AUC
+    wanted: str = BASE_ROW  # the base row asked for (`study.base`), named when it is missing
 
     def header(self) -> str:
         """What every headline interval counts."""
@@ -222,7 +223,8 @@ class Headline:
         steps = sorted({100 / n for n in self.auc_pairs.values() if n})
         text = f"one AUC step (1 / normal x anomalous clips per domain) is {_span(steps, '.3g')} points here"
         if self.base is None:
-            return text + f"; no {BASE_ROW} row: no difference is called"
+            return text + (f"; no {self.wanted} row: no difference is called" if self.wanted
+                           else "; no base row (study.base is empty): no difference is called")
         if not any(key in d for d in self.differences.values()):
             key = key.replace("hmean_low", "hmean_all")
         halves = sorted(100 * d[key].half_width for d in self.differences.values()
@@ -315,7 +317,8 @@ def headline_intervals(figures: dict[str, dict[int, dict[str, tuple[float, np.nd
                 i, j = [seeds.index(s) for s in both], [base_seeds.index(s) for s in both]
                 differences.setdefault(row, {})[key] = difference_interval(p[i], r[i], bp[j], br[j])
     num_seeds = max((len(v) for v in figures.values()), default=0)
-    return Headline(num_seeds, resamples, intervals, differences, base if base in stacked else None, auc_pairs)
+    return Headline(num_seeds, resamples, intervals, differences, base if base in stacked else None, auc_pairs,
+                    base)
 
 
 def with_headline(comparison, headline: Headline):
@@ -355,7 +358,7 @@ def headline_markdown(rows, headline: Headline, primary: str) -> str:
 
     variants = sorted(("raw", "dn"), key=lambda v: v != primary)
     keys = [f"{f}{'_dn' if v == 'dn' else ''}" for v in variants for f in ("hmean_low", "hmean_all")]
-    base = headline.base or BASE_ROW
+    base = headline.base or headline.wanted or "base"
     header = ["row", "seeds"] + [x for k in keys for x in (_figure_name(k), f"vs {base}")]
     lines = [f"### Table 2 over training seeds and test clips ({primary} primary)", "",
              f"Official score x100, mean ± {headline.header()}. vs {base}: row - {base}, paired by seed and by "
@@ -589,7 +592,7 @@ def study_headline(cfg: Config, cells: Sequence[CellResult], out_dir: Path, eval
         where = out_dir / "rows" / c.row / f"seed{c.seed}"
         figures.setdefault(c.row, {})[c.seed] = cached_cell_figures(where, stamp, clips, labels, draws, conditions,
                                                                     snrs_db)
-    headline = headline_intervals(figures, resamples, auc_steps(labels))
+    headline = headline_intervals(figures, resamples, auc_steps(labels), base=cfg.study.base)
     say(f"intervals: {headline.header()} ({time.perf_counter() - t0:.0f} s)")
     return headline
 
@@ -640,7 +643,7 @@ def study_point(cfg: Config, row: Row, seed: int, where: Path, *, corpus, evalua
 def _log_summary(uri: str, experiment: str, cfg: Config, comparison, headline: Headline, summary: Path) -> str:
     """The summary run (replaced at each call, so a resumed study keeps one): per-row means and half widths of
     the hmeans (`<row>/<key>`, `<row>/<key>_ci95`: seeds and test clips), each row's difference against the base
-    row (`<row>/<key>_vs_denoise` and its `_ci95`), the comparison's markdown, CSV and plots."""
+    row (`<row>/<key>_vs_<base>`, e.g. `_vs_denoise`, and its `_ci95`), the comparison's markdown, CSV and plots."""
     from retain_asd import tracking
 
     tracking.delete_runs(uri, experiment, {"kind": "study_summary", "study": cfg.name})
