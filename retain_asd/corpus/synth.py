@@ -413,8 +413,9 @@ def _write_machine(clips: Sequence[SynthClip], *, seed: int, clip_s: float, samp
 
 def spread_draw(rng: np.random.Generator, spread: float = 1.0) -> Callable[[float, float], float]:
     """`draw(lo, hi)`: one of a recording's parameters, uniform on [lo, hi] widened `spread` times about its middle
-    (the lower end kept above lo / spread, so frequencies, rates and durations stay positive). At spread 1 it is
-    `rng.uniform(lo, hi)` itself: the same numbers, so the default worlds do not change."""
+    (narrowed when spread < 1; when widened, the lower end is kept above lo / spread, so frequencies, rates and
+    durations stay positive). At spread 1 it is `rng.uniform(lo, hi)` itself: the same numbers, so the default
+    worlds do not change."""
     if spread <= 0 or not math.isfinite(spread):
         raise ValueError(f"spread={spread!r}: must be a finite number > 0 (1 = the generators' own ranges)")
     if spread == 1.0:
@@ -422,7 +423,7 @@ def spread_draw(rng: np.random.Generator, spread: float = 1.0) -> Callable[[floa
 
     def draw(lo: float, hi: float) -> float:
         middle, half = 0.5 * (lo + hi), 0.5 * (hi - lo) * spread
-        return rng.uniform(max(middle - half, lo / spread), middle + half)
+        return rng.uniform(max(middle - half, min(lo, lo / spread)), middle + half)
 
     return draw
 

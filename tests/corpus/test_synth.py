@@ -293,6 +293,10 @@ def test_noise_spread_widens_each_parameter_range_and_keeps_the_default_draws():
     xs = np.array([draw(150, 700) for _ in range(4000)])
     assert 75 <= xs.min() < 80 and 970 < xs.max() <= 975
     assert abs(np.mean(xs < 150) - 75 / 900) < 0.02 and abs(np.mean(xs > 700) - 275 / 900) < 0.03
+    # Spread 0.5: half as wide about the middle, uniform on [287.5, 562.5].
+    draw = spread_draw(np.random.default_rng(5), 0.5)
+    xs = np.array([draw(150, 700) for _ in range(4000)])
+    assert 287.5 <= xs.min() < 290 and 560 < xs.max() <= 562.5
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="spread="):
             spread_draw(np.random.default_rng(0), bad)
