@@ -412,10 +412,10 @@ def _write_machine(clips: Sequence[SynthClip], *, seed: int, clip_s: float, samp
 
 
 def spread_draw(rng: np.random.Generator, spread: float = 1.0) -> Callable[[float, float], float]:
-    """`draw(lo, hi)`: one of a recording's parameters, uniform on [lo, hi] widened `spread` times about its middle
-    (narrowed when spread < 1; when widened, the lower end is kept above lo / spread, so frequencies, rates and
-    durations stay positive). At spread 1 it is `rng.uniform(lo, hi)` itself: the same numbers, so the default
-    worlds do not change."""
+    """`draw(lo, hi)`: one generator parameter (a tone's frequency, a rate, an event's length or level), uniform on
+    [lo, hi] widened `spread` times about its middle (narrowed when spread < 1; when widened, the lower end is kept
+    above lo / spread, so frequencies, rates and durations stay positive). At spread 1 it is `rng.uniform(lo, hi)`
+    itself: the same numbers, so the default worlds do not change."""
     if spread <= 0 or not math.isfinite(spread):
         raise ValueError(f"spread={spread!r}: must be a finite number > 0 (1 = the generators' own ranges)")
     if spread == 1.0:
