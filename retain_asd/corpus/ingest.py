@@ -242,9 +242,7 @@ def eval_roots(cfg) -> CorpusRoots:
         sizes = synth.eval_world_sizes(source_refs=e.source_refs, target_refs=e.target_refs,
                                        test_normal=e.test_normal, test_anomaly=e.test_anomaly,
                                        machines=e.synth_machines, noise_categories=e.synth_noise, clip_s=d.clip_s,
-                                       validation_fraction=holdout)
-        if e.synth_noise_spread != 1.0:
-            sizes["noise_spread"] = e.synth_noise_spread
+                                       validation_fraction=holdout) | {"noise_spread": e.synth_noise_spread}
     except KeyError as err:
         raise ConfigError(f"eval.synth_machines / eval.synth_noise: unknown {err}; choose from "
                           f"{synth.EVAL_WORLD.machines} / {synth.EVAL_WORLD.noise_categories}") from None

@@ -411,13 +411,18 @@ def _write_machine(clips: Sequence[SynthClip], *, seed: int, clip_s: float, samp
 # --- noises ---------------------------------------------------------------------------------------
 
 
+def check_spread(spread: float) -> None:
+    """A noise spread is a finite number > 0 (ValueError naming it otherwise)."""
+    if not (math.isfinite(spread) and spread > 0):
+        raise ValueError(f"spread={spread!r}: must be a finite number > 0 (1 = the generators' own ranges)")
+
+
 def spread_draw(rng: np.random.Generator, spread: float = 1.0) -> Callable[[float, float], float]:
     """`draw(lo, hi)`: one generator parameter (a tone's frequency, a rate, an event's length or level), uniform on
     [lo, hi] widened `spread` times about its middle (narrowed when spread < 1; when widened, the lower end is kept
     above lo / spread, so frequencies, rates and durations stay positive). At spread 1 it is `rng.uniform(lo, hi)`
     itself: the same numbers, so the default worlds do not change."""
-    if spread <= 0 or not math.isfinite(spread):
-        raise ValueError(f"spread={spread!r}: must be a finite number > 0 (1 = the generators' own ranges)")
+    check_spread(spread)
     if spread == 1.0:
         return rng.uniform
 
@@ -576,7 +581,7 @@ def write_synthetic_corpus(
             raise ValueError(f"{name}={value!r}: must be an integer >= 0")
     if clip_s < 1.0 or noise_clip_s < clip_s:
         raise ValueError(f"clip_s={clip_s}, noise_clip_s={noise_clip_s}: need 1 <= clip_s <= noise_clip_s")
-    spread_draw(np.random.default_rng(0), noise_spread)  # a bad spread fails here, before anything is written
+    check_spread(noise_spread)  # before anything is written
 
     root = Path(root)
     machine_root, noise_root, stamp_path = root / "machines", root / "noise", root / "synth.json"

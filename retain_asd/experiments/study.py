@@ -207,9 +207,13 @@ class Headline:
     resamples: int  # bootstrap draws of the test clips
     intervals: dict[str, dict[str, Interval]]  # row -> key -> its interval
     differences: dict[str, dict[str, Interval]]  # row -> key -> interval of row - base (rows other than base)
-    base: str | None  # None: the base row is not in the study, nothing is called
     auc_pairs: dict[tuple[str, str], int]  # (machine, domain) -> normal x anomalous pairs of its AUC
-    wanted: str = BASE_ROW  # the base row asked for (`study.base`), named when it is missing
+    wanted: str = BASE_ROW  # the base row asked for (`study.base`; "" = none)
+
+    @property
+    def base(self) -> str | None:
+        """The base row, or None when the study has no such row (nothing is called)."""
+        return self.wanted if self.wanted in self.intervals else None
 
     def header(self) -> str:
         """What every headline interval counts."""
@@ -317,8 +321,7 @@ def headline_intervals(figures: dict[str, dict[int, dict[str, tuple[float, np.nd
                 i, j = [seeds.index(s) for s in both], [base_seeds.index(s) for s in both]
                 differences.setdefault(row, {})[key] = difference_interval(p[i], r[i], bp[j], br[j])
     num_seeds = max((len(v) for v in figures.values()), default=0)
-    return Headline(num_seeds, resamples, intervals, differences, base if base in stacked else None, auc_pairs,
-                    base)
+    return Headline(num_seeds, resamples, intervals, differences, auc_pairs, base)
 
 
 def with_headline(comparison, headline: Headline):
