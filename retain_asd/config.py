@@ -141,7 +141,7 @@ class EvalConfig:
     synth_machines: tuple[str, ...] = ("bearing", "blower", "slider", "spindle", "mixer",
                                        "turbine")  # evaluation world types (when roots are ""), 6 as the paper's
     synth_noise: tuple[str, ...] = ("hvac", "transformer", "hammering", "passby")  # stationary: hvac, transformer
-    synth_noise_spread: float = 1.0  # > 1: each noise category's recordings vary that much more (synth.spread_draw)
+    synth_noise_spread: float = 1.0  # > 1: each noise category's recordings vary that much more (noises.spread_draw)
     conditions: tuple[str, ...] = ("factory_a", "factory_b", "mismatch")
     snrs_db: tuple[float, ...] = (-10.0, -5.0, 0.0, 5.0, 10.0, 20.0, 30.0)
     source_refs: int = 990  # normal source references per machine

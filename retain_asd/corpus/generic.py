@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from retain_asd.corpus.synth import (
+from retain_asd.corpus.signals import (
+    RMS_LEVEL,
     band_noise,
     coloured_noise,
     convolve_fft,
@@ -43,7 +44,6 @@ FAMILIES = ("harmonic", "modulated", "rattle", "bearing", "noise", "sweep")
 # machines: noise textures that change over time and impulsive events, as AudioSet is full of them.
 RICH_FAMILIES = FAMILIES + ("texture", "impacts", "hum", "swell")
 FAMILY_SETS = {"basic": FAMILIES, "rich": RICH_FAMILIES}
-_RMS_LEVEL = 0.08  # as the synthetic machines: well inside [-1, 1]
 
 
 def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
@@ -159,7 +159,7 @@ def generic_clip(family: str, rng: np.random.Generator, *, num_samples: int,
         x = src * (0.03 + np.exp(-0.5 * ((t_s - centre_s) / (width_s / 2)) ** 2))
     else:
         raise ValueError(f"generic sound family {family!r}: expected one of {RICH_FAMILIES}")
-    x = x * (_RMS_LEVEL * rng.uniform(0.5, 2.0) / max(np.sqrt(np.mean(x**2)), 1e-12))
+    x = x * (RMS_LEVEL * rng.uniform(0.5, 2.0) / max(np.sqrt(np.mean(x**2)), 1e-12))
     peak = np.max(np.abs(x))
     return x * (0.99 / peak) if peak > 0.99 else x
 

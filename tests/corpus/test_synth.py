@@ -14,6 +14,7 @@ import torch
 import torchaudio
 import yaml
 
+from retain_asd.corpus.noises import spread_draw
 from retain_asd.corpus.synth import (
     ANOMALY_KINDS,
     EVAL_WORLD,
@@ -22,7 +23,6 @@ from retain_asd.corpus.synth import (
     PRETRAIN_WORLD,
     machine_clip,
     noise_clip,
-    spread_draw,
     write_eval_world,
     write_pretrain_world,
     write_synthetic_corpus,
