@@ -371,8 +371,9 @@ def test_mlflow_server_down_from_mid_run_until_after_the_end(work, tmp_path, cap
         port = s.getsockname()[1]
     root, out, uri = tmp_path / "mlflow", tmp_path / "run", f"http://127.0.0.1:{port}"
     server = _mlflow_server(root, port)
+    # 10 s clips: the 1 s clips' 12 steps can all finish before the server is down (seen once on 2 loaded cores)
     overrides = _overrides(work, "tracking.experiment=outage", "train.total_steps=12", "train.log_every=1",
-                           "train.checkpoint_every=3", tracking_uri=uri)
+                           "train.checkpoint_every=3", *_ten_second_clips(work), tracking_uri=uri)
     killed: dict = {}
 
     def kill_after_the_first_logged_step():
